@@ -1,0 +1,168 @@
+"""`polarc calibrate`: collect → train routers → choose a density plan → write the artifact."""
+
+from __future__ import annotations
+
+import datetime
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from polarc.calibration import artifact
+from polarc.calibration.collect import collect
+from polarc.calibration.data import load_sequences
+from polarc.calibration.plan import (
+    budget_plan,
+    candidate_ks,
+    groups_for_density,
+    tune_perplexity,
+    uniform_plan,
+)
+from polarc.calibration.quality import kv_density
+from polarc.calibration.report import plot_report
+from polarc.calibration.routers import HeadRouter, MLPRouter, train_head_router, train_mlp_router
+from rich.progress import Progress
+
+from polarc.errors import PolarcError
+from polarc.models.load import Model
+
+
+@dataclass
+class CalibrateConfig:
+    out: Path
+    dataset: str = "builtin"
+    seq_len: int = 512
+    tokens: int = 32768  # calibration tokens for router training
+    tune_tokens: int = 4096  # tuning tokens (plan search), disjoint from training tokens
+    density: float | None = None  # uniform plan; None = quality budget
+    quality_budget: float = 3.0  # percent perplexity rise allowed
+    batch_size: int = 8
+    max_samples: int = 32768  # router samples kept per layer (memory bound)
+    mlp_batch: int = 32
+    mlp_recall: float = 0.99
+    epochs: int = 16
+    seed: int = 0
+    force: bool = False
+
+
+def model_record(model: Model) -> dict[str, Any]:
+    return {"name": model.spec.name, "identity": model.identity,
+            "random_weights": model.random_weights}
+
+
+def same_model(record: dict[str, Any], model: Model) -> bool:
+    return record.get("identity", {}).get("architecture") == model.spec.architecture() and \
+        record["identity"].get("weights_sha256") == model.identity["weights_sha256"]
+
+
+def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[str, Any]:
+    """Run the whole calibration; the artifact appears at `cfg.out` only if every step works."""
+    if cfg.density is not None:
+        groups_for_density(cfg.density, model.spec.n_kv_heads)  # validates the range
+    if cfg.quality_budget < 0:
+        raise PolarcError(f"--quality-budget must be >= 0, got {cfg.quality_budget}")
+    if cfg.tokens < cfg.seq_len:
+        raise PolarcError(f"--tokens {cfg.tokens} is less than one sequence (--seq-len "
+                          f"{cfg.seq_len})")
+    artifact.check_out_dir(cfg.out, cfg.force)
+    spec = model.spec
+    torch.manual_seed(cfg.seed)
+    pool, _ = load_sequences(cfg.dataset, model.tokenizer, seq_len=cfg.seq_len,
+                             calib_tokens=cfg.tokens + cfg.tune_tokens, heldout_tokens=cfg.seq_len)
+    n_tune = max(1, min(math.ceil(cfg.tune_tokens / cfg.seq_len), pool.ids.shape[0] // 4))
+    if pool.ids.shape[0] < 2:
+        raise PolarcError(f"dataset {cfg.dataset!r} yields {pool.n_tokens} calibration tokens: "
+                          "need at least two sequences (training and tuning)",
+                          hint="give more text or a smaller --seq-len")
+    train_ids, tune_ids = pool.ids[:-n_tune], pool.ids[-n_tune:]
+
+    samples = collect(model, train_ids, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
+                      seed=cfg.seed, progress=progress)
+
+    n_kv = spec.n_kv_heads
+    ks = [groups_for_density(cfg.density, n_kv)] if cfg.density is not None else candidate_ks(n_kv)
+    ks = [k for k in ks if k < n_kv]
+    routers_by_k: dict[int, dict[int, HeadRouter]] = {k: {} for k in ks}
+    task = progress.add_task("training routers", total=(spec.n_layers - 1) * len(ks))
+    for layer in range(1, spec.n_layers):
+        for k in ks:
+            routers_by_k[k][layer] = train_head_router(
+                samples[layer].attn_in, samples[layer].group_norms, k, epochs=cfg.epochs,
+                seed=cfg.seed + layer)
+            progress.advance(task)
+
+    mlp_routers: dict[int, MLPRouter] = {}
+    if spec.relu_mlp:
+        task = progress.add_task("training MLP routers", total=spec.n_layers)
+        for layer in range(spec.n_layers):
+            mlp_routers[layer] = train_mlp_router(
+                samples[layer].mlp_in,
+                samples[layer].mlp_active, batch_rows=cfg.mlp_batch,
+                union_recall_target=cfg.mlp_recall, seed=cfg.seed + layer)
+            progress.advance(task)
+
+    search = None
+    if cfg.density is not None or not ks:
+        plan = uniform_plan(spec.n_layers, n_kv, cfg.density if cfg.density is not None else 1.0)
+        mode = "uniform"
+    else:
+        plan, search = budget_plan(model, tune_ids, routers_by_k, cfg.quality_budget,
+                                   batch_size=cfg.batch_size, progress=progress)
+        mode = "budget"
+    head_routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
+
+    # Quality on the tuning split: the chosen plan and, for the report, uniform plans.
+    tune_batches = list(tune_ids.split(cfg.batch_size))
+    task = progress.add_task("measuring plans", total=1 + len(ks) + 1)
+    ppl_dense = search.ppl_dense if search else tune_perplexity(model, tune_batches,
+                                                                 [n_kv] * spec.n_layers, {})
+    progress.advance(task)
+    ppl_plan = tune_perplexity(model, tune_batches, plan, head_routers)
+    progress.advance(task)
+    curve = []
+    for k in ks:
+        uplan = [n_kv] + [k] * (spec.n_layers - 1)
+        ppl = tune_perplexity(model, tune_batches, uplan, routers_by_k[k])
+        curve.append({"k": k, "kv_density": kv_density(uplan, n_kv),
+                      "ppl": ppl, "increase_pct": (ppl / ppl_dense - 1) * 100})
+        progress.advance(task)
+
+    layers = []
+    for layer in range(spec.n_layers):
+        k = plan[layer]
+        entry: dict[str, Any] = {"layer": layer, "k": k, "density": k / n_kv,
+                                 "router_recall": head_routers[layer].recall
+                                 if layer in head_routers else 1.0}
+        if layer in mlp_routers:
+            m = mlp_routers[layer]
+            entry.update(mlp_k=m.k, mlp_density=m.k / spec.intermediate, mlp_batch=m.batch,
+                         mlp_union_recall=m.union_recall, mlp_recall=m.recall)
+        layers.append(entry)
+    meta: dict[str, Any] = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model_record(model),
+        "dataset": {"name": cfg.dataset, "seq_len": cfg.seq_len,
+                    "train_tokens": int(train_ids.numel()), "tune_tokens": int(tune_ids.numel()),
+                    "heldout": "every 10th document, never used by calibration"},
+        "samples_per_layer": int(samples[0].attn_in.shape[0]),
+        "plan": {"mode": mode, "density": cfg.density,
+                 "quality_budget_pct": cfg.quality_budget if mode == "budget" else None,
+                 "k_per_layer": plan, "n_kv_groups": n_kv, "kv_density": kv_density(plan, n_kv)},
+        "layers": layers,
+        "quality": {
+            "tune": {"ppl_dense": ppl_dense, "ppl_plan": ppl_plan,
+                     "increase_pct": (ppl_plan / ppl_dense - 1) * 100,
+                     "kv_density": kv_density(plan, n_kv)},
+            "curve": curve,
+            "layer_costs_pct": search.layer_costs if search else None,
+            "search_tries": search.tries if search else None,
+        },
+        "settings": {"epochs": cfg.epochs, "max_samples": cfg.max_samples, "seed": cfg.seed,
+                     "mlp_batch": cfg.mlp_batch, "mlp_recall_target": cfg.mlp_recall},
+    }
+    with artifact.atomic_dir(cfg.out, cfg.force) as tmp:
+        artifact.write(tmp, meta, head_routers, mlp_routers)
+        plot_report(meta, tmp / artifact.REPORT_FILE)
+    return meta
+

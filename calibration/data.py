@@ -1,0 +1,179 @@
+"""Calibration text: read a dataset, split off held-out text, cut fixed-length token sequences.
+
+Documents are assigned by position: every tenth (index % 10 == 9) is held out and never seen
+by calibration; `polarc eval` reads only those. The split therefore does not depend on
+`--tokens`, and any calibration on a dataset leaves the same held-out text for evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from polarc.errors import PolarcError
+from polarc.models.tokenizer import Tokenizer
+
+BUILTIN = "builtin"
+BUILTIN_FILE = Path(__file__).with_name("builtin_corpus.jsonl.gz")
+HELDOUT_EVERY = 10
+CHUNK_CHARS = 2000
+
+
+@dataclass
+class Sequences:
+    """Token sequences [n, seq_len] (int64) from one split of a dataset."""
+
+    ids: torch.Tensor
+    dataset: str
+    split: str
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ids.numel()
+
+
+def _chunks(text: str) -> Iterator[str]:
+    """Long texts become paragraph-aligned chunks so that held-out assignment interleaves."""
+    if len(text) <= CHUNK_CHARS:
+        if text.strip():
+            yield text
+        return
+    buf: list[str] = []
+    size = 0
+    for para in text.split("\n\n"):
+        if buf and size + len(para) > CHUNK_CHARS:
+            yield "\n\n".join(buf)
+            buf, size = [], 0
+        buf.append(para)
+        size += len(para) + 2
+    if buf and "".join(buf).strip():
+        yield "\n\n".join(buf)
+
+
+def _text_field(record: dict, where: str) -> str:
+    if isinstance(record.get("text"), str):
+        return record["text"]
+    for value in record.values():
+        if isinstance(value, str):
+            return value
+    raise PolarcError(f"{where}: a record has no text field", hint='use a "text" column')
+
+
+def iter_documents(dataset: str) -> Iterator[str]:
+    """Documents of `dataset`: "builtin", a .txt/.jsonl/.parquet file, or a hub dataset."""
+    if dataset == BUILTIN:
+        with gzip.open(BUILTIN_FILE, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield from _chunks(json.loads(line)["text"])
+        return
+    path = Path(dataset)
+    if path.exists():
+        yield from _iter_file(path)
+        return
+    if path.suffix in (".txt", ".jsonl", ".json", ".parquet") or dataset.startswith((".", "/")):
+        raise PolarcError(f"dataset file {dataset} does not exist")
+    yield from _iter_hub(dataset)
+
+
+def _iter_file(path: Path) -> Iterator[str]:
+    try:
+        if path.suffix == ".txt":
+            yield from _chunks(path.read_text(encoding="utf-8"))
+        elif path.suffix in (".jsonl", ".json"):
+            with open(path, encoding="utf-8") as f:
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError:
+                            raise PolarcError(f"{path}:{n} is not valid JSON") from None
+                        yield from _chunks(_text_field(record, str(path)))
+        elif path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            names = table.column_names
+            col = "text" if "text" in names else next(
+                (n for n in names if str(table.schema.field(n).type) in ("string", "large_string")),
+                None)
+            if col is None:
+                raise PolarcError(f"{path} has no text column")
+            for value in table.column(col).to_pylist():
+                if isinstance(value, str):
+                    yield from _chunks(value)
+        else:
+            raise PolarcError(f"unsupported dataset file {path}",
+                              hint="use .txt, .jsonl or .parquet, or 'builtin'")
+    except UnicodeDecodeError:
+        raise PolarcError(f"{path} is not UTF-8 text") from None
+    except PolarcError:
+        raise
+    except Exception as exc:
+        raise PolarcError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _iter_hub(spec: str) -> Iterator[str]:
+    parts = spec.split(":")
+    name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 else "train"
+    try:
+        import datasets
+    except ImportError:
+        raise PolarcError(f"{spec!r} is not a local file; hub datasets need `datasets`",
+                          hint="pip install datasets (and be online), or give a local file") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as exc:
+        raise PolarcError(f"cannot load hub dataset {spec!r}: {str(exc).splitlines()[0][:200]}",
+                          hint="offline? use a local .txt/.jsonl/.parquet file or 'builtin'"
+                          ) from None
+    for record in ds:
+        yield from _chunks(_text_field(record, spec))
+
+
+def load_sequences(
+    dataset: str,
+    tokenizer: Tokenizer,
+    *,
+    seq_len: int,
+    calib_tokens: int,
+    heldout_tokens: int,
+) -> tuple[Sequences, Sequences]:
+    """(calibration, held-out) sequences: up to `calib_tokens` / `heldout_tokens` each.
+
+    Raises a `PolarcError` when the dataset yields less than one sequence overall, or too
+    little to give both splits a sequence.
+    """
+    if seq_len < 2:
+        raise PolarcError(f"--seq-len must be at least 2, got {seq_len}")
+    streams: dict[str, list[int]] = {"calib": [], "heldout": []}
+    want = {"calib": calib_tokens, "heldout": heldout_tokens}
+    sep = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    for i, doc in enumerate(iter_documents(dataset)):
+        split = "heldout" if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "calib"
+        if len(streams[split]) >= want[split]:
+            if all(len(streams[s]) >= want[s] for s in streams):
+                break
+            continue
+        streams[split].extend(tokenizer.encode(doc) + sep)
+    total = sum(len(s) for s in streams.values())
+    if total < seq_len:
+        raise PolarcError(f"dataset {dataset!r} yields only {total} tokens, fewer than one "
+                          f"sequence of --seq-len {seq_len}",
+                          hint="give more text or a smaller --seq-len")
+    out = []
+    for split in ("calib", "heldout"):
+        n = min(len(streams[split]), want[split]) // seq_len
+        if n == 0 and want[split] > 0:
+            raise PolarcError(f"dataset {dataset!r} is too small: its {split} split (every "
+                              f"{HELDOUT_EVERY}th document is held out) has less than one "
+                              f"sequence of {seq_len} tokens",
+                              hint="give more text (at least ten documents) or a smaller --seq-len")
+        ids = torch.tensor(streams[split][: n * seq_len], dtype=torch.long).view(n, seq_len)
+        out.append(Sequences(ids=ids, dataset=dataset, split=split))
+    return out[0], out[1]

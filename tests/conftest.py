@@ -1,0 +1,51 @@
+"""Tiny random models of each supported family, saved as Hugging Face folders on demand."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from polarc.models.presets import ModelSpec, hf_config
+
+TINY = {
+    "llama-gqa": ModelSpec(name="tiny-llama-gqa", family="llama", hf_model_type="llama",
+                           n_layers=3, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16,
+                           intermediate=96, vocab=320, max_positions=512),
+    "llama-mha": ModelSpec(name="tiny-llama-mha", family="llama", hf_model_type="llama",
+                           n_layers=3, hidden=64, n_heads=4, n_kv_heads=4, head_dim=16,
+                           intermediate=96, vocab=320, max_positions=512),
+    "qwen2": ModelSpec(name="tiny-qwen2", family="llama", hf_model_type="qwen2", n_layers=2,
+                       hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, intermediate=96,
+                       vocab=320, max_positions=512, qkv_bias=True),
+    "opt": ModelSpec(name="tiny-opt", family="opt", hf_model_type="opt", n_layers=3, hidden=64,
+                     n_heads=4, n_kv_heads=4, head_dim=16, intermediate=256, vocab=320,
+                     max_positions=512, qkv_bias=True, tie_embeddings=True),
+}
+
+
+def tiny_hf(kind: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """A random transformers model whose every parameter (biases and norms too) is non-trivial."""
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(TINY[kind])).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each tiny model saved as a Hugging Face folder (safetensors, no tokenizer)."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for kind in TINY:
+        path = root / kind
+        tiny_hf(kind).save_pretrained(path, safe_serialization=True)
+        out[kind] = path
+    return out

@@ -1,0 +1,188 @@
+"""The commands end to end on tiny random models, and every bad input a user can give."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from polarc.cli import app
+
+runner = CliRunner()
+SMALL = ["--seq-len", "64", "--tokens", "2048", "--tune-tokens", "256", "--epochs", "2",
+         "--batch-size", "4", "--quiet"]
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_line_error(code: int, stderr: str, match: str) -> None:
+    assert code == 1, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in stderr
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = {}
+    root = tmp_path_factory.mktemp("cal")
+    for kind, extra in [("llama-gqa", ["--quality-budget", "50"]), ("opt", ["--density", "0.5"]),
+                        ("llama-mha", ["--density", "0.5"])]:
+        code, stdout, stderr = run("calibrate", "-m", tiny_dirs[kind], "--out", root / kind,
+                                   *SMALL, *extra)
+        assert code == 0, stderr
+        out[kind] = root / kind
+    return out
+
+
+def test_models_lists_presets(tmp_path: Path) -> None:
+    code, stdout, _ = run("models", "--json", tmp_path / "m.json")
+    assert code == 0
+    assert "smollm2-135m" in stdout and "llama3-8b" in stdout and "opt-6.7b" in stdout
+    rows = json.loads((tmp_path / "m.json").read_text())
+    llama3 = next(r for r in rows if r["alias"] == "llama3-8b")
+    assert (llama3["layers"], llama3["q_heads"], llama3["kv_groups"]) == (32, 32, 8)
+
+
+def test_calibration_artifact(calibrated: dict) -> None:
+    for path in calibrated.values():
+        assert sorted(p.name for p in path.iterdir()) == [
+            "calibration.json", "report.png", "routers.safetensors"]
+        meta = json.loads((path / "calibration.json").read_text())
+        assert meta["format_version"] == 1
+        assert meta["model"]["identity"]["weights_sha256"]
+        ks = meta["plan"]["k_per_layer"]
+        n_kv = meta["plan"]["n_kv_groups"]
+        assert ks[0] == n_kv  # layer 0 dense
+        assert all(1 <= k <= n_kv for k in ks)
+        assert len(meta["layers"]) == len(ks)
+        assert not list(path.parent.glob(".*tmp*"))
+    opt = json.loads((calibrated["opt"] / "calibration.json").read_text())
+    assert all(e["mlp_k"] % 128 == 0 or e["mlp_k"] == 256 for e in opt["layers"])
+    mha = json.loads((calibrated["llama-mha"] / "calibration.json").read_text())
+    assert mha["plan"]["k_per_layer"][1:] == [2, 2]
+    budget = json.loads((calibrated["llama-gqa"] / "calibration.json").read_text())
+    assert budget["plan"]["mode"] == "budget"
+    assert budget["quality"]["tune"]["increase_pct"] <= 50
+
+
+def test_eval_json(calibrated: dict, tiny_dirs: dict, tmp_path: Path) -> None:
+    code, stdout, stderr = run("eval", "--calibration", calibrated["llama-mha"], "--model",
+                               tiny_dirs["llama-mha"], "--tokens", "512", "--quiet",
+                               "--json", tmp_path / "e.json")
+    assert code == 0, stderr
+    res = json.loads((tmp_path / "e.json").read_text())
+    for key in ("ppl_dense", "ppl_sparse", "ppl_oracle", "ppl_random", "top1_agreement", "kl",
+                "router_recall", "kv_density"):
+        assert key in res
+    assert res["kv_density"] == pytest.approx((4 + 2 + 2) / 12)
+    assert 0.0 <= res["router_recall"] <= 1.0
+    assert "routers" in stdout and "oracle" in stdout
+
+
+def test_existing_out_needs_force(calibrated: dict, tiny_dirs: dict) -> None:
+    path = calibrated["llama-mha"]
+    before = (path / "calibration.json").read_text()
+    code, _, stderr = run("calibrate", "-m", tiny_dirs["llama-mha"], "--out", path, *SMALL)
+    one_line_error(code, stderr, "already exists")
+    assert (path / "calibration.json").read_text() == before
+
+
+def test_force_replaces(tiny_dirs: dict, tmp_path: Path) -> None:
+    out = tmp_path / "c"
+    assert run("calibrate", "-m", tiny_dirs["llama-gqa"], "--out", out, *SMALL,
+               "--density", "1.0")[0] == 0
+    code, _, stderr = run("calibrate", "-m", tiny_dirs["llama-gqa"], "--out", out, *SMALL,
+                          "--density", "0.5", "--force")
+    assert code == 0, stderr
+    assert json.loads((out / "calibration.json").read_text())["plan"]["density"] == 0.5
+
+
+def test_interrupted_run_leaves_nothing(tiny_dirs: dict, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import polarc.calibration.calibrate as cal
+
+    def interrupt(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cal, "plot_report", interrupt)
+    out = tmp_path / "c"
+    code, _, stderr = run("calibrate", "-m", tiny_dirs["llama-gqa"], "--out", out, *SMALL,
+                          "--density", "0.5")
+    assert code == 130 and "nothing was written" in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_with_another_model(calibrated: dict, tiny_dirs: dict) -> None:
+    code, _, stderr = run("eval", "--calibration", calibrated["llama-gqa"], "--model",
+                          tiny_dirs["qwen2"], "--quiet")
+    one_line_error(code, stderr, "made for another model")
+
+
+@pytest.mark.parametrize("args, match", [
+    (["calibrate", "-m", "gpt-17", "--out", "{tmp}/x"], "unknown model alias 'gpt-17'"),
+    (["calibrate", "-m", "{empty}", "--out", "{tmp}/x"], "no weights in"),
+    (["calibrate", "--density", "1.5", "--out", "{tmp}/x"], "--density must be in (0, 1]"),
+    (["calibrate", "--density", "0", "--out", "{tmp}/x"], "--density must be in (0, 1]"),
+    (["calibrate", "--out", "{tmp}/no/such/dir"], "does not exist"),
+    (["calibrate", "-m", "{tiny}", "--dataset", "{short}", "--out", "{tmp}/x"],
+     "fewer than one sequence"),
+    (["eval", "--calibration", "{tmp}"], "is not a calibration folder"),
+])
+def test_bad_input(args: list[str], match: str, tmp_path: Path, tiny_dirs: dict) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words")
+    subs = {"{tmp}": str(tmp_path), "{empty}": str(empty), "{short}": str(short),
+            "{tiny}": str(tiny_dirs["llama-gqa"])}
+    filled = []
+    for a in args:
+        for key, value in subs.items():
+            a = a.replace(key, value)
+        filled.append(a)
+    code, _, stderr = run(*filled)
+    one_line_error(code, stderr, match)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unwritable_output(tmp_path: Path, tiny_dirs: dict) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root)")
+        code, _, stderr = run("calibrate", "-m", tiny_dirs["llama-gqa"], "--out", locked / "x",
+                              *SMALL)
+        one_line_error(code, stderr, "not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_out_is_a_file(tmp_path: Path, tiny_dirs: dict) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, _, stderr = run("calibrate", "-m", tiny_dirs["llama-gqa"], "--out", f / "sub", *SMALL)
+    one_line_error(code, stderr, "cannot write")
+
+
+def test_real_process_prints_no_traceback() -> None:
+    proc = subprocess.run([sys.executable, "-m", "polarc.cli", "calibrate", "-m", "nope",
+                           "--out", "x"], capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("Error: unknown model alias")
+    assert "Traceback" not in proc.stderr
+
+
+def test_usage_error_exits_2() -> None:
+    code, _, _ = run("calibrate", "--no-such-flag")
+    assert code == 2

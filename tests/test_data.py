@@ -1,0 +1,75 @@
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from polarc.calibration.data import iter_documents, load_sequences
+
+from polarc.errors import PolarcError
+from polarc.models.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer(320)
+
+
+def _docs(n: int) -> list[str]:
+    return [f"Document number {i}. " + "lorem ipsum dolor sit amet " * 8 for i in range(n)]
+
+
+def test_builtin_split_keeps_heldout_documents_out_of_calibration() -> None:
+    calib, heldout = load_sequences("builtin", TOK, seq_len=128, calib_tokens=20000,
+                                    heldout_tokens=4000)
+    assert calib.ids.shape[1] == heldout.ids.shape[1] == 128
+    assert calib.n_tokens <= 20000 and heldout.n_tokens <= 4000
+    docs = list(iter_documents("builtin"))
+    held_text = TOK.decode(heldout.ids.flatten().tolist())
+    calib_text = TOK.decode(calib.ids.flatten().tolist())
+    held_docs = [d for i, d in enumerate(docs) if i % 10 == 9]
+    # a held-out document's opening words are in the held-out stream, not the calibration one
+    probe = held_docs[0][:120]
+    assert probe in held_text and probe not in calib_text
+
+
+def test_split_does_not_depend_on_budget() -> None:
+    _, a = load_sequences("builtin", TOK, seq_len=64, calib_tokens=1000, heldout_tokens=2000)
+    _, b = load_sequences("builtin", TOK, seq_len=64, calib_tokens=9000, heldout_tokens=2000)
+    assert a.ids.equal(b.ids)
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet"])
+def test_local_files(tmp_path: Path, fmt: str) -> None:
+    docs = _docs(200)
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "txt":
+        path.write_text("\n\n".join(docs))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs)))
+    else:
+        pq.write_table(pa.table({"text": docs, "n": list(range(200))}), path)
+    calib, heldout = load_sequences(str(path), TOK, seq_len=32, calib_tokens=4096,
+                                    heldout_tokens=256)
+    assert calib.ids.shape[0] > 10 and heldout.ids.shape == (8, 32)
+    assert "Document number 0." in TOK.decode(calib.ids[0].tolist())
+
+
+def test_fewer_tokens_than_one_sequence(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.txt"
+    path.write_text("too short")
+    with pytest.raises(PolarcError, match="fewer than one sequence"):
+        load_sequences(str(path), TOK, seq_len=512, calib_tokens=4096, heldout_tokens=512)
+
+
+def test_no_heldout_document(tmp_path: Path) -> None:
+    path = tmp_path / "few.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in _docs(3)))
+    with pytest.raises(PolarcError, match="too small"):
+        load_sequences(str(path), TOK, seq_len=32, calib_tokens=4096, heldout_tokens=64)
+
+
+def test_missing_file_and_bad_json(tmp_path: Path) -> None:
+    with pytest.raises(PolarcError, match="does not exist"):
+        list(iter_documents(str(tmp_path / "nope.jsonl")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json}\n")
+    with pytest.raises(PolarcError, match="bad.jsonl:1 is not valid JSON"):
+        list(iter_documents(str(bad)))

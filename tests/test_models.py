@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from polarc.errors import PolarcError
+from polarc.models import PRESETS, load_model
+from polarc.models.forward import forward
+from polarc.models.load import internal_weights
+from polarc.models.presets import hf_config, spec_from_hf_config
+from tests.conftest import TINY, tiny_hf
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_reference_forward_matches_transformers(kind: str, tiny_dirs: dict[str, Path]) -> None:
+    hf = tiny_hf(kind)
+    model = load_model(str(tiny_dirs[kind]))
+    ids = torch.randint(3, TINY[kind].vocab, (2, 37))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    out = forward(model, ids)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_spec_round_trips_through_hf_config(kind: str) -> None:
+    spec = TINY[kind]
+    assert spec_from_hf_config(hf_config(spec), spec.name).architecture() == spec.architecture()
+
+
+def test_all_presets_build_configs() -> None:
+    for spec in PRESETS.values():
+        back = spec_from_hf_config(hf_config(spec), spec.name)
+        assert back.architecture() == spec.architecture(), spec.name
+
+
+def test_internal_names_cover_every_weight() -> None:
+    hf = tiny_hf("qwen2")
+    spec = TINY["qwen2"]
+    w = internal_weights(hf.state_dict(), spec)
+    assert "layers.1.q.bias" in w and "layers.0.gate.weight" in w
+    assert len({id(t) for t in w.values()}) >= len(hf.state_dict()) - 1
+
+
+def test_random_weights_are_marked() -> None:
+    model = load_model("smollm2-135m", random_weights=True, seed=3)
+    assert model.random_weights
+    assert model.identity["weights_sha256"] == "random-seed-3"
+    assert model.spec == PRESETS["smollm2-135m"]
+    assert model.tokenizer.kind == "bytes"
+
+
+def test_identity_is_a_hash_of_the_weights(tiny_dirs: dict[str, Path]) -> None:
+    a = load_model(str(tiny_dirs["llama-gqa"]))
+    b = load_model(str(tiny_dirs["llama-gqa"]))
+    c = load_model(str(tiny_dirs["llama-mha"]))
+    assert a.identity == b.identity
+    assert a.identity["weights_sha256"] != c.identity["weights_sha256"]
+
+
+def test_unknown_alias() -> None:
+    with pytest.raises(PolarcError, match="unknown model alias 'llama9-1t'"):
+        load_model("llama9-1t")
+
+
+def test_alias_without_weights_says_how_to_provide_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PolarcError, match="no weights for llama3-8b") as info:
+        load_model("llama3-8b")
+    assert "--weights" in (info.value.hint or "")
+
+
+def test_folder_without_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(PolarcError, match="no weights in"):
+        load_model(str(tmp_path))
+
+
+def test_truncated_safetensors(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    src = tiny_dirs["llama-gqa"]
+    for f in src.iterdir():
+        data = f.read_bytes()
+        if f.suffix == ".safetensors":
+            data = data[: len(data) // 2]
+        (tmp_path / f.name).write_bytes(data)
+    with pytest.raises(PolarcError, match="not a readable safetensors file"):
+        load_model(str(tmp_path))
+
+
+def test_corrupt_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + bytes(range(200)))
+    with pytest.raises(PolarcError, match="not a readable GGUF file"):
+        load_model(str(bad))
+
+
+def test_weights_of_another_architecture(tiny_dirs: dict[str, Path]) -> None:
+    with pytest.raises(PolarcError, match="not a smollm2-135m"):
+        load_model("smollm2-135m", weights=tiny_dirs["llama-gqa"])

@@ -1,0 +1,76 @@
+import torch
+from polarc.calibration.plan import _solve, candidate_ks, groups_for_density, uniform_plan
+from polarc.calibration.routers import (
+    topk_mask,
+    topk_recall,
+    train_head_router,
+    train_mlp_router,
+    union_k,
+)
+
+
+def test_head_router_learns_a_linear_ranking() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4000, 32)
+    w = torch.randn(4, 32)
+    norms = (x @ w.T + 0.1 * torch.randn(4000, 4)).exp()  # ranking is linear in x
+    router = train_head_router(x, norms, k=2, epochs=40, lr=1e-2)
+    assert router.recall > 0.9
+    fresh = torch.randn(1000, 32)
+    assert topk_recall(router.scores(fresh), fresh @ w.T, 2) > 0.9
+    # random scores keep about k/H of the true top-k
+    assert abs(topk_recall(torch.rand(1000, 4), fresh @ w.T, 2) - 0.5) < 0.06
+
+
+def test_topk_mask() -> None:
+    s = torch.tensor([[0.1, 0.9, 0.5], [3.0, 2.0, 1.0]])
+    assert topk_mask(s, 2).tolist() == [[False, True, True], [True, True, False]]
+
+
+def test_mlp_router_union_k_is_a_multiple_of_128_and_meets_target() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6000, 16)
+    w = torch.randn(1024, 16)
+    active = (x @ w.T) > 9.0  # about 1.4% of neurons fire per token, predictably
+    router = train_mlp_router(x, active, rank=16, batch_rows=8, epochs=20, lr=1e-2)
+    assert router.k % 128 == 0
+    assert router.union_recall >= 0.99
+    assert router.k < 1024
+    assert router.recall > 0.6  # random top-k would keep about 1.4%
+
+
+def test_union_k_with_perfect_scores() -> None:
+    active = torch.zeros(64, 1024, dtype=torch.bool)
+    active[:, :100] = True
+    k, recall = union_k(active.float() * 10 - 5, active, 16, 0.99)
+    assert k == 128 and recall == 1.0
+
+
+def test_uniform_plan_rounds_to_groups() -> None:
+    assert groups_for_density(0.67, 3) == 2
+    assert groups_for_density(0.34, 3) == 1
+    assert groups_for_density(0.05, 8) == 1  # at least one group
+    assert groups_for_density(0.5, 3) == 2  # halves round up
+    assert uniform_plan(4, 8, 0.5) == [8, 4, 4, 4]
+
+
+def test_density_out_of_range() -> None:
+    import pytest
+
+    from polarc.errors import PolarcError
+
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(PolarcError, match="must be in"):
+            groups_for_density(bad, 8)
+
+
+def test_candidate_ks() -> None:
+    assert candidate_ks(3) == [1, 2]
+    assert candidate_ks(8) == [2, 3, 4, 5, 6, 7]
+
+
+def test_solve_spends_budget_on_cheapest_savings() -> None:
+    costs = {1: {1: 5.0, 2: 0.2}, 2: {1: 0.5, 2: 0.1}, 3: {1: 9.0, 2: 3.0}}
+    assert _solve(costs, 4, 3, 1.0) == [3, 2, 1, 3]
+    assert _solve(costs, 4, 3, 0.0) == [3, 3, 3, 3]
+    assert _solve(costs, 4, 3, 100.0) == [3, 1, 1, 1]
