@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import datetime
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from polarc.calibration import artifact
-from polarc.calibration.collect import collect
+from polarc.calibration.collect import Samples, collect
 from polarc.calibration.data import load_sequences
 from polarc.calibration.plan import (
     budget_plan,
@@ -21,7 +22,7 @@ from polarc.calibration.plan import (
 )
 from polarc.calibration.quality import kv_density
 from polarc.calibration.report import plot_report
-from polarc.calibration.routers import HeadRouter, MLPRouter, train_head_router, train_mlp_router
+from polarc.calibration.routers import HeadRouter, MLPRouter, train_head_routers, train_mlp_router
 from rich.progress import Progress
 
 from polarc.errors import PolarcError
@@ -56,6 +57,31 @@ def same_model(record: dict[str, Any], model: Model) -> bool:
         record["identity"].get("weights_sha256") == model.identity["weights_sha256"]
 
 
+class _Clock:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 1)
+        self.last = now
+
+
+def train_all_head_routers(samples: Samples, ks: list[int], *, epochs: int, seed: int,
+                           progress: Progress | None = None) -> dict[int, dict[int, HeadRouter]]:
+    """`routers[k][layer]`: for every layer but the first, one router per k it may keep."""
+    routers: dict[int, dict[int, HeadRouter]] = {}
+    task = progress.add_task("training routers", total=len(ks)) if progress else None
+    for k in ks:
+        fitted = train_head_routers(samples.attn_in[1:], samples.group_norms[1:], k,
+                                    epochs=epochs, seed=seed)
+        routers[k] = {layer: r for layer, r in enumerate(fitted, start=1)}
+        if progress is not None:
+            progress.advance(task)
+    return routers
+
+
 def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[str, Any]:
     """Run the whole calibration; the artifact appears at `cfg.out` only if every step works."""
     if cfg.density is not None:
@@ -77,31 +103,31 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
                           hint="give more text or a smaller --seq-len")
     train_ids, tune_ids = pool.ids[:-n_tune], pool.ids[-n_tune:]
 
+    clock = _Clock()
     samples = collect(model, train_ids, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
                       seed=cfg.seed, progress=progress)
 
     n_kv = spec.n_kv_heads
     ks = [groups_for_density(cfg.density, n_kv)] if cfg.density is not None else candidate_ks(n_kv)
     ks = [k for k in ks if k < n_kv]
-    routers_by_k: dict[int, dict[int, HeadRouter]] = {k: {} for k in ks}
-    task = progress.add_task("training routers", total=(spec.n_layers - 1) * len(ks))
-    for layer in range(1, spec.n_layers):
-        for k in ks:
-            routers_by_k[k][layer] = train_head_router(
-                samples[layer].attn_in, samples[layer].group_norms, k, epochs=cfg.epochs,
-                seed=cfg.seed + layer)
-            progress.advance(task)
+    clock.lap("collect")
+    routers_by_k = train_all_head_routers(samples, ks, epochs=cfg.epochs, seed=cfg.seed,
+                                      progress=progress)
 
     mlp_routers: dict[int, MLPRouter] = {}
+    clock.lap("train_head_routers")
     if spec.relu_mlp:
         task = progress.add_task("training MLP routers", total=spec.n_layers)
         for layer in range(spec.n_layers):
             mlp_routers[layer] = train_mlp_router(
-                samples[layer].mlp_in,
-                samples[layer].mlp_active, batch_rows=cfg.mlp_batch,
+                samples.mlp_in[layer], samples.mlp_active[layer], batch_rows=cfg.mlp_batch,
                 union_recall_target=cfg.mlp_recall, seed=cfg.seed + layer)
             progress.advance(task)
 
+    n_samples = int(samples.attn_in.shape[1])
+    del samples  # the largest allocation of the run; plan search needs the memory
+
+    clock.lap("train_mlp_routers")
     search = None
     if cfg.density is not None or not ks:
         plan = uniform_plan(spec.n_layers, n_kv, cfg.density if cfg.density is not None else 1.0)
@@ -114,6 +140,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
 
     # Quality on the tuning split: the chosen plan and, for the report, uniform plans.
     tune_batches = list(tune_ids.split(cfg.batch_size))
+    clock.lap("plan")
     task = progress.add_task("measuring plans", total=1 + len(ks) + 1)
     ppl_dense = search.ppl_dense if search else tune_perplexity(model, tune_batches,
                                                                  [n_kv] * spec.n_layers, {})
@@ -128,6 +155,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
                       "ppl": ppl, "increase_pct": (ppl / ppl_dense - 1) * 100})
         progress.advance(task)
 
+    clock.lap("measure_plans")
     layers = []
     for layer in range(spec.n_layers):
         k = plan[layer]
@@ -145,7 +173,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         "dataset": {"name": cfg.dataset, "seq_len": cfg.seq_len,
                     "train_tokens": int(train_ids.numel()), "tune_tokens": int(tune_ids.numel()),
                     "heldout": "every 10th document, never used by calibration"},
-        "samples_per_layer": int(samples[0].attn_in.shape[0]),
+        "samples_per_layer": n_samples,
         "plan": {"mode": mode, "density": cfg.density,
                  "quality_budget_pct": cfg.quality_budget if mode == "budget" else None,
                  "k_per_layer": plan, "n_kv_groups": n_kv, "kv_density": kv_density(plan, n_kv)},
@@ -158,6 +186,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
             "layer_costs_pct": search.layer_costs if search else None,
             "search_tries": search.tries if search else None,
         },
+        "timings_s": clock.laps,
         "settings": {"epochs": cfg.epochs, "max_samples": cfg.max_samples, "seed": cfg.seed,
                      "mlp_batch": cfg.mlp_batch, "mlp_recall_target": cfg.mlp_recall},
     }

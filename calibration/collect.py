@@ -18,13 +18,13 @@ from polarc.models.load import Model
 
 
 @dataclass
-class LayerSamples:
-    """Kept token positions of one layer."""
+class Samples:
+    """Kept token positions (the same positions at every layer), stacked over layers."""
 
-    attn_in: torch.Tensor  # [n, d] router input, float32
-    group_norms: torch.Tensor  # [n, Hkv] label source: each KV group's attention output norm
-    mlp_active: torch.Tensor | None  # [n, N] bool, ReLU models only
-    mlp_in: torch.Tensor | None  # [n, d] MLP router input, ReLU models only
+    attn_in: torch.Tensor  # [L, n, d] router input, float32
+    group_norms: torch.Tensor  # [L, n, Hkv] label source: each KV group's attention output norm
+    mlp_active: torch.Tensor | None  # [L, n, N] bool, ReLU models only
+    mlp_in: torch.Tensor | None  # [L, n, d] MLP router input, ReLU models only
 
 
 def collect(
@@ -35,23 +35,23 @@ def collect(
     max_samples: int = 32768,
     seed: int = 0,
     progress: Progress | None = None,
-) -> list[LayerSamples]:
-    """Run `seqs` [n, T] through the dense model; return per-layer subsampled observations."""
+) -> Samples:
+    """Run `seqs` [n, T] through the dense model; return subsampled observations per layer."""
     gen = torch.Generator().manual_seed(seed)
     keep_frac = min(1.0, max_samples / seqs.numel())
     n_layers = model.spec.n_layers
-    parts: list[dict[str, list[torch.Tensor]]] = [
-        {"x": [], "norms": [], "active": [], "mlp_in": []} for _ in range(n_layers)]
+    parts: dict[str, list[list[torch.Tensor]]] = {
+        key: [[] for _ in range(n_layers)] for key in ("x", "norms", "active", "mlp_in")}
     picked: torch.Tensor | None = None
 
     def observe(obs: LayerObservation) -> None:
         B, T, d = obs.attn_in.shape
-        store = parts[obs.layer]
-        store["x"].append(obs.attn_in.reshape(B * T, d)[picked].float())
-        store["norms"].append(obs.group_norms.reshape(B * T, -1)[picked].float())
+        i = obs.layer
+        parts["x"][i].append(obs.attn_in.reshape(B * T, d)[picked].float())
+        parts["norms"][i].append(obs.group_norms.reshape(B * T, -1)[picked].float())
         if obs.mlp_active is not None:
-            store["active"].append(obs.mlp_active.reshape(B * T, -1)[picked])
-            store["mlp_in"].append(obs.mlp_in.reshape(B * T, d)[picked].float())
+            parts["active"][i].append(obs.mlp_active.reshape(B * T, -1)[picked])
+            parts["mlp_in"][i].append(obs.mlp_in.reshape(B * T, d)[picked].float())
 
     task = progress.add_task("collecting", total=seqs.shape[0]) if progress else None
     for start in range(0, seqs.shape[0], batch_size):
@@ -61,12 +61,13 @@ def collect(
         forward(model, batch, observe=observe)
         if progress is not None:
             progress.advance(task, batch.shape[0])
-    out = []
-    for store in parts:
-        out.append(LayerSamples(
-            attn_in=torch.cat(store["x"]),
-            group_norms=torch.cat(store["norms"]),
-            mlp_active=torch.cat(store["active"]) if store["active"] else None,
-            mlp_in=torch.cat(store["mlp_in"]) if store["mlp_in"] else None,
-        ))
-    return out
+
+    def stacked(key: str) -> torch.Tensor | None:
+        if not parts[key][0]:
+            return None
+        out = torch.stack([torch.cat(chunks) for chunks in parts[key]])
+        parts[key] = []
+        return out
+
+    return Samples(attn_in=stacked("x"), group_norms=stacked("norms"),
+                   mlp_active=stacked("active"), mlp_in=stacked("mlp_in"))

@@ -146,27 +146,41 @@ def search_plan(
     routers_by_k: dict[int, dict[int, HeadRouter]],
     budget_pct: float,
     *,
-    max_tries: int = 5,
+    max_tries: int = 7,
 ) -> tuple[list[int], list[dict[str, float]]]:
     """The cheapest plan (fewest KV groups) whose measured rise on `tune` is within budget."""
     n_kv, n_layers = model.spec.n_kv_heads, model.spec.n_layers
     best_plan, best_density = [n_kv] * n_layers, 1.0
     tries: list[dict[str, float]] = []
+    measured: dict[tuple[int, ...], float] = {}
+    fits, fails = None, None  # internal budgets known to give a fitting / failing plan
     internal = budget_pct
     for _ in range(max_tries):
         plan = _solve(costs, n_layers, n_kv, internal)
-        routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
-        ppl = tune_perplexity(model, tune.batches, plan, routers)
-        rise = (ppl / tune.ppl_dense - 1) * 100
+        key = tuple(plan)
+        if key not in measured:
+            routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
+            ppl = tune_perplexity(model, tune.batches, plan, routers)
+            measured[key] = (ppl / tune.ppl_dense - 1) * 100
+        rise = measured[key]
         density = kv_density(plan, n_kv)
         tries.append({"internal_budget_pct": internal, "increase_pct": rise,
                       "kv_density": density})
         if rise <= budget_pct:
             if density < best_density:
                 best_plan, best_density = plan, density
-            break
-        # Costs add up super-linearly: shrink the internal budget in proportion and retry.
-        internal *= 0.9 * budget_pct / rise
+            fits = internal
+            if fails is None:
+                break
+        else:
+            fails = internal
+        if fits is None:
+            # Costs add up super-linearly: shrink the internal budget in proportion.
+            internal *= 0.9 * budget_pct / max(rise, 1e-9)
+        else:
+            if fails - fits < 0.05 * budget_pct:
+                break
+            internal = (fits + fails) / 2
     return best_plan, tries
 
 

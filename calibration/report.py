@@ -25,7 +25,8 @@ def plot_report(meta: dict[str, Any], path: Path) -> None:
 
     curve = meta["quality"].get("curve", [])
     if curve:
-        ax2.plot([p["kv_density"] for p in curve], [p["increase_pct"] for p in curve], "s--",
+        pts = sorted([(1.0, 0.0)] + [(p["kv_density"], p["increase_pct"]) for p in curve])
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "s--",
                  color="#7f8c8d", label="uniform plans (routers)")
     chosen = meta["quality"]["tune"]
     ax2.plot([chosen["kv_density"]], [chosen["increase_pct"]], "*", ms=14, color="#c0392b",

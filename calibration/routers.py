@@ -57,7 +57,7 @@ def _split(n: int, val_frac: float, gen: torch.Generator) -> tuple[torch.Tensor,
     return perm[n_val:], perm[:n_val]
 
 
-def train_head_router(
+def train_head_routers(
     x: torch.Tensor,
     group_norms: torch.Tensor,
     k: int,
@@ -68,41 +68,52 @@ def train_head_router(
     weight_decay: float = 0.01,
     val_frac: float = 0.1,
     seed: int = 0,
-) -> HeadRouter:
-    """Fit `Linear(d, Hkv)` with class-weighted BCE on top-k labels; keep the best validation
-    recall (the epoch whose router best reproduces the true top-k on unseen tokens)."""
+) -> list[HeadRouter]:
+    """Fit one `Linear(d, Hkv)` per layer with class-weighted BCE on top-k labels, all layers
+    at once (x [L, n, d], group_norms [L, n, Hkv]); keep each layer's best validation recall
+    (the epoch whose router best reproduces the true top-k on unseen tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    n, d = x.shape
-    hkv = group_norms.shape[1]
-    labels = topk_mask(group_norms, k).float()
+    n_layers, n, d = x.shape
+    hkv = group_norms.shape[2]
     train, val = _split(n, val_frac, gen)
     # Standardise inputs for the optimiser; folded back into the weights at the end.
-    mean, std = x[train].mean(0), x[train].std(0) + 1e-6
-    xs = (x - mean) / std
-    layer = torch.nn.Linear(d, hkv)
-    opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    mean = x[:, train].mean(1, keepdim=True)
+    std = x[:, train].std(1, keepdim=True) + 1e-6
+    weight = torch.nn.Parameter(torch.randn(n_layers, hkv, d, generator=gen) / d**0.5)
+    bias = torch.nn.Parameter(torch.zeros(n_layers, 1, hkv))
+    opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
     pos_weight = torch.full((hkv,), (hkv - k) / k if k < hkv else 1.0)
-    best = (-1.0, layer.weight.detach().clone(), layer.bias.detach().clone())
     steps = epochs * math.ceil(len(train) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+    def logits(idx: torch.Tensor) -> torch.Tensor:
+        xs = (x[:, idx] - mean) / std
+        return torch.einsum("lbd,lhd->lbh", xs, weight) + bias
+
+    best_recall = torch.full((n_layers,), -1.0)
+    best_w, best_b = weight.detach().clone(), bias.detach().clone()
     for _ in range(epochs):
         order = train[torch.randperm(len(train), generator=gen)]
         for s in range(0, len(order), batch):
             b = order[s:s + batch]
-            loss = F.binary_cross_entropy_with_logits(layer(xs[b]), labels[b],
-                                                      pos_weight=pos_weight)
+            labels = topk_mask(group_norms[:, b], k).float()
+            loss = F.binary_cross_entropy_with_logits(logits(b), labels, pos_weight=pos_weight)
             opt.zero_grad()
-            loss.backward()
+            (loss * n_layers).backward()  # per-layer losses are independent: sum them
             opt.step()
             sched.step()
         with torch.no_grad():
-            recall = topk_recall(layer(xs[val]), group_norms[val], k)
-        if recall > best[0]:
-            best = (recall, layer.weight.detach().clone(), layer.bias.detach().clone())
-    recall, w, b = best
-    weight = w / std
-    bias = b - (w * mean / std).sum(1)
-    return HeadRouter(weight=weight, bias=bias, k=k, recall=recall)
+            pred = logits(val)
+            hit = (topk_mask(pred, k) & topk_mask(group_norms[:, val], k)).sum(-1).float()
+            recall = hit.mean(1) / k
+            better = recall > best_recall
+            best_recall = torch.where(better, recall, best_recall)
+            best_w[better] = weight.detach()[better]
+            best_b[better] = bias.detach()[better]
+    w_eff = best_w / std  # [L, H, d]
+    b_eff = best_b[:, 0] - (best_w * (mean / std)).sum(-1)
+    return [HeadRouter(weight=w_eff[i].contiguous(), bias=b_eff[i].contiguous(), k=k,
+                       recall=float(best_recall[i])) for i in range(n_layers)]
 
 
 def train_mlp_router(

@@ -3,7 +3,7 @@ from polarc.calibration.plan import _solve, candidate_ks, groups_for_density, un
 from polarc.calibration.routers import (
     topk_mask,
     topk_recall,
-    train_head_router,
+    train_head_routers,
     train_mlp_router,
     union_k,
 )
@@ -14,7 +14,7 @@ def test_head_router_learns_a_linear_ranking() -> None:
     x = torch.randn(4000, 32)
     w = torch.randn(4, 32)
     norms = (x @ w.T + 0.1 * torch.randn(4000, 4)).exp()  # ranking is linear in x
-    router = train_head_router(x, norms, k=2, epochs=40, lr=1e-2)
+    router = train_head_routers(x[None], norms[None], k=2, epochs=40, lr=1e-2)[0]
     assert router.recall > 0.9
     fresh = torch.randn(1000, 32)
     assert topk_recall(router.scores(fresh), fresh @ w.T, 2) > 0.9
