@@ -52,6 +52,16 @@ def model_record(model: Model) -> dict[str, Any]:
             "random_weights": model.random_weights}
 
 
+def model_source(record: dict[str, Any]) -> str | None:
+    """How to load the model a calibration was made for: its alias, else its source path."""
+    from polarc.models import PRESETS
+
+    if record["name"] in PRESETS:
+        return record["name"]
+    source = record["identity"].get("source")
+    return None if source == "random" else source
+
+
 def same_model(record: dict[str, Any], model: Model) -> bool:
     return record.get("identity", {}).get("architecture") == model.spec.architecture() and \
         record["identity"].get("weights_sha256") == model.identity["weights_sha256"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import typer
 
 from polarc.commands import calibrate_cmd, eval_cmd, models_cmd
+from polarc.engine_commands import build_cmd, run_cmd
 
 app = typer.Typer(
     name="polarc",
     help="Polar Sparsity toolchain: calibrate routers that pick attention heads (KV groups) "
-         "per sequence, and measure what each density costs.",
+         "per sequence, build an engine, and run batched generation that reads only them.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -17,6 +18,8 @@ app = typer.Typer(
 app.command("models")(models_cmd)
 app.command("calibrate")(calibrate_cmd)
 app.command("eval")(eval_cmd)
+app.command("build")(build_cmd)
+app.command("run")(run_cmd)
 
 
 def main() -> None:

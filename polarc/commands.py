@@ -150,7 +150,7 @@ def eval_cmd(
     Example: polarc eval --calibration runs/smollm2 --json runs/smollm2/eval.json
     """
     from polarc.calibration import artifact
-    from polarc.calibration.calibrate import same_model
+    from polarc.calibration.calibrate import model_source, same_model
     from polarc.calibration.data import load_sequences
     from polarc.calibration.quality import evaluate
 
@@ -159,7 +159,7 @@ def eval_cmd(
         cal = artifact.read(calibration)
         rec = cal.meta["model"]
         if model is None:
-            model = rec["name"] if rec["name"] in PRESETS else rec["identity"].get("source")
+            model = model_source(rec)
             random_weights = random_weights or rec["random_weights"]
         m = load_model(model, weights=weights, random_weights=random_weights)
         if not same_model(rec, m):

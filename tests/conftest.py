@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from typer.testing import CliRunner
 
+from polarc.cli import app
 from polarc.models.presets import ModelSpec, hf_config
+
+# Small calibration settings for tiny models.
+SMALL = ["--seq-len", "64", "--tokens", "2048", "--tune-tokens", "256", "--epochs", "2",
+         "--batch-size", "4", "--quiet"]
 
 TINY = {
     "llama-gqa": ModelSpec(name="tiny-llama-gqa", family="llama", hf_model_type="llama",
@@ -48,4 +54,17 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         path = root / kind
         tiny_hf(kind).save_pretrained(path, safe_serialization=True)
         out[kind] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = {}
+    root = tmp_path_factory.mktemp("cal")
+    for kind, extra in [("llama-gqa", ["--quality-budget", "50"]), ("opt", ["--density", "0.5"]),
+                        ("llama-mha", ["--density", "0.5"])]:
+        args = ["calibrate", "-m", tiny_dirs[kind], "--out", root / kind, *SMALL, *extra]
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.stderr
+        out[kind] = root / kind
     return out

@@ -9,10 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from polarc.cli import app
+from tests.conftest import SMALL
 
 runner = CliRunner()
-SMALL = ["--seq-len", "64", "--tokens", "2048", "--tune-tokens", "256", "--epochs", "2",
-         "--batch-size", "4", "--quiet"]
 
 
 def run(*args: str) -> tuple[int, str, str]:
@@ -26,19 +25,6 @@ def one_line_error(code: int, stderr: str, match: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
     assert match in lines[0], lines[0]
     assert "Traceback" not in stderr
-
-
-@pytest.fixture(scope="module")
-def calibrated(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    out = {}
-    root = tmp_path_factory.mktemp("cal")
-    for kind, extra in [("llama-gqa", ["--quality-budget", "50"]), ("opt", ["--density", "0.5"]),
-                        ("llama-mha", ["--density", "0.5"])]:
-        code, stdout, stderr = run("calibrate", "-m", tiny_dirs[kind], "--out", root / kind,
-                                   *SMALL, *extra)
-        assert code == 0, stderr
-        out[kind] = root / kind
-    return out
 
 
 def test_models_lists_presets(tmp_path: Path) -> None:
@@ -186,3 +172,49 @@ def test_real_process_prints_no_traceback() -> None:
 def test_usage_error_exits_2() -> None:
     code, _, _ = run("calibrate", "--no-such-flag")
     assert code == 2
+
+
+def test_build_and_run(calibrated: dict, tiny_dirs: dict, tmp_path: Path) -> None:
+    engine = tmp_path / "e.plan"
+    code, stdout, stderr = run("build", "--calibration", calibrated["llama-gqa"], "-m",
+                               tiny_dirs["llama-gqa"], "-o", engine, "--max-batch", "4",
+                               "--max-seq", "128")
+    assert code == 0, stderr
+    assert "sparse engine" in stdout or "dense engine" in stdout
+    code, stdout, stderr = run("run", engine, "--prompt", "hello", "--prompt", "world wide",
+                               "--max-new-tokens", "5", "--json", tmp_path / "r.json", "--quiet")
+    assert code == 0, stderr
+    res = json.loads((tmp_path / "r.json").read_text())
+    for key in ("decode_tokens_per_s", "step_ms_median", "prefill_tokens_per_s", "outputs"):
+        assert key in res
+    assert len(res["outputs"]) == 2 and all(o["tokens"] == 5 for o in res["outputs"])
+    code, _, stderr = run("build", "--calibration", calibrated["llama-gqa"], "-m",
+                          tiny_dirs["llama-gqa"], "-o", engine)
+    one_line_error(code, stderr, "already exists")
+    code, _, stderr = run("run", engine, "--batch", "9", "--quiet")
+    one_line_error(code, stderr, "exceeds the engine's max batch 4")
+
+
+def test_build_random_speed_engine(tmp_path: Path) -> None:
+    engine = tmp_path / "speed.plan"
+    code, stdout, stderr = run("build", "-m", "smollm2-135m", "--random-weights", "--density",
+                               "0.34", "-o", engine, "--max-batch", "2", "--max-seq", "64")
+    assert code == 0, stderr
+    assert "(random weights, random routers: speed only)" in stdout
+    code, _, stderr = run("run", engine, "--max-new-tokens", "3", "--quiet")
+    assert code == 0, stderr
+
+
+def test_run_rejects_non_engines(tmp_path: Path, calibrated: dict) -> None:
+    code, _, stderr = run("run", calibrated["llama-gqa"] / "routers.safetensors")
+    one_line_error(code, stderr, "not a polarc engine")
+    junk = tmp_path / "junk.plan"
+    junk.write_bytes(b"\x00" * 100)
+    code, _, stderr = run("run", junk)
+    one_line_error(code, stderr, "not a polarc engine")
+
+
+def test_build_density_needs_random_weights(tiny_dirs: dict, tmp_path: Path) -> None:
+    code, _, stderr = run("build", "-m", tiny_dirs["llama-gqa"], "--density", "0.5",
+                          "-o", tmp_path / "x.plan")
+    one_line_error(code, stderr, "only for --random-weights")

@@ -52,3 +52,27 @@ def test_calibrate_then_eval(tmp_path: Path) -> None:
     assert res["ppl_dense"] < res["ppl_sparse"] < res["ppl_random"]
     assert res["router_recall"] > 0.75  # random keeps 2 of 3: recall 0.67
     assert res["kv_density"] == pytest.approx((3 + 29 * 2) / 90)
+
+
+def test_engine_greedy_equals_transformers(tmp_path: Path, smollm2) -> None:
+    import transformers
+    from polarc.exporters.engine import BuildConfig, build_engine
+
+    from polarc.runtime.decode import Runtime, generate
+    from polarc.runtime.engine import load_engine
+
+    path = tmp_path / "dense.plan"
+    build_engine(smollm2, None, BuildConfig(out=path, dtype="fp32", max_batch=4, max_seq=128))
+    engine = load_engine(path)
+    prompts = ["The capital of Germany is", "Permission is hereby granted, free of charge,",
+               "Water boils at", "def fibonacci(n):"]
+    ids = [engine.model.tokenizer.encode(p) for p in prompts]
+    outs, _ = generate(Runtime(engine, batch=4), ids, max_new_tokens=32, stop_at_eos=False)
+
+    gguf = embedded_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                           dtype=torch.float32).eval()
+    for prompt_ids, ours in zip(ids, outs, strict=True):
+        ref = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False,
+                          min_new_tokens=32)[0, len(prompt_ids):].tolist()
+        assert ours == ref

@@ -81,8 +81,10 @@ def run_layer(
     *,
     select: Selector | None = None,
     observe: Observer | None = None,
+    kv_out: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """One decoder layer over whole sequences (causal), with optional group selection."""
+    """One decoder layer over whole sequences (causal), with optional group selection.
+    `kv_out`, when given, receives this layer's keys and values [B, Hkv, T, D] (rotated)."""
     spec = model.spec
     B, T, _ = h.shape
     p = f"layers.{i}"
@@ -94,6 +96,8 @@ def run_layer(
     if spec.family == "llama":
         cos, sin = rope_cos_sin(model, torch.arange(T, device=h.device), q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_out is not None:
+        kv_out.append((k, v))
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                        enable_gqa=spec.n_kv_heads != spec.n_heads)
     o = o.transpose(1, 2).reshape(B, T, spec.n_kv_heads, spec.group_size, spec.head_dim)

@@ -167,12 +167,17 @@ def _load_path(path: Path, name: str, dtype: torch.dtype) -> Model:
     else:
         raise PolarcError(f"{path} is not a model: expected a folder or a .gguf file")
     _check_readable(files)
+    quiet_tqdm = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantizer's own tqdm bar
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    except PolarcError:
-        raise
     except Exception as exc:
         raise PolarcError(f"cannot read weights from {path}: {_short(exc)}") from None
+    finally:
+        if quiet_tqdm is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet_tqdm
     spec = spec_from_hf_config(hf.config, name)
     try:
         tok: Tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(tok_src, **kwargs))

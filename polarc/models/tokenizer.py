@@ -10,10 +10,10 @@ class HFTokenizer:
 
     kind = "hf"
 
-    def __init__(self, tok: Any) -> None:
+    def __init__(self, tok: Any, *, eos_id: int | None = None, bos_id: int | None = None) -> None:
         self.tok = tok
-        self.eos_id: int | None = tok.eos_token_id
-        self.bos_id: int | None = tok.bos_token_id
+        self.eos_id: int | None = eos_id if eos_id is not None else tok.eos_token_id
+        self.bos_id: int | None = bos_id if bos_id is not None else tok.bos_token_id
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)

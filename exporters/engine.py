@@ -1,0 +1,133 @@
+"""The torch-backend engine file: one safetensors container with the weights (in the chosen
+dtype), the routers, the tokenizer and a manifest in its metadata.
+
+Tensor names: `weights.<internal name>` (see polarc.models.load.internal_weights),
+`rope.inv_freq`, `routers.layers.{i}.head.weight|bias`, `routers.layers.{i}.mlp.w1|w2|b2`,
+`tokenizer.json` (uint8 bytes of a Hugging Face tokenizer.json, absent for byte tokenizers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from polarc.calibration.artifact import Calibration, router_tensors
+from polarc.calibration.plan import uniform_plan
+from polarc.calibration.routers import HeadRouter
+from safetensors.torch import save_file
+
+from polarc import __version__
+from polarc.errors import PolarcError
+from polarc.models.load import Model
+from polarc.models.tokenizer import HFTokenizer
+from polarc.runtime.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass
+class BuildConfig:
+    out: Path
+    dtype: str = "bf16"
+    max_batch: int = 32
+    max_seq: int = 2048
+    density: float | None = None  # with random weights and no calibration: random routers
+    seed: int = 0
+
+
+def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], dict[int, HeadRouter]]:
+    """Speed-only routers: random weights, a uniform plan of `density` (marked in the manifest)."""
+    spec = model.spec
+    plan = uniform_plan(spec.n_layers, spec.n_kv_heads, density)
+    gen = torch.Generator().manual_seed(seed)
+    routers = {
+        layer: HeadRouter(weight=torch.randn(spec.n_kv_heads, spec.hidden, generator=gen),
+                          bias=torch.zeros(spec.n_kv_heads), k=k, recall=float("nan"))
+        for layer, k in enumerate(plan) if k < spec.n_kv_heads}
+    return plan, routers
+
+
+def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig,
+                 calibration_path: Path | None = None) -> dict[str, Any]:
+    """Write the engine to `cfg.out` atomically; return its manifest."""
+    if cfg.dtype not in DTYPES:
+        raise PolarcError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.max_batch <= 0 or cfg.max_seq <= 1:
+        raise PolarcError("--max-batch must be positive and --max-seq at least 2")
+    spec = model.spec
+    if cfg.max_seq > spec.max_positions:
+        raise PolarcError(f"--max-seq {cfg.max_seq} exceeds {spec.name}'s "
+                          f"{spec.max_positions} positions")
+    dtype = DTYPES[cfg.dtype]
+    random_rt = False
+    mlp_k: dict[int, int] = {}
+    if calibration is not None:
+        plan, head, mlp = calibration.k_per_layer, calibration.head_routers, calibration.mlp_routers
+        mlp_k = {layer: r.k for layer, r in mlp.items()}
+        if cfg.density is not None:
+            raise PolarcError("--density goes with a random-weights build, not --calibration")
+    elif cfg.density is not None:
+        if not model.random_weights:
+            raise PolarcError("--density without --calibration builds random routers: only for "
+                              "--random-weights speed engines", hint="calibrate the model first")
+        plan, head = random_routers(model, cfg.density, cfg.seed)
+        mlp = {}
+        random_rt = True
+    else:
+        plan, head, mlp = [spec.n_kv_heads] * spec.n_layers, {}, {}
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.weights.items():
+        if name == "lm_head.weight" and spec.tie_embeddings:
+            continue  # tied: the runtime reuses the embedding
+        tensors["weights." + name] = t.to(dtype).contiguous()
+    if model.rope_inv_freq is not None:
+        tensors["rope.inv_freq"] = model.rope_inv_freq.float().contiguous()
+    for name, t in router_tensors(head, mlp).items():
+        tensors["routers." + name] = t
+    tok = model.tokenizer
+    if isinstance(tok, HFTokenizer):
+        data = tok.tok.backend_tokenizer.to_str().encode("utf-8")
+        tensors["tokenizer.json"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    manifest: dict[str, Any] = {
+        "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
+        "polarc_version": __version__, "backend": "torch",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "spec": dataclasses.asdict(spec), "dtype": cfg.dtype,
+        "limits": {"max_batch": cfg.max_batch, "max_seq": cfg.max_seq},
+        "plan": {"k_per_layer": list(plan), "n_kv_groups": spec.n_kv_heads,
+                 "mlp_k": {str(k): v for k, v in mlp_k.items()}},
+        "model": {"name": spec.name, "identity": model.identity,
+                  "random_weights": model.random_weights},
+        "calibration": None if calibration is None else {
+            "path": str(calibration_path), "created": calibration.meta.get("created"),
+            "mode": calibration.meta["plan"]["mode"],
+            "meta_sha256": hashlib.sha256(json.dumps(calibration.meta, sort_keys=True)
+                                          .encode()).hexdigest()},
+        "random_routers": random_rt,
+        "tokenizer": {"kind": tok.kind, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
+        "rope_attention_scaling": model.rope_attention_scaling,
+    }
+    out = cfg.out
+    if out.is_dir():
+        raise PolarcError(f"{out} is a folder", hint="give a file name, e.g. -o engine.plan")
+    if not out.resolve().parent.is_dir():
+        raise PolarcError(f"cannot write {out}: its folder does not exist")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": ENGINE_FORMAT,
+                                               "format_version": str(ENGINE_FORMAT_VERSION),
+                                               "manifest": json.dumps(manifest)})
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise PolarcError(f"cannot write {out}: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return manifest

@@ -1,0 +1,47 @@
+"""`polarc bench`: benchmarks that need the lent GPU (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from polarc.errors import PolarcError
+
+bench_app = typer.Typer(
+    help="Benchmarks on a CUDA GPU. Example: polarc bench kernels --json kernels.json",
+    no_args_is_help=True,
+)
+
+
+@bench_app.command("kernels")
+def kernels_cmd(
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write one record per case (kernel, shape, density, ms, floor_ms, gbps) "
+                       "to this file.")] = None,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="A subset of the shapes (B in {1, 64}, S in {1024, 8192}).")] = False,
+) -> None:
+    """Selective attention and selective GEMM against torch SDPA / cuBLAS (BENCHMARKS.md §1-2).
+
+    Example: polarc bench kernels --json kernels.json
+    """
+    from polarc.console import user_errors
+
+    with user_errors():
+        try:
+            import torch
+        except ImportError as exc:  # pragma: no cover - torch is a hard requirement
+            raise PolarcError("kernel benchmarks need torch") from exc
+        if not torch.cuda.is_available():
+            raise PolarcError("kernel benchmarks need a CUDA GPU and none is visible",
+                              hint="run on a machine with an NVIDIA GPU")
+        try:
+            from polarc.plugins.bench import run_kernel_benchmarks
+        except ImportError as exc:
+            raise PolarcError(f"kernel benchmarks need triton ({exc})",
+                              hint="pip install 'polarc[kernels]'") from exc
+        if json_path is not None and not json_path.parent.exists():
+            raise PolarcError(f"folder {json_path.parent} does not exist")
+        run_kernel_benchmarks(json_path, quick)

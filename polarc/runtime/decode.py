@@ -1,0 +1,238 @@
+"""Batched generation on an engine: static KV cache, dense prefill, sparse decode steps.
+
+Decode step, per layer: norm → router → top-k groups per row → q/k/v → rotary/positions →
+KV write → selective attention → output projection → MLP. Dense is the same step with every
+group selected (`dense=True`), so dense and sparse share one code path.
+
+Cache layout: per layer K and V `[B, Hkv, S_max, D]`; `seqlens [B]` int32 counts each row's
+valid positions. On CUDA the attention is the Triton selective kernel; elsewhere a plain-torch
+version of the same function (full attention over the valid positions, unselected groups
+zeroed), so the embedded default runs on a CPU-only machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from polarc.errors import PolarcError
+from polarc.models.forward import apply_rope, embed, final_logits, linear, norm, run_layer
+from polarc.runtime.engine import Engine
+
+
+def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    seqlens: torch.Tensor, groups: torch.Tensor, scale: float) -> torch.Tensor:
+    """Selective attention as plain torch (same contract as plugins.selective_attention)."""
+    B, hq, D = q.shape
+    hkv = k_cache.shape[1]
+    s = int(seqlens.max().item())
+    k, v = k_cache[:, :, :s].float(), v_cache[:, :, :s].float()
+    qg = q.float().view(B, hkv, hq // hkv, D)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale
+    valid = torch.arange(s, device=q.device)[None, :] < seqlens[:, None]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    o = torch.einsum("bhgs,bhsd->bhgd", p, v)
+    keep = torch.zeros(B, hkv, dtype=torch.bool, device=q.device).scatter_(1, groups.long(), True)
+    return (o * keep[:, :, None, None]).reshape(B, hq, D).to(q.dtype)
+
+
+def _attention_fn(device: torch.device):
+    if device.type == "cuda":
+        from polarc.plugins import selective_attention
+
+        def fn(q, kc, vc, lens, groups, scale):
+            return selective_attention(q, kc, vc, lens, groups, scale, check_indices=False)
+        return fn
+    return attention_torch
+
+
+@dataclass
+class GenerationStats:
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    step_ms: list[float] = field(default_factory=list)
+
+    @property
+    def decode_s(self) -> float:
+        return sum(self.step_ms) / 1000
+
+    def summary(self) -> dict[str, float]:
+        steps = sorted(self.step_ms)
+        return {
+            "prefill_tokens_per_s": self.prefill_tokens / self.prefill_s if self.prefill_s else 0.0,
+            "decode_tokens_per_s": self.decode_tokens / self.decode_s if self.decode_s else 0.0,
+            "step_ms_median": steps[len(steps) // 2] if steps else 0.0,
+            "decode_steps": len(steps),
+        }
+
+
+class Runtime:
+    """One engine on one device, with a static cache for `batch` rows of `max_seq` positions."""
+
+    def __init__(self, engine: Engine, *, batch: int, max_seq: int | None = None,
+                 dense: bool = False, device: str | torch.device = "cpu") -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.spec = spec = engine.model.spec
+        self.device = torch.device(device)
+        self.dense = dense
+        limits = engine.limits
+        self.max_seq = max_seq or limits["max_seq"]
+        if batch > limits["max_batch"]:
+            raise PolarcError(f"batch {batch} exceeds the engine's --max-batch "
+                              f"{limits['max_batch']}", hint="rebuild with a larger --max-batch")
+        self.batch = batch
+        dtype = self.model.dtype
+        per_row = 2 * spec.n_layers * spec.n_kv_heads * self.max_seq * spec.head_dim * \
+            torch.finfo(dtype).bits // 8
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if per_row * batch > free * 0.95:
+                fits = int(free * 0.95 // per_row)
+                raise PolarcError(f"a KV cache for batch {batch} x {self.max_seq} positions needs "
+                                  f"{per_row * batch / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free",
+                                  hint=f"the largest batch that fits is {fits}")
+        shape = (batch, spec.n_kv_heads, self.max_seq, spec.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=self.device)
+                        for _ in range(spec.n_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=self.device)
+                        for _ in range(spec.n_layers)]
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.all_groups = torch.arange(spec.n_kv_heads, dtype=torch.int32, device=self.device
+                                       ).expand(batch, -1).contiguous()
+        self.k_per_layer = [spec.n_kv_heads] * spec.n_layers if dense else engine.k_per_layer
+        self.scale = 1.0 / math.sqrt(spec.head_dim)
+        self.attention = _attention_fn(self.device)
+
+    def groups_for(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Selected KV groups [B, k] int32 for the rows' router inputs x [B, d]."""
+        k = self.k_per_layer[layer]
+        if k >= self.spec.n_kv_heads:
+            return self.all_groups[: x.shape[0]]
+        scores = self.engine.head_routers[layer].scores(x)
+        return scores.topk(k, dim=-1).indices.to(torch.int32)
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Dense prefill of each row's prompt; returns last-position logits [B, vocab]."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"expected {self.batch} prompts, got {len(prompts)}")
+        last = []
+        for b, prompt in enumerate(prompts):
+            if not 0 < len(prompt) < self.max_seq:
+                raise PolarcError(f"prompt {b} has {len(prompt)} tokens; the engine allows 1 to "
+                                  f"{self.max_seq - 1}")
+            ids = torch.tensor([prompt], device=self.device)
+            h = embed(self.model, ids)
+            for layer in range(self.spec.n_layers):
+                kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+                h = run_layer(self.model, layer, h, kv_out=kv)
+                self.k_cache[layer][b, :, : len(prompt)] = kv[0][0][0]
+                self.v_cache[layer][b, :, : len(prompt)] = kv[0][1][0]
+            self.seqlens[b] = len(prompt)
+            last.append(final_logits(self.model, h[:, -1])[0])
+        return torch.stack(last)
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (tokens [B]) and return next-token logits [B, vocab]."""
+        spec, model = self.spec, self.model
+        B = tokens.shape[0]
+        pos = self.seqlens.long()
+        rows = torch.arange(B, device=self.device)
+        lens = self.seqlens + 1
+        h = F.embedding(tokens, model.weights["embed.weight"])
+        if spec.family == "opt":
+            h = h + F.embedding(pos + 2, model.weights["pos_embed.weight"])
+        else:
+            inv = model.rope_inv_freq.to(self.device)
+            freqs = pos.float()[:, None] * inv
+            emb = torch.cat([freqs, freqs], dim=-1)
+            s = model.rope_attention_scaling
+            cos = (emb.cos() * s).to(h.dtype)[:, None, :]
+            sin = (emb.sin() * s).to(h.dtype)[:, None, :]
+        for layer in range(spec.n_layers):
+            p = f"layers.{layer}"
+            x = norm(model, h, p + ".attn_norm")
+            groups = self.groups_for(layer, x)
+            q = linear(model, x, p + ".q").view(B, spec.n_heads, spec.head_dim)
+            k = linear(model, x, p + ".k").view(B, spec.n_kv_heads, spec.head_dim)
+            v = linear(model, x, p + ".v").view(B, spec.n_kv_heads, spec.head_dim)
+            if spec.family == "llama":
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.k_cache[layer][rows, :, pos] = k
+            self.v_cache[layer][rows, :, pos] = v
+            o = self.attention(q, self.k_cache[layer], self.v_cache[layer], lens, groups,
+                               self.scale)
+            h = h + linear(model, o.reshape(B, -1), p + ".o")
+            x = norm(model, h, p + ".mlp_norm")
+            if spec.family == "opt":
+                h = h + linear(model, F.relu(linear(model, x, p + ".up")), p + ".down")
+            else:
+                gated = F.silu(linear(model, x, p + ".gate")) * linear(model, x, p + ".up")
+                h = h + linear(model, gated, p + ".down")
+        self.seqlens.copy_(lens)
+        return final_logits(model, h)
+
+
+def sample(logits: torch.Tensor, *, temperature: float, top_p: float,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, vocab]: greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(cut, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(logits.device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(runtime: Runtime, prompts: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             stop_at_eos: bool = True) -> tuple[list[list[int]], GenerationStats]:
+    """Generate up to `max_new_tokens` per prompt; rows stop at EOS independently."""
+    stats = GenerationStats()
+    gen = torch.Generator().manual_seed(seed)
+    eos = runtime.model.tokenizer.eos_id if stop_at_eos else None
+    dev = runtime.device
+    _sync(dev)
+    t0 = time.perf_counter()
+    logits = runtime.prefill(prompts)
+    _sync(dev)
+    stats.prefill_s = time.perf_counter() - t0
+    stats.prefill_tokens = sum(len(p) for p in prompts)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    room = runtime.max_seq - max(len(p) for p in prompts)
+    for step in range(min(max_new_tokens, room)):
+        nxt = sample(logits, temperature=temperature, top_p=top_p, generator=gen).cpu()
+        for b in range(len(prompts)):
+            if not done[b]:
+                outputs[b].append(int(nxt[b]))
+                if eos is not None and int(nxt[b]) == eos:
+                    done[b] = True
+        if bool(done.all()) or step == min(max_new_tokens, room) - 1:
+            break
+        if done.any():
+            # Finished rows keep their slot (static shapes) but read almost nothing.
+            runtime.seqlens[done.to(dev)] = 0
+        _sync(dev)
+        t = time.perf_counter()
+        logits = runtime.decode_step(nxt.to(dev))
+        _sync(dev)
+        stats.step_ms.append((time.perf_counter() - t) * 1000)
+        stats.decode_tokens += int((~done).sum())
+    return outputs, stats
