@@ -207,14 +207,62 @@ def _check_readable(files: list[Path]) -> None:
             raise PolarcError(f"{f} is not a readable {kind} file: {_short(exc)}") from None
 
 
-def _random_model(spec: ModelSpec, *, seed: int, dtype: torch.dtype) -> Model:
-    import transformers
+def _random_model(spec: ModelSpec, *, seed: int, dtype: torch.dtype,
+                  device: str | torch.device = "cpu") -> Model:
+    """Random weights of the exact architecture (normal, std 0.02; norms one), made tensor by
+    tensor in the target dtype and device, so an 8B model never needs an fp32 copy."""
+    return Model(spec=spec, weights=random_weights(spec, seed=seed, dtype=dtype, device=device),
+                 tokenizer=ByteTokenizer(spec.vocab),
+                 identity={"architecture": spec.architecture(),
+                           "weights_sha256": f"random-seed-{seed}", "source": "random"},
+                 random_weights=True, **rope_parameters(spec))
 
-    torch.manual_seed(seed)
-    hf = transformers.AutoModelForCausalLM.from_config(hf_config(spec), dtype=dtype)
-    identity = {"architecture": spec.architecture(), "weights_sha256": f"random-seed-{seed}",
-                "source": "random"}
-    return _from_hf(hf, spec, ByteTokenizer(spec.vocab), identity, random_weights=True)
+
+def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
+    """`rope_inv_freq` and `rope_attention_scaling` as transformers computes them."""
+    if spec.family != "llama":
+        return {}
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rot = LlamaRotaryEmbedding(hf_config(spec))
+    return {"rope_inv_freq": rot.inv_freq.float().clone(),
+            "rope_attention_scaling": float(rot.attention_scaling)}
+
+
+def random_weights(spec: ModelSpec, *, seed: int, dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    d, f = spec.hidden, spec.intermediate
+    qd, kvd = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    opt = spec.family == "opt"
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * 0.02
+                ).to(dtype)
+
+    def ones(n: int) -> torch.Tensor:
+        return torch.ones(n, dtype=dtype, device=device)
+
+    w: dict[str, torch.Tensor] = {"embed.weight": normal(spec.vocab, d), "norm.weight": ones(d)}
+    if opt:
+        w["pos_embed.weight"] = normal(spec.max_positions + 2, d)
+        w["norm.bias"] = normal(d)
+    linears = {"q": (qd, d), "k": (kvd, d), "v": (kvd, d), "o": (d, qd), "up": (f, d),
+               "down": (d, f)}
+    if not opt:
+        linears["gate"] = (f, d)
+    for i in range(spec.n_layers):
+        p = f"layers.{i}."
+        for name in ("attn_norm", "mlp_norm"):
+            w[p + name + ".weight"] = ones(d)
+            if opt:
+                w[p + name + ".bias"] = normal(d)
+        for name, shape in linears.items():
+            w[p + name + ".weight"] = normal(*shape)
+            if opt or (spec.qkv_bias and name in ("q", "k", "v")):
+                w[p + name + ".bias"] = normal(shape[0])
+    w["lm_head.weight"] = w["embed.weight"] if spec.tie_embeddings else normal(spec.vocab, d)
+    return w
 
 
 def _from_hf(hf: Any, spec: ModelSpec, tok: Tokenizer, identity: dict[str, Any], *,

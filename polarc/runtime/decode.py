@@ -109,6 +109,40 @@ class Runtime:
         self.k_per_layer = [spec.n_kv_heads] * spec.n_layers if dense else engine.k_per_layer
         self.scale = 1.0 / math.sqrt(spec.head_dim)
         self.attention = _attention_fn(self.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def set_dense(self, dense: bool) -> None:
+        """Switch between the engine's plan and all groups (drops a captured graph)."""
+        self.dense = dense
+        n_kv = self.spec.n_kv_heads
+        self.k_per_layer = [n_kv] * self.spec.n_layers if dense else self.engine.k_per_layer
+        self.graph = None
+
+    def capture(self) -> None:
+        """Capture one decode step for this batch as a CUDA graph (replayed by `step`)."""
+        if self.device.type != "cuda":
+            return
+        self.static_tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        saved = self.seqlens.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: compile kernels, settle allocations
+                self.decode_step(self.static_tokens)
+                self.seqlens.copy_(saved)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_logits = self.decode_step(self.static_tokens)
+        self.seqlens.copy_(saved)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A decode step: graph replay when captured, else eager."""
+        if self.graph is None:
+            return self.decode_step(tokens)
+        self.static_tokens.copy_(tokens)
+        self.graph.replay()
+        return self.static_logits
 
     def groups_for(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Selected KV groups [B, k] int32 for the rows' router inputs x [B, d]."""
@@ -214,6 +248,8 @@ def generate(runtime: Runtime, prompts: list[list[int]], *, max_new_tokens: int,
     _sync(dev)
     stats.prefill_s = time.perf_counter() - t0
     stats.prefill_tokens = sum(len(p) for p in prompts)
+    if dev.type == "cuda" and runtime.graph is None:
+        runtime.capture()
     outputs: list[list[int]] = [[] for _ in prompts]
     done = torch.zeros(len(prompts), dtype=torch.bool)
     room = runtime.max_seq - max(len(p) for p in prompts)
@@ -231,7 +267,7 @@ def generate(runtime: Runtime, prompts: list[list[int]], *, max_new_tokens: int,
             runtime.seqlens[done.to(dev)] = 0
         _sync(dev)
         t = time.perf_counter()
-        logits = runtime.decode_step(nxt.to(dev))
+        logits = runtime.step(nxt.to(dev))
         _sync(dev)
         stats.step_ms.append((time.perf_counter() - t) * 1000)
         stats.decode_tokens += int((~done).sum())
