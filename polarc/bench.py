@@ -45,3 +45,30 @@ def kernels_cmd(
         if json_path is not None and not json_path.parent.exists():
             raise PolarcError(f"folder {json_path.parent} does not exist")
         run_kernel_benchmarks(json_path, quick)
+
+
+@bench_app.command("e2e")
+def e2e_cmd(
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Write the records (step ms, floor ms, speedup, router share).")] = None,
+    no_hf: Annotated[bool, typer.Option(
+        "--no-hf", help="Skip the transformers generate baseline.")] = False,
+) -> None:
+    """Whole decode steps of dense and sparse random-weight Llama-3-8B / Llama-2-7B engines
+    against their byte floors and transformers generate (BENCHMARKS.md §3).
+
+    Example: polarc bench e2e --json e2e.json
+    """
+    from polarc.console import user_errors
+
+    with user_errors():
+        import torch
+
+        if not torch.cuda.is_available():
+            raise PolarcError("end-to-end benchmarks need a CUDA GPU and none is visible",
+                              hint="run on a machine with an NVIDIA GPU")
+        if json_path is not None and not json_path.parent.exists():
+            raise PolarcError(f"folder {json_path.parent} does not exist")
+        from polarc.runtime.bench import run_e2e_benchmarks
+
+        run_e2e_benchmarks(json_path, with_hf=not no_hf)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from polarc.bench import bench_app
 from polarc.commands import calibrate_cmd, eval_cmd, models_cmd
 from polarc.engine_commands import build_cmd, run_cmd
 
@@ -20,6 +21,7 @@ app.command("calibrate")(calibrate_cmd)
 app.command("eval")(eval_cmd)
 app.command("build")(build_cmd)
 app.command("run")(run_cmd)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

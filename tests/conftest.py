@@ -1,11 +1,17 @@
-"""Tiny random models of each supported family, saved as Hugging Face folders on demand."""
+"""Shared fixtures: tiny random models of each family (saved as Hugging Face folders) and
+small calibrations of them."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Kernels run through Triton's interpreter on the CPU; it must be set before triton loads.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import transformers
 from typer.testing import CliRunner
 

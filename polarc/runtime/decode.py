@@ -110,6 +110,8 @@ class Runtime:
         self.scale = 1.0 / math.sqrt(spec.head_dim)
         self.attention = _attention_fn(self.device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        inv = self.model.rope_inv_freq
+        self.rope_inv_freq = inv.to(self.device) if inv is not None else None
 
     def set_dense(self, dense: bool) -> None:
         """Switch between the engine's plan and all groups (drops a captured graph)."""
@@ -185,8 +187,7 @@ class Runtime:
         if spec.family == "opt":
             h = h + F.embedding(pos + 2, model.weights["pos_embed.weight"])
         else:
-            inv = model.rope_inv_freq.to(self.device)
-            freqs = pos.float()[:, None] * inv
+            freqs = pos.float()[:, None] * self.rope_inv_freq
             emb = torch.cat([freqs, freqs], dim=-1)
             s = model.rope_attention_scaling
             cos = (emb.cos() * s).to(h.dtype)[:, None, :]

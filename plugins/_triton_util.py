@@ -1,0 +1,45 @@
+"""Small helpers shared by the Triton kernels in this package (not public)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+
+def check_launchable(kernel: Any, device: torch.device, op: str) -> None:
+    """Raise a one-line ValueError when `kernel` cannot run on tensors of `device`.
+
+    CUDA tensors run the compiled kernel. CPU tensors run only through Triton's interpreter,
+    which must be switched on (TRITON_INTERPRET=1) before triton is first imported.
+    """
+    if device.type == "cuda":
+        return
+    if device.type == "cpu" and type(kernel).__name__ == "InterpretedFunction":
+        return
+    if device.type == "cpu":
+        raise ValueError(f"{op}: CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 "
+                         "before triton is imported (or move the tensors to a CUDA device)")
+    raise ValueError(f"{op}: tensors on {device} are not supported (use CUDA, or CPU with "
+                     "TRITON_INTERPRET=1)")
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small fixed number elsewhere."""
+    if device.type == "cuda":
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 4
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,466 @@
+"""Kernel benchmarks (BENCHMARKS.md §1 and §2) in one process on a CUDA GPU.
+
+Method: random data, outputs and workspaces allocated once, each measured call captured in a
+CUDA graph together with copies of itself over several input sets (rotated so that the sets
+together exceed L2) and replayed; the time is the median replay over the calls in it. Torch
+SDPA (``enable_gqa=True``) and cuBLAS (``addmm`` + ``relu_``, ``mm``) are timed the same way
+in the same run.
+The floor of a case is (bytes it must read) ÷ (device-to-device copy bandwidth measured at
+the start of the run, bytes read + written).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .selective_attention import (
+    AttentionPlan,
+    plan_selective_attention,
+    selective_attention,
+    selective_attention_workspace,
+)
+from .selective_gemm import (
+    GemmPlan,
+    plan_selective_gemm,
+    selective_gemm_down,
+    selective_gemm_up,
+    selective_gemm_workspace,
+)
+
+ATTN_MODELS = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}  # (query heads, KV groups)
+HEAD_DIM = 128
+BATCHES = (1, 16, 64, 256)
+SEQLENS = (1024, 4096, 8192)
+DENSITIES = (0.25, 0.5, 0.75, 1.0)
+RAGGED_DENSITIES = (0.5, 1.0)
+GEMM_D, GEMM_N = 4096, 16384  # OPT-6.7B MLP
+GEMM_DENSITIES = (0.1, 0.3, 0.5, 0.8, 1.0)
+ROTATE_BYTES = 200 << 20  # input sets per timed call add up to at least this (L2 is 50 MB)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_graph(fns: list[Callable[[], Any]], *, reps: int = 15, target_ms: float = 3.0) -> float:
+    """Median ms per call of `fns` (each a call on its own input set), timed as graph replays."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:  # compile and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for fn in fns:
+        fn()
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    inner = max(1, min(64, math.ceil(target_ms / once)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            for fn in fns:
+                fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times) / (inner * len(fns))
+
+
+@triton.jit
+def _copy_kernel(Src, Dst, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(Dst + offs, tl.load(Src + offs, mask=mask), mask=mask)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read + written.
+
+    The best of torch's copy and a plain Triton copy kernel (16-byte accesses), so the floor
+    is not set by one slow copy routine.
+    """
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    n = src.numel()
+    block = 8192
+    fns = {
+        "torch": lambda: dst.copy_(src),
+        "triton": lambda: _copy_kernel[(triton.cdiv(n, block),)](src, dst, n, BLOCK=block,
+                                                                 num_warps=8),
+    }
+    best = min(time_graph([fn], reps=20, target_ms=20.0) for fn in fns.values())
+    if not torch.equal(src, dst):
+        raise RuntimeError("copy bandwidth probe: the copy is wrong")
+    src = dst = None
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (best * 1e-3)
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Read-only bandwidth in bytes/s (a large fp32 sum), for reference."""
+    src = torch.randn(nbytes // 4, device=device)
+    out = torch.empty((), device=device)
+    ms = time_graph([lambda: torch.sum(src, 0, out=out)], reps=20, target_ms=20.0)
+    src = None
+    torch.cuda.empty_cache()
+    return nbytes / (ms * 1e-3)
+
+
+def _n_sets(bytes_per_set: int, most: int = 32) -> int:
+    return max(1, min(most, math.ceil(ROTATE_BYTES / max(1, bytes_per_set))))
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _random_groups(b: int, hkv: int, k: int, device: torch.device, gen: torch.Generator):
+    return torch.stack([torch.randperm(hkv, generator=gen)[:k] for _ in range(b)]).int().to(device)
+
+
+def attention_cases(
+    *,
+    quick: bool = False,
+    bw: float,
+    device: torch.device,
+    plan_override: Callable[..., AttentionPlan | None] | None = None,
+    shapes: list[tuple[str, int, int]] | None = None,
+    densities: tuple[float, ...] = DENSITIES,
+    ragged: bool = True,
+    sdpa: bool = True,
+) -> list[dict]:
+    """§1: every (model, B, S), SDPA dense, the selective kernel at each density, ragged rows."""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    if shapes is None:
+        batches = (1, 64) if quick else BATCHES
+        seqs = (1024, 8192) if quick else SEQLENS
+        shapes = [(m, b, s) for m in ATTN_MODELS for b in batches for s in seqs]
+    free = torch.cuda.mem_get_info(device)[0]
+    records: list[dict] = []
+    for model, b, s in shapes:
+        hq, hkv = ATTN_MODELS[model]
+        d = HEAD_DIM
+        kv_bytes = 2 * b * hkv * s * d * 2
+        if kv_bytes > 0.45 * free:
+            _log(f"skip {model} B={b} S={s}: {kv_bytes / 1e9:.1f} GB of KV does not fit")
+            continue
+        # enough sets that the sparsest case's reads, rotated, overflow L2
+        n_sets = _n_sets(int(kv_bytes * min(densities)))
+        sets = []
+        for _ in range(n_sets):
+            q = torch.randn(b, hq, d, device=device, dtype=dtype)
+            k = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+            v = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+            sets.append((q, k, v))
+        full = torch.full((b,), s, dtype=torch.int32, device=device)
+        base = dict(op="attention", model=model, B=b, S=s, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
+        sdpa_ms = None
+        if sdpa:
+            sdpa_ms = time_graph([
+                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q.unsqueeze(2), k, v,
+                                                                     enable_gqa=True)
+                for q, k, v in sets])
+            records.append(_attn_record(base, "sdpa_dense", 1.0, False, sdpa_ms,
+                                        kv_bytes, bw, None, sdpa_ms))
+        cases = [(rho, False) for rho in densities]
+        if ragged:
+            cases += [(rho, True) for rho in RAGGED_DENSITIES]
+        for rho, is_ragged in cases:
+            n_sel = max(1, round(rho * hkv))
+            if is_ragged:  # row lengths uniform in [S/8, S]
+                lens = torch.randint(max(1, s // 8), s + 1, (b,), generator=gen, dtype=torch.int32)
+                seqlens = lens.to(device)
+                tokens = int(lens.sum())
+            else:
+                seqlens = full
+                tokens = b * s
+            plan = plan_override(b, n_sel, hq // hkv, s, d) if plan_override else None
+            plan = plan or plan_selective_attention(b, n_sel, hq // hkv, s, d,
+                                                    sms=_sms(device))
+            fns = []
+            for q, k, v in sets:
+                groups = _random_groups(b, hkv, n_sel, device, gen)
+                ws = selective_attention_workspace(q, k, n_sel, plan)
+                out = torch.empty_like(q)
+                fns.append(lambda q=q, k=k, v=v, g=groups, ws=ws, out=out, sl=seqlens, p=plan:
+                           selective_attention(q, k, v, sl, g, out=out, workspace=ws, plan=p,
+                                               check_indices=False))
+            ms = time_graph(fns)
+            need = 2 * tokens * n_sel * d * 2
+            kernel = "selective_all" if n_sel == hkv else "selective"
+            records.append(_attn_record(base, kernel, n_sel / hkv, is_ragged, ms, need, bw, plan,
+                                        sdpa_ms))
+            del fns
+        del sets
+        torch.cuda.empty_cache()
+        _log(f"done {model} B={b} S={s}")
+    return records
+
+
+def _attn_record(base, kernel, density, ragged, ms, need_bytes, bw, plan, sdpa_ms) -> dict:
+    rec = dict(base, kernel=kernel, density=density, ragged=ragged, ms=ms,
+               floor_ms=need_bytes / bw * 1e3, gbps=need_bytes / (ms * 1e-3) / 1e9,
+               bw_frac=need_bytes / (ms * 1e-3) / bw)
+    if plan is not None:
+        rec.update(splits=plan.num_splits, block_n=plan.block_n, num_warps=plan.num_warps,
+                   num_stages=plan.num_stages)
+    if sdpa_ms is not None and kernel != "sdpa_dense":
+        rec["vs_sdpa"] = ms / sdpa_ms
+        rec.update(_attn_target(rec))
+    return rec
+
+
+def _attn_target(rec: dict) -> dict:
+    """The §1 targets that apply to this record (ragged rows have none: SDPA reads all)."""
+    if rec["ragged"]:
+        return {}
+    big = rec["B"] * rec["S"] >= 32768
+    small = rec["B"] <= 8 or rec["S"] <= 1024
+    if rec["kernel"] == "selective_all":
+        limit = 1.05 if big else 1.2 if small else None
+    else:
+        limit = rec["density"] + 0.05 if big else None
+    if limit is None:
+        return {}
+    out = dict(target_vs_sdpa=limit, meets_target=rec["vs_sdpa"] <= limit)
+    if big:
+        out["meets_bw_target"] = rec["bw_frac"] >= 0.85
+    return out
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+
+def gemm_cases(
+    *,
+    quick: bool = False,
+    bw: float,
+    device: torch.device,
+    plan_override: Callable[[str, int, int, int], GemmPlan | None] | None = None,
+    batches: tuple[int, ...] | None = None,
+    densities: tuple[float, ...] = GEMM_DENSITIES,
+) -> list[dict]:
+    """§2: OPT-6.7B MLP, dense cuBLAS pair vs the selective pair at each union density."""
+    dtype = torch.bfloat16
+    d, n_total = GEMM_D, GEMM_N
+    gen = torch.Generator().manual_seed(1)
+    w1 = torch.randn(n_total, d, device=device, dtype=dtype) / math.sqrt(d)
+    b1 = 0.1 * torch.randn(n_total, device=device, dtype=dtype)
+    w2 = torch.randn(d, n_total, device=device, dtype=dtype) / math.sqrt(n_total)  # nn.Linear
+    w2t = w2.T.contiguous()  # neuron-major, what the selective kernel streams
+    batches = batches or ((1, 64) if quick else BATCHES)
+    records: list[dict] = []
+    for b in batches:
+        x = torch.randn(b, d, device=device, dtype=dtype)
+        base = dict(op="gemm", model="opt-6.7b", B=b, d=d, N=n_total, dtype="bf16")
+        h_dense = torch.empty(b, n_total, device=device, dtype=dtype)
+        o_dense = torch.empty(b, d, device=device, dtype=dtype)
+
+        def dense_up(x=x, h=h_dense):
+            torch.relu_(torch.addmm(b1, x, w1.T, out=h))
+
+        def dense_down(h=h_dense, o=o_dense):
+            torch.mm(h, w2.T, out=o)
+
+        def dense_pair(up=dense_up, down=dense_down):
+            up()
+            down()
+
+        w_bytes = n_total * d * 2
+        dense = {}
+        for name, fn, nbytes in (("cublas_up", dense_up, w_bytes), ("cublas_down", dense_down,
+                                                                    w_bytes),
+                                 ("cublas_pair", dense_pair, 2 * w_bytes)):
+            dense[name] = time_graph([fn])
+            records.append(_gemm_record(base, name, 1.0, n_total, dense[name], nbytes, bw,
+                                        None, None))
+        for rho in densities:
+            n = n_total if rho >= 1.0 else max(128, round(rho * n_total / 128) * 128)
+            up_plan = down_plan = None
+            if plan_override:
+                up_plan = plan_override("up", b, n, d)
+                down_plan = plan_override("down", b, d, n)
+            up_plan = up_plan or plan_selective_gemm(b, n, d, sms=_sms(device), kind="up")
+            down_plan = down_plan or plan_selective_gemm(b, d, n, sms=_sms(device))
+            ws_up = selective_gemm_workspace(b, n, up_plan, device)
+            ws_down = selective_gemm_workspace(b, d, down_plan, device)
+            sel_bytes = n * d * 2
+            # several index sets over the same weights, rotated: each set's rows are mostly
+            # different rows, so a small selection is not served from L2 on the next call
+            n_sets = _n_sets(2 * sel_bytes, most=16)
+            ups, downs, pairs = [], [], []
+            for _ in range(n_sets):
+                idx = torch.randperm(n_total, generator=gen)[:n].int().to(device)
+                h = torch.empty(b, n, device=device, dtype=dtype)
+                o = torch.empty(b, d, device=device, dtype=dtype)
+
+                def up(x=x, idx=idx, h=h, ws=ws_up, plan=up_plan):
+                    selective_gemm_up(x, w1, b1, idx, out=h, workspace=ws, plan=plan,
+                                      check_indices=False)
+
+                def down(idx=idx, h=h, o=o, ws=ws_down, plan=down_plan):
+                    selective_gemm_down(h, w2t, idx, out=o, workspace=ws, plan=plan,
+                                        check_indices=False)
+
+                def pair(up=up, down=down):
+                    up()
+                    down()
+
+                ups.append(up)
+                downs.append(down)
+                pairs.append(pair)
+
+            for name, fns, nbytes, dense_name in (
+                ("selective_up", ups, sel_bytes, "cublas_up"),
+                ("selective_down", downs, sel_bytes, "cublas_down"),
+                ("selective_pair", pairs, 2 * sel_bytes, "cublas_pair"),
+            ):
+                ms = time_graph(fns)
+                plan = {"up": up_plan, "down": down_plan}.get(name.split("_")[1])
+                records.append(_gemm_record(base, name, n / n_total, n, ms, nbytes, bw, plan,
+                                            dense[dense_name]))
+        _log(f"done gemm B={b}")
+    return records
+
+
+def _gemm_record(base, kernel, density, n, ms, need_bytes, bw, plan, dense_ms) -> dict:
+    rec = dict(base, kernel=kernel, density=density, n=n, ms=ms, floor_ms=need_bytes / bw * 1e3,
+               gbps=need_bytes / (ms * 1e-3) / 1e9, bw_frac=need_bytes / (ms * 1e-3) / bw)
+    if plan is not None:
+        rec.update(block_m=plan.block_m, block_n=plan.block_n, block_k=plan.block_k,
+                   split_k=plan.split_k, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if dense_ms is not None:
+        rec["vs_cublas"] = ms / dense_ms
+        if kernel == "selective_pair" and density < 1.0:
+            rec["target_vs_cublas"] = density + 0.1
+            rec["meets_target"] = rec["vs_cublas"] <= density + 0.1
+    return rec
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def environment(bw: float, device: torch.device) -> dict:
+    props = torch.cuda.get_device_properties(device)
+    return dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=props.name,
+                sms=props.multi_processor_count, torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda,
+                python=platform.python_version(), copy_bandwidth_gbps=bw / 1e9, dtype="bf16")
+
+
+def format_table(records: list[dict], env: dict) -> str:
+    """Plain-text tables: attention grouped by shape, then the GEMM pair."""
+    lines = [f"{env['device']} | torch {env['torch']} | triton {env['triton']} | bf16 | "
+             f"copy bandwidth {env['copy_bandwidth_gbps']:.0f} GB/s (read + write)"]
+    attn = [r for r in records if r["op"] == "attention"]
+    if attn:
+        lines.append("")
+        lines.append("§1 selective attention (decode, D=128): ms; x = time / SDPA dense; "
+                     "%bw = bytes needed / time / copy bw; ! = target missed")
+        hdr = (f"{'model':<10}{'B':>4}{'S':>6} {'rows':<6}{'SDPA':>7}"
+               + "".join(f"{'rho=' + format(r, 'g'):>18}" for r in DENSITIES))
+        lines.append(hdr)
+        keys = sorted({(r["model"], r["B"], r["S"], r["ragged"]) for r in attn},
+                      key=lambda t: (t[0], t[1], t[2], t[3]))
+        for model, b, s, ragged in keys:
+            rs = [r for r in attn if (r["model"], r["B"], r["S"], r["ragged"])
+                  == (model, b, s, ragged)]
+            sd = next((r for r in attn if r["kernel"] == "sdpa_dense" and r["model"] == model
+                       and r["B"] == b and r["S"] == s), None)
+            cells = []
+            for rho in DENSITIES:
+                r = next((r for r in rs if r["kernel"] != "sdpa_dense"
+                          and abs(r["density"] - rho) < 1e-6), None)
+                if r is None:
+                    cells.append(f"{'-':>18}")
+                    continue
+                x = f"{r['vs_sdpa']:.2f}x" if "vs_sdpa" in r else ""
+                miss = "!" if r.get("meets_target") is False or r.get("meets_bw_target") is False \
+                    else " "
+                cells.append(f"{r['ms']:>7.3f} {x:>6}{r['bw_frac'] * 100:>3.0f}%{miss}")
+            sdpa = f"{sd['ms']:>7.3f}" if sd else f"{'-':>7}"
+            lines.append(f"{model:<10}{b:>4}{s:>6} {'ragged' if ragged else 'equal':<6}{sdpa}"
+                         + "".join(cells))
+    gemm = [r for r in records if r["op"] == "gemm"]
+    if gemm:
+        lines.append("")
+        lines.append("§2 selective GEMM pair (OPT-6.7B MLP, d=4096, N=16384): ms; x = time / "
+                     "dense cuBLAS pair; target x <= rho + 0.1; ! = missed")
+        dens = sorted({r["density"] for r in gemm if r["kernel"] == "selective_pair"})
+        lines.append(f"{'B':>4}{'cuBLAS':>8}" + "".join(f"{'rho=' + format(r, '.2g'):>18}"
+                                                       for r in dens))
+        for b in sorted({r["B"] for r in gemm}):
+            dense = next(r for r in gemm if r["B"] == b and r["kernel"] == "cublas_pair")
+            cells = []
+            for rho in dens:
+                r = next((r for r in gemm if r["B"] == b and r["kernel"] == "selective_pair"
+                          and r["density"] == rho), None)
+                if r is None:
+                    cells.append(f"{'-':>18}")
+                    continue
+                miss = "!" if r.get("meets_target") is False else " "
+                cells.append(f"{r['ms']:>7.3f} {r['vs_cublas']:>5.2f}x{r['bw_frac'] * 100:>3.0f}%"
+                             f"{miss}")
+            lines.append(f"{b:>4}{dense['ms']:>8.3f}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_kernel_benchmarks(json_path: str | Path | None = None, quick: bool = False,
+                          *, attention: bool = True, gemm: bool = True) -> list[dict]:
+    """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
+
+    Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
+    into a one-line error).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("kernel benchmarks need a CUDA GPU")
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    bw = copy_bandwidth(device)
+    env = environment(bw, device)
+    env["read_bandwidth_gbps"] = read_bandwidth(device) / 1e9
+    _log(f"{env['device']}: copy bandwidth {bw / 1e9:.0f} GB/s, read-only "
+         f"{env['read_bandwidth_gbps']:.0f} GB/s")
+    records: list[dict] = []
+    if attention:
+        records += attention_cases(quick=quick, bw=bw, device=device)
+    if gemm:
+        records += gemm_cases(quick=quick, bw=bw, device=device)
+    print(format_table(records, env))
+    if json_path is not None:
+        path = Path(json_path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"environment": env, "records": records}, indent=1))
+        tmp.replace(path)
+    return records

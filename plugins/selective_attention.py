@@ -1,0 +1,594 @@
+"""Selective head attention for decode: read K/V only for the KV groups each row selected.
+
+Layouts (one decode step, one layer):
+
+- ``q``            ``[B, Hq, D]``          query of the new token, last axis contiguous.
+- ``k_cache``      ``[B, Hkv, S_max, D]``  keys; each (row, group) is one contiguous
+  ``v_cache``                              ``[S_max, D]`` stream (last axis contiguous; other
+                                           strides free, so a ``[:B]`` slice of a larger cache
+                                           works).
+- ``cache_seqlens`` ``[B]`` int32          valid positions per row (0 gives a zero output row).
+- ``groups``       ``[B, k]`` int32        selected KV groups per row, any order, no repeats.
+- out              ``[B, Hq, D]``          heads of unselected groups are exact zeros.
+
+Query head ``h`` belongs to group ``h // (Hq // Hkv)``; MHA is ``Hkv == Hq``; all groups
+selected is the dense path (same kernel, same code).
+
+Algorithm (flash-decoding): stage 1 runs one program per (split, selected group, row); it
+streams that group's K/V over its share of the row's positions once and computes every query
+head of the group from that one read (``tl.dot`` with the heads padded to 16 rows, the
+default for any group size, MHA included; a broadcast multiply-reduce is the constexpr
+alternative, ``AttentionPlan.use_dot=False``).
+It writes a normalised partial output and a log2-sum-exp per head into an fp32 workspace.
+Stage 2 runs one program per (query head, row): it finds the head's group among the row's
+selection, merges the splits, and writes the output row (zeros for unselected groups), so
+every output element is written exactly once and no memset is needed. (A one-launch variant,
+``AttentionPlan.fused``, merges in stage 1 instead; it measured no faster, so it is off.)
+
+The split count and tile sizes come from the shapes alone (:func:`plan_selective_attention`):
+the launch reads nothing from the device, so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
+
+__all__ = [
+    "AttentionPlan",
+    "AttentionWorkspace",
+    "plan_selective_attention",
+    "selective_attention",
+    "selective_attention_reference",
+    "selective_attention_workspace",
+]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_LOG2E = 1.4426950408889634
+# Query heads per group from which tl.dot (heads padded to 16 rows) is the default; below it a
+# broadcast multiply-reduce. 1 = always tl.dot: measured faster for MHA too (KERNEL_NOTES.md).
+DOT_MIN_GROUP = 1
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _selective_attention_kernel(
+    Q, K_Cache, V_Cache, Seqlens, Groups, O_Part, Lse_Part, Out, Counters,
+    qk_scale_log2, num_splits, n_sel, n_kv,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_gb,
+    stride_ob, stride_oj, stride_os, stride_og,
+    stride_lb, stride_lj, stride_ls,
+    stride_outb, stride_outh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FUSED: tl.constexpr, K_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+):
+    """Stage 1: one program per (split, group slot j, row b).
+
+    FUSED=False: slots are the k selected groups; every program writes a partial output and
+    its log2-sum-exp; the reduce kernel merges them and writes zeros for unselected groups.
+    FUSED=True: slots run to Hkv; slots j >= k write zeros for the (j-k)-th unselected
+    group (split 0 only); with one split a program writes its output directly, otherwise
+    the last split of a (row, slot) to finish (an atomic counter, reset after use) merges.
+    """
+    pid_s = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    mask_gd = mask_g[:, None] & mask_d[None, :]
+
+    zero_fill = False
+    if FUSED:
+        zero_fill = pid_j >= n_sel
+    if zero_fill:
+        if pid_s == 0:
+            offs_h = tl.arange(0, HKV_PAD)
+            offs_k = tl.arange(0, K_PAD)
+            sel = tl.load(Groups + pid_b * stride_gb + offs_k, mask=offs_k < n_sel, other=-1)
+            hit = tl.sum((offs_h[:, None] == sel[None, :]).to(tl.int32), axis=1)
+            unsel = ((hit == 0) & (offs_h < n_kv)).to(tl.int32)
+            rank = tl.cumsum(unsel, axis=0) - 1
+            g0 = tl.sum(tl.where((unsel == 1) & (rank == pid_j - n_sel), offs_h, 0), axis=0)
+            zheads = g0.to(tl.int64) * GROUP + offs_g
+            zeros = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+            tl.store(Out + pid_b * stride_outb + zheads[:, None] * stride_outh + offs_d[None, :],
+                     zeros.to(Out.dtype.element_ty), mask=mask_gd)
+    else:
+        seqlen = tl.load(Seqlens + pid_b)
+        grp = tl.load(Groups + pid_b * stride_gb + pid_j).to(tl.int64)
+        # Each row's own length is cut into num_splits pieces of whole blocks.
+        split_len = tl.cdiv(tl.cdiv(seqlen, num_splits), BLOCK_N) * BLOCK_N
+        lo = pid_s * split_len
+        hi = tl.minimum(lo + split_len, seqlen)
+
+        heads = grp * GROUP + offs_g
+        q = tl.load(Q + pid_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=mask_gd, other=0.0)
+        if not USE_DOT:
+            q = q.to(tl.float32)
+
+        k_base = K_Cache + pid_b * stride_kb + grp * stride_kh
+        v_base = V_Cache + pid_b * stride_vb + grp * stride_vh
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < hi
+            mask_kv = mask_n[:, None] & mask_d[None, :]
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=mask_kv,
+                        other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=mask_kv,
+                        other=0.0)
+            if USE_DOT:
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            else:
+                qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+            qk = tl.where(mask_n[None, :], qk * qk_scale_log2, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if USE_DOT:
+                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            else:
+                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        has = l_i > 0.0
+        o = acc / tl.where(has, l_i, 1.0)[:, None]
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        out_ptrs = Out + pid_b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
+        o_base = O_Part + pid_b * stride_ob + pid_j * stride_oj
+        l_base = Lse_Part + pid_b * stride_lb + pid_j * stride_lj
+        direct = False
+        if FUSED:
+            direct = num_splits == 1
+        if direct:
+            tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=mask_gd)
+        else:
+            tl.store(o_base + pid_s * stride_os + offs_g[:, None] * stride_og + offs_d[None, :],
+                     o, mask=mask_gd)
+            tl.store(l_base + pid_s * stride_ls + offs_g, lse, mask=mask_g)
+            if FUSED:
+                tl.debug_barrier()  # every thread's partial stores precede the release below
+                counter = Counters + pid_b * n_kv + pid_j
+                done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+                if done == num_splits - 1:  # last split of this (row, slot): merge
+                    m_t = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+                    l_t = tl.zeros([GROUP_PAD], tl.float32)
+                    acc_t = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+                    for s in range(0, num_splits):
+                        lse_s = tl.load(l_base + s * stride_ls + offs_g, mask=mask_g,
+                                        other=float("-inf"), cache_modifier=".cg")
+                        o_s = tl.load(o_base + s * stride_os + offs_g[:, None] * stride_og
+                                      + offs_d[None, :], mask=mask_gd, other=0.0,
+                                      cache_modifier=".cg")
+                        m_n = tl.maximum(m_t, lse_s)
+                        m_ok = tl.where(m_n == float("-inf"), 0.0, m_n)
+                        alpha_t = tl.exp2(m_t - m_ok)
+                        w = tl.exp2(lse_s - m_ok)
+                        acc_t = acc_t * alpha_t[:, None] + o_s * w[:, None]
+                        l_t = l_t * alpha_t + w
+                        m_t = m_n
+                    res = acc_t / tl.where(l_t > 0.0, l_t, 1.0)[:, None]
+                    tl.store(out_ptrs, res.to(Out.dtype.element_ty), mask=mask_gd)
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _selective_attention_reduce_kernel(
+    Out, O_Part, Lse_Part, Groups,
+    num_splits, n_sel,
+    stride_outb, stride_outh,
+    stride_gb,
+    stride_ob, stride_oj, stride_os, stride_og,
+    stride_lb, stride_lj, stride_ls,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """Stage 2: one program per (query head h, row b); merges splits, zeros unselected."""
+    pid_h = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    grp = pid_h // GROUP
+    r = pid_h % GROUP
+
+    offs_k = tl.arange(0, K_PAD)
+    sel = tl.load(Groups + pid_b * stride_gb + offs_k, mask=offs_k < n_sel, other=-1)
+    j = tl.max(tl.where(sel == grp, offs_k, -1), axis=0)
+    n_live = tl.where(j >= 0, num_splits, 0)  # no live splits when the group is unselected
+    j = tl.maximum(j, 0).to(tl.int64)
+
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_live
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(Lse_Part + pid_b * stride_lb + j * stride_lj + offs_s * stride_ls + r,
+                  mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, axis=0)
+    o = tl.load(O_Part + pid_b * stride_ob + j * stride_oj + r * stride_og
+                + offs_s[:, None] * stride_os + offs_d[None, :],
+                mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0.0, denom, 1.0)
+    tl.store(Out + pid_b * stride_outb + pid_h * stride_outh + offs_d,
+             out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+# --------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Launch parameters of one selective-attention call; a pure function of the shapes.
+
+    ``fused``: splits are merged by the last split program of each (row, group) (atomic
+    counters in the workspace) and unselected heads zeroed by extra programs: one launch.
+    Off by default: on the H100 it was never faster and up to 1.4x slower at long splits
+    (one program merges serially what the second kernel merges in parallel; see
+    KERNEL_NOTES.md). Otherwise a second kernel merges and zeroes.
+    """
+
+    num_splits: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    use_dot: bool
+    fused: bool = False
+
+
+def plan_selective_attention(
+    batch: int,
+    n_selected: int,
+    group_size: int,
+    max_seqlen: int,
+    head_dim: int,
+    *,
+    sms: int,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_dot: bool | None = None,
+    fused: bool = False,
+) -> AttentionPlan:
+    """Split count and tiles from (B, k, S_max, SM count): deterministic, no device reads.
+
+    Tiles: 64 positions x head dim per step, 4 warps, 3 pipeline stages, ``tl.dot`` with the
+    group's heads padded to 16 rows (also for MHA: the padded MMA is still far below the
+    memory time, and it beat the broadcast multiply-reduce by 1.1-1.6x on the H100).
+    Splits (measured on the H100, KERNEL_NOTES.md): two stage-1 programs stay resident per
+    SM, so with ``slots = 2 * sms``: when the (row, group) pairs fit in one wave, split
+    until the wave is as full as whole splits allow (``slots // pairs``); when they need a
+    little more than one wave, split to at least three waves, so the partial last wave
+    idles few SMs; at least four blocks of positions per split. Rows shorter than
+    ``S_max`` cut their own length into the same number of splits. Explicit arguments
+    override the heuristic (benchmarks, tests).
+    """
+    if use_dot is None:
+        use_dot = group_size >= DOT_MIN_GROUP
+    if block_n is None:
+        block_n = 64 if use_dot else 32
+    if num_warps is None:
+        num_warps = 4 if use_dot else 2
+    if num_stages is None:
+        num_stages = 3 if use_dot else 2
+    if num_splits is None:
+        pairs = max(1, batch * n_selected)
+        slots = 2 * sms  # resident stage-1 programs: 2 per SM at these tiles
+        if pairs <= slots:  # one wave, as full as whole splits allow
+            num_splits = slots // pairs
+        elif pairs < 3 * slots:  # a partial last wave would idle SMs: go to >= 3 waves
+            num_splits = cdiv(3 * slots, pairs)
+        else:
+            num_splits = 1
+        most = max(1, cdiv(max_seqlen, 4 * block_n))
+        num_splits = max(1, min(num_splits, most, 256))
+    return AttentionPlan(num_splits=num_splits, block_n=block_n, num_warps=num_warps,
+                         num_stages=num_stages, use_dot=use_dot, fused=fused)
+
+
+def _workspace_numel(batch: int, n_selected: int, num_splits: int, group: int, d: int) -> int:
+    return batch * n_selected * num_splits * group * (d + 1)
+
+
+@dataclass(frozen=True)
+class AttentionWorkspace:
+    """Scratch of selective_attention for one (B, Hkv): fp32 partial outputs and int32 split
+    counters, which the kernel leaves at zero after every call. Reuse it across layers and
+    steps (a CUDA graph captures calls with it); give each concurrent stream its own."""
+
+    partials: torch.Tensor
+    counters: torch.Tensor
+    batch: int
+    n_kv: int
+
+
+def selective_attention_workspace(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    max_selected: int | None = None,
+    plan: AttentionPlan | None = None,
+) -> AttentionWorkspace:
+    """Scratch big enough for calls with these q / cache shapes and up to ``max_selected``
+    groups per row (default Hkv), under ``plan`` or, by default, under whichever default
+    plan a call with k <= max_selected gets."""
+    b, hq, d = q.shape
+    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    group = hq // hkv
+    k = max_selected or hkv
+    if plan is None:
+        # the most splits any k <= max_selected can ask for
+        splits = max(plan_selective_attention(b, kk, group, s_max, d, sms=num_sms(q.device)
+                                              ).num_splits * kk for kk in range(1, k + 1))
+        n = b * splits * group * (d + 1)
+    else:
+        n = _workspace_numel(b, k, plan.num_splits, group, d)
+    return AttentionWorkspace(
+        partials=torch.empty(n, dtype=torch.float32, device=q.device),
+        counters=torch.zeros(b * hkv, dtype=torch.int32, device=q.device),
+        batch=b, n_kv=hkv)
+
+
+def _default_plan(q: torch.Tensor, k_cache: torch.Tensor, groups: torch.Tensor) -> AttentionPlan:
+    b, hq, d = q.shape
+    return plan_selective_attention(b, groups.shape[1], hq // k_cache.shape[1], k_cache.shape[2], d,
+                                    sms=num_sms(q.device))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups) -> None:
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+                    ("cache_seqlens", cache_seqlens), ("groups", groups)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"selective_attention: {name} must be a torch.Tensor, got {type(t)}")
+    if q.dim() != 3:
+        raise ValueError(f"selective_attention: q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError("selective_attention: k_cache and v_cache must both be "
+                         f"[B, Hkv, S_max, D], got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    b, hq, d = q.shape
+    kb, hkv, s_max, kd = k_cache.shape
+    if kb != b or kd != d:
+        raise ValueError(f"selective_attention: cache shape {tuple(k_cache.shape)} does not match "
+                         f"q shape {tuple(q.shape)} (batch and head dim must agree)")
+    if hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"selective_attention: Hq={hq} is not a multiple of Hkv={hkv}")
+    if s_max < 1 or d < 1 or b < 1:
+        raise ValueError(f"selective_attention: empty shapes q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)}")
+    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError("selective_attention: q, k_cache, v_cache must share one dtype of "
+                         f"bf16/fp16/fp32, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (b,):
+        raise ValueError(f"selective_attention: cache_seqlens must be int32 [{b}], got "
+                         f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
+    if groups.dtype != torch.int32 or groups.dim() != 2 or groups.shape[0] != b:
+        raise ValueError(f"selective_attention: groups must be int32 [{b}, k], got "
+                         f"{groups.dtype} {tuple(groups.shape)}")
+    if not 1 <= groups.shape[1] <= hkv:
+        raise ValueError(f"selective_attention: groups selects k={groups.shape[1]} per row; "
+                         f"need 1 <= k <= Hkv={hkv}")
+    devs = {t.device for t in (q, k_cache, v_cache, cache_seqlens, groups)}
+    if len(devs) != 1:
+        raise ValueError(f"selective_attention: all tensors must be on one device, got {devs}")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("selective_attention: k_cache and v_cache need a contiguous last axis")
+
+
+def _check_indices(
+    k_cache: torch.Tensor, cache_seqlens: torch.Tensor, groups: torch.Tensor
+) -> None:
+    """Value checks; they read the device (one sync), so the hot path turns them off."""
+    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    lo, hi = int(groups.min()), int(groups.max())
+    if lo < 0 or hi >= hkv:
+        raise ValueError(f"selective_attention: groups holds {lo if lo < 0 else hi}, "
+                         f"outside [0, Hkv={hkv})")
+    if groups.shape[1] > 1:
+        srt = torch.sort(groups, dim=1).values
+        if bool((srt[:, 1:] == srt[:, :-1]).any()):
+            raise ValueError("selective_attention: a row of groups repeats a group")
+    smin, smax = int(cache_seqlens.min()), int(cache_seqlens.max())
+    if smin < 0 or smax > s_max:
+        raise ValueError(f"selective_attention: cache_seqlens holds {smin if smin < 0 else smax}, "
+                         f"outside [0, S_max={s_max}]")
+
+
+# --------------------------------------------------------------------------- wrapper
+
+
+def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan):
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    n_sel = groups.shape[1]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if groups.stride(-1) != 1:
+        groups = groups.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    need = _workspace_numel(b, n_sel, plan.num_splits, group, d)
+    if workspace is None:
+        partials = torch.empty(need, dtype=torch.float32, device=q.device)
+        n_counters = b * hkv if plan.fused and plan.num_splits > 1 else 1
+        counters = torch.zeros(n_counters, dtype=torch.int32, device=q.device)
+    else:
+        if not isinstance(workspace, AttentionWorkspace):
+            raise ValueError("selective_attention: workspace must come from "
+                             "selective_attention_workspace()")
+        if workspace.batch != b or workspace.n_kv != hkv or workspace.partials.numel() < need:
+            raise ValueError(f"selective_attention: this workspace serves B={workspace.batch}, "
+                             f"Hkv={workspace.n_kv} and {workspace.partials.numel()} partial "
+                             f"words; the call needs B={b}, Hkv={hkv} and {need}")
+        if workspace.partials.device != q.device:
+            raise ValueError(f"selective_attention: workspace is on {workspace.partials.device}, "
+                             f"tensors on {q.device}")
+        partials, counters = workspace.partials, workspace.counters
+    split_words = b * n_sel * plan.num_splits * group * d
+    o_part = partials[:split_words].view(b, n_sel, plan.num_splits, group, d)
+    lse_part = partials[split_words:need].view(b, n_sel, plan.num_splits, group)
+    block_d = max(16, next_pow2(d))
+    use_dot = plan.use_dot
+    group_pad = max(16, next_pow2(group)) if use_dot else next_pow2(group)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    slots = hkv if plan.fused else n_sel
+
+    _selective_attention_kernel[(plan.num_splits, slots, b)](
+        q, k_cache, v_cache, cache_seqlens, groups, o_part, lse_part, out, counters,
+        qk_scale_log2=float(scale) * _LOG2E, num_splits=plan.num_splits, n_sel=n_sel, n_kv=hkv,
+        stride_qb=q.stride(0), stride_qh=q.stride(1),
+        stride_kb=k_cache.stride(0), stride_kh=k_cache.stride(1), stride_ks=k_cache.stride(2),
+        stride_vb=v_cache.stride(0), stride_vh=v_cache.stride(1), stride_vs=v_cache.stride(2),
+        stride_gb=groups.stride(0),
+        stride_ob=o_part.stride(0), stride_oj=o_part.stride(1), stride_os=o_part.stride(2),
+        stride_og=o_part.stride(3),
+        stride_lb=lse_part.stride(0), stride_lj=lse_part.stride(1), stride_ls=lse_part.stride(2),
+        stride_outb=out.stride(0), stride_outh=out.stride(1),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=plan.block_n,
+        USE_DOT=use_dot, DOT_PRECISION=precision,
+        FUSED=plan.fused, K_PAD=next_pow2(n_sel), HKV_PAD=next_pow2(hkv),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    if not plan.fused:
+        _selective_attention_reduce_kernel[(hq, b)](
+            out, o_part, lse_part, groups,
+            num_splits=plan.num_splits, n_sel=n_sel,
+            stride_outb=out.stride(0), stride_outh=out.stride(1),
+            stride_gb=groups.stride(0),
+            stride_ob=o_part.stride(0), stride_oj=o_part.stride(1), stride_os=o_part.stride(2),
+            stride_og=o_part.stride(3),
+            stride_lb=lse_part.stride(0), stride_lj=lse_part.stride(1),
+            stride_ls=lse_part.stride(2),
+            GROUP=group, HEAD_DIM=d, BLOCK_D=block_d,
+            SPLITS_PAD=next_pow2(plan.num_splits), K_PAD=next_pow2(n_sel),
+            num_warps=4 if d >= 128 else 2,
+        )
+    return out
+
+
+def selective_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    groups: torch.Tensor,
+    scale: float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    workspace: AttentionWorkspace | None = None,
+    plan: AttentionPlan | None = None,
+    check_indices: bool = True,
+) -> torch.Tensor:
+    """Decode attention over the selected KV groups of each row (layouts: module docstring).
+
+    Args:
+        q: ``[B, Hq, D]`` bf16/fp16/fp32.
+        k_cache, v_cache: ``[B, Hkv, S_max, D]``, same dtype, last axis contiguous.
+        cache_seqlens: ``[B]`` int32, each in ``[0, S_max]``.
+        groups: ``[B, k]`` int32, ``1 <= k <= Hkv``, values in ``[0, Hkv)``, any order.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        out: optional ``[B, Hq, D]`` output (same dtype and device as q).
+        workspace: optional :class:`AttentionWorkspace` from
+            :func:`selective_attention_workspace` (needed for allocation-free calls).
+        plan: optional :class:`AttentionPlan`; default from :func:`plan_selective_attention`.
+        check_indices: check values of ``groups`` and ``cache_seqlens`` (one device sync);
+            turn off in the decode hot path and under CUDA-graph capture.
+
+    Returns ``[B, Hq, D]``: heads of unselected groups are exact zeros.
+
+    Example::
+
+        out = selective_attention(q, k_cache, v_cache, seqlens, groups)  # groups [B, k]
+    """
+    if torch.compiler.is_compiling():  # traced: go through the registered custom op
+        return torch.ops.polarc.selective_attention(
+            q, k_cache, v_cache, cache_seqlens, groups,
+            float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
+                            or out.stride(-1) != 1):
+        raise ValueError(f"selective_attention: out must be {q.dtype} {tuple(q.shape)} on "
+                         f"{q.device} with a contiguous last axis")
+    if check_indices:
+        _check_indices(k_cache, cache_seqlens, groups)
+    check_launchable(_selective_attention_kernel, q.device, "selective_attention")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    plan = plan or _default_plan(q, k_cache, groups)
+    return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan)
+
+
+def selective_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    groups: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """The definition, in plain torch (fp32 math, fp64 for fp64 inputs; result in q's dtype).
+
+    Slow (a Python loop over rows and groups): for tests."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    group = hq // hkv
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(b, hq, d, dtype=acc, device=q.device)
+    for row in range(b):
+        n = int(cache_seqlens[row])
+        if n == 0:
+            continue
+        for g in groups[row].tolist():
+            qh = q[row, g * group:(g + 1) * group].to(acc)            # [G, D]
+            k = k_cache[row, g, :n].to(acc)                           # [n, D]
+            v = v_cache[row, g, :n].to(acc)
+            p = torch.softmax((qh @ k.T) * scale, dim=-1)             # [G, n]
+            out[row, g * group:(g + 1) * group] = p @ v
+    return out.to(q.dtype)
+
+
+# --------------------------------------------------------------------------- torch.library
+
+
+@torch.library.custom_op("polarc::selective_attention", mutates_args=())
+def _selective_attention_op(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    groups: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups)
+    return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, None, None,
+                   _default_plan(q, k_cache, groups))
+
+
+@_selective_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, groups, scale):
+    return torch.empty_like(q)

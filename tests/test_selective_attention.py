@@ -1,0 +1,246 @@
+"""Selective attention kernel against its plain-torch reference.
+
+On the CPU the kernel runs through Triton's interpreter at small shapes; with CUDA the
+``gpu`` tests run real shapes in bf16/fp16/fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from polarc.plugins import (  # noqa: E402
+    plan_selective_attention,
+    selective_attention,
+    selective_attention_reference,
+    selective_attention_workspace,
+)
+from polarc.plugins.selective_attention import _selective_attention_kernel  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = type(_selective_attention_kernel).__name__ == "InterpretedFunction"
+DEVICE = "cuda" if CUDA else "cpu"
+needs_kernel = pytest.mark.skipif(
+    not CUDA and not INTERPRETED,
+    reason="triton was imported before TRITON_INTERPRET=1 was set and there is no CUDA")
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+def _inputs(b, hq, hkv, s, d, k, dtype, *, seed=0, lens="mixed", device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, d, generator=g).to(device, dtype)
+    kc = torch.randn(b, hkv, s, d, generator=g).to(device, dtype)
+    vc = torch.randn(b, hkv, s, d, generator=g).to(device, dtype)
+    if lens == "full":
+        seqlens = torch.full((b,), s, dtype=torch.int32)
+    else:  # rows of different lengths, one full row, one of length 1 when b > 2
+        seqlens = torch.randint(1, s + 1, (b,), generator=g, dtype=torch.int32)
+        seqlens[0] = s
+        if b > 2:
+            seqlens[1] = 1
+    groups = torch.stack([torch.randperm(hkv, generator=g)[:k] for _ in range(b)]).int()
+    return q, kc, vc, seqlens.to(device), groups.to(device)
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _check(b, hq, hkv, s, d, k, dtype, *, plan=None, lens="mixed", seed=0):
+    q, kc, vc, seqlens, groups = _inputs(b, hq, hkv, s, d, k, dtype, seed=seed, lens=lens)
+    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    got = selective_attention(q, kc, vc, seqlens, groups, out=out, plan=plan)
+    assert got is out
+    ref = selective_attention_reference(q.double(), kc.double(), vc.double(), seqlens, groups)
+    assert not torch.isnan(out).any()
+    err = _rel_err(out, ref)
+    assert err <= TOL[dtype], f"relative error {err:.2e} > {TOL[dtype]:.0e}"
+    # heads of unselected groups are exact zeros
+    group = hq // hkv
+    sel = torch.zeros(b, hkv, dtype=torch.bool, device=q.device)
+    sel.scatter_(1, groups.long(), True)
+    head_sel = sel.repeat_interleave(group, dim=1)
+    assert (out[~head_sel] == 0).all()
+
+
+def _plan(b, k, group, s, d, **kw):
+    return plan_selective_attention(b, k, group, s, d, sms=4, **kw)
+
+
+# ----------------------------------------------------------------------------- interpreter
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "b, hq, hkv, s, d, k, block_n, splits",
+    [
+        (3, 8, 2, 37, 16, 1, 16, 3),     # GQA 4 heads/group (tl.dot), k=1, odd S, 3 splits
+        (2, 8, 2, 37, 16, 2, 16, 2),     # k = Hkv (dense through the same kernel)
+        (3, 4, 4, 21, 32, 3, 16, 2),     # MHA, unsorted groups
+        (1, 4, 4, 19, 16, 4, 16, 1),     # B=1, MHA dense, one split
+        (2, 6, 3, 17, 16, 2, 16, 2),     # 2 heads/group
+        (2, 16, 2, 23, 24, 1, 16, 4),    # 8 heads/group, head dim not a power of two
+        (3, 8, 2, 1, 16, 2, 16, 2),      # S_max = 1, more splits than positions
+    ],
+)
+@pytest.mark.parametrize("fused", [True, False])
+def test_matches_reference_fp32(b, hq, hkv, s, d, k, block_n, splits, fused):
+    plan = _plan(b, k, hq // hkv, s, d, block_n=block_n, num_splits=splits, fused=fused)
+    _check(b, hq, hkv, s, d, k, torch.float32, plan=plan)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b, hq, hkv, s, k", [(3, 4, 4, 21, 3), (2, 6, 3, 17, 2), (2, 8, 2, 30, 1)])
+def test_broadcast_path_fp32(b, hq, hkv, s, k):
+    """The constexpr alternative to tl.dot (use_dot=False) computes the same function."""
+    plan = _plan(b, k, hq // hkv, s, 16, block_n=16, num_splits=2, use_dot=False)
+    _check(b, hq, hkv, s, 16, k, torch.float32, plan=plan)
+
+
+@needs_kernel
+def test_fp16_and_equal_lengths():
+    plan = _plan(2, 2, 4, 40, 16, block_n=16, num_splits=2)
+    _check(2, 8, 2, 40, 16, 2, torch.float16, plan=plan, lens="full")
+
+
+@needs_kernel
+def test_default_plan_and_workspace_and_zero_length_row():
+    q, kc, vc, seqlens, groups = _inputs(3, 8, 2, 33, 16, 1, torch.float32, seed=3)
+    seqlens[2] = 0  # an empty row gives zeros
+    ws = selective_attention_workspace(q, kc)  # sized for any k <= Hkv
+    for k in (1, 2, 1):  # reused across calls and k: the split counters must reset
+        groups = torch.stack([torch.randperm(2)[:k] for _ in range(3)]).int().to(q.device)
+        plan = _plan(3, k, 4, 33, 16, block_n=16, num_splits=3)
+        ws_k = selective_attention_workspace(q, kc, k, plan)
+        for workspace, p in ((ws, None), (ws_k, plan)):
+            out = selective_attention(q, kc, vc, seqlens, groups, workspace=workspace, plan=p)
+            ref = selective_attention_reference(q, kc, vc, seqlens, groups)
+            assert (out[2] == 0).all()
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert (ws.counters == 0).all() and (ws_k.counters == 0).all()
+    with pytest.raises(ValueError, match="serves B=3"):
+        selective_attention(q[:2], kc[:2], vc[:2], seqlens[:2], groups[:2], workspace=ws)
+
+
+@needs_kernel
+def test_sliced_cache_and_custom_op():
+    q, kc, vc, seqlens, groups = _inputs(4, 8, 2, 24, 16, 1, torch.float32, seed=5)
+    # a [:B] slice of a larger cache (non-contiguous batch stride) works
+    out = selective_attention(q[:2], kc[:2], vc[:2], seqlens[:2], groups[:2])
+    ref = selective_attention_reference(q[:2], kc[:2], vc[:2], seqlens[:2], groups[:2])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    via_op = torch.ops.polarc.selective_attention(q, kc, vc, seqlens, groups, 0.25)
+    ref = selective_attention_reference(q, kc, vc, seqlens, groups, 0.25)
+    torch.testing.assert_close(via_op, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_is_deterministic_and_splits_long_caches():
+    a = plan_selective_attention(1, 8, 4, 8192, 128, sms=132)
+    assert a == plan_selective_attention(1, 8, 4, 8192, 128, sms=132)
+    assert a.num_splits > 1 and a.use_dot
+    big = plan_selective_attention(256, 8, 4, 1024, 128, sms=132)
+    assert big.num_splits == 1
+    assert plan_selective_attention(4, 32, 1, 4096, 128, sms=132).use_dot  # MHA: dot is faster
+    assert plan_selective_attention(64, 8, 4, 8192, 128, sms=132).num_splits == 2
+
+
+# ----------------------------------------------------------------------------- wrong inputs
+
+
+def _bad(**change):
+    q, kc, vc, seqlens, groups = _inputs(2, 8, 2, 16, 16, 1, torch.float32, device="cpu")
+    args = dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=seqlens, groups=groups)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(groups=torch.tensor([[0], [2]], dtype=torch.int32)), "outside \\[0, Hkv=2\\)"),
+        (dict(groups=torch.tensor([[0], [-1]], dtype=torch.int32)), "outside"),
+        (dict(groups=torch.tensor([[0, 0], [0, 1]], dtype=torch.int32)), "repeats"),
+        (dict(cache_seqlens=torch.tensor([16, 17], dtype=torch.int32)), "S_max=16"),
+        (dict(cache_seqlens=torch.tensor([16, 3], dtype=torch.int64)), "int32"),
+        (dict(groups=torch.tensor([[0], [1]], dtype=torch.int64)), "int32"),
+        (dict(groups=torch.zeros(2, 3, dtype=torch.int32)), "k=3"),
+        (dict(q=torch.randn(2, 8, 16, dtype=torch.float64)), "dtype"),
+        (dict(q=torch.randn(2, 8, 16).half()), "share one dtype"),
+        (dict(q=torch.randn(2, 5, 16)), "multiple of Hkv"),
+        (dict(q=torch.randn(3, 8, 16)), "does not match"),
+        (dict(v_cache=torch.randn(2, 2, 15, 16)), "v_cache"),
+    ],
+)
+def test_wrong_inputs_raise_clear_errors(change, message):
+    with pytest.raises(ValueError, match=message):
+        selective_attention(**_bad(**change))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(
+    "b, hq, hkv, s, k, dtype, lens",
+    [
+        (1, 32, 8, 8192, 4, torch.bfloat16, "full"),
+        (16, 32, 8, 4097, 2, torch.bfloat16, "mixed"),
+        (64, 32, 8, 1024, 8, torch.bfloat16, "mixed"),
+        (3, 32, 8, 1, 1, torch.bfloat16, "full"),
+        (8, 32, 32, 2049, 16, torch.bfloat16, "mixed"),
+        (2, 32, 32, 4096, 32, torch.bfloat16, "full"),
+        (4, 32, 8, 999, 3, torch.float16, "mixed"),
+        (4, 32, 32, 777, 5, torch.float32, "mixed"),
+        (4, 32, 8, 1500, 6, torch.float32, "mixed"),
+        (5, 9, 3, 300, 2, torch.bfloat16, "mixed"),   # SmolLM2: 3 heads/group, D=64
+    ],
+)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gpu_real_shapes(b, hq, hkv, s, k, dtype, lens, seed):
+    d = 64 if hq == 9 else 128
+    _check(b, hq, hkv, s, d, k, dtype, lens=lens, seed=seed)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_cuda_graph_capture():
+    q, kc, vc, seqlens, groups = _inputs(8, 32, 8, 2048, 128, 4, torch.bfloat16, seed=7)
+    ws = selective_attention_workspace(q, kc, groups.shape[1])
+    out = torch.empty_like(q)
+
+    def step():
+        selective_attention(q, kc, vc, seqlens, groups, out=out, workspace=ws, check_indices=False)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    out.fill_(float("nan"))
+    q.copy_(torch.randn_like(q))
+    groups.copy_(torch.stack([torch.randperm(8)[:4] for _ in range(8)]).int())
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = selective_attention_reference(q, kc, vc, seqlens, groups)
+    assert _rel_err(out, ref) <= 1e-2
+
+
+@needs_kernel
+def test_custom_op_fake_and_compile():
+    """The torch.library op has a working fake; torch.compile traces through the wrapper."""
+    q, kc, vc, seqlens, groups = _inputs(2, 8, 2, 20, 16, 1, torch.float32, seed=9)
+    torch.library.opcheck(torch.ops.polarc.selective_attention.default,
+                          (q, kc, vc, seqlens, groups, 0.25))
+
+    def step(q, kc, vc, seqlens, groups):
+        return 2 * selective_attention(q, kc, vc, seqlens, groups, check_indices=False)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, kc, vc, seqlens, groups),
+                               2 * selective_attention_reference(q, kc, vc, seqlens, groups))
