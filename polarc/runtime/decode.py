@@ -13,6 +13,7 @@ zeroed), so the embedded default runs on a CPU-only machine.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -39,6 +40,32 @@ def attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     o = torch.einsum("bhgs,bhsd->bhgd", p, v)
     keep = torch.zeros(B, hkv, dtype=torch.bool, device=q.device).scatter_(1, groups.long(), True)
     return (o * keep[:, :, None, None]).reshape(B, hq, D).to(q.dtype)
+
+
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, rms_norm(h + delta)): the residual add and the next norm, one pass."""
+    h = h + delta
+    hf = h.float()
+    return h, weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(h.dtype)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def swiglu(gate_up: torch.Tensor, f: int) -> torch.Tensor:
+    return F.silu(gate_up[:, :f]) * gate_up[:, f:]
+
+
+def _elementwise_fns(device: torch.device) -> tuple:
+    """The decode step's small element-wise stages; on CUDA each is compiled into one kernel
+    (dozens of tiny launches per layer otherwise add up to milliseconds per step)."""
+    fns = (add_rms_norm, rope_qk, swiglu)
+    if device.type != "cuda" or os.environ.get("POLARC_NO_COMPILE") == "1":
+        return fns
+    return tuple(torch.compile(fn, fullgraph=True, dynamic=False) for fn in fns)
 
 
 def _attention_fn(device: torch.device):
@@ -112,6 +139,46 @@ class Runtime:
         self.graph: torch.cuda.CUDAGraph | None = None
         inv = self.model.rope_inv_freq
         self.rope_inv_freq = inv.to(self.device) if inv is not None else None
+        self._fuse_projections()
+        self.add_norm, self.rope_qk, self.swiglu = _elementwise_fns(self.device)
+
+    def _fuse_projections(self) -> None:
+        """One GEMM per layer for q, k, v and the router scores (they share the input), and
+        one for gate and up. Decode-shaped GEMMs stream weights far better when fused, and
+        the router then costs almost nothing. The model's separate weights become views into
+        the fused ones, so nothing is stored twice."""
+        spec, w = self.spec, self.model.weights
+        self.qkvr_w: list[torch.Tensor] = []
+        self.qkvr_b: list[torch.Tensor | None] = []
+        self.gate_up_w: list[torch.Tensor | None] = []
+        for layer in range(spec.n_layers):
+            p = f"layers.{layer}."
+            parts = [w[p + n + ".weight"] for n in ("q", "k", "v")]
+            biases = [w.get(p + n + ".bias") for n in ("q", "k", "v")]
+            router = self.engine.head_routers.get(layer)
+            if router is not None:
+                parts.append(router.weight.to(parts[0].dtype))
+                biases.append(router.bias.to(parts[0].dtype))
+            fused = torch.cat([t.to(self.device) for t in parts])
+            bias = None
+            if any(b is not None for b in biases):
+                bias = torch.cat([(b if b is not None else torch.zeros(t.shape[0], dtype=t.dtype))
+                                  .to(self.device) for b, t in zip(biases, parts, strict=True)])
+            start = 0
+            for name, t in zip(("q", "k", "v"), parts, strict=False):
+                w[p + name + ".weight"] = fused[start:start + t.shape[0]]
+                if biases[("q", "k", "v").index(name)] is not None:
+                    w[p + name + ".bias"] = bias[start:start + t.shape[0]]
+                start += t.shape[0]
+            self.qkvr_w.append(fused)
+            self.qkvr_b.append(bias)
+            if spec.family == "llama":
+                gu = torch.cat([w[p + "gate.weight"].to(self.device), w[p + "up.weight"].to(self.device)])
+                f = spec.intermediate
+                w[p + "gate.weight"], w[p + "up.weight"] = gu[:f], gu[f:]
+                self.gate_up_w.append(gu)
+            else:
+                self.gate_up_w.append(None)
 
     def set_dense(self, dense: bool) -> None:
         """Switch between the engine's plan and all groups (drops a captured graph)."""
@@ -146,12 +213,11 @@ class Runtime:
         self.graph.replay()
         return self.static_logits
 
-    def groups_for(self, layer: int, x: torch.Tensor) -> torch.Tensor:
-        """Selected KV groups [B, k] int32 for the rows' router inputs x [B, d]."""
+    def groups_for(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
+        """Selected KV groups [B, k] int32 from the router scores [B, Hkv] of the rows."""
         k = self.k_per_layer[layer]
         if k >= self.spec.n_kv_heads:
-            return self.all_groups[: x.shape[0]]
-        scores = self.engine.head_routers[layer].scores(x)
+            return self.all_groups[: scores.shape[0]]
         return scores.topk(k, dim=-1).indices.to(torch.int32)
 
     @torch.no_grad()
@@ -192,26 +258,38 @@ class Runtime:
             s = model.rope_attention_scaling
             cos = (emb.cos() * s).to(h.dtype)[:, None, :]
             sin = (emb.sin() * s).to(h.dtype)[:, None, :]
+        llama = spec.family == "llama"
+        qd, kvd = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+        w = model.weights
+        delta = torch.zeros_like(h)  # the previous layer's MLP output, added with the next norm
         for layer in range(spec.n_layers):
             p = f"layers.{layer}"
-            x = norm(model, h, p + ".attn_norm")
-            groups = self.groups_for(layer, x)
-            q = linear(model, x, p + ".q").view(B, spec.n_heads, spec.head_dim)
-            k = linear(model, x, p + ".k").view(B, spec.n_kv_heads, spec.head_dim)
-            v = linear(model, x, p + ".v").view(B, spec.n_kv_heads, spec.head_dim)
-            if spec.family == "llama":
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if llama:
+                h, x = self.add_norm(h, delta, w[p + ".attn_norm.weight"], spec.norm_eps)
+            else:
+                x = norm(model, h, p + ".attn_norm")
+            qkvr = F.linear(x, self.qkvr_w[layer], self.qkvr_b[layer])
+            q = qkvr[:, :qd].view(B, spec.n_heads, spec.head_dim)
+            k = qkvr[:, qd:qd + kvd].view(B, spec.n_kv_heads, spec.head_dim)
+            v = qkvr[:, qd + kvd:qd + 2 * kvd].view(B, spec.n_kv_heads, spec.head_dim)
+            groups = self.groups_for(layer, qkvr[:, qd + 2 * kvd:])
+            if llama:
+                q, k = self.rope_qk(q, k, cos, sin)
             self.k_cache[layer][rows, :, pos] = k
             self.v_cache[layer][rows, :, pos] = v
             o = self.attention(q, self.k_cache[layer], self.v_cache[layer], lens, groups,
                                self.scale)
-            h = h + linear(model, o.reshape(B, -1), p + ".o")
-            x = norm(model, h, p + ".mlp_norm")
-            if spec.family == "opt":
-                h = h + linear(model, F.relu(linear(model, x, p + ".up")), p + ".down")
+            attn_out = linear(model, o.reshape(B, -1), p + ".o")
+            if llama:
+                h, x = self.add_norm(h, attn_out, w[p + ".mlp_norm.weight"], spec.norm_eps)
+                gate_up = F.linear(x, self.gate_up_w[layer])
+                delta = linear(model, self.swiglu(gate_up, spec.intermediate), p + ".down")
             else:
-                gated = F.silu(linear(model, x, p + ".gate")) * linear(model, x, p + ".up")
-                h = h + linear(model, gated, p + ".down")
+                h = h + attn_out
+                x = norm(model, h, p + ".mlp_norm")
+                h = h + linear(model, F.relu(linear(model, x, p + ".up")), p + ".down")
+        if llama:
+            h = h + delta
         self.seqlens.copy_(lens)
         return final_logits(model, h)
 
