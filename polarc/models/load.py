@@ -6,9 +6,12 @@ Weights are read by transformers' own loaders, then renamed to polarc's internal
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,17 +170,11 @@ def _load_path(path: Path, name: str, dtype: torch.dtype) -> Model:
     else:
         raise PolarcError(f"{path} is not a model: expected a folder or a .gguf file")
     _check_readable(files)
-    quiet_tqdm = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantizer's own tqdm bar
     try:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        with _quiet_gguf_progress():
+            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except Exception as exc:
         raise PolarcError(f"cannot read weights from {path}: {_short(exc)}") from None
-    finally:
-        if quiet_tqdm is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet_tqdm
     spec = spec_from_hf_config(hf.config, name)
     try:
         tok: Tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(tok_src, **kwargs))
@@ -186,6 +183,25 @@ def _load_path(path: Path, name: str, dtype: torch.dtype) -> Model:
     identity = {"architecture": spec.architecture(), "weights_sha256": _sha256_files(files),
                 "source": str(path)}
     return _from_hf(hf, spec, tok, identity, random_weights=False)
+
+
+@contextmanager
+def _quiet_gguf_progress() -> Iterator[None]:
+    """transformers' GGUF de-quantizer draws its own tqdm bar, which no setting turns off;
+    polarc's progress display owns the terminal, so swap it for a silent one meanwhile."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is not None:
+        gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        if original is not None:
+            gguf_utils.tqdm = original
 
 
 def _check_readable(files: list[Path]) -> None:
