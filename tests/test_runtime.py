@@ -129,3 +129,41 @@ def test_batch_over_engine_limit(tmp_path: Path, tiny_dirs: dict) -> None:
     engine = load_engine(_engine(tmp_path, tiny_dirs["llama-gqa"], max_batch=2))
     with pytest.raises(PolarcError, match="exceeds the engine's --max-batch 2"):
         Runtime(engine, batch=3)
+
+
+def test_sparse_mlp_matches_masked_reference(tiny_dirs: dict, tmp_path: Path,
+                                             calibrated: dict) -> None:
+    cal = artifact.read(calibrated["opt"])
+    engine = load_engine(_engine(tmp_path, tiny_dirs["opt"], calibration=cal))
+    n = engine.model.spec.intermediate
+    assert engine.mlp_routers and all(r.k % 128 == 0 for r in engine.mlp_routers.values())
+    for r in engine.mlp_routers.values():
+        r.k = 128  # force real neuron sparsity on this tiny random model (N = 256)
+    rt = Runtime(engine, batch=1)
+    assert set(rt.mlp_k) == set(engine.mlp_routers)
+    model = load_model(str(tiny_dirs["opt"]))
+    prompt = PROMPTS[2]
+    logits = rt.prefill([prompt])
+    seq = list(prompt)
+    heads = make_selector("sparse", cal.k_per_layer, model.spec.n_kv_heads, routers=cal.head_routers)
+
+    def select(layer, x, norms):
+        keep = heads(layer, x, norms)
+        if keep is not None:
+            keep[:, : len(prompt)] = True
+        return keep
+
+    def mlp_select(layer, x):
+        r = engine.mlp_routers[layer]
+        scores = torch.sigmoid((x @ r.w1.T) @ r.w2.T + r.b2)
+        idx = scores.topk(128, dim=-1).indices  # batch of one row: union = the row's top-k
+        keep = torch.zeros(*x.shape[:2], n, dtype=torch.bool).scatter_(-1, idx, True)
+        keep[:, : len(prompt)] = True
+        return keep
+
+    for _ in range(6):
+        nxt = int(logits[0].argmax())
+        seq.append(nxt)
+        logits = rt.decode_step(torch.tensor([nxt]))
+        ref = forward(model, torch.tensor([seq]), select=select, mlp_select=mlp_select)[0, -1]
+        assert (logits[0] - ref).abs().max().item() < 1e-4

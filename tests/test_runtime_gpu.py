@@ -66,3 +66,25 @@ def test_generate_on_gpu(tiny_dirs: dict, tmp_path: Path) -> None:
                           PROMPTS, max_new_tokens=10)
     assert gpu == cpu
     assert stats.summary()["decode_tokens_per_s"] > 0
+
+
+def test_sparse_mlp_on_gpu_matches_cpu(tiny_dirs: dict, tmp_path: Path, calibrated: dict) -> None:
+    cal = artifact.read(calibrated["opt"])
+    model = load_model(str(tiny_dirs["opt"]))
+    path = tmp_path / "opt.plan"
+    build_engine(model, cal, BuildConfig(out=path, dtype="fp32", max_batch=4, max_seq=64))
+    outs = {}
+    for device in ("cpu", "cuda"):
+        engine = load_engine(path, device=device)
+        for r in engine.mlp_routers.values():
+            r.k = 128  # real neuron sparsity (N = 256)
+        rt = Runtime(engine, batch=3, device=device)
+        assert rt.mlp_k
+        logits = [rt.prefill(PROMPTS).float().cpu()]
+        rt.capture()
+        for step in range(8):
+            tokens = (outs["cpu"][step] if "cpu" in outs else logits[-1]).argmax(-1)
+            logits.append(rt.step(tokens.to(device)).float().cpu())
+        outs[device] = logits
+    for a, b in zip(outs["cuda"], outs["cpu"], strict=True):
+        assert (a - b).abs().max().item() < 1e-3

@@ -82,9 +82,11 @@ def run_layer(
     select: Selector | None = None,
     observe: Observer | None = None,
     kv_out: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    mlp_select: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """One decoder layer over whole sequences (causal), with optional group selection.
-    `kv_out`, when given, receives this layer's keys and values [B, Hkv, T, D] (rotated)."""
+    `kv_out`, when given, receives this layer's keys and values [B, Hkv, T, D] (rotated).
+    `mlp_select(layer, mlp_in)` may return a keep mask [B, T, N] of ReLU neurons (OPT)."""
     spec = model.spec
     B, T, _ = h.shape
     p = f"layers.{i}"
@@ -111,7 +113,11 @@ def run_layer(
     if spec.family == "opt":
         up = linear(model, x, p + ".up")
         active = up > 0
-        mlp = linear(model, F.relu(up), p + ".down")
+        hidden = F.relu(up)
+        keep_neurons = mlp_select(i, x) if mlp_select is not None else None
+        if keep_neurons is not None:
+            hidden = hidden * keep_neurons.to(hidden.dtype)
+        mlp = linear(model, hidden, p + ".down")
     else:
         gated = F.silu(linear(model, x, p + ".gate")) * linear(model, x, p + ".up")
         mlp = linear(model, gated, p + ".down")
@@ -134,6 +140,7 @@ def forward(
     start_layer: int = 0,
     hidden: torch.Tensor | None = None,
     layer_inputs: list[torch.Tensor] | None = None,
+    mlp_select: Callable[[int, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Logits [B, T, vocab]. With `start_layer` > 0, `hidden` is that layer's input
     (from an earlier dense run), so a change at one layer re-runs only the layers after it.
@@ -142,5 +149,5 @@ def forward(
     for i in range(start_layer, model.spec.n_layers):
         if layer_inputs is not None:
             layer_inputs.append(h)
-        h = run_layer(model, i, h, select=select, observe=observe)
+        h = run_layer(model, i, h, select=select, observe=observe, mlp_select=mlp_select)
     return final_logits(model, h)

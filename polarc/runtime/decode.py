@@ -12,6 +12,7 @@ zeroed), so the embedded default runs on a CPU-only machine.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -66,6 +67,23 @@ def _elementwise_fns(device: torch.device) -> tuple:
     if device.type != "cuda" or os.environ.get("POLARC_NO_COMPILE") == "1":
         return fns
     return tuple(torch.compile(fn, fullgraph=True, dynamic=False) for fn in fns)
+
+
+SPARSE_MLP_MAX_DENSITY = 0.6  # above it the gathered GEMM pair is no faster than dense cuBLAS
+
+
+def _gemm_fns(device: torch.device) -> tuple:
+    if device.type == "cuda":
+        from polarc.plugins import selective_gemm_down, selective_gemm_up
+
+        return (functools.partial(selective_gemm_up, check_indices=False),
+                functools.partial(selective_gemm_down, check_indices=False))
+    from polarc.plugins.selective_gemm import (
+        selective_gemm_down_reference,
+        selective_gemm_up_reference,
+    )
+
+    return selective_gemm_up_reference, selective_gemm_down_reference
 
 
 def _attention_fn(device: torch.device):
@@ -141,6 +159,24 @@ class Runtime:
         self.rope_inv_freq = inv.to(self.device) if inv is not None else None
         self._fuse_projections()
         self.add_norm, self.rope_qk, self.swiglu = _elementwise_fns(self.device)
+        self._prepare_sparse_mlp()
+
+    def _prepare_sparse_mlp(self) -> None:
+        """ReLU models: layers whose calibrated batch-union k is low enough to pay run the
+        selective GEMM pair over the union index; the down weight is kept neuron-major."""
+        self.mlp_k: dict[int, int] = {}
+        if self.dense:
+            return
+        n = self.spec.intermediate
+        w = self.model.weights
+        for layer, router in self.engine.mlp_routers.items():
+            if router.k / n > SPARSE_MLP_MAX_DENSITY:
+                continue
+            p = f"layers.{layer}."
+            w[p + "down.weight"] = w[p + "down.weight"].to(self.device).T.contiguous().T
+            self.mlp_k[layer] = router.k
+        if self.mlp_k:
+            self.gemm_up, self.gemm_down = _gemm_fns(self.device)
 
     def _fuse_projections(self) -> None:
         """One GEMM per layer for q, k, v and the router scores (they share the input), and
@@ -186,6 +222,7 @@ class Runtime:
         n_kv = self.spec.n_kv_heads
         self.k_per_layer = [n_kv] * self.spec.n_layers if dense else self.engine.k_per_layer
         self.graph = None
+        self._prepare_sparse_mlp()
 
     def capture(self) -> None:
         """Capture one decode step for this batch as a CUDA graph (replayed by `step`)."""
@@ -219,6 +256,19 @@ class Runtime:
         if k >= self.spec.n_kv_heads:
             return self.all_groups[: scores.shape[0]]
         return scores.topk(k, dim=-1).indices.to(torch.int32)
+
+    def mlp_union(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The batch-union neuron index [k] int32: top-k of the router's summed probabilities."""
+        r = self.engine.mlp_routers[layer]
+        scores = F.linear(F.linear(x, r.w1), r.w2, r.b2)
+        return torch.sigmoid(scores.float()).sum(0).topk(self.mlp_k[layer]).indices.to(torch.int32)
+
+    def sparse_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        w, p = self.model.weights, f"layers.{layer}."
+        idx = self.mlp_union(layer, x)
+        hidden = self.gemm_up(x, w[p + "up.weight"], w.get(p + "up.bias"), idx)
+        out = self.gemm_down(hidden, w[p + "down.weight"].T, idx)
+        return out + w[p + "down.bias"] if p + "down.bias" in w else out
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
@@ -287,7 +337,10 @@ class Runtime:
             else:
                 h = h + attn_out
                 x = norm(model, h, p + ".mlp_norm")
-                h = h + linear(model, F.relu(linear(model, x, p + ".up")), p + ".down")
+                if layer in self.mlp_k:
+                    h = h + self.sparse_mlp(layer, x)
+                else:
+                    h = h + linear(model, F.relu(linear(model, x, p + ".up")), p + ".down")
         if llama:
             h = h + delta
         self.seqlens.copy_(lens)
