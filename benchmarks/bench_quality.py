@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from polarc.calibration.calibrate import train_all_head_routers
+from polarc.calibration.calibrate import split_tune, train_all_head_routers
 from polarc.calibration.collect import collect
 from polarc.calibration.data import load_sequences
 from polarc.calibration.plan import (
@@ -31,7 +31,7 @@ from polarc.models import load_model
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=32768, help="router training tokens")
+    ap.add_argument("--tokens", type=int, default=65536, help="router training tokens")
     ap.add_argument("--tune-tokens", type=int, default=4096)
     ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens")
     ap.add_argument("--budgets", type=float, nargs="*", default=[1.0, 3.0, 10.0])
@@ -45,8 +45,8 @@ def main() -> None:
                                    calib_tokens=args.tokens + args.tune_tokens,
                                    heldout_tokens=args.eval_tokens)
     n_tune = args.tune_tokens // 512
-    train_ids, tune_ids = pool.ids[:-n_tune], pool.ids[-n_tune:]
-    samples = collect(model, train_ids)
+    train_ids, tune_ids = split_tune(pool.ids, n_tune)
+    samples = collect(model, train_ids, max_samples=args.tokens)
     ks = candidate_ks(n_kv)
     routers_by_k = train_all_head_routers(samples, ks, epochs=16, seed=0)
     del samples

@@ -34,12 +34,12 @@ class CalibrateConfig:
     out: Path
     dataset: str = "builtin"
     seq_len: int = 512
-    tokens: int = 32768  # calibration tokens for router training
+    tokens: int = 65536  # calibration tokens for router training
     tune_tokens: int = 4096  # tuning tokens (plan search), disjoint from training tokens
     density: float | None = None  # uniform plan; None = quality budget
     quality_budget: float = 3.0  # percent perplexity rise allowed
     batch_size: int = 8
-    max_samples: int = 32768  # router samples kept per layer (memory bound)
+    max_samples: int = 65536  # router samples kept per layer (memory bound)
     mlp_batch: int = 32
     mlp_recall: float = 0.99
     epochs: int = 16
@@ -65,6 +65,15 @@ def model_source(record: dict[str, Any]) -> str | None:
 def same_model(record: dict[str, Any], model: Model) -> bool:
     return record.get("identity", {}).get("architecture") == model.spec.architecture() and \
         record["identity"].get("weights_sha256") == model.identity["weights_sha256"]
+
+
+def split_tune(ids: torch.Tensor, n_tune: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training, tuning) sequences; the tuning ones spread evenly over the pool, so the plan
+    is chosen on text like the whole calibration set, not on whatever documents come last."""
+    rows = torch.linspace(0, ids.shape[0] - 1, n_tune).round().long().unique()
+    is_tune = torch.zeros(ids.shape[0], dtype=torch.bool)
+    is_tune[rows] = True
+    return ids[~is_tune], ids[is_tune]
 
 
 class _Clock:
@@ -111,7 +120,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         raise PolarcError(f"dataset {cfg.dataset!r} yields {pool.n_tokens} calibration tokens: "
                           "need at least two sequences (training and tuning)",
                           hint="give more text or a smaller --seq-len")
-    train_ids, tune_ids = pool.ids[:-n_tune], pool.ids[-n_tune:]
+    train_ids, tune_ids = split_tune(pool.ids, n_tune)
 
     clock = _Clock()
     samples = collect(model, train_ids, batch_size=cfg.batch_size, max_samples=cfg.max_samples,

@@ -23,6 +23,10 @@ from polarc.models.forward import forward
 from polarc.models.load import Model
 
 DENSITY_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+# A (layer, k) measured as free or helpful alone still costs something in company (costs do
+# not add up); pricing every move at least this much keeps the search able to shrink a plan
+# all the way back to dense.
+MIN_MOVE_COST_PCT = 0.02
 
 
 def groups_for_density(density: float, n_kv: int) -> int:
@@ -72,7 +76,7 @@ def _solve(costs: dict[int, dict[int, float]], n_layers: int, n_kv: int, budget:
     # best[c] = (groups kept, choices) using c cost units so far
     best: list[tuple[float, list[int]]] = [(0.0, [])] + [(INF, [])] * units
     for layer in range(1, n_layers):
-        options = [(n_kv, 0)] + [(k, math.ceil(max(c, 0.0) / step - 1e-9))
+        options = [(n_kv, 0)] + [(k, math.ceil(max(c, MIN_MOVE_COST_PCT) / step - 1e-9))
                                  for k, c in costs.get(layer, {}).items()]
         nxt: list[tuple[float, list[int]]] = [(INF, [])] * (units + 1)
         for used, (kept, choice) in enumerate(best):
@@ -146,7 +150,7 @@ def search_plan(
     routers_by_k: dict[int, dict[int, HeadRouter]],
     budget_pct: float,
     *,
-    max_tries: int = 7,
+    max_tries: int = 10,
 ) -> tuple[list[int], list[dict[str, float]]]:
     """The cheapest plan (fewest KV groups) whose measured rise on `tune` is within budget."""
     n_kv, n_layers = model.spec.n_kv_heads, model.spec.n_layers
@@ -178,9 +182,10 @@ def search_plan(
             # Costs add up super-linearly: shrink the internal budget in proportion.
             internal *= 0.9 * budget_pct / max(rise, 1e-9)
         else:
-            if fails - fits < 0.05 * budget_pct:
+            # Internal budgets that matter span orders of magnitude: bisect geometrically.
+            if fails / max(fits, 1e-12) < 1.25:
                 break
-            internal = (fits + fails) / 2
+            internal = math.sqrt(fits * fails)
     return best_plan, tries
 
 

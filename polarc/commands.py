@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich import box
 from rich.table import Table
@@ -64,7 +63,7 @@ def calibrate_cmd(
         help="'builtin', a .txt/.jsonl/.parquet file, or a hub dataset name[:config[:split]].")
     ] = "builtin",
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
-    tokens: Annotated[int, typer.Option(help="Calibration tokens for router training.")] = 32768,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens for router training.")] = 65536,
     tune_tokens: Annotated[int, typer.Option(
         help="Further tokens for choosing the plan (never used for training).")] = 4096,
     density: Annotated[float | None, typer.Option(
@@ -73,7 +72,7 @@ def calibrate_cmd(
         help="Without --density: allowed perplexity rise in percent; per-layer densities "
              "are chosen to read as few KV bytes as possible within it.")] = 3.0,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
-    max_samples: Annotated[int, typer.Option(help="Router training tokens kept per layer.")] = 32768,
+    max_samples: Annotated[int, typer.Option(help="Router training tokens kept per layer.")] = 65536,
     epochs: Annotated[int, typer.Option(help="Router training epochs.")] = 16,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
@@ -104,7 +103,6 @@ def calibrate_cmd(
 
         check_out_dir(out_dir, force)
         m = load_model(model, weights=weights, random_weights=random_weights)
-        torch.set_grad_enabled(True)
         with progress(quiet) as bar:
             meta = calibrate(m, cfg, bar)
         _print_plan(meta)

@@ -74,3 +74,9 @@ def test_solve_spends_budget_on_cheapest_savings() -> None:
     assert _solve(costs, 4, 3, 1.0) == [3, 2, 1, 3]
     assert _solve(costs, 4, 3, 0.0) == [3, 3, 3, 3]
     assert _solve(costs, 4, 3, 100.0) == [3, 1, 1, 1]
+
+
+def test_solve_never_treats_a_move_as_free() -> None:
+    costs = {1: {1: -2.0, 2: -1.0}, 2: {1: 0.0, 2: -0.5}}
+    assert _solve(costs, 3, 3, 0.01) == [3, 3, 3]  # a tiny budget gives back the dense plan
+    assert _solve(costs, 3, 3, 1.0) == [3, 1, 1]
