@@ -3,8 +3,9 @@
 Layer 0 is always dense. `uniform_plan` keeps round(X * Hkv) groups (at least one) on the
 other layers, as the paper does. `budget_plan` picks per-layer k so that perplexity on the
 tuning split rises at most P percent while reading as few KV bytes as possible: it measures
-each (layer, k) alone, solves the multiple-choice knapsack on those costs, then measures the
-whole plan and tightens the internal budget until the measured plan fits.
+each (layer, k) alone, solves the multiple-choice knapsack on those costs, measures the whole
+plan and tightens the internal budget until the measured plan fits, then lowers single layers
+greedily while the measured plan still fits.
 """
 
 from __future__ import annotations
@@ -143,6 +144,17 @@ def measure_layer_costs(
     return costs
 
 
+def _measure(model: Model, tune: TuneSet, routers_by_k: dict[int, dict[int, HeadRouter]],
+             plan: list[int], measured: dict[tuple[int, ...], float]) -> float:
+    """Perplexity rise (%) of a whole plan on the tuning split (memoised)."""
+    key = tuple(plan)
+    if key not in measured:
+        n_kv = model.spec.n_kv_heads
+        routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
+        measured[key] = (tune_perplexity(model, tune.batches, plan, routers) / tune.ppl_dense - 1) * 100
+    return measured[key]
+
+
 def search_plan(
     model: Model,
     tune: TuneSet,
@@ -151,8 +163,15 @@ def search_plan(
     budget_pct: float,
     *,
     max_tries: int = 10,
+    refine_tries: int = 8,
 ) -> tuple[list[int], list[dict[str, float]]]:
-    """The cheapest plan (fewest KV groups) whose measured rise on `tune` is within budget."""
+    """The cheapest plan (fewest KV groups) whose measured rise on `tune` is within budget.
+
+    Two stages: the knapsack on per-layer costs with a bisected internal budget (costs do not
+    add up, so the budget that fits is found by measuring), then greedy refinement: lower one
+    layer at a time, cheapest-alone move first, keeping each move whose whole plan still
+    measures within budget (the knapsack leaves groups on the table where its additive
+    model is pessimistic)."""
     n_kv, n_layers = model.spec.n_kv_heads, model.spec.n_layers
     best_plan, best_density = [n_kv] * n_layers, 1.0
     tries: list[dict[str, float]] = []
@@ -161,14 +180,9 @@ def search_plan(
     internal = budget_pct
     for _ in range(max_tries):
         plan = _solve(costs, n_layers, n_kv, internal)
-        key = tuple(plan)
-        if key not in measured:
-            routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
-            ppl = tune_perplexity(model, tune.batches, plan, routers)
-            measured[key] = (ppl / tune.ppl_dense - 1) * 100
-        rise = measured[key]
+        rise = _measure(model, tune, routers_by_k, plan, measured)
         density = kv_density(plan, n_kv)
-        tries.append({"internal_budget_pct": internal, "increase_pct": rise,
+        tries.append({"stage": "knapsack", "internal_budget_pct": internal, "increase_pct": rise,
                       "kv_density": density})
         if rise <= budget_pct:
             if density < best_density:
@@ -186,7 +200,21 @@ def search_plan(
             if fails / max(fits, 1e-12) < 1.25:
                 break
             internal = math.sqrt(fits * fails)
-    return best_plan, tries
+    moves = sorted((c, layer, k) for layer, kc in costs.items() for k, c in kc.items())
+    plan = best_plan
+    for _, layer, k in moves:
+        if refine_tries <= 0:
+            break
+        if k >= plan[layer]:
+            continue
+        candidate = plan[:layer] + [k] + plan[layer + 1:]
+        rise = _measure(model, tune, routers_by_k, candidate, measured)
+        refine_tries -= 1
+        tries.append({"stage": "greedy", "layer": layer, "k": k, "increase_pct": rise,
+                      "kv_density": kv_density(candidate, n_kv)})
+        if rise <= budget_pct:
+            plan = candidate
+    return plan, tries
 
 
 def budget_plan(

@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from polarc.calibration.artifact import Calibration, router_tensors
 from polarc.calibration.plan import uniform_plan
-from polarc.calibration.routers import HeadRouter
+from polarc.calibration.routers import HeadRouter, MLPRouter
 from safetensors.torch import save_file
 
 from polarc import __version__
 from polarc.errors import PolarcError
 from polarc.models.load import Model
 from polarc.models.tokenizer import HFTokenizer
-from polarc.runtime.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION
+from polarc.runtime.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, Engine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -54,9 +54,19 @@ def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], 
     return plan, routers
 
 
-def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig,
-                 calibration_path: Path | None = None) -> dict[str, Any]:
-    """Write the engine to `cfg.out` atomically; return its manifest."""
+@dataclass
+class EngineParts:
+    """What every backend packs: the density plan, the routers and the manifest."""
+
+    plan: list[int]
+    head_routers: dict[int, HeadRouter]
+    mlp_routers: dict[int, MLPRouter]
+    manifest: dict[str, Any]
+
+
+def engine_parts(model: Model, calibration: Calibration | None, cfg: BuildConfig,
+                 calibration_path: Path | None = None, backend: str = "torch") -> EngineParts:
+    """Check the build options and assemble plan, routers and manifest for `model`."""
     if cfg.dtype not in DTYPES:
         raise PolarcError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.max_batch <= 0 or cfg.max_seq <= 1:
@@ -65,7 +75,6 @@ def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig
     if cfg.max_seq > spec.max_positions:
         raise PolarcError(f"--max-seq {cfg.max_seq} exceeds {spec.name}'s "
                           f"{spec.max_positions} positions")
-    dtype = DTYPES[cfg.dtype]
     random_rt = False
     mlp_k: dict[int, int] = {}
     if calibration is not None:
@@ -82,23 +91,10 @@ def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig
         random_rt = True
     else:
         plan, head, mlp = [spec.n_kv_heads] * spec.n_layers, {}, {}
-
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in model.weights.items():
-        if name == "lm_head.weight" and spec.tie_embeddings:
-            continue  # tied: the runtime reuses the embedding
-        tensors["weights." + name] = t.to(dtype).contiguous()
-    if model.rope_inv_freq is not None:
-        tensors["rope.inv_freq"] = model.rope_inv_freq.float().contiguous()
-    for name, t in router_tensors(head, mlp).items():
-        tensors["routers." + name] = t
     tok = model.tokenizer
-    if isinstance(tok, HFTokenizer):
-        data = tok.tok.backend_tokenizer.to_str().encode("utf-8")
-        tensors["tokenizer.json"] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     manifest: dict[str, Any] = {
         "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
-        "polarc_version": __version__, "backend": "torch",
+        "polarc_version": __version__, "backend": backend,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "spec": dataclasses.asdict(spec), "dtype": cfg.dtype,
         "limits": {"max_batch": cfg.max_batch, "max_seq": cfg.max_seq},
@@ -115,11 +111,56 @@ def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig
         "tokenizer": {"kind": tok.kind, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
         "rope_attention_scaling": model.rope_attention_scaling,
     }
-    out = cfg.out
+    return EngineParts(list(plan), head, mlp, manifest)
+
+
+def in_memory_engine(model: Model, parts: EngineParts) -> Engine:
+    """The engine as `load_engine` would return it, without writing the torch container
+    (the graph backends export from it; weights keep their dtype until export)."""
+    return Engine(path=Path("<memory>"), manifest=parts.manifest, model=model,
+                  k_per_layer=parts.plan, head_routers=parts.head_routers,
+                  mlp_routers=parts.mlp_routers)
+
+
+def tokenizer_json(model: Model) -> bytes | None:
+    """The Hugging Face tokenizer.json of `model` (None for byte tokenizers)."""
+    tok = model.tokenizer
+    if isinstance(tok, HFTokenizer):
+        return tok.tok.backend_tokenizer.to_str().encode("utf-8")
+    return None
+
+
+def check_output_path(out: Path) -> None:
     if out.is_dir():
         raise PolarcError(f"{out} is a folder", hint="give a file name, e.g. -o engine.plan")
     if not out.resolve().parent.is_dir():
         raise PolarcError(f"cannot write {out}: its folder does not exist")
+
+
+def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig,
+                 calibration_path: Path | None = None) -> dict[str, Any]:
+    """Write the torch-backend engine to `cfg.out` atomically; return its manifest."""
+    check_output_path(cfg.out)
+    parts = engine_parts(model, calibration, cfg, calibration_path)
+    spec, dtype = model.spec, DTYPES[cfg.dtype]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.weights.items():
+        if name == "lm_head.weight" and spec.tie_embeddings:
+            continue  # tied: the runtime reuses the embedding
+        tensors["weights." + name] = t.to(dtype).contiguous()
+    if model.rope_inv_freq is not None:
+        tensors["rope.inv_freq"] = model.rope_inv_freq.float().contiguous()
+    for name, t in router_tensors(parts.head_routers, parts.mlp_routers).items():
+        tensors["routers." + name] = t
+    tok_json = tokenizer_json(model)
+    if tok_json is not None:
+        tensors["tokenizer.json"] = torch.frombuffer(bytearray(tok_json), dtype=torch.uint8)
+    write_container(tensors, parts.manifest, cfg.out)
+    return parts.manifest
+
+
+def write_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], out: Path) -> None:
+    """Write an engine file (safetensors with the manifest in its metadata) atomically."""
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"format": ENGINE_FORMAT,
@@ -130,4 +171,3 @@ def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig
         raise PolarcError(f"cannot write {out}: {exc.strerror}") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return manifest

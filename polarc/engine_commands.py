@@ -37,15 +37,22 @@ def build_cmd(
     density: Annotated[float | None, typer.Option(
         help="With --random-weights and no --calibration: random routers of this density "
              "(a speed-only engine).")] = None,
+    backend: Annotated[str, typer.Option(
+        help="torch (the engine file polarc run uses), onnx (decode + prefill graphs with the "
+             "SelectiveHeadAttention custom op) or tensorrt (needs TensorRT >= 10.9).")] = "torch",
+    dense: Annotated[bool, typer.Option(
+        "--dense", help="onnx/tensorrt: export with every KV group selected.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing engine file.")] = False,
 ) -> None:
-    """Pack weights, routers, tokenizer and plan into one engine file (torch backend).
+    """Pack weights, routers, tokenizer and plan into one engine file.
 
     Examples:
 
       polarc build --calibration runs/smollm2 -o smollm2.plan
 
       polarc build -m llama3-8b --random-weights --density 0.5 -o l3-sparse.plan
+
+      polarc build --calibration runs/smollm2 --backend onnx -o smollm2.onnx
     """
     from polarc.calibration import artifact
     from polarc.calibration.calibrate import model_source, same_model
@@ -53,6 +60,15 @@ def build_cmd(
 
     with user_errors():
         _check_positive(max_batch=max_batch, max_seq=max_seq or 1)
+        if backend not in ("torch", "onnx", "tensorrt"):
+            raise PolarcError(f"--backend must be torch, onnx or tensorrt, got {backend!r}")
+        if backend == "tensorrt":
+            from polarc.exporters.tensorrt import require_tensorrt
+
+            require_tensorrt()
+        if dense and backend == "torch":
+            raise PolarcError("--dense is for --backend onnx/tensorrt",
+                              hint="a torch engine runs dense with polarc run --dense")
         if output.exists() and not force:
             raise PolarcError(f"{output} already exists", hint="pass --force to replace it")
         if density is not None and not 0.0 < density <= 1.0:
@@ -69,9 +85,12 @@ def build_cmd(
         max_seq = max_seq or min(2048, m.spec.max_positions)
         if dtype == "auto":
             dtype = "fp32" if m.spec.n_params < 1e9 else "bf16"
-        manifest = build_engine(m, cal, BuildConfig(out=output, dtype=dtype, max_batch=max_batch,
-                                                    max_seq=max_seq, density=density),
-                                calibration_path=calibration)
+        cfg = BuildConfig(out=output, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
+                          density=density)
+        if backend != "torch":
+            _build_graph_backend(backend, m, cal, cfg, calibration, dense)
+            return
+        manifest = build_engine(m, cal, cfg, calibration_path=calibration)
         ks = manifest["plan"]["k_per_layer"]
         kind = "dense" if all(k == m.spec.n_kv_heads for k in ks) else "sparse"
         marks = [s for s, on in (("random weights", m.random_weights),
@@ -79,6 +98,26 @@ def build_cmd(
         out.print(f"wrote {output}: {m.spec.name} {kind} engine, {dtype}, max batch {max_batch}, "
                   f"max seq {max_seq}" + (f" ({', '.join(marks)}: speed only)" if marks else ""),
                   soft_wrap=True, highlight=False)
+
+
+def _build_graph_backend(backend: str, m, cal, cfg, calibration: Path | None, dense: bool) -> None:
+    from polarc.exporters.engine import engine_parts, in_memory_engine
+    from polarc.exporters.onnx_export import export_onnx
+
+    parts = engine_parts(m, cal, cfg, calibration, backend=backend)
+    engine = in_memory_engine(m, parts)
+    if backend == "onnx":
+        paths = export_onnx(engine, cfg.out, dense=dense, dtype=cfg.dtype)
+        out.print(f"wrote {', '.join(str(p) for p in paths)}: {m.spec.name} decode and prefill "
+                  f"graphs, {cfg.dtype}, {'dense' if dense else 'engine plan'}; onnx.checker passed",
+                  soft_wrap=True, highlight=False)
+        return
+    from polarc.exporters.tensorrt import build_tensorrt_engine
+
+    build_tensorrt_engine(engine, cfg, dense=dense)
+    out.print(f"wrote {cfg.out}: {m.spec.name} TensorRT engine (decode + prefill plans), "
+              f"{cfg.dtype}, max batch {cfg.max_batch}, max seq {cfg.max_seq}",
+              soft_wrap=True, highlight=False)
 
 
 def run_cmd(
@@ -123,6 +162,13 @@ def run_cmd(
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise PolarcError("--device cuda but no CUDA GPU is available")
         eng = load_engine(engine, device=dev)
+        if eng.backend == "tensorrt":
+            from polarc.exporters.tensorrt import require_tensorrt
+
+            require_tensorrt()
+            if dense or dev.type != "cuda":
+                raise PolarcError("a TensorRT engine runs its built plan on a CUDA GPU",
+                                  hint="for --dense, build with --backend tensorrt --dense")
         limit = eng.limits["max_batch"]
         bsz = batch or min(len(texts), limit)
         if bsz > limit:
@@ -137,7 +183,12 @@ def run_cmd(
         results, all_stats = [], []
         for start in range(0, len(encoded), bsz):
             chunk = encoded[start:start + bsz]
-            rt = Runtime(eng, batch=len(chunk), dense=dense, device=dev)
+            if eng.backend == "tensorrt":
+                from polarc.runtime.tensorrt_runtime import TensorRTRuntime
+
+                rt = TensorRTRuntime(eng, batch=len(chunk), device=dev)
+            else:
+                rt = Runtime(eng, batch=len(chunk), dense=dense, device=dev)
             if not quiet:
                 err.print(f"generating {len(chunk)} rows on {dev.type}...", highlight=False)
             outs, stats = generate(rt, chunk, max_new_tokens=min(max_new_tokens, max_seq - 1),

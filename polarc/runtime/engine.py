@@ -28,6 +28,11 @@ class Engine:
     k_per_layer: list[int]
     head_routers: dict[int, HeadRouter]
     mlp_routers: dict[int, MLPRouter]
+    plans: dict[str, bytes] | None = None  # TensorRT backend: serialized decode/prefill plans
+
+    @property
+    def backend(self) -> str:
+        return self.manifest.get("backend", "torch")
 
     @property
     def limits(self) -> dict[str, int]:
@@ -48,8 +53,15 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PolarcError(f"engine file {path} does not exist")
     if not _looks_like_safetensors(path):
-        raise PolarcError(f"{path} is not a polarc engine (torch backend)",
-                          hint="build one with polarc build")
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"ftrt":
+            raise PolarcError(f"{path} is a bare TensorRT plan, not a polarc engine",
+                              hint="polarc run takes the engine polarc build --backend tensorrt writes")
+        hint = "build one with polarc build"
+        if path.suffix == ".onnx":
+            hint = "an ONNX export runs under TensorRT: polarc build --backend tensorrt"
+        raise PolarcError(f"{path} is not a polarc engine", hint=hint)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -64,28 +76,41 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: ModelSpec
+               ) -> Tokenizer:
+    tk = manifest["tokenizer"]
+    if "tokenizer.json" not in tensors:
+        return ByteTokenizer(spec.vocab)
+    import tokenizers
+    import transformers
+
+    raw = bytes(tensors.pop("tokenizer.json").cpu().numpy().tobytes()).decode("utf-8")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(raw))
+    return HFTokenizer(fast, eos_id=tk["eos_id"], bos_id=tk["bos_id"])
+
+
 def load_engine(path: Path, device: str | torch.device = "cpu") -> Engine:
+    """Load an engine file; a TensorRT-backend one comes back with its plans and no weights."""
     manifest = read_manifest(path)
     tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    trt = manifest.get("backend") == "tensorrt"
+    with safe_open(str(path), framework="pt", device="cpu" if trt else str(device)) as f:
         for key in f.keys():
             tensors[key] = f.get_tensor(key)
     spec = ModelSpec(**manifest["spec"])
+    if trt:
+        model = Model(spec=spec, weights={}, tokenizer=_tokenizer(manifest, tensors, spec),
+                      identity=manifest["model"]["identity"],
+                      random_weights=manifest["model"]["random_weights"])
+        plans = {k.split(".", 1)[1]: tensors[k].numpy().tobytes() for k in tensors
+                 if k.startswith("tensorrt.")}
+        return Engine(path=path, manifest=manifest, model=model,
+                      k_per_layer=list(manifest["plan"]["k_per_layer"]), head_routers={},
+                      mlp_routers={}, plans=plans)
     weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
     if "lm_head.weight" not in weights:
         weights["lm_head.weight"] = weights["embed.weight"]
-    tk = manifest["tokenizer"]
-    tok: Tokenizer
-    if "tokenizer.json" in tensors:
-        import tokenizers
-        import transformers
-
-        raw = bytes(tensors.pop("tokenizer.json").cpu().numpy().tobytes()).decode("utf-8")
-        fast = transformers.PreTrainedTokenizerFast(
-            tokenizer_object=tokenizers.Tokenizer.from_str(raw))
-        tok = HFTokenizer(fast, eos_id=tk["eos_id"], bos_id=tk["bos_id"])
-    else:
-        tok = ByteTokenizer(spec.vocab)
+    tok = _tokenizer(manifest, tensors, spec)
     model = Model(spec=spec, weights=weights, tokenizer=tok,
                   identity=manifest["model"]["identity"],
                   random_weights=manifest["model"]["random_weights"],
