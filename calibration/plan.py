@@ -28,6 +28,10 @@ DENSITY_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 # not add up); pricing every move at least this much keeps the search able to shrink a plan
 # all the way back to dense.
 MIN_MOVE_COST_PCT = 0.02
+# The tuning text is small (4k tokens by default) and the search pushes a plan to the edge of
+# whatever it aims at there, so held-out text rises a little more: aim at this share of the
+# budget on the tuning text (measured on SmolLM2: a plan at +2.7% on tuning was +3.1% held out).
+TUNE_SHARE = 0.85
 
 
 def groups_for_density(density: float, n_kv: int) -> int:
@@ -165,7 +169,8 @@ def search_plan(
     max_tries: int = 10,
     refine_tries: int = 8,
 ) -> tuple[list[int], list[dict[str, float]]]:
-    """The cheapest plan (fewest KV groups) whose measured rise on `tune` is within budget.
+    """The cheapest plan (fewest KV groups) whose measured rise on `tune` is within
+    TUNE_SHARE of the budget.
 
     Two stages: the knapsack on per-layer costs with a bisected internal budget (costs do not
     add up, so the budget that fits is found by measuring), then greedy refinement: lower one
@@ -173,18 +178,19 @@ def search_plan(
     measures within budget (the knapsack leaves groups on the table where its additive
     model is pessimistic)."""
     n_kv, n_layers = model.spec.n_kv_heads, model.spec.n_layers
+    target = budget_pct * TUNE_SHARE
     best_plan, best_density = [n_kv] * n_layers, 1.0
     tries: list[dict[str, float]] = []
     measured: dict[tuple[int, ...], float] = {}
     fits, fails = None, None  # internal budgets known to give a fitting / failing plan
-    internal = budget_pct
+    internal = target
     for _ in range(max_tries):
         plan = _solve(costs, n_layers, n_kv, internal)
         rise = _measure(model, tune, routers_by_k, plan, measured)
         density = kv_density(plan, n_kv)
         tries.append({"stage": "knapsack", "internal_budget_pct": internal, "increase_pct": rise,
                       "kv_density": density})
-        if rise <= budget_pct:
+        if rise <= target:
             if density < best_density:
                 best_plan, best_density = plan, density
             fits = internal
@@ -194,7 +200,7 @@ def search_plan(
             fails = internal
         if fits is None:
             # Costs add up super-linearly: shrink the internal budget in proportion.
-            internal *= 0.9 * budget_pct / max(rise, 1e-9)
+            internal *= 0.9 * target / max(rise, 1e-9)
         else:
             # Internal budgets that matter span orders of magnitude: bisect geometrically.
             if fails / max(fits, 1e-12) < 1.25:
@@ -212,7 +218,7 @@ def search_plan(
         refine_tries -= 1
         tries.append({"stage": "greedy", "layer": layer, "k": k, "increase_pct": rise,
                       "kv_density": kv_density(candidate, n_kv)})
-        if rise <= budget_pct:
+        if rise <= target:
             plan = candidate
     return plan, tries
 

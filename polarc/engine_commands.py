@@ -78,7 +78,16 @@ def build_cmd(
             rec = cal.meta["model"]
             model = model_source(rec)
             random_weights = random_weights or rec["random_weights"]
-        m = load_model(model, weights=weights, random_weights=random_weights)
+        from polarc.exporters.engine import DTYPES
+        from polarc.models.load import source_spec
+
+        if dtype == "auto":  # decided before loading, so an 8B model never exists in fp32
+            spec = source_spec(model)
+            dtype = "bf16" if spec is not None and spec.n_params >= 1e9 else "auto"
+        if dtype not in (*DTYPES, "auto"):
+            raise PolarcError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        m = load_model(model, weights=weights, random_weights=random_weights,
+                       dtype=DTYPES.get(dtype, torch.float32))
         if cal is not None and not same_model(cal.meta["model"], m):
             raise PolarcError(f"{calibration} was made for another model, not {m.spec.name}",
                               hint="pass the model it was made for, or calibrate this one")

@@ -218,3 +218,23 @@ def test_build_density_needs_random_weights(tiny_dirs: dict, tmp_path: Path) -> 
     code, _, stderr = run("build", "-m", tiny_dirs["llama-gqa"], "--density", "0.5",
                           "-o", tmp_path / "x.plan")
     one_line_error(code, stderr, "only for --random-weights")
+
+
+def test_build_loads_large_models_in_their_engine_dtype(monkeypatch, tmp_path: Path) -> None:
+    """An 8B build must not materialise an fp32 copy (host memory ~1.5x the model at most)."""
+    import torch
+
+    import polarc.engine_commands as ec
+    from polarc.errors import PolarcError
+
+    seen = {}
+
+    def fake_load(source, **kwargs):
+        seen[source] = kwargs["dtype"]
+        raise PolarcError("stop here")
+
+    monkeypatch.setattr(ec, "load_model", fake_load)
+    for alias in ("llama3-8b", "opt-125m"):
+        code, _, stderr = run("build", "-m", alias, "--random-weights", "-o", tmp_path / "e.plan")
+        one_line_error(code, stderr, "stop here")
+    assert seen == {"llama3-8b": torch.bfloat16, "opt-125m": torch.float32}

@@ -110,6 +110,29 @@ def test_generate_stops_rows_at_eos(tiny_dirs: dict, tmp_path: Path) -> None:
     assert sampled == sampled2
 
 
+def test_finished_rows_are_compacted_into_smaller_buckets(tiny_dirs: dict, tmp_path: Path) -> None:
+    """Rows that stop at different steps: the live ones move to the front and run in smaller
+    batch buckets; each row's output is what it generates without EOS, cut at its EOS."""
+    engine = load_engine(_engine(tmp_path, tiny_dirs["llama-gqa"], max_batch=8))
+    prompts = PROMPTS + [[7, 8, 9], [100, 101], [31, 41, 59, 26, 53]]
+    full, _ = generate(Runtime(engine, batch=len(prompts)), prompts, max_new_tokens=12,
+                       stop_at_eos=False)
+    # as EOS, the token that the most rows produce within their first 8 steps
+    early = [set(out[:8]) for out in full]
+    eos = max({t for e in early for t in e}, key=lambda t: sum(t in e for e in early))
+    engine.model.tokenizer.eos_id = eos
+    rt = Runtime(engine, batch=len(prompts))
+    assert rt.buckets == [1, 2, 4, 6]
+    seen = []
+    compact = rt.compact
+    rt.compact = lambda live, bucket: (seen.append(bucket), compact(live, bucket))
+    outs, stats = generate(rt, prompts, max_new_tokens=12)
+    expected = [o[: o.index(eos) + 1] if eos in o else o for o in full]
+    assert outs == expected
+    assert seen, "no row finished early enough to shrink the batch"
+    assert stats.decode_tokens == sum(len(o) for o in outs) - len(outs)  # first: from prefill
+
+
 def test_engine_file_errors(tmp_path: Path, tiny_dirs: dict) -> None:
     text = tmp_path / "notes.txt"
     text.write_text("hello")

@@ -88,3 +88,42 @@ def test_sparse_mlp_on_gpu_matches_cpu(tiny_dirs: dict, tmp_path: Path, calibrat
         outs[device] = logits
     for a, b in zip(outs["cuda"], outs["cpu"], strict=True):
         assert (a - b).abs().max().item() < 1e-3
+
+
+def test_bucket_graphs_with_compaction_match_cpu(tiny_dirs: dict, tmp_path: Path) -> None:
+    """Rows finishing at different steps: per-bucket CUDA graphs after compaction give the
+    CPU's tokens."""
+    path = tmp_path / "e.plan"
+    build_engine(load_model(str(tiny_dirs["llama-gqa"])), None,
+                 BuildConfig(out=path, dtype="fp32", max_batch=8, max_seq=64))
+    prompts = PROMPTS + [[7, 8, 9], [100, 101], [31, 41, 59, 26, 53]]
+    full, _ = generate(Runtime(load_engine(path), batch=6), prompts, max_new_tokens=12,
+                       stop_at_eos=False)
+    early = [set(out[:8]) for out in full]
+    eos = max({t for e in early for t in e}, key=lambda t: sum(t in e for e in early))
+    outs = {}
+    for device in ("cpu", "cuda"):
+        engine = load_engine(path, device=device)
+        engine.model.tokenizer.eos_id = eos
+        rt = Runtime(engine, batch=6, device=device)
+        outs[device], _ = generate(rt, prompts, max_new_tokens=12)
+        if device == "cuda":
+            assert len(rt.graphs) > 1  # more than the full-batch bucket was captured
+    assert outs["cuda"] == outs["cpu"]
+
+
+def test_cache_that_does_not_fit_is_refused(tiny_dirs: dict, tmp_path: Path) -> None:
+    from polarc.errors import PolarcError
+
+    path = tmp_path / "e.plan"
+    build_engine(load_model(str(tiny_dirs["llama-gqa"])), None,
+                 BuildConfig(out=path, dtype="fp32", max_batch=100_000_000, max_seq=512))
+    engine = load_engine(path, device="cuda")
+    with pytest.raises(PolarcError, match="a KV cache for batch 100000000") as info:
+        Runtime(engine, batch=100_000_000, device="cuda")
+    assert info.value.hint.startswith("the largest batch that fits is")
+    fits = int(info.value.hint.rsplit(" ", 1)[1])
+    per_row = 2 * 3 * 2 * 512 * 16 * 4  # K and V, layers, groups, positions, head dim, fp32
+    free, _ = torch.cuda.mem_get_info()
+    assert 0 < fits * per_row <= free
+    Runtime(engine, batch=min(fits, 1024), device="cuda")  # a batch that fits is accepted

@@ -140,6 +140,21 @@ def load_model(
     return model
 
 
+def source_spec(source: str | None) -> ModelSpec | None:
+    """The architecture of `source` (alias, folder, .gguf) without loading its weights; None
+    when it cannot be told cheaply (load_model then says what is wrong)."""
+    source = source or DEFAULT_MODEL
+    if source in PRESETS:
+        return get_preset(source)
+    path = Path(source)
+    if not path.exists():
+        return None
+    try:
+        return _read_spec(path, path.stem)
+    except PolarcError:
+        return None
+
+
 def _read_spec(path: Path, name: str) -> ModelSpec:
     import transformers
 

@@ -96,6 +96,30 @@ def _attention_fn(device: torch.device):
     return attention_torch
 
 
+def _topk_fn(device: torch.device):
+    """Top-k groups per row as int32: one Triton launch on CUDA (torch.topk + cast is several
+    tiny kernels per layer), torch elsewhere."""
+    if device.type == "cuda":
+        from polarc.plugins.topk_groups import topk_groups
+
+        return topk_groups
+    return lambda scores, k: scores.topk(k, dim=-1).indices.to(torch.int32)
+
+
+def _write_kv_fn(device: torch.device):
+    """Append a token's K and V: one Triton launch on CUDA, indexed assignment elsewhere."""
+    if device.type == "cuda":
+        from polarc.plugins.kv_write import write_kv
+
+        return write_kv
+
+    def write(k, v, k_cache, v_cache, positions):  # the plugin's reference, without triton
+        rows, pos = torch.arange(k.shape[0], device=k.device), positions.long()
+        k_cache[rows, :, pos] = k
+        v_cache[rows, :, pos] = v
+    return write
+
+
 @dataclass
 class GenerationStats:
     prefill_tokens: int = 0
@@ -154,7 +178,13 @@ class Runtime:
         self.k_per_layer = [spec.n_kv_heads] * spec.n_layers if dense else engine.k_per_layer
         self.scale = 1.0 / math.sqrt(spec.head_dim)
         self.attention = _attention_fn(self.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.topk = _topk_fn(self.device)
+        self.write_kv = _write_kv_fn(self.device)
+        # One captured decode step per batch-size bucket: when rows finish, the live ones are
+        # compacted to the front and the step runs on the smallest bucket that holds them.
+        self.buckets = batch_buckets(batch)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._pool = None
         inv = self.model.rope_inv_freq
         self.rope_inv_freq = inv.to(self.device) if inv is not None else None
         self._fuse_projections()
@@ -221,41 +251,64 @@ class Runtime:
         self.dense = dense
         n_kv = self.spec.n_kv_heads
         self.k_per_layer = [n_kv] * self.spec.n_layers if dense else self.engine.k_per_layer
-        self.graph = None
+        self.graphs = {}
+        self._pool = None  # a pool whose graphs are gone cannot take new captures
         self._prepare_sparse_mlp()
 
-    def capture(self) -> None:
-        """Capture one decode step for this batch as a CUDA graph (replayed by `step`)."""
-        if self.device.type != "cuda":
+    def capture(self, bucket: int | None = None) -> None:
+        """Capture one decode step for the first `bucket` rows (default: the whole batch) as
+        a CUDA graph, replayed by `step` (no-op off CUDA or when already captured)."""
+        bucket = bucket or self.batch
+        if self.device.type != "cuda" or bucket in self.graphs:
             return
-        self.static_tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
         saved = self.seqlens.clone()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: compile kernels, settle allocations
-                self.decode_step(self.static_tokens)
+                self.decode_step(tokens)
                 self.seqlens.copy_(saved)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.static_logits = self.decode_step(self.static_tokens)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # buckets replay one at a time: share
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.decode_step(tokens)
         self.seqlens.copy_(saved)
+        self.graphs[bucket] = (graph, tokens, logits)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """A decode step: graph replay when captured, else eager."""
-        if self.graph is None:
+        """A decode step for the first len(tokens) rows: graph replay on CUDA (captured on
+        first use of that bucket), eager elsewhere."""
+        if self.device.type != "cuda":
             return self.decode_step(tokens)
-        self.static_tokens.copy_(tokens)
-        self.graph.replay()
-        return self.static_logits
+        bucket = tokens.shape[0]
+        self.capture(bucket)
+        graph, static_tokens, logits = self.graphs[bucket]
+        static_tokens.copy_(tokens)
+        graph.replay()
+        return logits
+
+    def bucket_for(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def compact(self, live: list[int], bucket: int) -> None:
+        """Move rows `live` (slots, in order) to the front of the cache, so the next steps run
+        on the first `bucket` rows; slots past the live ones read nothing (length zero)."""
+        n = len(live)
+        idx = torch.tensor(live, device=self.device)
+        for cache in (*self.k_cache, *self.v_cache):
+            cache[:n] = cache[idx]  # the gather copies first, so overlapping rows are safe
+        self.seqlens[:n] = self.seqlens[idx].clone()
+        self.seqlens[n:bucket] = 0
 
     def groups_for(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
         """Selected KV groups [B, k] int32 from the router scores [B, Hkv] of the rows."""
         k = self.k_per_layer[layer]
         if k >= self.spec.n_kv_heads:
             return self.all_groups[: scores.shape[0]]
-        return scores.topk(k, dim=-1).indices.to(torch.int32)
+        return self.topk(scores, k)
 
     def mlp_union(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The batch-union neuron index [k] int32: top-k of the router's summed probabilities."""
@@ -295,10 +348,10 @@ class Runtime:
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append one token per row (tokens [B]) and return next-token logits [B, vocab]."""
         spec, model = self.spec, self.model
-        B = tokens.shape[0]
-        pos = self.seqlens.long()
-        rows = torch.arange(B, device=self.device)
-        lens = self.seqlens + 1
+        B = tokens.shape[0]  # the first B rows of the cache (a batch-size bucket)
+        seqlens = self.seqlens[:B]
+        pos = seqlens.long()
+        lens = seqlens + 1
         h = F.embedding(tokens, model.weights["embed.weight"])
         if spec.family == "opt":
             h = h + F.embedding(pos + 2, model.weights["pos_embed.weight"])
@@ -325,9 +378,8 @@ class Runtime:
             groups = self.groups_for(layer, qkvr[:, qd + 2 * kvd:])
             if llama:
                 q, k = self.rope_qk(q, k, cos, sin)
-            self.k_cache[layer][rows, :, pos] = k
-            self.v_cache[layer][rows, :, pos] = v
-            o = self.attention(q, self.k_cache[layer], self.v_cache[layer], lens, groups,
+            self.write_kv(k, v, self.k_cache[layer], self.v_cache[layer], seqlens)
+            o = self.attention(q, self.k_cache[layer][:B], self.v_cache[layer][:B], lens, groups,
                                self.scale)
             attn_out = linear(model, o.reshape(B, -1), p + ".o")
             if llama:
@@ -343,7 +395,7 @@ class Runtime:
                     h = h + linear(model, F.relu(linear(model, x, p + ".up")), p + ".down")
         if llama:
             h = h + delta
-        self.seqlens.copy_(lens)
+        seqlens.copy_(lens)
         return final_logits(model, h)
 
 
@@ -366,10 +418,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def batch_buckets(batch: int) -> list[int]:
+    """Batch sizes a decode step is captured for: powers of two below `batch`, and `batch`."""
+    return sorted({1 << i for i in range(batch.bit_length()) if 1 << i < batch} | {batch})
+
+
 def generate(runtime: Runtime, prompts: list[list[int]], *, max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              stop_at_eos: bool = True) -> tuple[list[list[int]], GenerationStats]:
-    """Generate up to `max_new_tokens` per prompt; rows stop at EOS independently."""
+    """Generate up to `max_new_tokens` per prompt; rows stop at EOS independently.
+
+    When rows finish, the live ones are compacted to the front of the cache as soon as they
+    fit a smaller batch-size bucket, so finished rows stop costing compute; until then a
+    finished row keeps its slot with cache length zero (it reads almost nothing)."""
     stats = GenerationStats()
     gen = torch.Generator().manual_seed(seed)
     eos = runtime.model.tokenizer.eos_id if stop_at_eos else None
@@ -380,27 +441,32 @@ def generate(runtime: Runtime, prompts: list[list[int]], *, max_new_tokens: int,
     _sync(dev)
     stats.prefill_s = time.perf_counter() - t0
     stats.prefill_tokens = sum(len(p) for p in prompts)
-    if dev.type == "cuda" and runtime.graph is None:
-        runtime.capture()
+    runtime.capture()
     outputs: list[list[int]] = [[] for _ in prompts]
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    room = runtime.max_seq - max(len(p) for p in prompts)
-    for step in range(min(max_new_tokens, room)):
+    slots: list[int | None] = list(range(len(prompts)))  # slot -> prompt (None: padding)
+    done = [False] * len(prompts)
+    steps = min(max_new_tokens, runtime.max_seq - max(len(p) for p in prompts))
+    for step in range(steps):
         nxt = sample(logits, temperature=temperature, top_p=top_p, generator=gen).cpu()
-        for b in range(len(prompts)):
-            if not done[b]:
-                outputs[b].append(int(nxt[b]))
-                if eos is not None and int(nxt[b]) == eos:
-                    done[b] = True
-        if bool(done.all()) or step == min(max_new_tokens, room) - 1:
+        for slot, row in enumerate(slots):
+            if row is not None and not done[row]:
+                outputs[row].append(int(nxt[slot]))
+                done[row] = eos is not None and int(nxt[slot]) == eos
+        live = [slot for slot, row in enumerate(slots) if row is not None and not done[row]]
+        if not live or step == steps - 1:
             break
-        if done.any():
-            # Finished rows keep their slot (static shapes) but read almost nothing.
-            runtime.seqlens[done.to(dev)] = 0
+        bucket = runtime.bucket_for(len(live)) if hasattr(runtime, "bucket_for") else len(slots)
+        if bucket < len(slots):
+            runtime.compact(live, bucket)
+            slots = [slots[s] for s in live] + [None] * (bucket - len(live))
+            nxt = torch.cat([nxt[live], nxt.new_zeros(bucket - len(live))])
+        elif len(live) < len(slots):
+            gone = [s for s in range(len(slots)) if s not in live]
+            runtime.seqlens[torch.tensor(gone, device=dev)] = 0
         _sync(dev)
         t = time.perf_counter()
         logits = runtime.step(nxt.to(dev))
         _sync(dev)
         stats.step_ms.append((time.perf_counter() - t) * 1000)
-        stats.decode_tokens += int((~done).sum())
+        stats.decode_tokens += len(live)
     return outputs, stats

@@ -31,7 +31,6 @@ class TensorRTRuntime:
         self.engine, self.model, self.batch = engine, engine.model, batch
         self.spec = spec = engine.model.spec
         self.max_seq = engine.limits["max_seq"]
-        self.graph = None
         self.trt = trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.contexts = {}

@@ -1,0 +1,41 @@
+"""The one-launch KV append against indexed assignment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first import of triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from polarc.plugins.kv_write import write_kv, write_kv_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(("b", "cache_rows", "hkv", "s", "d"), [(1, 1, 3, 5, 64), (3, 4, 2, 9, 16),
+                                                              (4, 4, 8, 33, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_indexed_assignment(b, cache_rows, hkv, s, d, dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    fused = torch.randn(b, 3 * hkv * d, generator=g).to(DEVICE, dtype)  # v is a strided view
+    k = torch.randn(b, hkv, d, generator=g).to(DEVICE, dtype)
+    v = fused[:, hkv * d: 2 * hkv * d].view(b, hkv, d)
+    caches = [torch.randn(cache_rows, hkv, s, d, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    pos = torch.randint(0, s, (b,), generator=g, dtype=torch.int32).to(DEVICE)
+    write_kv(k, v, caches[0], caches[1], pos)
+    write_kv_reference(k, v, expected[0], expected[1], pos)
+    assert torch.equal(caches[0], expected[0]) and torch.equal(caches[1], expected[1])
+
+
+def test_bad_input() -> None:
+    k = torch.zeros(2, 2, 4, device=DEVICE)
+    cache = torch.zeros(2, 3, 5, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="do not fit"):
+        write_kv(k, k, cache, cache, torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="int32"):
+        fits = torch.zeros(2, 2, 5, 4, device=DEVICE)
+        write_kv(k, k, fits, fits.clone(), torch.zeros(2, device=DEVICE))
