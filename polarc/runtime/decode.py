@@ -455,7 +455,7 @@ def generate(runtime: Runtime, prompts: list[list[int]], *, max_new_tokens: int,
         live = [slot for slot, row in enumerate(slots) if row is not None and not done[row]]
         if not live or step == steps - 1:
             break
-        bucket = runtime.bucket_for(len(live)) if hasattr(runtime, "bucket_for") else len(slots)
+        bucket = runtime.bucket_for(len(live))
         if bucket < len(slots):
             runtime.compact(live, bucket)
             slots = [slots[s] for s in live] + [None] * (bucket - len(live))

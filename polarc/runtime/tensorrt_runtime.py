@@ -52,6 +52,10 @@ class TensorRTRuntime:
     def capture(self) -> None:
         """TensorRT schedules its own kernels; nothing to capture."""
 
+    def bucket_for(self, rows: int) -> int:
+        """One bucket (the whole batch): finished rows keep their slot and read nothing."""
+        return self.batch
+
     def _execute(self, name: str, inputs: dict[str, torch.Tensor],
                  outputs: dict[str, torch.Tensor]) -> None:
         ctx = self.contexts[name]
