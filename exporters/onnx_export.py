@@ -342,13 +342,12 @@ def export_onnx(engine: Engine, out: Path, *, dense: bool = False, dtype: str | 
     """Write decode graph, prefill graph and shared weights for `engine` (atomically) and
     check both graphs with onnx.checker. `dtype` (bf16/fp16/fp32) defaults to the engine's
     weights' dtype. Returns the paths written."""
-    from polarc.exporters.engine import DTYPES
+    from polarc.exporters.engine import DTYPES, check_output_path
 
     dtype = DTYPES[dtype] if dtype is not None else engine.model.weights["embed.weight"].dtype
     if dtype not in ONNX_DTYPES:
         raise PolarcError(f"cannot export {dtype} weights to ONNX")
-    if out.is_dir() or not out.resolve().parent.is_dir():
-        raise PolarcError(f"cannot write {out}: give a file in an existing folder")
+    check_output_path(out)
     manifest = {**engine.manifest, "dense": dense}
     paths = [out, prefill_path(out), data_path(out)]
     tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]

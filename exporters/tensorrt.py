@@ -88,11 +88,12 @@ def build_plan(trt: Any, onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...
 
 def build_tensorrt_engine(engine: Engine, cfg: Any, *, dense: bool = False) -> None:
     """Export ONNX to a temporary folder, build decode and prefill plans, write the container."""
-    from polarc.exporters.engine import tokenizer_json, write_container
+    from polarc.exporters.engine import check_output_path, tokenizer_json, write_container
     from polarc.exporters.onnx_export import export_onnx
     from polarc.plugins.tensorrt_plugin import register_plugin
 
     trt = require_tensorrt()
+    check_output_path(cfg.out)
     register_plugin()
     with tempfile.TemporaryDirectory(dir=cfg.out.resolve().parent) as tmp:
         decode_onnx, prefill_onnx, _ = export_onnx(engine, Path(tmp) / "model.onnx", dense=dense,

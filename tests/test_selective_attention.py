@@ -6,21 +6,15 @@ On the CPU the kernel runs through Triton's interpreter at small shapes; with CU
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede the first import of triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from polarc.plugins import (  # noqa: E402
+from polarc.plugins import (
     plan_selective_attention,
     selective_attention,
     selective_attention_reference,
     selective_attention_workspace,
 )
-from polarc.plugins.selective_attention import _selective_attention_kernel  # noqa: E402
+from polarc.plugins.selective_attention import _selective_attention_kernel
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = type(_selective_attention_kernel).__name__ == "InterpretedFunction"

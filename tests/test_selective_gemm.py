@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede the first import of triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from polarc.plugins import (  # noqa: E402
+from polarc.plugins import (
     GemmWorkspace,
     plan_selective_gemm,
     selective_gemm_down,
@@ -19,7 +13,7 @@ from polarc.plugins import (  # noqa: E402
     selective_gemm_up_reference,
     selective_gemm_workspace,
 )
-from polarc.plugins.selective_gemm import _selective_gemm_up_kernel  # noqa: E402
+from polarc.plugins.selective_gemm import _selective_gemm_up_kernel
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = type(_selective_gemm_up_kernel).__name__ == "InterpretedFunction"

@@ -18,12 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # must precede the first import of triton
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from polarc.plugins import selective_attention_reference  # noqa: E402
-from polarc.plugins.tensorrt_plugin import (  # noqa: E402
+from polarc.plugins import selective_attention_reference
+from polarc.plugins.tensorrt_plugin import (
     PtxKernel,
     compile_plugin_kernel,
     plugin_constexprs,
@@ -32,7 +28,7 @@ from polarc.plugins.tensorrt_plugin import (  # noqa: E402
     selective_attention_plugin_kernel,
 )
 
-from tests.test_selective_attention import INTERPRETED, TOL, _inputs, _rel_err  # noqa: E402
+from tests.test_selective_attention import INTERPRETED, TOL, _inputs, _rel_err
 
 CUDA = torch.cuda.is_available()
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

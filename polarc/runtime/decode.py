@@ -300,7 +300,7 @@ class Runtime:
         idx = torch.tensor(live, device=self.device)
         for cache in (*self.k_cache, *self.v_cache):
             cache[:n] = cache[idx]  # the gather copies first, so overlapping rows are safe
-        self.seqlens[:n] = self.seqlens[idx].clone()
+        self.seqlens[:n] = self.seqlens[idx]  # advanced indexing already copies
         self.seqlens[n:bucket] = 0
 
     def groups_for(self, layer: int, scores: torch.Tensor) -> torch.Tensor:
