@@ -1,16 +1,12 @@
 """The calibration artifact: DIR/routers.safetensors + DIR/calibration.json (+ report.png).
 
-Written into a temporary sibling folder and renamed into place, so an interrupted run leaves
-no half artifact; an existing DIR is replaced only with `force`.
+Written through `polarc.outputs.writing` (a temporary sibling folder renamed into place), so
+an interrupted run leaves no half artifact; an existing DIR is replaced only with `force`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,38 +36,13 @@ class Calibration:
         return list(self.meta["plan"]["k_per_layer"])
 
 
-def check_out_dir(out: Path, force: bool) -> None:
-    """Fail before any work if `out` exists (without force) or its parent is not writable."""
-    if out.exists() and not force:
-        raise PolarcError(f"{out} already exists", hint="pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise PolarcError(f"{out} exists and is not a folder")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise PolarcError(f"cannot write {out}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise PolarcError(f"cannot write {out}: folder {parent} is not writable")
-
-
-@contextmanager
-def atomic_dir(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `out`, on any failure it is removed."""
-    check_out_dir(out, force)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+def is_calibration_folder(path: Path) -> bool:
+    """Whether `path` holds a polarc calibration (so `--force` may replace it)."""
     try:
-        tmp.mkdir(parents=False)
-    except OSError as exc:
-        raise PolarcError(f"cannot write {out}: {exc.strerror}") from None
-    try:
-        yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def router_tensors(head: dict[int, HeadRouter], mlp: dict[int, MLPRouter]

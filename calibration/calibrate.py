@@ -27,6 +27,7 @@ from rich.progress import Progress
 
 from polarc.errors import PolarcError
 from polarc.models.load import Model
+from polarc.outputs import check_output, writing
 
 
 @dataclass
@@ -45,6 +46,7 @@ class CalibrateConfig:
     epochs: int = 16
     seed: int = 0
     force: bool = False
+    inputs: tuple[Path, ...] = ()  # files the run reads, which --out must never replace
 
 
 def model_record(model: Model) -> dict[str, Any]:
@@ -110,7 +112,8 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
     if cfg.tokens < cfg.seq_len:
         raise PolarcError(f"--tokens {cfg.tokens} is less than one sequence (--seq-len "
                           f"{cfg.seq_len})")
-    artifact.check_out_dir(cfg.out, cfg.force)
+    check_output(cfg.out, force=cfg.force, folder=True, ours=artifact.is_calibration_folder,
+                 inputs=cfg.inputs)
     spec = model.spec
     torch.manual_seed(cfg.seed)
     pool, _ = load_sequences(cfg.dataset, model.tokenizer, seq_len=cfg.seq_len,
@@ -209,7 +212,8 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         "settings": {"epochs": cfg.epochs, "max_samples": cfg.max_samples, "seed": cfg.seed,
                      "mlp_batch": cfg.mlp_batch, "mlp_recall_target": cfg.mlp_recall},
     }
-    with artifact.atomic_dir(cfg.out, cfg.force) as tmp:
+    with writing(cfg.out, force=cfg.force, folder=True, ours=artifact.is_calibration_folder,
+                 inputs=cfg.inputs) as tmp:
         artifact.write(tmp, meta, head_routers, mlp_routers)
         plot_report(meta, tmp / artifact.REPORT_FILE)
     return meta

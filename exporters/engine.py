@@ -12,7 +12,6 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from polarc import __version__
 from polarc.errors import PolarcError
 from polarc.models.load import Model
 from polarc.models.tokenizer import HFTokenizer
+from polarc.outputs import check_output, write_failure, writing
 from polarc.runtime.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, Engine
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,6 +40,8 @@ class BuildConfig:
     max_seq: int = 2048
     density: float | None = None  # with random weights and no calibration: random routers
     seed: int = 0
+    force: bool = False  # replace an existing output (see polarc.outputs)
+    inputs: tuple[Path, ...] = ()  # files the build reads, which the output must never replace
 
 
 def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], dict[int, HeadRouter]]:
@@ -130,17 +132,10 @@ def tokenizer_json(model: Model) -> bytes | None:
     return None
 
 
-def check_output_path(out: Path) -> None:
-    if out.is_dir():
-        raise PolarcError(f"{out} is a folder", hint="give a file name, e.g. -o engine.plan")
-    if not out.resolve().parent.is_dir():
-        raise PolarcError(f"cannot write {out}: its folder does not exist")
-
-
 def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig,
                  calibration_path: Path | None = None) -> dict[str, Any]:
     """Write the torch-backend engine to `cfg.out` atomically; return its manifest."""
-    check_output_path(cfg.out)
+    check_output(cfg.out, force=cfg.force, inputs=cfg.inputs)
     parts = engine_parts(model, calibration, cfg, calibration_path)
     spec, dtype = model.spec, DTYPES[cfg.dtype]
     tensors: dict[str, torch.Tensor] = {}
@@ -155,19 +150,25 @@ def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig
     tok_json = tokenizer_json(model)
     if tok_json is not None:
         tensors["tokenizer.json"] = torch.frombuffer(bytearray(tok_json), dtype=torch.uint8)
-    write_container(tensors, parts.manifest, cfg.out)
+    write_container(tensors, parts.manifest, cfg.out, force=cfg.force, inputs=cfg.inputs)
     return parts.manifest
 
 
-def write_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], out: Path) -> None:
+def write_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], out: Path, *,
+                    force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
     """Write an engine file (safetensors with the manifest in its metadata) atomically."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with writing(out, force=force, inputs=inputs) as tmp:
+        save_container(tensors, manifest, tmp, name=out)
+
+
+def save_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path, *,
+                   name: Path) -> None:
+    """The container's bytes at `path` (a temporary: `name` is what errors call it)."""
+    from safetensors import SafetensorError
+
     try:
-        save_file(tensors, str(tmp), metadata={"format": ENGINE_FORMAT,
-                                               "format_version": str(ENGINE_FORMAT_VERSION),
-                                               "manifest": json.dumps(manifest)})
-        os.replace(tmp, out)
-    except OSError as exc:
-        raise PolarcError(f"cannot write {out}: {exc.strerror}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+        save_file(tensors, str(path), metadata={"format": ENGINE_FORMAT,
+                                                "format_version": str(ENGINE_FORMAT_VERSION),
+                                                "manifest": json.dumps(manifest)})
+    except SafetensorError as exc:
+        raise write_failure(name, exc) from None

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from polarc.errors import PolarcError
+from polarc.outputs import check_output, writing
 from polarc.runtime.decode import SPARSE_MLP_MAX_DENSITY, attention_torch
 from polarc.runtime.engine import Engine
 
@@ -337,35 +337,32 @@ def _prefill_graph(g: _Graph, manifest: dict[str, Any]) -> onnx.ModelProto:
     return g.model_proto("prefill", inputs, outputs, manifest)
 
 
-def export_onnx(engine: Engine, out: Path, *, dense: bool = False, dtype: str | None = None
-                ) -> list[Path]:
+def export_onnx(engine: Engine, out: Path, *, dense: bool = False, dtype: str | None = None,
+                force: bool = False, inputs: tuple[Path, ...] = ()) -> list[Path]:
     """Write decode graph, prefill graph and shared weights for `engine` (atomically) and
     check both graphs with onnx.checker. `dtype` (bf16/fp16/fp32) defaults to the engine's
     weights' dtype. Returns the paths written."""
-    from polarc.exporters.engine import DTYPES, check_output_path
+    from polarc.exporters.engine import DTYPES
 
     dtype = DTYPES[dtype] if dtype is not None else engine.model.weights["embed.weight"].dtype
     if dtype not in ONNX_DTYPES:
         raise PolarcError(f"cannot export {dtype} weights to ONNX")
-    check_output_path(out)
-    manifest = {**engine.manifest, "dense": dense}
     paths = [out, prefill_path(out), data_path(out)]
-    tmps = [p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in paths]
-    weights = _WeightFile(tmps[2], location=paths[2].name)
-    try:
-        decode = _decode_graph(_Graph(weights, engine, dtype), manifest, dense)
-        prefill = _prefill_graph(_Graph(weights, engine, dtype), manifest)
-        weights.close()
-        onnx.save(decode, str(tmps[0]))
-        onnx.save(prefill, str(tmps[1]))
-        for tmp, final in zip(tmps[::-1], paths[::-1], strict=True):  # data first
-            os.replace(tmp, final)
-    except OSError as exc:
-        raise PolarcError(f"cannot write {out}: {exc.strerror}") from None
-    finally:
-        weights.close()
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
+    for path in paths:  # all three before any work: a side file is an output too
+        check_output(path, force=force, inputs=inputs)
+    manifest = {**engine.manifest, "dense": dense}
+    # Renamed into place in reverse order of entry: the weights first, the decode graph last.
+    with writing(paths[0], force=force, inputs=inputs) as decode_tmp, \
+            writing(paths[1], force=force, inputs=inputs) as prefill_tmp, \
+            writing(paths[2], force=force, inputs=inputs) as data_tmp:
+        weights = _WeightFile(data_tmp, location=paths[2].name)
+        try:
+            decode = _decode_graph(_Graph(weights, engine, dtype), manifest, dense)
+            prefill = _prefill_graph(_Graph(weights, engine, dtype), manifest)
+        finally:
+            weights.close()
+        onnx.save(decode, str(decode_tmp))
+        onnx.save(prefill, str(prefill_tmp))
     for path in paths[:2]:
         onnx.checker.check_model(str(path))
     return paths

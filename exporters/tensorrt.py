@@ -17,13 +17,14 @@ tests/test_tensorrt_plugin*.py).
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from polarc.errors import PolarcError
+from polarc.outputs import check_output, writing
 from polarc.runtime.engine import Engine
 
 TENSORRT_MIN = (10, 9)
@@ -87,28 +88,34 @@ def build_plan(trt: Any, onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...
 
 
 def build_tensorrt_engine(engine: Engine, cfg: Any, *, dense: bool = False) -> None:
-    """Export ONNX to a temporary folder, build decode and prefill plans, write the container."""
-    from polarc.exporters.engine import check_output_path, tokenizer_json, write_container
+    """Export ONNX to a scratch folder beside the output, build decode and prefill plans,
+    write the container."""
+    from polarc.exporters.engine import save_container, tokenizer_json
     from polarc.exporters.onnx_export import export_onnx
     from polarc.plugins.tensorrt_plugin import register_plugin
 
     trt = require_tensorrt()
-    check_output_path(cfg.out)
+    check_output(cfg.out, force=cfg.force, inputs=cfg.inputs)
     register_plugin()
-    with tempfile.TemporaryDirectory(dir=cfg.out.resolve().parent) as tmp:
-        decode_onnx, prefill_onnx, _ = export_onnx(engine, Path(tmp) / "model.onnx", dense=dense,
-                                                   dtype=cfg.dtype)
-        plans = {
-            "decode": build_plan(trt, decode_onnx,
-                                 _profile_shapes(engine, "decode", cfg.max_batch, cfg.max_seq)),
-            "prefill": build_plan(trt, prefill_onnx,
-                                  _profile_shapes(engine, "prefill", cfg.max_batch, cfg.max_seq)),
-        }
-    tensors = {f"tensorrt.{name}": torch.frombuffer(bytearray(data), dtype=torch.uint8)
-               for name, data in plans.items()}
-    tok = tokenizer_json(engine.model)
-    if tok is not None:
-        tensors["tokenizer.json"] = torch.frombuffer(bytearray(tok), dtype=torch.uint8)
-    manifest = {**engine.manifest, "backend": "tensorrt", "dense": dense,
-                "tensorrt_version": trt.__version__}
-    write_container(tensors, manifest, cfg.out)
+    with writing(cfg.out, force=cfg.force, inputs=cfg.inputs) as tmp:
+        scratch = tmp.with_name(tmp.name + ".onnx")  # removed with stale temporaries if killed
+        scratch.mkdir()
+        try:
+            decode_onnx, prefill_onnx, _ = export_onnx(engine, scratch / "model.onnx",
+                                                       dense=dense, dtype=cfg.dtype)
+            plans = {
+                "decode": build_plan(trt, decode_onnx,
+                                     _profile_shapes(engine, "decode", cfg.max_batch, cfg.max_seq)),
+                "prefill": build_plan(trt, prefill_onnx,
+                                      _profile_shapes(engine, "prefill", cfg.max_batch, cfg.max_seq)),
+            }
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        tensors = {f"tensorrt.{name}": torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                   for name, data in plans.items()}
+        tok = tokenizer_json(engine.model)
+        if tok is not None:
+            tensors["tokenizer.json"] = torch.frombuffer(bytearray(tok), dtype=torch.uint8)
+        manifest = {**engine.manifest, "backend": "tensorrt", "dense": dense,
+                    "tensorrt_version": trt.__version__}
+        save_container(tensors, manifest, tmp, name=cfg.out)

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from polarc.errors import PolarcError
+from polarc.outputs import check_output
 
 bench_app = typer.Typer(
     help="Benchmarks on a CUDA GPU. Example: polarc bench kernels --json kernels.json",
@@ -22,6 +23,7 @@ def kernels_cmd(
                        "to this file.")] = None,
     quick: Annotated[bool, typer.Option(
         "--quick", help="A subset of the shapes (B in {1, 64}, S in {1024, 8192}).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
 ) -> None:
     """Selective attention and selective GEMM against torch SDPA / cuBLAS (BENCHMARKS.md §1-2).
 
@@ -42,8 +44,8 @@ def kernels_cmd(
         except ImportError as exc:
             raise PolarcError(f"kernel benchmarks need triton ({exc})",
                               hint="pip install 'polarc[kernels]'") from exc
-        if json_path is not None and not json_path.parent.exists():
-            raise PolarcError(f"folder {json_path.parent} does not exist")
+        if json_path is not None:
+            check_output(json_path, force=force)
         run_kernel_benchmarks(json_path, quick)
 
 
@@ -53,6 +55,7 @@ def e2e_cmd(
         "--json", help="Write the records (step ms, floor ms, speedup, router share).")] = None,
     no_hf: Annotated[bool, typer.Option(
         "--no-hf", help="Skip the transformers generate baseline.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
 ) -> None:
     """Whole decode steps of dense and sparse random-weight Llama-3-8B / Llama-2-7B engines
     against their byte floors and transformers generate (BENCHMARKS.md §3).
@@ -67,8 +70,8 @@ def e2e_cmd(
         if not torch.cuda.is_available():
             raise PolarcError("end-to-end benchmarks need a CUDA GPU and none is visible",
                               hint="run on a machine with an NVIDIA GPU")
-        if json_path is not None and not json_path.parent.exists():
-            raise PolarcError(f"folder {json_path.parent} does not exist")
+        if json_path is not None:
+            check_output(json_path, force=force)
         from polarc.runtime.bench import run_e2e_benchmarks
 
         run_e2e_benchmarks(json_path, with_hf=not no_hf)

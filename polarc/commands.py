@@ -9,10 +9,11 @@ import typer
 from rich import box
 from rich.table import Table
 
-from polarc.console import err, out, progress, user_errors, write_json
+from polarc.console import err, out, progress, user_errors
 from polarc.errors import PolarcError
 from polarc.models import DEFAULT_MODEL, PRESETS, load_model
 from polarc.models.load import describe_weights_available
+from polarc.outputs import check_output, write_json
 
 ModelOpt = Annotated[str | None, typer.Option(
     "--model", "-m", help="Preset alias, Hugging Face folder, or .gguf file.")]
@@ -21,16 +22,30 @@ WeightsOpt = Annotated[Path | None, typer.Option(
 RandomOpt = Annotated[bool, typer.Option(
     "--random-weights", help="Random weights of the exact architecture (speed work only).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+ForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Replace existing outputs (regular files and polarc's own outputs only).")]
+
+
+def dataset_input(dataset: str | None) -> Path | None:
+    """The dataset as a local file (an input outputs must not replace), else None."""
+    return Path(dataset) if dataset and Path(dataset).exists() else None
+
+
+def model_inputs(model: str | None, weights: Path | None) -> tuple[Path, ...]:
+    return tuple(Path(p) for p in (model, weights) if p is not None and Path(p).exists())
 
 
 def models_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the list as JSON.")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """List model presets with their shapes and whether weights are available here.
 
     Example: polarc models
     """
     with user_errors():
+        if json_out:
+            check_output(json_out, force=force)
         table = Table(title="polarc model presets", box=box.SIMPLE_HEAD)
         for col in ("alias", "family", "layers", "heads", "KV", "dim", "hidden", "MLP", "params",
                     "weights"):
@@ -51,7 +66,7 @@ def models_cmd(
         out.print("* default. heads: query heads; KV: KV groups; dim: head dim. Weights 'no': pass --weights "
                   "DIR (Hugging Face folder or .gguf), or --random-weights for speed work.")
         if json_out:
-            write_json(json_out, rows)
+            write_json(json_out, rows, force=force)
 
 
 def calibrate_cmd(
@@ -75,7 +90,8 @@ def calibrate_cmd(
     max_samples: Annotated[int, typer.Option(help="Router training tokens kept per layer.")] = 65536,
     epochs: Annotated[int, typer.Option(help="Router training epochs.")] = 16,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out folder.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing --out folder (only one polarc made).")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Profile a model on calibration text, fit per-layer routers, choose a density plan.
@@ -94,14 +110,17 @@ def calibrate_cmd(
         cfg = CalibrateConfig(out=out_dir, dataset=dataset, seq_len=seq_len, tokens=tokens,
                               tune_tokens=tune_tokens, density=density,
                               quality_budget=quality_budget, batch_size=batch_size,
-                              max_samples=max_samples, epochs=epochs, seed=seed, force=force)
+                              max_samples=max_samples, epochs=epochs, seed=seed, force=force,
+                              inputs=tuple(p for p in (dataset_input(dataset),
+                                                       *model_inputs(model, weights)) if p))
         _check_positive(seq_len=seq_len, tokens=tokens, batch_size=batch_size,
                         max_samples=max_samples, epochs=epochs)
         if density is not None and not 0.0 < density <= 1.0:
             raise PolarcError(f"--density must be in (0, 1], got {density}")
-        from polarc.calibration.artifact import check_out_dir
+        from polarc.calibration.artifact import is_calibration_folder
 
-        check_out_dir(out_dir, force)
+        check_output(out_dir, force=force, folder=True, ours=is_calibration_folder,
+                     inputs=cfg.inputs)
         m = load_model(model, weights=weights, random_weights=random_weights)
         with progress(quiet) as bar:
             meta = calibrate(m, cfg, bar)
@@ -141,6 +160,7 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the random selection.")] = 0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON.")] = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity on held-out text with dense, router, oracle and random selection.
@@ -154,6 +174,9 @@ def eval_cmd(
 
     with user_errors():
         _check_positive(tokens=tokens, batch_size=batch_size)
+        inputs = (calibration, dataset_input(dataset), *model_inputs(model, weights))
+        if json_out:
+            check_output(json_out, force=force, inputs=inputs)
         cal = artifact.read(calibration)
         rec = cal.meta["model"]
         if model is None:
@@ -177,7 +200,7 @@ def eval_cmd(
                    random_weights=m.random_weights)
         _print_eval(res)
         if json_out:
-            write_json(json_out, res)
+            write_json(json_out, res, force=force, inputs=inputs)
 
 
 def _print_eval(res: dict) -> None:

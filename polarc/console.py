@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -28,9 +27,20 @@ out = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that cleanup runs as for Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn user mistakes into one line on stderr and exit 1 (POLARC_DEBUG=1: traceback)."""
+    """Turn user mistakes into one line on stderr and exit 1 (POLARC_DEBUG=1: traceback);
+    Ctrl-C and SIGTERM clean up what was being written and exit 130 / 143."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
         yield
     except PolarcError as exc:
@@ -41,9 +51,13 @@ def user_errors() -> Iterator[None]:
             msg += f" ({exc.hint})"
         err.print(msg, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        err.print("Interrupted: nothing was written.", highlight=False)
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
+        err.print(f"{what}: nothing was written.", highlight=False)
+        raise typer.Exit(143 if isinstance(exc, Terminated) else 130) from None
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def progress(quiet: bool = False) -> Progress:
@@ -52,16 +66,3 @@ def progress(quiet: bool = False) -> Progress:
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         console=err, disable=quiet or not sys.stderr.isatty() and os.environ.get("CI") == "true",
     )
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    if not path.resolve().parent.is_dir():
-        raise PolarcError(f"cannot write {path}: its folder does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise PolarcError(f"cannot write {path}: {exc.strerror}") from None

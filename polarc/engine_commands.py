@@ -8,10 +8,19 @@ from typing import Annotated
 import torch
 import typer
 
-from polarc.commands import ModelOpt, QuietOpt, RandomOpt, WeightsOpt, _check_positive
-from polarc.console import err, out, user_errors, write_json
+from polarc.commands import (
+    ForceOpt,
+    ModelOpt,
+    QuietOpt,
+    RandomOpt,
+    WeightsOpt,
+    _check_positive,
+    model_inputs,
+)
+from polarc.console import err, out, user_errors
 from polarc.errors import PolarcError
 from polarc.models import load_model
+from polarc.outputs import check_output, write_json
 
 DEMO_PROMPTS = [
     "The capital of Germany is",
@@ -42,7 +51,8 @@ def build_cmd(
              "SelectiveHeadAttention custom op) or tensorrt (needs TensorRT >= 10.9).")] = "torch",
     dense: Annotated[bool, typer.Option(
         "--dense", help="onnx/tensorrt: export with every KV group selected.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing engine file.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing output (a regular file; never an input).")] = False,
 ) -> None:
     """Pack weights, routers, tokenizer and plan into one engine file.
 
@@ -69,8 +79,14 @@ def build_cmd(
         if dense and backend == "torch":
             raise PolarcError("--dense is for --backend onnx/tensorrt",
                               hint="a torch engine runs dense with polarc run --dense")
-        if output.exists() and not force:
-            raise PolarcError(f"{output} already exists", hint="pass --force to replace it")
+        inputs = (calibration, *model_inputs(model, weights))
+        if backend == "onnx":
+            from polarc.exporters.onnx_export import data_path, prefill_path
+
+            for path in (output, prefill_path(output), data_path(output)):
+                check_output(path, force=force, inputs=inputs)
+        else:
+            check_output(output, force=force, inputs=inputs)
         if density is not None and not 0.0 < density <= 1.0:
             raise PolarcError(f"--density must be in (0, 1], got {density}")
         cal = artifact.read(calibration) if calibration is not None else None
@@ -95,7 +111,8 @@ def build_cmd(
         if dtype == "auto":
             dtype = "fp32" if m.spec.n_params < 1e9 else "bf16"
         cfg = BuildConfig(out=output, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
-                          density=density)
+                          density=density, force=force,
+                          inputs=tuple(p for p in inputs if p is not None))
         if backend != "torch":
             _build_graph_backend(backend, m, cal, cfg, calibration, dense)
             return
@@ -116,7 +133,8 @@ def _build_graph_backend(backend: str, m, cal, cfg, calibration: Path | None, de
     parts = engine_parts(m, cal, cfg, calibration, backend=backend)
     engine = in_memory_engine(m, parts)
     if backend == "onnx":
-        paths = export_onnx(engine, cfg.out, dense=dense, dtype=cfg.dtype)
+        paths = export_onnx(engine, cfg.out, dense=dense, dtype=cfg.dtype, force=cfg.force,
+                            inputs=cfg.inputs)
         out.print(f"wrote {', '.join(str(p) for p in paths)}: {m.spec.name} decode and prefill "
                   f"graphs, {cfg.dtype}, {'dense' if dense else 'engine plan'}; onnx.checker passed",
                   soft_wrap=True, highlight=False)
@@ -143,6 +161,7 @@ def run_cmd(
     dense: Annotated[bool, typer.Option("--dense", help="Run with every KV group selected.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON.")] = None,
+    force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Batched generation on an engine; prints generations and decode speed.
@@ -160,6 +179,8 @@ def run_cmd(
         _check_positive(max_new_tokens=max_new_tokens)
         if temperature < 0 or not 0 < top_p <= 1:
             raise PolarcError("--temperature must be >= 0 and --top-p in (0, 1]")
+        if json_out:
+            check_output(json_out, force=force, inputs=(engine, prompts))
         texts = list(prompt or [])
         if prompts is not None:
             if not prompts.is_file():
@@ -222,4 +243,5 @@ def run_cmd(
                   f"({'dense' if dense else 'engine plan'}); batch {bsz}; {dev.type}")
         if json_out:
             write_json(json_out, {**summary, "kv_density": density, "batch": bsz,
-                                  "device": dev.type, "dense": dense, "outputs": results})
+                                  "device": dev.type, "dense": dense, "outputs": results},
+                       force=force, inputs=(engine, prompts))

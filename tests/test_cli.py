@@ -116,7 +116,7 @@ def test_eval_with_another_model(calibrated: dict, tiny_dirs: dict) -> None:
     (["calibrate", "-m", "{empty}", "--out", "{tmp}/x"], "no weights in"),
     (["calibrate", "--density", "1.5", "--out", "{tmp}/x"], "--density must be in (0, 1]"),
     (["calibrate", "--density", "0", "--out", "{tmp}/x"], "--density must be in (0, 1]"),
-    (["calibrate", "--out", "{tmp}/no/such/dir"], "does not exist"),
+    (["calibrate", "--out", "{short}/x"], "is not a folder"),
     (["calibrate", "-m", "{tiny}", "--dataset", "{short}", "--out", "{tmp}/x"],
      "fewer than one sequence"),
     (["eval", "--calibration", "{tmp}"], "is not a calibration folder"),
