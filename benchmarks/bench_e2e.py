@@ -1,16 +1,200 @@
-"""End-to-end decode benchmark (BENCHMARKS.md §3); needs a CUDA GPU.
+"""BENCHMARKS.md §3: end-to-end decode step time of dense and sparse engines on a CUDA GPU.
 
-    python benchmarks/bench_e2e.py --json e2e.json
+    python -m polarc.benchmarks.bench_e2e [--json OUT] [--no-hf]    # = polarc bench e2e
+
+Random-weight Llama-3-8B and Llama-2-7B architectures in bf16, built in memory with random
+routers; the KV cache is filled with random values at the case's length (prefill is
+excluded). A step is the runtime's decode step for the whole batch, captured in a CUDA graph
+and timed by `timing.time_graph` (median of replays). The floor of a step is (weight bytes +
+KV bytes read) ÷ the copy bandwidth measured in the same run.
 """
 
+from __future__ import annotations
+
 import argparse
+import gc
+import json
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
-from polarc.runtime.bench import run_e2e_benchmarks
+import torch
+from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
+from polarc.exporters.engine import BuildConfig, assemble
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--json", type=Path, default=None)
+from polarc.format.engine_file import Engine
+from polarc.format.routers import HeadRouter
+from polarc.models.layers import add_part_views, stored_weights
+from polarc.models.load import Model, random_weights, rope_parameters
+from polarc.models.presets import get_preset, hf_config
+from polarc.models.tokenizer import ByteTokenizer
+from polarc.outputs import write_json
+from polarc.runtime.torch_runtime import Runtime
+
+CASES = [("llama3-8b", 32, 8192), ("llama3-8b", 64, 4096), ("llama2-7b", 16, 4096)]
+STEP_REPS = 60  # replays of one decode step (BENCHMARKS.md: median over >= 50 steps)
+
+
+def sparse_engine_in_memory(name: str, *, batch: int, max_seq: int, density: float,
+                            device: torch.device) -> Engine:
+    """A random-weight bf16 engine made on `device`, with random routers at `density`, laid
+    out as `load_engine` gives a written one: each head router's rows appended to its layer's
+    fused q/k/v weight and bias, the router a view of those rows."""
+    spec, dtype = get_preset(name), torch.bfloat16
+    rope = rope_parameters(spec)
+    if "rope_inv_freq" in rope:  # on the device, as load_engine puts it
+        rope["rope_inv_freq"] = rope["rope_inv_freq"].to(device)
+    weights = random_weights(spec, seed=0, dtype=dtype, device=device)
+    model = Model(spec=spec, weights=weights, tokenizer=ByteTokenizer(spec.vocab),
+                  identity={"architecture": spec.architecture(), "weights_sha256": "random-seed-0",
+                            "source": "random"}, random_weights=True, **rope)
+    engine = assemble(model, None, BuildConfig(out=Path("<memory>"), dtype="bf16", max_batch=batch,
+                                               max_seq=max_seq, density=density))
+    rows = spec.qkv_rows
+    for layer, router in engine.head_routers.items():
+        p = f"layers.{layer}.qkv."
+        bias = weights.get(p + "bias", torch.zeros(rows, dtype=dtype, device=device))
+        w = weights[p + "weight"] = torch.cat([weights[p + "weight"], router.weight.to(device, dtype)])
+        b = weights[p + "bias"] = torch.cat([bias, router.bias.to(device, dtype)])
+        engine.head_routers[layer] = HeadRouter(weight=w[rows:], bias=b[rows:], k=router.k,
+                                                recall=router.recall)
+        add_part_views(weights, spec, [layer])  # q/k/v views into the new tensor
+    return engine
+
+
+def weight_bytes(model: Model) -> int:
+    """Bytes of the stored weight tensors a step reads. The head routers' rows are included
+    (the fused q/k/v GEMM reads them in dense mode too); the embedding table only when tied
+    (it is then the lm_head; otherwise a step gathers B rows of it)."""
+    return sum(t.numel() * t.element_size()
+               for name, t in stored_weights(model.weights, model.spec).items()
+               if name != "embed.weight" or model.spec.tie_embeddings)
+
+
+def router_ms(rt: Runtime, bw: float) -> float:
+    """All layers' router work for the batch: the top-k over the scores, timed, plus the router
+    rows' bytes in the fused q/k/v GEMM at copy bandwidth."""
+    scores = torch.randn(rt.batch, rt.spec.n_kv_heads, device=rt.device, dtype=rt.model.dtype)
+    routers = rt.engine.head_routers
+    rows_bytes = sum(r.weight.numel() * r.weight.element_size() for r in routers.values())
+    ms = time_graph([lambda: [rt.groups_for(layer, scores, rt.batch) for layer in routers]])
+    return ms + rows_bytes / bw * 1e3
+
+
+def run_case(name: str, batch: int, seqlen: int, bw: float, density: float) -> list[dict[str, Any]]:
+    device = torch.device("cuda")
+    # max_seq = seqlen: the step writes position seqlen - 1 and attends over seqlen positions
+    engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=density,
+                                     device=device)
+    spec = engine.model.spec
+    rt = Runtime(engine, batch=batch, device=device)
+    for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
+        kc.normal_()
+        vc.normal_()
+    wbytes = weight_bytes(engine.model)
+    tokens = torch.randint(0, spec.vocab, (batch,), device=device)
+    records = []
+    for mode in ("dense", "sparse"):
+        rt.set_dense(mode == "dense")
+        ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
+                        reps=STEP_REPS)
+        ks = rt.k_per_layer
+        kv = sum(ks) * batch * seqlen * spec.head_dim * 2 * 2  # K and V, 2 bytes each
+        floor_ms = (wbytes + kv) / bw * 1000
+        rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode,
+               "density": sum(ks) / (spec.n_kv_heads * spec.n_layers), "step_ms": ms,
+               "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
+               "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9, "kv_gb": kv / 1e9}
+        if mode == "sparse":
+            rec["router_ms"] = router_ms(rt, bw)
+            rec["router_share"] = rec["router_ms"] / ms
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
+    dense, sparse = records
+    sparse["speedup"] = dense["step_ms"] / sparse["step_ms"]
+    sparse["floor_ratio"] = dense["floor_ms"] / sparse["floor_ms"]
+    return records
+
+
+def hf_generate_tokens_per_s(name: str, batch: int, seqlen: int, new_tokens: int = 32) -> float:
+    """transformers `generate` (static cache, SDPA) decode tokens/s on the same architecture."""
+    import transformers
+
+    cfg = hf_config(get_preset(name))
+    cfg._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, seqlen), device="cuda")
+    out = {}
+    for n in (1, new_tokens):
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    cache_implementation="static")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    cache_implementation="static")
+        torch.cuda.synchronize()
+        out[n] = time.perf_counter() - t
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return batch * (new_tokens - 1) / (out[new_tokens] - out[1])
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| model | B | S | mode | density | step ms | floor ms | x floor | tok/s | "
+             "speedup (floor ratio) | router share |", "|" + "---|" * 11]
+    for r in records:
+        if r["mode"] == "hf_generate":
+            tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else r.get("error", "")
+            lines.append(f"| {r['model']} | {r.get('batch', '')} | {r.get('seqlen', '')} | "
+                         f"transformers generate | 1.0 | | | | {tps} | | |")
+            continue
+        sp = f"{r['speedup']:.2f} ({r['floor_ratio']:.2f})" if "speedup" in r else ""
+        rs = f"{r['router_share'] * 100:.1f}%" if "router_share" in r else ""
+        lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | {r['mode']} | "
+                     f"{r['density']:.3f} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
+                     f"{r['ratio_to_floor']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {rs} |")
+    return "\n".join(lines)
+
+
+def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
+                       with_hf: bool = True, cases: list | None = None) -> list[dict[str, Any]]:
+    """Run §3 on the current CUDA device; print the table; write JSON if asked."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    cases = cases or CASES
+    bw = copy_bandwidth(device)
+    env = environment(bw, device)
+    print(f"{env['device']}, torch {env['torch']}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    records: list[dict[str, Any]] = []
+    for name, batch, seqlen in cases:
+        records += run_case(name, batch, seqlen, bw, density)
+        gc.collect()
+        torch.cuda.empty_cache()
+    if with_hf:
+        name, batch, seqlen = cases[-1]
+        try:
+            tps = hf_generate_tokens_per_s(name, batch, seqlen)
+            records.append({"model": name, "batch": batch, "seqlen": seqlen, "mode": "hf_generate",
+                            "tokens_per_s": tps})
+        except Exception as exc:  # a baseline failing must not lose the measured table
+            records.append({"model": name, "mode": "hf_generate", "error": str(exc)[:300]})
+    print(format_table(records))
+    if json_path is not None:
+        write_json(json_path, {"environment": env, "records": records}, force=True)
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=None, help="write the records to this file")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("Error: end-to-end benchmarks need a CUDA GPU (none is visible here).")
     run_e2e_benchmarks(args.json, with_hf=not args.no_hf)
+
+
+if __name__ == "__main__":
+    main()

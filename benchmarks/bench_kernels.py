@@ -1,19 +1,380 @@
-"""BENCHMARKS.md §1–2: selective attention and selective GEMM against SDPA / cuBLAS.
+"""BENCHMARKS.md §1–2: selective attention and the selective GEMM pair against torch SDPA and
+cuBLAS, in one process on a CUDA GPU.
 
-    python benchmarks/bench_kernels.py [--json OUT] [--quick]    # same as `polarc bench kernels`
-    python benchmarks/bench_kernels.py --sweep --json OUT        # tile/split sweeps (tuning)
-    python benchmarks/bench_kernels.py --gpu-check               # correctness spot check first
+    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick]  # = polarc bench kernels
+    python -m polarc.benchmarks.bench_kernels --sweep all --json OUT  # tile/split sweeps (tuning)
+    python -m polarc.benchmarks.bench_kernels --read-probe            # plain reads, 17 MB..1 GB
+
+Random data, outputs and workspaces allocated once; every call (ours, SDPA with
+``enable_gqa=True``, cuBLAS ``addmm`` + ``relu_`` and ``mm``) timed by `timing.time_graph`
+over rotated input sets in one run. Floor = bytes a case must read ÷ the run's copy bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from polarc.benchmarks.timing import (
+    copy_bandwidth,
+    environment,
+    read_bandwidth,
+    sets_to_rotate,
+    time_graph,
+)
+from polarc.plugins._triton_util import num_sms
+from polarc.plugins.selective_attention import (
+    AttentionPlan,
+    plan_selective_attention,
+    selective_attention,
+    selective_attention_workspace,
+)
+from polarc.plugins.selective_gemm import (
+    GemmPlan,
+    plan_selective_gemm,
+    selective_gemm_down,
+    selective_gemm_up,
+    selective_gemm_workspace,
+)
+
+from polarc.outputs import write_json
+
+ATTN_MODELS = {"llama3-8b": (32, 8), "llama2-7b": (32, 32)}  # (query heads, KV groups)
+HEAD_DIM = 128
+BATCHES = (1, 16, 64, 256)
+SEQLENS = (1024, 4096, 8192)
+DENSITIES = (0.25, 0.5, 0.75, 1.0)
+RAGGED_DENSITIES = (0.5, 1.0)
+GEMM_D, GEMM_N = 4096, 16384  # OPT-6.7B MLP
+GEMM_DENSITIES = (0.1, 0.3, 0.5, 0.8, 1.0)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _random_groups(b: int, hkv: int, k: int, device: torch.device, gen: torch.Generator):
+    return torch.stack([torch.randperm(hkv, generator=gen)[:k] for _ in range(b)]).int().to(device)
+
+
+def attention_cases(
+    *,
+    quick: bool = False,
+    bw: float,
+    device: torch.device,
+    plan_override: Callable[..., AttentionPlan | None] | None = None,
+    shapes: list[tuple[str, int, int]] | None = None,
+    densities: tuple[float, ...] = DENSITIES,
+    ragged: bool = True,
+    sdpa: bool = True,
+) -> list[dict]:
+    """§1: every (model, B, S), SDPA dense, the selective kernel at each density, ragged rows."""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    if shapes is None:
+        batches = (1, 64) if quick else BATCHES
+        seqs = (1024, 8192) if quick else SEQLENS
+        shapes = [(m, b, s) for m in ATTN_MODELS for b in batches for s in seqs]
+    free = torch.cuda.mem_get_info(device)[0]
+    records: list[dict] = []
+    for model, b, s in shapes:
+        hq, hkv = ATTN_MODELS[model]
+        d = HEAD_DIM
+        kv_bytes = 2 * b * hkv * s * d * 2
+        if kv_bytes > 0.45 * free:
+            _log(f"skip {model} B={b} S={s}: {kv_bytes / 1e9:.1f} GB of KV does not fit")
+            continue
+        # enough sets that the sparsest case's reads, rotated, overflow L2
+        n_sets = sets_to_rotate(int(kv_bytes * min(densities)))
+        sets = []
+        for _ in range(n_sets):
+            q = torch.randn(b, hq, d, device=device, dtype=dtype)
+            k = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+            v = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+            sets.append((q, k, v))
+        full = torch.full((b,), s, dtype=torch.int32, device=device)
+        base = dict(op="attention", model=model, B=b, S=s, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
+        sdpa_ms = None
+        if sdpa:
+            sdpa_ms = time_graph([
+                lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q.unsqueeze(2), k, v,
+                                                                     enable_gqa=True)
+                for q, k, v in sets])
+            records.append(_attn_record(base, "sdpa_dense", 1.0, False, sdpa_ms,
+                                        kv_bytes, bw, None, sdpa_ms))
+        cases = [(rho, False) for rho in densities]
+        if ragged:
+            cases += [(rho, True) for rho in RAGGED_DENSITIES]
+        for rho, is_ragged in cases:
+            n_sel = max(1, round(rho * hkv))
+            if is_ragged:  # row lengths uniform in [S/8, S]
+                lens = torch.randint(max(1, s // 8), s + 1, (b,), generator=gen, dtype=torch.int32)
+                seqlens = lens.to(device)
+                tokens = int(lens.sum())
+            else:
+                seqlens = full
+                tokens = b * s
+            plan = plan_override(b, n_sel, hq // hkv, s, d) if plan_override else None
+            plan = plan or plan_selective_attention(b, n_sel, hq // hkv, s, d,
+                                                    sms=num_sms(device))
+            fns = []
+            for q, k, v in sets:
+                groups = _random_groups(b, hkv, n_sel, device, gen)
+                ws = selective_attention_workspace(q, k, n_sel, plan)
+                out = torch.empty_like(q)
+                fns.append(lambda q=q, k=k, v=v, g=groups, ws=ws, out=out, sl=seqlens, p=plan:
+                           selective_attention(q, k, v, sl, g, out=out, workspace=ws, plan=p,
+                                               check_indices=False))
+            ms = time_graph(fns)
+            need = 2 * tokens * n_sel * d * 2
+            kernel = "selective_all" if n_sel == hkv else "selective"
+            records.append(_attn_record(base, kernel, n_sel / hkv, is_ragged, ms, need, bw, plan,
+                                        sdpa_ms))
+            del fns
+        del sets
+        torch.cuda.empty_cache()
+        _log(f"done {model} B={b} S={s}")
+    return records
+
+
+def _attn_record(base, kernel, density, ragged, ms, need_bytes, bw, plan, sdpa_ms) -> dict:
+    rec = dict(base, kernel=kernel, density=density, ragged=ragged, ms=ms,
+               floor_ms=need_bytes / bw * 1e3, gbps=need_bytes / (ms * 1e-3) / 1e9,
+               bw_frac=need_bytes / (ms * 1e-3) / bw)
+    if plan is not None:
+        rec.update(splits=plan.num_splits, block_n=plan.block_n, num_warps=plan.num_warps,
+                   num_stages=plan.num_stages)
+    if sdpa_ms is not None and kernel != "sdpa_dense":
+        rec["vs_sdpa"] = ms / sdpa_ms
+        rec.update(_attn_target(rec))
+    return rec
+
+
+def _attn_target(rec: dict) -> dict:
+    """The §1 targets that apply to this record (ragged rows have none: SDPA reads all)."""
+    if rec["ragged"]:
+        return {}
+    big = rec["B"] * rec["S"] >= 32768
+    small = rec["B"] <= 8 or rec["S"] <= 1024
+    if rec["kernel"] == "selective_all":
+        limit = 1.05 if big else 1.2 if small else None
+    else:
+        limit = rec["density"] + 0.05 if big else None
+    if limit is None:
+        return {}
+    out = dict(target_vs_sdpa=limit, meets_target=rec["vs_sdpa"] <= limit)
+    if big:
+        out["meets_bw_target"] = rec["bw_frac"] >= 0.85
+    return out
+
+
+# ----------------------------------------------------------------------------- GEMM
+
+
+def gemm_cases(
+    *,
+    quick: bool = False,
+    bw: float,
+    device: torch.device,
+    plan_override: Callable[[str, int, int, int], GemmPlan | None] | None = None,
+    batches: tuple[int, ...] | None = None,
+    densities: tuple[float, ...] = GEMM_DENSITIES,
+) -> list[dict]:
+    """§2: OPT-6.7B MLP, dense cuBLAS pair vs the selective pair at each union density."""
+    dtype = torch.bfloat16
+    d, n_total = GEMM_D, GEMM_N
+    gen = torch.Generator().manual_seed(1)
+    w1 = torch.randn(n_total, d, device=device, dtype=dtype) / math.sqrt(d)
+    b1 = 0.1 * torch.randn(n_total, device=device, dtype=dtype)
+    w2 = torch.randn(d, n_total, device=device, dtype=dtype) / math.sqrt(n_total)  # nn.Linear
+    w2t = w2.T.contiguous()  # neuron-major, what the selective kernel streams
+    batches = batches or ((1, 64) if quick else BATCHES)
+    records: list[dict] = []
+    for b in batches:
+        x = torch.randn(b, d, device=device, dtype=dtype)
+        base = dict(op="gemm", model="opt-6.7b", B=b, d=d, N=n_total, dtype="bf16")
+        h_dense = torch.empty(b, n_total, device=device, dtype=dtype)
+        o_dense = torch.empty(b, d, device=device, dtype=dtype)
+
+        def dense_up(x=x, h=h_dense):
+            torch.relu_(torch.addmm(b1, x, w1.T, out=h))
+
+        def dense_down(h=h_dense, o=o_dense):
+            torch.mm(h, w2.T, out=o)
+
+        def dense_pair(up=dense_up, down=dense_down):
+            up()
+            down()
+
+        w_bytes = n_total * d * 2
+        dense = {}
+        for name, fn, nbytes in (("cublas_up", dense_up, w_bytes), ("cublas_down", dense_down,
+                                                                    w_bytes),
+                                 ("cublas_pair", dense_pair, 2 * w_bytes)):
+            dense[name] = time_graph([fn])
+            records.append(_gemm_record(base, name, 1.0, n_total, dense[name], nbytes, bw,
+                                        None, None))
+        for rho in densities:
+            n = n_total if rho >= 1.0 else max(128, round(rho * n_total / 128) * 128)
+            up_plan = down_plan = None
+            if plan_override:
+                up_plan = plan_override("up", b, n, d)
+                down_plan = plan_override("down", b, d, n)
+            up_plan = up_plan or plan_selective_gemm(b, n, d, sms=num_sms(device), kind="up")
+            down_plan = down_plan or plan_selective_gemm(b, d, n, sms=num_sms(device))
+            ws_up = selective_gemm_workspace(b, n, up_plan, device)
+            ws_down = selective_gemm_workspace(b, d, down_plan, device)
+            sel_bytes = n * d * 2
+            # several index sets over the same weights, rotated: each set's rows are mostly
+            # different rows, so a small selection is not served from L2 on the next call
+            n_sets = sets_to_rotate(2 * sel_bytes, most=16)
+            ups, downs, pairs = [], [], []
+            for _ in range(n_sets):
+                idx = torch.randperm(n_total, generator=gen)[:n].int().to(device)
+                h = torch.empty(b, n, device=device, dtype=dtype)
+                o = torch.empty(b, d, device=device, dtype=dtype)
+
+                def up(x=x, idx=idx, h=h, ws=ws_up, plan=up_plan):
+                    selective_gemm_up(x, w1, b1, idx, out=h, workspace=ws, plan=plan,
+                                      check_indices=False)
+
+                def down(idx=idx, h=h, o=o, ws=ws_down, plan=down_plan):
+                    selective_gemm_down(h, w2t, idx, out=o, workspace=ws, plan=plan,
+                                        check_indices=False)
+
+                def pair(up=up, down=down):
+                    up()
+                    down()
+
+                ups.append(up)
+                downs.append(down)
+                pairs.append(pair)
+
+            for name, fns, nbytes, dense_name in (
+                ("selective_up", ups, sel_bytes, "cublas_up"),
+                ("selective_down", downs, sel_bytes, "cublas_down"),
+                ("selective_pair", pairs, 2 * sel_bytes, "cublas_pair"),
+            ):
+                ms = time_graph(fns)
+                plan = {"up": up_plan, "down": down_plan}.get(name.split("_")[1])
+                records.append(_gemm_record(base, name, n / n_total, n, ms, nbytes, bw, plan,
+                                            dense[dense_name]))
+        _log(f"done gemm B={b}")
+    return records
+
+
+def _gemm_record(base, kernel, density, n, ms, need_bytes, bw, plan, dense_ms) -> dict:
+    rec = dict(base, kernel=kernel, density=density, n=n, ms=ms, floor_ms=need_bytes / bw * 1e3,
+               gbps=need_bytes / (ms * 1e-3) / 1e9, bw_frac=need_bytes / (ms * 1e-3) / bw)
+    if plan is not None:
+        rec.update(block_m=plan.block_m, block_n=plan.block_n, block_k=plan.block_k,
+                   split_k=plan.split_k, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    if dense_ms is not None:
+        rec["vs_cublas"] = ms / dense_ms
+        if kernel == "selective_pair" and density < 1.0:
+            rec["target_vs_cublas"] = density + 0.1
+            rec["meets_target"] = rec["vs_cublas"] <= density + 0.1
+    return rec
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def format_table(records: list[dict], env: dict) -> str:
+    """Plain-text tables: attention grouped by shape, then the GEMM pair."""
+    lines = [f"{env['device']} | torch {env['torch']} | triton {env['triton']} | bf16 | "
+             f"copy bandwidth {env['copy_bandwidth_gbps']:.0f} GB/s (read + write)"]
+    attn = [r for r in records if r["op"] == "attention"]
+    if attn:
+        lines.append("")
+        lines.append("§1 selective attention (decode, D=128): ms; x = time / SDPA dense; "
+                     "%bw = bytes needed / time / copy bw; ! = target missed")
+        hdr = (f"{'model':<10}{'B':>4}{'S':>6} {'rows':<6}{'SDPA':>7}"
+               + "".join(f"{'rho=' + format(r, 'g'):>18}" for r in DENSITIES))
+        lines.append(hdr)
+        keys = sorted({(r["model"], r["B"], r["S"], r["ragged"]) for r in attn},
+                      key=lambda t: (t[0], t[1], t[2], t[3]))
+        for model, b, s, ragged in keys:
+            rs = [r for r in attn if (r["model"], r["B"], r["S"], r["ragged"])
+                  == (model, b, s, ragged)]
+            sd = next((r for r in attn if r["kernel"] == "sdpa_dense" and r["model"] == model
+                       and r["B"] == b and r["S"] == s), None)
+            cells = []
+            for rho in DENSITIES:
+                r = next((r for r in rs if r["kernel"] != "sdpa_dense"
+                          and abs(r["density"] - rho) < 1e-6), None)
+                if r is None:
+                    cells.append(f"{'-':>18}")
+                    continue
+                x = f"{r['vs_sdpa']:.2f}x" if "vs_sdpa" in r else ""
+                miss = "!" if r.get("meets_target") is False or r.get("meets_bw_target") is False \
+                    else " "
+                cells.append(f"{r['ms']:>7.3f} {x:>6}{r['bw_frac'] * 100:>3.0f}%{miss}")
+            sdpa = f"{sd['ms']:>7.3f}" if sd else f"{'-':>7}"
+            lines.append(f"{model:<10}{b:>4}{s:>6} {'ragged' if ragged else 'equal':<6}{sdpa}"
+                         + "".join(cells))
+    gemm = [r for r in records if r["op"] == "gemm"]
+    if gemm:
+        lines.append("")
+        lines.append("§2 selective GEMM pair (OPT-6.7B MLP, d=4096, N=16384): ms; x = time / "
+                     "dense cuBLAS pair; target x <= rho + 0.1; ! = missed")
+        dens = sorted({r["density"] for r in gemm if r["kernel"] == "selective_pair"})
+        lines.append(f"{'B':>4}{'cuBLAS':>8}" + "".join(f"{'rho=' + format(r, '.2g'):>18}"
+                                                       for r in dens))
+        for b in sorted({r["B"] for r in gemm}):
+            dense = next(r for r in gemm if r["B"] == b and r["kernel"] == "cublas_pair")
+            cells = []
+            for rho in dens:
+                r = next((r for r in gemm if r["B"] == b and r["kernel"] == "selective_pair"
+                          and r["density"] == rho), None)
+                if r is None:
+                    cells.append(f"{'-':>18}")
+                    continue
+                miss = "!" if r.get("meets_target") is False else " "
+                cells.append(f"{r['ms']:>7.3f} {r['vs_cublas']:>5.2f}x{r['bw_frac'] * 100:>3.0f}%"
+                             f"{miss}")
+            lines.append(f"{b:>4}{dense['ms']:>8.3f}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
+                          *, attention: bool = True, gemm: bool = True) -> list[dict]:
+    """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
+
+    Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
+    into a one-line error).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("kernel benchmarks need a CUDA GPU")
+    device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(0)
+    bw = copy_bandwidth(device)
+    env = environment(bw, device)
+    env["read_bandwidth_gbps"] = read_bandwidth(device) / 1e9
+    _log(f"{env['device']}: copy bandwidth {bw / 1e9:.0f} GB/s, read-only "
+         f"{env['read_bandwidth_gbps']:.0f} GB/s")
+    records: list[dict] = []
+    if attention:
+        records += attention_cases(quick=quick, bw=bw, device=device)
+    if gemm:
+        records += gemm_cases(quick=quick, bw=bw, device=device)
+    print(format_table(records, env))
+    if json_path is not None:
+        write_json(json_path, {"environment": env, "records": records}, force=True)
+    return records
+
+
+# ----------------------------------------------------------------------------- tuning
+
 
 # Plan variants timed by --sweep: (model, block_n, num_warps, num_stages, use_dot, split x,
 # fused). The defaults' history is in KERNEL_NOTES.md.
@@ -32,16 +393,12 @@ GEMM_VARIANTS = {
 }
 
 
-def sweep(json_path: str | None, what: str = "all") -> list[dict]:
+def sweep(json_path: Path | None, what: str = "all") -> list[dict]:
     """Time plan variants at key shapes (developer tuning; the CLI runs the default plans)."""
-    from polarc.plugins import bench
-    from polarc.plugins.selective_attention import AttentionPlan, plan_selective_attention
-    from polarc.plugins.selective_gemm import plan_selective_gemm
-
     device = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    bw = bench.copy_bandwidth(device)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, read {bench.read_bandwidth(device) / 1e9:.0f}",
+    sms = num_sms(device)
+    bw = copy_bandwidth(device)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, read {read_bandwidth(device) / 1e9:.0f}",
           flush=True)
     records: list[dict] = []
     seen_sdpa: set[str] = set()
@@ -52,7 +409,7 @@ def sweep(json_path: str | None, what: str = "all") -> list[dict]:
             return AttentionPlan(max(1, int(p.num_splits * mul)), bn, nw, ns, dot, fused)
 
         t = time.time()
-        recs = bench.attention_cases(
+        recs = attention_cases(
             bw=bw, device=device, plan_override=override,
             shapes=[(model, b, s) for b, s in ATTN_SWEEP_SHAPES], densities=(0.25, 0.5, 1.0),
             ragged=False, sdpa=True)
@@ -79,8 +436,8 @@ def sweep(json_path: str | None, what: str = "all") -> list[dict]:
                                            block_k=bk, num_warps=nw, num_stages=ns,
                                            split_k=split)
 
-            recs = bench.gemm_cases(bw=bw, device=device, plan_override=override,
-                                    batches=(b,), densities=(0.1, 0.3, 0.5))
+            recs = gemm_cases(bw=bw, device=device, plan_override=override, batches=(b,),
+                              densities=(0.1, 0.3, 0.5))
             for r in recs:
                 r["variant"] = str(var)
             records += recs
@@ -92,35 +449,33 @@ def sweep(json_path: str | None, what: str = "all") -> list[dict]:
                 print("  cublas: " + " ".join(
                     f"{r['kernel'][7:]}:{r['ms'] * 1e3:.0f}us({r['bw_frac'] * 100:.0f}%)"
                     for r in recs if r["kernel"].startswith("cublas")))
-    if json_path:
-        Path(json_path).write_text(json.dumps(records, indent=1))
+    if json_path is not None:
+        write_json(json_path, records, force=True)
     return records
 
 
 def read_probe() -> None:
     """How long a plain contiguous read of N bytes takes here (graph replays, rotated sets):
     the practical floor for a kernel of that size, ramp-up and tail included."""
-    from polarc.plugins import bench
-
     device = torch.device("cuda")
-    bw = bench.copy_bandwidth(device)
+    bw = copy_bandwidth(device)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     for mb in (17, 34, 67, 134, 201, 268, 536, 1073):
         n = mb * 10**6 // 2
         sets = [torch.randn(n, device=device, dtype=torch.bfloat16)
-                for _ in range(bench._n_sets(n * 2))]
+                for _ in range(sets_to_rotate(n * 2))]
         outs = [torch.empty((), device=device, dtype=torch.float32) for _ in sets]
-        ms = bench.time_graph([lambda x=x, o=o: torch.sum(x, 0, dtype=torch.float32, out=o)
-                               for x, o in zip(sets, outs, strict=True)])
+        ms = time_graph([lambda x=x, o=o: torch.sum(x, 0, dtype=torch.float32, out=o)
+                         for x, o in zip(sets, outs, strict=True)])
         print(f"read {mb:>5} MB: {ms * 1e3:8.1f} us = {n * 2 / (ms * 1e-3) / 1e9:6.0f} GB/s "
               f"({n * 2 / (ms * 1e-3) / bw * 100:.0f}% of copy); copy floor "
               f"{n * 2 / bw * 1e6:.1f} us", flush=True)
         del sets, outs
 
 
-def main() -> int:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write one record per case to this file")
+    ap.add_argument("--json", type=Path, help="write one record per case to this file")
     ap.add_argument("--quick", action="store_true", help="a subset of the shapes")
     ap.add_argument("--sweep", choices=["all", "attention", "gemm"],
                     help="time plan variants instead (developer tuning)")
@@ -130,20 +485,15 @@ def main() -> int:
     ap.add_argument("--no-gemm", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("Error: kernel benchmarks need a CUDA GPU (none is visible here).", file=sys.stderr)
-        return 1
+        sys.exit("Error: kernel benchmarks need a CUDA GPU (none is visible here).")
     if args.read_probe:
         read_probe()
-        return 0
-    if args.sweep:
+    elif args.sweep:
         sweep(args.json, args.sweep)
-        return 0
-    from polarc.plugins.bench import run_kernel_benchmarks
-
-    run_kernel_benchmarks(args.json, args.quick, attention=not args.no_attention,
-                          gemm=not args.no_gemm)
-    return 0
+    else:
+        run_kernel_benchmarks(args.json, args.quick, attention=not args.no_attention,
+                              gemm=not args.no_gemm)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

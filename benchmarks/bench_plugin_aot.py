@@ -1,6 +1,6 @@
 """The TensorRT plugin's ahead-of-time kernel, checked and timed without TensorRT (GPU).
 
-    python benchmarks/bench_plugin_aot.py [--json OUT]
+    python -m polarc.benchmarks.bench_plugin_aot [--json OUT]
 
 Compiles the kernel with the AOT implementation's own call (`compile_plugin_kernel`), loads
 the PTX through the CUDA driver and launches it as TensorRT does (`PtxKernel`: TensorRT's
@@ -13,13 +13,15 @@ plugin no workspace), so it needs B·k programs to fill the GPU.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from polarc.benchmarks.timing import copy_bandwidth, time_graph
+
+from polarc.outputs import write_json
 
 SHAPES = [  # model, Hq, Hkv, B, S
     ("llama3-8b", 32, 8, 16, 4096), ("llama3-8b", 32, 8, 64, 1024), ("llama3-8b", 32, 8, 32, 8192),
@@ -30,8 +32,8 @@ DENSITIES = (0.5, 1.0)
 
 def run_shape(model: str, hq: int, hkv: int, b: int, s: int, bw: float,
               gen: torch.Generator) -> list[dict]:
-    from polarc.plugins import selective_attention, selective_attention_reference
-    from polarc.plugins.bench import time_graph
+    from polarc.plugins.reference import selective_attention_reference
+    from polarc.plugins.selective_attention import selective_attention
     from polarc.plugins.tensorrt_plugin import (
         PtxKernel,
         compile_plugin_kernel,
@@ -77,10 +79,8 @@ def run_shape(model: str, hq: int, hkv: int, b: int, s: int, bw: float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--json", type=Path, help="write the records here")
     args = ap.parse_args()
-    from polarc.plugins.bench import copy_bandwidth
-
     bw = copy_bandwidth(torch.device("cuda"))
     gen = torch.Generator().manual_seed(0)
     records = []
@@ -97,8 +97,8 @@ def main() -> None:
                 print(f"FAILED: plugin kernel error {r['rel_err']:.2e}", file=sys.stderr)
                 sys.exit(1)
         torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    if args.json is not None:
+        write_json(args.json, records, force=True)
 
 
 if __name__ == "__main__":

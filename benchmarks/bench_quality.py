@@ -3,7 +3,7 @@
 Collects and trains routers once, measures per-layer costs once, then evaluates on held-out
 text: uniform 2 of 3 and 1 of 3, and the automatic plan for budgets 1%, 3% and 10%.
 
-    python benchmarks/bench_quality.py --json out/quality.json
+    python -m polarc.benchmarks.bench_quality --json out/quality.json
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from polarc.calibration.plan import (
 )
 from polarc.calibration.quality import evaluate
 
+from polarc.format.plan import uniform_plan
 from polarc.models import load_model
+from polarc.outputs import write_json
 
 
 def main() -> None:
@@ -54,10 +56,8 @@ def main() -> None:
     costs = measure_layer_costs(model, tune, routers_by_k)
     print(f"setup {time.time() - t0:.0f}s; tuning ppl dense {tune.ppl_dense:.3f}", flush=True)
 
-    plans: dict[str, list[int]] = {
-        "uniform 2/3": [n_kv] + [2] * (n_layers - 1),
-        "uniform 1/3": [n_kv] + [1] * (n_layers - 1),
-    }
+    plans = {"uniform 2/3": uniform_plan(n_layers, n_kv, 2 / 3),
+             "uniform 1/3": uniform_plan(n_layers, n_kv, 1 / 3)}
     for budget in args.budgets:
         plan, _ = search_plan(model, tune, costs, routers_by_k, budget)
         plans[f"budget {budget:g}%"] = plan
@@ -84,8 +84,8 @@ def main() -> None:
             f"{ratio:.2f} | {r['top1_agreement']:.3f} | {r['kl']:.4f} | {r['router_recall']:.3f} |")
     print("\n".join(lines))
     print(f"total {time.time() - t0:.0f}s; held-out tokens {heldout.n_tokens}")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    if args.json is not None:
+        write_json(args.json, rows, force=True)
 
 
 if __name__ == "__main__":

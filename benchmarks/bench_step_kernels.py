@@ -1,19 +1,21 @@
 """The decode step's small kernels against the torch ops they replace (GPU).
 
-    python benchmarks/bench_step_kernels.py [--json OUT]
+    python -m polarc.benchmarks.bench_step_kernels [--json OUT]
 
 `topk_groups` (router scores → top-k groups, int32) against `torch.topk` + cast, and
 `write_kv` (append one token's K and V) against indexed assignment, at decode shapes. Each
-call is timed as a CUDA-graph replay (`polarc.plugins.bench.time_graph`), like the step.
+call is timed as a CUDA-graph replay (`timing.time_graph`), like the step.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
+from polarc.benchmarks.timing import time_graph
+
+from polarc.outputs import write_json
 
 CASES = [  # B, Hkv, k, S_max, D
     (32, 8, 4, 8192, 128), (64, 8, 4, 4096, 128), (16, 32, 16, 4096, 128), (256, 8, 4, 2048, 128),
@@ -21,7 +23,6 @@ CASES = [  # B, Hkv, k, S_max, D
 
 
 def run_case(b: int, hkv: int, k: int, s: int, d: int) -> dict:
-    from polarc.plugins.bench import time_graph
     from polarc.plugins.kv_write import write_kv, write_kv_reference
     from polarc.plugins.topk_groups import topk_groups, topk_groups_reference
 
@@ -46,7 +47,7 @@ def run_case(b: int, hkv: int, k: int, s: int, d: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", help="write the records here")
+    ap.add_argument("--json", type=Path, help="write the records here")
     args = ap.parse_args()
     records = []
     print(f"{torch.cuda.get_device_name()}")
@@ -58,8 +59,8 @@ def main() -> None:
               f"{r['torch_topk_us']:>9.2f} | {r['write_kv_us']:>7.2f} {r['torch_index_put_us']:>9.2f}",
               flush=True)
         torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    if args.json is not None:
+        write_json(args.json, records, force=True)
 
 
 if __name__ == "__main__":

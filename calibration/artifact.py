@@ -11,12 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from polarc.calibration.routers import HeadRouter, MLPRouter
 from safetensors.torch import load_file, save_file
 
 from polarc import __version__
 from polarc.errors import PolarcError
+from polarc.format.routers import HeadRouter, MLPRouter, router_tensors
 
 FORMAT = "polarc-calibration"
 FORMAT_VERSION = 1
@@ -45,19 +44,6 @@ def is_calibration_folder(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def router_tensors(head: dict[int, HeadRouter], mlp: dict[int, MLPRouter]
-                   ) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for layer, r in head.items():
-        tensors[f"layers.{layer}.head.weight"] = r.weight.float().contiguous()
-        tensors[f"layers.{layer}.head.bias"] = r.bias.float().contiguous()
-    for layer, m in mlp.items():
-        tensors[f"layers.{layer}.mlp.w1"] = m.w1.float().contiguous()
-        tensors[f"layers.{layer}.mlp.w2"] = m.w2.float().contiguous()
-        tensors[f"layers.{layer}.mlp.b2"] = m.b2.float().contiguous()
-    return tensors
-
-
 def write(tmp: Path, meta: dict[str, Any], head: dict[int, HeadRouter],
           mlp: dict[int, MLPRouter]) -> None:
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "polarc_version": __version__,
@@ -67,7 +53,7 @@ def write(tmp: Path, meta: dict[str, Any], head: dict[int, HeadRouter],
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=True) + "\n")
 
 
-def read(path: Path) -> Calibration:
+def read_calibration(path: Path) -> Calibration:
     """Load a calibration folder, with one-line errors for anything that is not one."""
     meta_path, routers_path = path / META_FILE, path / ROUTERS_FILE
     if not path.is_dir() or not meta_path.is_file() or not routers_path.is_file():

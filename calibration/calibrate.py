@@ -13,20 +13,15 @@ import torch
 from polarc.calibration import artifact
 from polarc.calibration.collect import Samples, collect
 from polarc.calibration.data import load_sequences
-from polarc.calibration.plan import (
-    budget_plan,
-    candidate_ks,
-    groups_for_density,
-    tune_perplexity,
-    uniform_plan,
-)
-from polarc.calibration.quality import kv_density
+from polarc.calibration.plan import budget_plan, candidate_ks, tune_perplexity
 from polarc.calibration.report import plot_report
-from polarc.calibration.routers import HeadRouter, MLPRouter, train_head_routers, train_mlp_router
+from polarc.calibration.routers import train_head_routers, train_mlp_router
 from rich.progress import Progress
 
 from polarc.errors import PolarcError
-from polarc.models.load import Model
+from polarc.format.plan import groups_for_density, kv_density, uniform_plan
+from polarc.format.routers import HeadRouter, MLPRouter
+from polarc.models.load import Model, model_record
 from polarc.outputs import check_output, writing
 
 
@@ -47,26 +42,6 @@ class CalibrateConfig:
     seed: int = 0
     force: bool = False
     inputs: tuple[Path, ...] = ()  # files the run reads, which --out must never replace
-
-
-def model_record(model: Model) -> dict[str, Any]:
-    return {"name": model.spec.name, "identity": model.identity,
-            "random_weights": model.random_weights}
-
-
-def model_source(record: dict[str, Any]) -> str | None:
-    """How to load the model a calibration was made for: its alias, else its source path."""
-    from polarc.models import PRESETS
-
-    if record["name"] in PRESETS:
-        return record["name"]
-    source = record["identity"].get("source")
-    return None if source == "random" else source
-
-
-def same_model(record: dict[str, Any], model: Model) -> bool:
-    return record.get("identity", {}).get("architecture") == model.spec.architecture() and \
-        record["identity"].get("weights_sha256") == model.identity["weights_sha256"]
 
 
 def split_tune(ids: torch.Tensor, n_tune: int) -> tuple[torch.Tensor, torch.Tensor]:

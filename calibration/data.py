@@ -143,8 +143,10 @@ def load_sequences(
     seq_len: int,
     calib_tokens: int,
     heldout_tokens: int,
+    split: bool = True,
 ) -> tuple[Sequences, Sequences]:
     """(calibration, held-out) sequences: up to `calib_tokens` / `heldout_tokens` each.
+    Without `split` every document is held-out text (a dataset given only for evaluation).
 
     Raises a `PolarcError` when the dataset yields less than one sequence overall, or too
     little to give both splits a sequence.
@@ -155,25 +157,25 @@ def load_sequences(
     want = {"calib": calib_tokens, "heldout": heldout_tokens}
     sep = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
     for i, doc in enumerate(iter_documents(dataset)):
-        split = "heldout" if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "calib"
-        if len(streams[split]) >= want[split]:
+        part = "heldout" if not split or i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "calib"
+        if len(streams[part]) >= want[part]:
             if all(len(streams[s]) >= want[s] for s in streams):
                 break
             continue
-        streams[split].extend(tokenizer.encode(doc) + sep)
+        streams[part].extend(tokenizer.encode(doc) + sep)
     total = sum(len(s) for s in streams.values())
     if total < seq_len:
         raise PolarcError(f"dataset {dataset!r} yields only {total} tokens, fewer than one "
                           f"sequence of --seq-len {seq_len}",
                           hint="give more text or a smaller --seq-len")
     out = []
-    for split in ("calib", "heldout"):
-        n = min(len(streams[split]), want[split]) // seq_len
-        if n == 0 and want[split] > 0:
-            raise PolarcError(f"dataset {dataset!r} is too small: its {split} split (every "
+    for part in ("calib", "heldout"):
+        n = min(len(streams[part]), want[part]) // seq_len
+        if n == 0 and want[part] > 0:
+            raise PolarcError(f"dataset {dataset!r} is too small: its {part} split (every "
                               f"{HELDOUT_EVERY}th document is held out) has less than one "
                               f"sequence of {seq_len} tokens",
                               hint="give more text (at least ten documents) or a smaller --seq-len")
-        ids = torch.tensor(streams[split][: n * seq_len], dtype=torch.long).view(n, seq_len)
-        out.append(Sequences(ids=ids, dataset=dataset, split=split))
+        ids = torch.tensor(streams[part][: n * seq_len], dtype=torch.long).view(n, seq_len)
+        out.append(Sequences(ids=ids, dataset=dataset, split=part))
     return out[0], out[1]

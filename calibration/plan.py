@@ -1,11 +1,11 @@
 """Density plans: how many KV groups each layer keeps per row at decode time.
 
-Layer 0 is always dense. `uniform_plan` keeps round(X * Hkv) groups (at least one) on the
-other layers, as the paper does. `budget_plan` picks per-layer k so that perplexity on the
-tuning split rises at most P percent while reading as few KV bytes as possible: it measures
-each (layer, k) alone, solves the multiple-choice knapsack on those costs, measures the whole
-plan and tightens the internal budget until the measured plan fits, then lowers single layers
-greedily while the measured plan still fits.
+Layer 0 is always dense; `polarc.format.plan` has the uniform plan (round(X * Hkv) groups,
+at least one, on the other layers, as the paper does). `budget_plan` picks per-layer k so
+that perplexity on the tuning split rises at most P percent while reading as few KV bytes as
+possible: it measures each (layer, k) alone, solves the multiple-choice knapsack on those
+costs, measures the whole plan and tightens the internal budget until the measured plan
+fits, then lowers single layers greedily while the measured plan still fits.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from polarc.calibration.quality import kv_density, make_selector
-from polarc.calibration.routers import HeadRouter
+from polarc.calibration.quality import make_selector
 from rich.progress import Progress
 
-from polarc.errors import PolarcError
+from polarc.format.plan import groups_for_density, kv_density
+from polarc.format.routers import HeadRouter
 from polarc.models.forward import forward
 from polarc.models.load import Model
 
@@ -32,17 +32,6 @@ MIN_MOVE_COST_PCT = 0.02
 # whatever it aims at there, so held-out text rises a little more: aim at this share of the
 # budget on the tuning text (measured on SmolLM2: a plan at +2.7% on tuning was +3.1% held out).
 TUNE_SHARE = 0.85
-
-
-def groups_for_density(density: float, n_kv: int) -> int:
-    """round(density * n_kv) with halves rounded up, at least one group."""
-    if not 0.0 < density <= 1.0:
-        raise PolarcError(f"--density must be in (0, 1], got {density}")
-    return max(1, min(n_kv, math.floor(density * n_kv + 0.5)))
-
-
-def uniform_plan(n_layers: int, n_kv: int, density: float) -> list[int]:
-    return [n_kv] + [groups_for_density(density, n_kv)] * (n_layers - 1)
 
 
 def candidate_ks(n_kv: int) -> list[int]:

@@ -8,14 +8,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from polarc.calibration.routers import HeadRouter, topk_mask
+from polarc.calibration.artifact import read_calibration
+from polarc.calibration.data import HELDOUT_EVERY, load_sequences
+from polarc.calibration.routers import topk_mask
 from rich.progress import Progress
 
+from polarc.format.plan import kv_density
+from polarc.format.routers import HeadRouter
 from polarc.models.forward import Selector, forward
-from polarc.models.load import Model
+from polarc.models.load import Model, check_same_model, load_model, model_source
 
 KINDS = ("dense", "sparse", "oracle", "random")
 
@@ -100,11 +106,6 @@ class QualityReport:
         return out
 
 
-def kv_density(k_per_layer: list[int], n_kv: int) -> float:
-    """KV bytes a sparse decode step reads over a dense one (every layer's groups are equal)."""
-    return sum(k_per_layer) / (n_kv * len(k_per_layer))
-
-
 @torch.no_grad()
 def evaluate(
     model: Model,
@@ -147,3 +148,33 @@ def evaluate(
     report.router_recall = recall.recall
     report.tokens = report.stats[kinds[0]].tokens
     return report
+
+
+def evaluate_calibration(calibration: Path, *, model: str | None, weights: Path | None,
+                         random_weights: bool, dataset: str | None, tokens: int,
+                         batch_size: int, seed: int, progress: Progress | None = None
+                         ) -> dict[str, Any]:
+    """`polarc eval`: the calibration's plan and routers on held-out text, four selections.
+
+    The calibration's own dataset is read for its held-out documents only (every tenth, never
+    seen by calibration); any other dataset is held-out text as a whole."""
+    cal = read_calibration(calibration)
+    record = cal.meta["model"]
+    if model is None:
+        model = model_source(record)
+        random_weights = random_weights or record["random_weights"]
+    m = load_model(model, weights=weights, random_weights=random_weights)
+    check_same_model(record, m, what=str(calibration))
+    own = cal.meta["dataset"]["name"]
+    ds = dataset or own
+    seq_len = int(cal.meta["dataset"]["seq_len"])
+    whole = dataset is not None and dataset != own
+    _, heldout = load_sequences(ds, m.tokenizer, seq_len=seq_len, calib_tokens=0,
+                                heldout_tokens=max(tokens, seq_len), split=not whole)
+    report = evaluate(m, heldout.ids, cal.k_per_layer, routers=cal.head_routers,
+                      batch_size=batch_size, seed=seed, progress=progress)
+    res: dict[str, Any] = report.as_json()
+    res.update(model=m.spec.name, calibration=str(calibration), dataset=ds,
+               heldout="the whole dataset" if whole else f"every {HELDOUT_EVERY}th document",
+               random_weights=m.random_weights)
+    return res

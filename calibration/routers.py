@@ -1,42 +1,19 @@
-"""Routers: per-layer head routers `Linear(d, Hkv)` and, for ReLU models, low-rank MLP routers.
+"""Router training: per-layer head routers `Linear(d, Hkv)` and, for ReLU models, low-rank MLP
+routers (what they are: `polarc.format.routers`).
 
-A head router scores the KV groups of one token; the top-k scores are the groups kept. It is
-trained for exactly the k it will select: labels are each token's top-k groups by attention
-output norm, so what it was trained for and what it selects are the same thing.
+A head router is trained for exactly the k it will select: labels are each token's top-k
+groups by attention output norm, so what it was trained for and what it selects are the same
+thing.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class HeadRouter:
-    weight: torch.Tensor  # [Hkv, d]
-    bias: torch.Tensor  # [Hkv]
-    k: int  # groups it was trained to keep
-    recall: float  # validation recall of its top-k against the true top-k
-
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
-
-
-@dataclass
-class MLPRouter:
-    w1: torch.Tensor  # [r, d]
-    w2: torch.Tensor  # [N, r]
-    b2: torch.Tensor  # [N]
-    k: int  # neurons kept by the batch-union top-k (multiple of 128, or all)
-    batch: int  # batch size the union k was calibrated for
-    union_recall: float
-    recall: float  # per-token recall of its top-k among active neurons
-
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x.to(self.w1.dtype), self.w1), self.w2, self.b2)
+from polarc.format.routers import HeadRouter, MLPRouter
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,10 +1,5 @@
-"""The torch-backend engine file: one safetensors container with the weights (in the chosen
-dtype), the routers, the tokenizer and a manifest in its metadata.
-
-Tensor names: `weights.<internal name>` (see polarc.models.load.internal_weights),
-`rope.inv_freq`, `routers.layers.{i}.head.weight|bias`, `routers.layers.{i}.mlp.w1|w2|b2`,
-`tokenizer.json` (uint8 bytes of a Hugging Face tokenizer.json, absent for byte tokenizers).
-"""
+"""`polarc build`: a model (and its calibration) → an engine: the torch-backend engine file
+(layout: `polarc.format.engine_file`), or the ONNX / TensorRT exports of the same engine."""
 
 from __future__ import annotations
 
@@ -17,31 +12,46 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from polarc.calibration.artifact import Calibration, router_tensors
-from polarc.calibration.plan import uniform_plan
-from polarc.calibration.routers import HeadRouter, MLPRouter
-from safetensors.torch import save_file
+from polarc.calibration.artifact import Calibration, read_calibration
 
 from polarc import __version__
 from polarc.errors import PolarcError
-from polarc.models.load import Model
-from polarc.models.tokenizer import HFTokenizer
-from polarc.outputs import check_output, write_failure, writing
-from polarc.runtime.engine import ENGINE_FORMAT, ENGINE_FORMAT_VERSION, Engine
+from polarc.format.engine_file import (
+    DTYPES,
+    ENGINE_FORMAT,
+    ENGINE_FORMAT_VERSION,
+    Engine,
+    engine_tensors,
+    resolve_dtype,
+    write_container,
+)
+from polarc.format.plan import check_density, uniform_plan
+from polarc.format.routers import HeadRouter, MLPRouter
+from polarc.models.load import (
+    Model,
+    check_same_model,
+    load_model,
+    model_record,
+    model_source,
+    source_spec,
+)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+BACKENDS = ("torch", "onnx", "tensorrt")
+DEFAULT_MAX_SEQ = 2048
 
 
 @dataclass
 class BuildConfig:
     out: Path
-    dtype: str = "bf16"
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 (build() resolves "auto" before loading)
     max_batch: int = 32
-    max_seq: int = 2048
+    max_seq: int | None = None  # default: min(2048, the model's positions)
     density: float | None = None  # with random weights and no calibration: random routers
     seed: int = 0
     force: bool = False  # replace an existing output (see polarc.outputs)
     inputs: tuple[Path, ...] = ()  # files the build reads, which the output must never replace
+    backend: str = "torch"
+    dense: bool = False  # onnx/tensorrt: export with every KV group selected
 
 
 def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], dict[int, HeadRouter]]:
@@ -56,54 +66,43 @@ def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], 
     return plan, routers
 
 
-@dataclass
-class EngineParts:
-    """What every backend packs: the density plan, the routers and the manifest."""
-
-    plan: list[int]
-    head_routers: dict[int, HeadRouter]
-    mlp_routers: dict[int, MLPRouter]
-    manifest: dict[str, Any]
-
-
-def engine_parts(model: Model, calibration: Calibration | None, cfg: BuildConfig,
-                 calibration_path: Path | None = None, backend: str = "torch") -> EngineParts:
-    """Check the build options and assemble plan, routers and manifest for `model`."""
+def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
+             calibration_path: Path | None = None) -> Engine:
+    """Check the build options and assemble the engine (plan, routers, manifest) in memory,
+    as `load_engine` would return it once written."""
     if cfg.dtype not in DTYPES:
         raise PolarcError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.max_batch <= 0 or cfg.max_seq <= 1:
-        raise PolarcError("--max-batch must be positive and --max-seq at least 2")
     spec = model.spec
-    if cfg.max_seq > spec.max_positions:
-        raise PolarcError(f"--max-seq {cfg.max_seq} exceeds {spec.name}'s "
+    max_seq = cfg.max_seq if cfg.max_seq is not None else min(DEFAULT_MAX_SEQ, spec.max_positions)
+    if cfg.max_batch <= 0 or max_seq <= 1:
+        raise PolarcError("--max-batch must be positive and --max-seq at least 2")
+    if max_seq > spec.max_positions:
+        raise PolarcError(f"--max-seq {max_seq} exceeds {spec.name}'s "
                           f"{spec.max_positions} positions")
     random_rt = False
-    mlp_k: dict[int, int] = {}
+    mlp: dict[int, MLPRouter] = {}
     if calibration is not None:
         plan, head, mlp = calibration.k_per_layer, calibration.head_routers, calibration.mlp_routers
-        mlp_k = {layer: r.k for layer, r in mlp.items()}
         if cfg.density is not None:
             raise PolarcError("--density goes with a random-weights build, not --calibration")
     elif cfg.density is not None:
         if not model.random_weights:
             raise PolarcError("--density without --calibration builds random routers: only for "
                               "--random-weights speed engines", hint="calibrate the model first")
-        plan, head = random_routers(model, cfg.density, cfg.seed)
-        mlp = {}
+        plan, head = random_routers(model, check_density(cfg.density), cfg.seed)
         random_rt = True
     else:
-        plan, head, mlp = [spec.n_kv_heads] * spec.n_layers, {}, {}
+        plan, head = [spec.n_kv_heads] * spec.n_layers, {}
     tok = model.tokenizer
     manifest: dict[str, Any] = {
         "format": ENGINE_FORMAT, "format_version": ENGINE_FORMAT_VERSION,
-        "polarc_version": __version__, "backend": backend,
+        "polarc_version": __version__, "backend": cfg.backend,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "spec": dataclasses.asdict(spec), "dtype": cfg.dtype,
-        "limits": {"max_batch": cfg.max_batch, "max_seq": cfg.max_seq},
+        "limits": {"max_batch": cfg.max_batch, "max_seq": max_seq},
         "plan": {"k_per_layer": list(plan), "n_kv_groups": spec.n_kv_heads,
-                 "mlp_k": {str(k): v for k, v in mlp_k.items()}},
-        "model": {"name": spec.name, "identity": model.identity,
-                  "random_weights": model.random_weights},
+                 "mlp_k": {str(layer): r.k for layer, r in mlp.items()}},
+        "model": model_record(model),
         "calibration": None if calibration is None else {
             "path": str(calibration_path), "created": calibration.meta.get("created"),
             "mode": calibration.meta["plan"]["mode"],
@@ -113,62 +112,70 @@ def engine_parts(model: Model, calibration: Calibration | None, cfg: BuildConfig
         "tokenizer": {"kind": tok.kind, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
         "rope_attention_scaling": model.rope_attention_scaling,
     }
-    return EngineParts(list(plan), head, mlp, manifest)
-
-
-def in_memory_engine(model: Model, parts: EngineParts) -> Engine:
-    """The engine as `load_engine` would return it, without writing the torch container
-    (the graph backends export from it; weights keep their dtype until export)."""
-    return Engine(path=Path("<memory>"), manifest=parts.manifest, model=model,
-                  k_per_layer=parts.plan, head_routers=parts.head_routers,
-                  mlp_routers=parts.mlp_routers)
-
-
-def tokenizer_json(model: Model) -> bytes | None:
-    """The Hugging Face tokenizer.json of `model` (None for byte tokenizers)."""
-    tok = model.tokenizer
-    if isinstance(tok, HFTokenizer):
-        return tok.tok.backend_tokenizer.to_str().encode("utf-8")
-    return None
+    return Engine(path=Path("<memory>"), manifest=manifest, model=model, k_per_layer=list(plan),
+                  head_routers=head, mlp_routers=mlp)
 
 
 def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig,
                  calibration_path: Path | None = None) -> dict[str, Any]:
     """Write the torch-backend engine to `cfg.out` atomically; return its manifest."""
-    check_output(cfg.out, force=cfg.force, inputs=cfg.inputs)
-    parts = engine_parts(model, calibration, cfg, calibration_path)
-    spec, dtype = model.spec, DTYPES[cfg.dtype]
-    tensors: dict[str, torch.Tensor] = {}
-    for name, t in model.weights.items():
-        if name == "lm_head.weight" and spec.tie_embeddings:
-            continue  # tied: the runtime reuses the embedding
-        tensors["weights." + name] = t.to(dtype).contiguous()
-    if model.rope_inv_freq is not None:
-        tensors["rope.inv_freq"] = model.rope_inv_freq.float().contiguous()
-    for name, t in router_tensors(parts.head_routers, parts.mlp_routers).items():
-        tensors["routers." + name] = t
-    tok_json = tokenizer_json(model)
-    if tok_json is not None:
-        tensors["tokenizer.json"] = torch.frombuffer(bytearray(tok_json), dtype=torch.uint8)
-    write_container(tensors, parts.manifest, cfg.out, force=cfg.force, inputs=cfg.inputs)
-    return parts.manifest
+    engine = assemble(model, calibration, cfg, calibration_path)
+    tensors = engine_tensors(model, engine.head_routers, engine.mlp_routers, DTYPES[cfg.dtype])
+    write_container(tensors, engine.manifest, cfg.out, force=cfg.force, inputs=cfg.inputs)
+    return engine.manifest
 
 
-def write_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], out: Path, *,
-                    force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
-    """Write an engine file (safetensors with the manifest in its metadata) atomically."""
-    with writing(out, force=force, inputs=inputs) as tmp:
-        save_container(tensors, manifest, tmp, name=out)
+@dataclass
+class Built:
+    """What `build` made, for the command's summary line."""
+
+    model: Model
+    cfg: BuildConfig
+    manifest: dict[str, Any]
+    paths: list[Path]
 
 
-def save_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path, *,
-                   name: Path) -> None:
-    """The container's bytes at `path` (a temporary: `name` is what errors call it)."""
-    from safetensors import SafetensorError
+def build(model: str | None, *, weights: Path | None, random_weights: bool,
+          calibration: Path | None, cfg: BuildConfig) -> Built:
+    """`polarc build`: load what the options name (the calibration's model by default), check
+    that calibration and model belong together, and write the engine with `cfg.backend`."""
+    if cfg.backend not in BACKENDS:
+        raise PolarcError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.dense and cfg.backend == "torch":
+        raise PolarcError("--dense is for --backend onnx/tensorrt",
+                          hint="a torch engine runs dense with polarc run --dense")
+    if cfg.backend == "tensorrt":
+        from polarc.format.tensorrt import require_tensorrt
 
-    try:
-        save_file(tensors, str(path), metadata={"format": ENGINE_FORMAT,
-                                                "format_version": str(ENGINE_FORMAT_VERSION),
-                                                "manifest": json.dumps(manifest)})
-    except SafetensorError as exc:
-        raise write_failure(name, exc) from None
+        require_tensorrt()
+    if cfg.density is not None:
+        check_density(cfg.density)
+    cal = read_calibration(calibration) if calibration is not None else None
+    if cal is not None and model is None:
+        model = model_source(cal.meta["model"])
+        random_weights = random_weights or cal.meta["model"]["random_weights"]
+    if cfg.dtype == "auto":  # decided before loading, so an 8B model never exists in fp32
+        spec = source_spec(model)
+        if spec is not None:
+            cfg.dtype = resolve_dtype("auto", spec.n_params)
+    else:
+        resolve_dtype(cfg.dtype, 0)  # checks the name
+    m = load_model(model, weights=weights, random_weights=random_weights,
+                   dtype=DTYPES.get(cfg.dtype, torch.float32))
+    if cal is not None:
+        check_same_model(cal.meta["model"], m, what=str(calibration))
+    cfg.dtype = resolve_dtype(cfg.dtype, m.spec.n_params)
+    if cfg.backend == "torch":
+        manifest = build_engine(m, cal, cfg, calibration_path=calibration)
+        return Built(m, cfg, manifest, [cfg.out])
+    engine = assemble(m, cal, cfg, calibration_path=calibration)
+    if cfg.backend == "onnx":
+        from polarc.exporters.onnx_export import export_onnx
+
+        paths = export_onnx(engine, cfg.out, dense=cfg.dense, dtype=cfg.dtype, force=cfg.force,
+                            inputs=cfg.inputs)
+        return Built(m, cfg, engine.manifest, paths)
+    from polarc.exporters.tensorrt import build_tensorrt_engine
+
+    build_tensorrt_engine(engine, cfg, dense=cfg.dense)
+    return Built(m, cfg, engine.manifest, [cfg.out])

@@ -36,11 +36,12 @@ import numpy as np
 import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from polarc.plugins.reference import selective_attention_reference
 
 from polarc.errors import PolarcError
+from polarc.format.engine_file import DTYPES, Engine
+from polarc.format.plan import sparse_mlp_layers
 from polarc.outputs import check_output, writing
-from polarc.runtime.decode import SPARSE_MLP_MAX_DENSITY, attention_torch
-from polarc.runtime.engine import Engine
 
 DOMAIN = "ai.polarc"
 ATTENTION_OP = "SelectiveHeadAttention"  # = the TensorRT plugin's name (ONNX parser looks it up)
@@ -220,20 +221,13 @@ def _kv_value_infos(g: _Graph, prefix: str, seq: str) -> list:
             for i in range(spec.n_layers) for kind in ("key", "value")]
 
 
-def sparse_mlp_layers(engine: Engine, dense: bool) -> dict[int, int]:
-    """ReLU layers that run the selective MLP, with their union k (same rule as the runtime)."""
-    if dense:
-        return {}
-    n = engine.model.spec.intermediate
-    return {layer: r.k for layer, r in engine.mlp_routers.items() if r.k / n <= SPARSE_MLP_MAX_DENSITY}
-
-
 def _decode_graph(g: _Graph, manifest: dict[str, Any], dense: bool) -> onnx.ModelProto:
     engine = g.engine
     spec = engine.model.spec
     hkv, hq, d = spec.n_kv_heads, spec.n_heads, spec.head_dim
     ks = [hkv] * spec.n_layers if dense else engine.k_per_layer
-    mlp_k = sparse_mlp_layers(engine, dense)
+    mlp_k = {} if dense else sparse_mlp_layers(
+        {layer: r.k for layer, r in engine.mlp_routers.items()}, spec.intermediate)
     ids = g.op("Reshape", "input_ids", g.const([-1]))
     pos = g.op("Cast", "cache_seqlens", to=TensorProto.INT64)
     lens = g.op("Add", "cache_seqlens", g.const(1, np.int32))
@@ -342,8 +336,6 @@ def export_onnx(engine: Engine, out: Path, *, dense: bool = False, dtype: str | 
     """Write decode graph, prefill graph and shared weights for `engine` (atomically) and
     check both graphs with onnx.checker. `dtype` (bf16/fp16/fp32) defaults to the engine's
     weights' dtype. Returns the paths written."""
-    from polarc.exporters.engine import DTYPES
-
     dtype = DTYPES[dtype] if dtype is not None else engine.model.weights["embed.weight"].dtype
     if dtype not in ONNX_DTYPES:
         raise PolarcError(f"cannot export {dtype} weights to ONNX")
@@ -372,8 +364,9 @@ def export_onnx(engine: Engine, out: Path, *, dense: bool = False, dtype: str | 
 
 
 def _attention_numpy(q, k_cache, v_cache, cache_seqlens, groups, scale):
-    out = attention_torch(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
-                            (q, k_cache, v_cache, cache_seqlens, groups)), float(scale))
+    out = selective_attention_reference(*(torch.from_numpy(np.ascontiguousarray(a)) for a in
+                                          (q, k_cache, v_cache, cache_seqlens, groups)),
+                                        float(scale))
     return out.numpy()
 
 

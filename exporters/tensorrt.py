@@ -21,30 +21,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from polarc.errors import PolarcError
+from polarc.format.engine_file import Engine, plan_tensors, save_container
+from polarc.format.tensorrt import require_tensorrt
 from polarc.outputs import check_output, writing
-from polarc.runtime.engine import Engine
-
-TENSORRT_MIN = (10, 9)
-INSTALL_HINT = ("install TensorRT >= 10.9 with its Python bindings on a machine with an NVIDIA GPU "
-                "(pip install 'tensorrt>=10.9' from NVIDIA's package index); --backend torch and "
-                "--backend onnx work without it")
-
-
-def require_tensorrt() -> Any:
-    """Import tensorrt (with tensorrt.plugin), or stop with one line saying what to install."""
-    try:
-        import tensorrt as trt
-        import tensorrt.plugin  # noqa: F401 - the plugin API arrived in 10.x
-    except ImportError:
-        raise PolarcError("TensorRT is not installed", hint=INSTALL_HINT) from None
-    version = tuple(int(x) for x in trt.__version__.split(".")[:2])
-    if version < TENSORRT_MIN:
-        raise PolarcError(f"TensorRT {trt.__version__} is too old for polarc's plugins",
-                          hint=INSTALL_HINT)
-    return trt
 
 
 def _profile_shapes(engine: Engine, graph: str, max_batch: int, max_seq: int
@@ -90,7 +70,6 @@ def build_plan(trt: Any, onnx_path: Path, shapes: dict[str, tuple[tuple[int, ...
 def build_tensorrt_engine(engine: Engine, cfg: Any, *, dense: bool = False) -> None:
     """Export ONNX to a scratch folder beside the output, build decode and prefill plans,
     write the container."""
-    from polarc.exporters.engine import save_container, tokenizer_json
     from polarc.exporters.onnx_export import export_onnx
     from polarc.plugins.tensorrt_plugin import register_plugin
 
@@ -105,17 +84,13 @@ def build_tensorrt_engine(engine: Engine, cfg: Any, *, dense: bool = False) -> N
                                                        dense=dense, dtype=cfg.dtype)
             plans = {
                 "decode": build_plan(trt, decode_onnx,
-                                     _profile_shapes(engine, "decode", cfg.max_batch, cfg.max_seq)),
+                                     _profile_shapes(engine, "decode", **engine.limits)),
                 "prefill": build_plan(trt, prefill_onnx,
-                                      _profile_shapes(engine, "prefill", cfg.max_batch, cfg.max_seq)),
+                                      _profile_shapes(engine, "prefill", **engine.limits)),
             }
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        tensors = {f"tensorrt.{name}": torch.frombuffer(bytearray(data), dtype=torch.uint8)
-                   for name, data in plans.items()}
-        tok = tokenizer_json(engine.model)
-        if tok is not None:
-            tensors["tokenizer.json"] = torch.frombuffer(bytearray(tok), dtype=torch.uint8)
+        tensors = plan_tensors(plans, engine.model.tokenizer)
         manifest = {**engine.manifest, "backend": "tensorrt", "dense": dense,
                     "tensorrt_version": trt.__version__}
         save_container(tensors, manifest, tmp, name=cfg.out)

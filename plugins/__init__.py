@@ -1,43 +1,10 @@
-"""polarc kernels: selective head attention (decode) and the selective GEMM pair for ReLU MLPs.
+"""polarc kernels, one op per module: `selective_attention` (decode attention over each row's
+selected KV groups), `selective_gemm` (the selective GEMM pair for ReLU MLPs), `topk_groups`
+and `kv_write` (the decode step's small kernels), and `tensorrt_plugin` (the TensorRT plugin
+around the attention kernel).
 
-Each op has a Triton kernel behind a checking wrapper, a plain-torch reference that defines
-it, and a ``torch.library`` custom op (``torch.ops.polarc.*``) with a fake implementation.
-Importing this package needs triton; CPU tensors run through Triton's interpreter only when
+Each kernel module holds its Triton kernel behind a checking wrapper; `reference.py` holds the
+plain-torch definitions of all of them and imports no triton, so the runtime's CPU path and
+the tests use it anywhere. CPU tensors run the kernels through Triton's interpreter only when
 TRITON_INTERPRET=1 was set before triton was imported.
 """
-
-from .selective_attention import (
-    AttentionPlan,
-    AttentionWorkspace,
-    plan_selective_attention,
-    selective_attention,
-    selective_attention_reference,
-    selective_attention_workspace,
-)
-from .selective_gemm import (
-    GemmPlan,
-    GemmWorkspace,
-    plan_selective_gemm,
-    selective_gemm_down,
-    selective_gemm_down_reference,
-    selective_gemm_up,
-    selective_gemm_up_reference,
-    selective_gemm_workspace,
-)
-
-__all__ = [
-    "AttentionPlan",
-    "AttentionWorkspace",
-    "GemmPlan",
-    "GemmWorkspace",
-    "plan_selective_attention",
-    "plan_selective_gemm",
-    "selective_attention",
-    "selective_attention_reference",
-    "selective_attention_workspace",
-    "selective_gemm_down",
-    "selective_gemm_down_reference",
-    "selective_gemm_up",
-    "selective_gemm_up_reference",
-    "selective_gemm_workspace",
-]

@@ -15,6 +15,9 @@ import triton
 import triton.language as tl
 
 from ._triton_util import check_launchable, next_pow2
+from .reference import write_kv_reference
+
+__all__ = ["write_kv", "write_kv_reference"]
 
 
 @triton.jit
@@ -31,15 +34,6 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions,
     dst = row * stride_cb + group * stride_ch + pos * stride_cs + offs
     tl.store(K_Cache + dst, k, mask=mask)
     tl.store(V_Cache + dst, v, mask=mask)
-
-
-def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, positions: torch.Tensor) -> None:
-    """The definition: cache[b, :, positions[b]] = new[b] for K and V."""
-    rows = torch.arange(k.shape[0], device=k.device)
-    pos = positions.long()
-    k_cache[rows, :, pos] = k
-    v_cache[rows, :, pos] = v
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
+from .reference import selective_attention_reference
 
 __all__ = [
     "AttentionPlan",
@@ -540,36 +541,6 @@ def selective_attention(
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     plan = plan or _default_plan(q, k_cache, groups)
     return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan)
-
-
-def selective_attention_reference(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    cache_seqlens: torch.Tensor,
-    groups: torch.Tensor,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """The definition, in plain torch (fp32 math, fp64 for fp64 inputs; result in q's dtype).
-
-    Slow (a Python loop over rows and groups): for tests."""
-    b, hq, d = q.shape
-    hkv = k_cache.shape[1]
-    group = hq // hkv
-    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(b, hq, d, dtype=acc, device=q.device)
-    for row in range(b):
-        n = int(cache_seqlens[row])
-        if n == 0:
-            continue
-        for g in groups[row].tolist():
-            qh = q[row, g * group:(g + 1) * group].to(acc)            # [G, D]
-            k = k_cache[row, g, :n].to(acc)                           # [n, D]
-            v = v_cache[row, g, :n].to(acc)
-            p = torch.softmax((qh @ k.T) * scale, dim=-1)             # [G, n]
-            out[row, g * group:(g + 1) * group] = p @ v
-    return out.to(q.dtype)
 
 
 # --------------------------------------------------------------------------- torch.library

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ._triton_util import cdiv, check_launchable, num_sms
+from .reference import selective_gemm_down_reference, selective_gemm_up_reference
 
 __all__ = [
     "GemmPlan",
@@ -331,17 +332,6 @@ def selective_gemm_up(
     return out
 
 
-def selective_gemm_up_reference(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, idx: torch.Tensor
-) -> torch.Tensor:
-    """The definition: ``relu(x @ w1[idx].T + b1[idx])`` (fp32 or fp64 math, x's dtype)."""
-    w = _up(w1[idx.long()])
-    y = _up(x) @ w.T
-    if b1 is not None:
-        y = y + _up(b1[idx.long()])
-    return torch.relu(y).to(x.dtype)
-
-
 # --------------------------------------------------------------------------- down
 
 
@@ -396,18 +386,6 @@ def selective_gemm_down(
         DOT_PRECISION=_precision(h.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out
-
-
-def selective_gemm_down_reference(
-    h: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor
-) -> torch.Tensor:
-    """The definition: ``h @ w2t[idx]`` (= ``h @ w2[:, idx].T``), fp32 math, h's dtype."""
-    return (_up(h) @ _up(w2t[idx.long()])).to(h.dtype)
-
-
-def _up(t: torch.Tensor) -> torch.Tensor:
-    """At least fp32 (fp64 stays fp64, for references computed in double)."""
-    return t if t.dtype == torch.float64 else t.float()
 
 
 # --------------------------------------------------------------------------- shared

@@ -18,6 +18,9 @@ import triton
 import triton.language as tl
 
 from ._triton_util import check_launchable, next_pow2
+from .reference import topk_groups_reference
+
+__all__ = ["topk_groups", "topk_groups_reference"]
 
 
 @triton.jit
@@ -31,11 +34,6 @@ def _topk_groups_kernel(Scores, Groups, n_kv, stride_sb, stride_gb,
     beats = (s[None, :] > s[:, None]) | ((s[None, :] == s[:, None]) & (offs[None, :] < offs[:, None]))
     rank = tl.sum((beats & valid[None, :]).to(tl.int32), axis=1)
     tl.store(Groups + row * stride_gb + rank, offs.to(tl.int32), mask=valid & (rank < K))
-
-
-def topk_groups_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The definition: the k highest-scoring groups per row, highest first, as int32."""
-    return scores.float().topk(k, dim=-1).indices.to(torch.int32)
 
 
 def topk_groups(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,12 +1,13 @@
-"""The `polarc` command: wires subcommands; each lives in its own module."""
+"""The `polarc` command: wires subcommands; each lives in `polarc/commands/`."""
 
 from __future__ import annotations
 
 import typer
 
-from polarc.bench import bench_app
-from polarc.commands import calibrate_cmd, eval_cmd, models_cmd
-from polarc.engine_commands import build_cmd, run_cmd
+from polarc.commands.bench import bench_app
+from polarc.commands.calibrate import calibrate_cmd, eval_cmd
+from polarc.commands.engine import build_cmd, run_cmd
+from polarc.commands.models import models_cmd
 
 app = typer.Typer(
     name="polarc",

@@ -222,9 +222,9 @@ def test_build_density_needs_random_weights(tiny_dirs: dict, tmp_path: Path) -> 
 
 def test_build_loads_large_models_in_their_engine_dtype(monkeypatch, tmp_path: Path) -> None:
     """An 8B build must not materialise an fp32 copy (host memory ~1.5x the model at most)."""
+    import polarc.exporters.engine as ec
     import torch
 
-    import polarc.engine_commands as ec
     from polarc.errors import PolarcError
 
     seen = {}

@@ -21,9 +21,9 @@ from polarc.exporters.onnx_export import (
 from typer.testing import CliRunner
 
 from polarc.cli import app
+from polarc.format.engine_file import Engine, load_engine
 from polarc.models import load_model
-from polarc.runtime.decode import Runtime
-from polarc.runtime.engine import Engine, load_engine
+from polarc.runtime.torch_runtime import Runtime
 
 PROMPTS = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51, 52]]
 STEPS = 6
@@ -68,7 +68,7 @@ def test_dense_graph_matches_torch_engine(kind: str, tiny_dirs: dict, tmp_path: 
 @pytest.mark.parametrize("kind", ["llama-gqa", "llama-mha", "opt"])
 def test_sparse_graph_matches_torch_engine(kind: str, tiny_dirs: dict, calibrated: dict,
                                            tmp_path: Path) -> None:
-    cal = artifact.read(calibrated[kind])
+    cal = artifact.read_calibration(calibrated[kind])
     engine_file = _engine_file(tmp_path, tiny_dirs[kind], calibration=cal)
     mlp_k = 128 if kind == "opt" else None  # N = 256: half the neurons
     engine = _load(engine_file, mlp_k)
@@ -94,7 +94,7 @@ def test_sparse_graph_matches_torch_engine(kind: str, tiny_dirs: dict, calibrate
 
 def test_graph_declares_custom_op_for_tensorrt(tiny_dirs: dict, calibrated: dict,
                                                tmp_path: Path) -> None:
-    cal = artifact.read(calibrated["llama-gqa"])
+    cal = artifact.read_calibration(calibrated["llama-gqa"])
     engine = load_engine(_engine_file(tmp_path, tiny_dirs["llama-gqa"], calibration=cal))
     path = export_onnx(engine, tmp_path / "m.onnx")[0]
     model = onnx.load(str(path), load_external_data=False)

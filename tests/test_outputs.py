@@ -196,7 +196,7 @@ def test_stale_temporaries_are_removed(tmp_path: Path, tiny_dirs: dict) -> None:
 _HOOKED_BUILD = """
 import os, signal, sys
 import safetensors.torch
-import polarc.exporters.engine as engine
+import polarc.format.engine_file as engine
 from polarc.cli import app
 
 def hooked(tensors, path, metadata=None):

@@ -1,5 +1,5 @@
 import torch
-from polarc.calibration.plan import _solve, candidate_ks, groups_for_density, uniform_plan
+from polarc.calibration.plan import _solve, candidate_ks
 from polarc.calibration.routers import (
     topk_mask,
     topk_recall,
@@ -7,6 +7,8 @@ from polarc.calibration.routers import (
     train_mlp_router,
     union_k,
 )
+
+from polarc.format.plan import groups_for_density, uniform_plan
 
 
 def test_head_router_learns_a_linear_ranking() -> None:

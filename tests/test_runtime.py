@@ -7,12 +7,14 @@ import torch
 from polarc.calibration import artifact
 from polarc.calibration.quality import make_selector
 from polarc.exporters.engine import BuildConfig, build_engine
+from polarc.plugins.reference import selective_attention_reference as attention_torch
 
 from polarc.errors import PolarcError
+from polarc.format.engine_file import load_engine
 from polarc.models import load_model
 from polarc.models.forward import forward
-from polarc.runtime.decode import Runtime, attention_torch, generate
-from polarc.runtime.engine import load_engine
+from polarc.runtime.generate import generate
+from polarc.runtime.torch_runtime import Runtime
 from tests.conftest import tiny_hf
 
 PROMPTS = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54]]
@@ -49,7 +51,7 @@ def test_dense_engine_matches_transformers(kind: str, tiny_dirs: dict, tmp_path:
 
 def test_sparse_engine_matches_masked_reference(tiny_dirs: dict, tmp_path: Path,
                                                 calibrated: dict) -> None:
-    cal = artifact.read(calibrated["llama-mha"])
+    cal = artifact.read_calibration(calibrated["llama-mha"])
     engine = load_engine(_engine(tmp_path, tiny_dirs["llama-mha"], calibration=cal))
     assert engine.k_per_layer == [4, 2, 2]
     model = load_model(str(tiny_dirs["llama-mha"]))
@@ -82,7 +84,7 @@ def test_sparse_engine_matches_masked_reference(tiny_dirs: dict, tmp_path: Path,
 
 
 def test_attention_torch_matches_kernel_reference() -> None:
-    from polarc.plugins import selective_attention_reference
+    from polarc.plugins.reference import selective_attention_reference
 
     torch.manual_seed(0)
     q = torch.randn(3, 8, 16)
@@ -156,7 +158,7 @@ def test_batch_over_engine_limit(tmp_path: Path, tiny_dirs: dict) -> None:
 
 def test_sparse_mlp_matches_masked_reference(tiny_dirs: dict, tmp_path: Path,
                                              calibrated: dict) -> None:
-    cal = artifact.read(calibrated["opt"])
+    cal = artifact.read_calibration(calibrated["opt"])
     engine = load_engine(_engine(tmp_path, tiny_dirs["opt"], calibration=cal))
     n = engine.model.spec.intermediate
     assert engine.mlp_routers and all(r.k % 128 == 0 for r in engine.mlp_routers.values())

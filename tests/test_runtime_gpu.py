@@ -7,9 +7,10 @@ import torch
 from polarc.calibration import artifact
 from polarc.exporters.engine import BuildConfig, build_engine
 
+from polarc.format.engine_file import load_engine
 from polarc.models import load_model
-from polarc.runtime.decode import Runtime, generate
-from polarc.runtime.engine import load_engine
+from polarc.runtime.generate import generate
+from polarc.runtime.torch_runtime import Runtime
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -47,7 +48,7 @@ def test_dense_bf16_on_gpu_matches_cpu_fp32(kind: str, tiny_dirs: dict, tmp_path
 
 
 def test_sparse_fp32_on_gpu_matches_cpu(tiny_dirs: dict, tmp_path: Path, calibrated: dict) -> None:
-    cal = artifact.read(calibrated["llama-gqa"])
+    cal = artifact.read_calibration(calibrated["llama-gqa"])
     model = load_model(str(tiny_dirs["llama-gqa"]))
     path = tmp_path / "sparse.plan"
     build_engine(model, cal, BuildConfig(out=path, dtype="fp32", max_batch=4, max_seq=64))
@@ -69,7 +70,7 @@ def test_generate_on_gpu(tiny_dirs: dict, tmp_path: Path) -> None:
 
 
 def test_sparse_mlp_on_gpu_matches_cpu(tiny_dirs: dict, tmp_path: Path, calibrated: dict) -> None:
-    cal = artifact.read(calibrated["opt"])
+    cal = artifact.read_calibration(calibrated["opt"])
     model = load_model(str(tiny_dirs["opt"]))
     path = tmp_path / "opt.plan"
     build_engine(model, cal, BuildConfig(out=path, dtype="fp32", max_batch=4, max_seq=64))

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from polarc.plugins import (
+from polarc.plugins.reference import selective_attention_reference
+from polarc.plugins.selective_attention import (
+    _selective_attention_kernel,
     plan_selective_attention,
     selective_attention,
-    selective_attention_reference,
     selective_attention_workspace,
 )
-from polarc.plugins.selective_attention import _selective_attention_kernel
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = type(_selective_attention_kernel).__name__ == "InterpretedFunction"

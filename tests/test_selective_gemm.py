@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from polarc.plugins import (
+from polarc.plugins.reference import selective_gemm_down_reference, selective_gemm_up_reference
+from polarc.plugins.selective_gemm import (
     GemmWorkspace,
+    _selective_gemm_up_kernel,
     plan_selective_gemm,
     selective_gemm_down,
-    selective_gemm_down_reference,
     selective_gemm_up,
-    selective_gemm_up_reference,
     selective_gemm_workspace,
 )
-from polarc.plugins.selective_gemm import _selective_gemm_up_kernel
 
 CUDA = torch.cuda.is_available()
 INTERPRETED = type(_selective_gemm_up_kernel).__name__ == "InterpretedFunction"

@@ -58,8 +58,9 @@ def test_engine_greedy_equals_transformers(tmp_path: Path, smollm2) -> None:
     import transformers
     from polarc.exporters.engine import BuildConfig, build_engine
 
-    from polarc.runtime.decode import Runtime, generate
-    from polarc.runtime.engine import load_engine
+    from polarc.format.engine_file import load_engine
+    from polarc.runtime.generate import generate
+    from polarc.runtime.torch_runtime import Runtime
 
     path = tmp_path / "dense.plan"
     build_engine(smollm2, None, BuildConfig(out=path, dtype="fp32", max_batch=4, max_seq=128))

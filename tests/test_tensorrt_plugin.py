@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from polarc.plugins import selective_attention_reference
+from polarc.plugins.reference import selective_attention_reference
 from polarc.plugins.tensorrt_plugin import (
     PtxKernel,
     compile_plugin_kernel,
@@ -138,10 +138,10 @@ def _has_tensorrt() -> bool:
 
 @pytest.mark.skipif(_has_tensorrt(), reason="TensorRT is installed here")
 def test_tensorrt_backend_says_what_to_install(tiny_dirs: dict, tmp_path) -> None:
-    from polarc.exporters.engine import BuildConfig, build_engine, write_container
+    from polarc.exporters.engine import BuildConfig, build_engine
 
+    from polarc.format.engine_file import read_manifest, write_container
     from polarc.models import load_model
-    from polarc.runtime.engine import read_manifest
     from tests.test_cli import one_line_error, run
 
     out = tmp_path / "engine.plan"

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from polarc.errors import PolarcError
+from polarc.models.layers import fuse_weights
 from polarc.models.presets import (
     DEFAULT_MODEL,
     PRESETS,
@@ -197,7 +198,10 @@ def _load_path(path: Path, name: str, dtype: torch.dtype) -> Model:
         tok = ByteTokenizer(spec.vocab)
     identity = {"architecture": spec.architecture(), "weights_sha256": _sha256_files(files),
                 "source": str(path)}
-    return _from_hf(hf, spec, tok, identity, random_weights=False)
+    model = _from_hf(hf, spec, tok, identity, random_weights=False)
+    del hf  # the fused copies below replace its tensors: never hold both
+    fuse_weights(model.weights, spec)
+    return model
 
 
 @contextmanager
@@ -251,7 +255,7 @@ def _random_model(spec: ModelSpec, *, seed: int, dtype: torch.dtype,
 
 def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
     """`rope_inv_freq` and `rope_attention_scaling` as transformers computes them."""
-    if spec.family != "llama":
+    if not spec.rotary:
         return {}
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -262,10 +266,11 @@ def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
 
 def random_weights(spec: ModelSpec, *, seed: int, dtype: torch.dtype,
                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Random weights in the fused layout (models/layers.py), made in `dtype` on `device`."""
     gen = torch.Generator(device=device).manual_seed(seed)
     d, f = spec.hidden, spec.intermediate
     qd, kvd = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    opt = spec.family == "opt"
+    opt = spec.relu_mlp
 
     def normal(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * 0.02
@@ -292,6 +297,7 @@ def random_weights(spec: ModelSpec, *, seed: int, dtype: torch.dtype,
             w[p + name + ".weight"] = normal(*shape)
             if opt or (spec.qkv_bias and name in ("q", "k", "v")):
                 w[p + name + ".bias"] = normal(shape[0])
+        fuse_weights(w, spec, [i])  # now: at most one layer's parts exist twice
     w["lm_head.weight"] = w["embed.weight"] if spec.tie_embeddings else normal(spec.vocab, d)
     return w
 
@@ -302,7 +308,7 @@ def _from_hf(hf: Any, spec: ModelSpec, tok: Tokenizer, identity: dict[str, Any],
     sd = {k: v.detach() for k, v in hf.state_dict().items()}
     weights = internal_weights(sd, spec)
     inv_freq, scaling = None, 1.0
-    if spec.family == "llama":
+    if spec.rotary:
         rot = hf.model.rotary_emb
         inv_freq = rot.inv_freq.detach().float().clone()
         scaling = float(getattr(rot, "attention_scaling", 1.0))
@@ -314,7 +320,7 @@ def _from_hf(hf: Any, spec: ModelSpec, tok: Tokenizer, identity: dict[str, Any],
 def internal_weights(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
     """Rename a transformers state dict to polarc's names (no copies)."""
     out: dict[str, torch.Tensor] = {}
-    if spec.family == "opt":
+    if spec.relu_mlp:
         p = "model.decoder."
         out["embed.weight"] = sd[p + "embed_tokens.weight"]
         out["pos_embed.weight"] = sd[p + "embed_positions.weight"]
@@ -350,3 +356,30 @@ def describe_weights_available(spec: ModelSpec) -> str:
         if _hf_cached_folder(spec.hub_id) is not None:
             return "hf cache"
     return "no"
+
+
+def model_record(model: Model) -> dict[str, Any]:
+    """The model's identity as artifacts record it (calibration.json, engine manifests)."""
+    return {"name": model.spec.name, "identity": model.identity,
+            "random_weights": model.random_weights}
+
+
+def model_source(record: dict[str, Any]) -> str | None:
+    """How to load the model an artifact was made for: its alias, else its source path."""
+    if record["name"] in PRESETS:
+        return record["name"]
+    source = record["identity"].get("source")
+    return None if source == "random" else source
+
+
+def check_same_model(record: dict[str, Any], model: Model, *, what: str) -> None:
+    """Stop when the artifact `what` (with model `record`) was made for another model."""
+    ident = record.get("identity", {})
+    if ident.get("architecture") == model.spec.architecture() and \
+            ident.get("weights_sha256") == model.identity["weights_sha256"]:
+        return
+    theirs = str(ident.get("weights_sha256", "?"))[:12]
+    raise PolarcError(f"{what} was made for another model ({record.get('name')}, weights "
+                      f"{theirs}), not {model.spec.name} (weights "
+                      f"{model.identity['weights_sha256'][:12]})",
+                      hint="pass the model it was made for, or calibrate this one")

@@ -44,8 +44,23 @@ class ModelSpec:
         return self.n_heads // self.n_kv_heads
 
     @property
+    def qkv_rows(self) -> int:
+        """Rows of the fused q/k/v projection (models/layers.py)."""
+        return (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+
+    @property
     def relu_mlp(self) -> bool:
+        """ReLU MLP with biases (OPT); else SwiGLU (the Llama family)."""
         return self.family == "opt"
+
+    @property
+    def rotary(self) -> bool:
+        """Rotary positions (the Llama family); else learned position embeddings (OPT)."""
+        return self.family == "llama"
+
+    @property
+    def learned_positions(self) -> bool:
+        return not self.rotary
 
     @property
     def n_params(self) -> int:
@@ -53,9 +68,9 @@ class ModelSpec:
         q = d * self.n_heads * self.head_dim
         kv = 2 * d * self.n_kv_heads * self.head_dim
         attn = 2 * q + kv
-        mlp = (3 if self.family == "llama" else 2) * d * f
+        mlp = (2 if self.relu_mlp else 3) * d * f
         emb = self.vocab * d * (1 if self.tie_embeddings else 2)
-        if self.family == "opt":
+        if self.learned_positions:
             emb += (self.max_positions + 2) * d
         return self.n_layers * (attn + mlp) + emb
 

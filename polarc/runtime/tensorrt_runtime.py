@@ -11,14 +11,13 @@ from __future__ import annotations
 import torch
 
 from polarc.errors import PolarcError
-from polarc.exporters.engine import DTYPES
-from polarc.exporters.tensorrt import require_tensorrt
-from polarc.runtime.engine import Engine
+from polarc.format.engine_file import DTYPES, Engine
+from polarc.format.tensorrt import require_tensorrt
 
 
 class TensorRTRuntime:
-    """Runs an engine's TensorRT plans for `batch` rows (interface of `Runtime` that
-    `generate` uses: prefill, step, capture, seqlens, max_seq, device, model)."""
+    """Runs an engine's TensorRT plans for `batch` rows (implements
+    `polarc.runtime.generate.DecodeRuntime`)."""
 
     def __init__(self, engine: Engine, *, batch: int, device: str | torch.device = "cuda") -> None:
         trt = require_tensorrt()
@@ -55,6 +54,18 @@ class TensorRTRuntime:
     def bucket_for(self, rows: int) -> int:
         """One bucket (the whole batch): finished rows keep their slot and read nothing."""
         return self.batch
+
+    def compact(self, live: list[int], bucket: int) -> None:
+        """Move slots `live` to the front (bucket_for never asks for it: one bucket)."""
+        idx = torch.tensor(live, device=self.device)
+        for cache in self.caches[self.current]:
+            cache[: len(live)] = cache[idx]
+        self.seqlens[: len(live)] = self.seqlens[idx]
+        self.seqlens[len(live):bucket] = 0
+
+    def release(self, slots: list[int]) -> None:
+        if slots:
+            self.seqlens[torch.tensor(slots, device=self.device)] = 0
 
     def _execute(self, name: str, inputs: dict[str, torch.Tensor],
                  outputs: dict[str, torch.Tensor]) -> None:

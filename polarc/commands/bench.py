@@ -1,4 +1,4 @@
-"""`polarc bench`: benchmarks that need the lent GPU (BENCHMARKS.md)."""
+"""`polarc bench`: benchmarks that need the lent GPU (BENCHMARKS.md; code in benchmarks/)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from polarc.commands.options import ForceOpt
+from polarc.console import user_errors
 from polarc.errors import PolarcError
 from polarc.outputs import check_output
 
@@ -16,6 +18,21 @@ bench_app = typer.Typer(
 )
 
 
+def _need_gpu(json_path: Path | None, force: bool) -> None:
+    import torch
+
+    if json_path is not None:
+        check_output(json_path, force=force)
+    if not torch.cuda.is_available():
+        raise PolarcError("benchmarks need a CUDA GPU and none is visible",
+                          hint="run on a machine with an NVIDIA GPU")
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise PolarcError(f"benchmarks need triton ({exc})", hint="pip install 'polarc[kernels]'"
+                          ) from None
+
+
 @bench_app.command("kernels")
 def kernels_cmd(
     json_path: Annotated[Path | None, typer.Option(
@@ -23,29 +40,16 @@ def kernels_cmd(
                        "to this file.")] = None,
     quick: Annotated[bool, typer.Option(
         "--quick", help="A subset of the shapes (B in {1, 64}, S in {1024, 8192}).")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Selective attention and selective GEMM against torch SDPA / cuBLAS (BENCHMARKS.md §1-2).
 
     Example: polarc bench kernels --json kernels.json
     """
-    from polarc.console import user_errors
-
     with user_errors():
-        try:
-            import torch
-        except ImportError as exc:  # pragma: no cover - torch is a hard requirement
-            raise PolarcError("kernel benchmarks need torch") from exc
-        if not torch.cuda.is_available():
-            raise PolarcError("kernel benchmarks need a CUDA GPU and none is visible",
-                              hint="run on a machine with an NVIDIA GPU")
-        try:
-            from polarc.plugins.bench import run_kernel_benchmarks
-        except ImportError as exc:
-            raise PolarcError(f"kernel benchmarks need triton ({exc})",
-                              hint="pip install 'polarc[kernels]'") from exc
-        if json_path is not None:
-            check_output(json_path, force=force)
+        _need_gpu(json_path, force)
+        from polarc.benchmarks.bench_kernels import run_kernel_benchmarks
+
         run_kernel_benchmarks(json_path, quick)
 
 
@@ -55,23 +59,15 @@ def e2e_cmd(
         "--json", help="Write the records (step ms, floor ms, speedup, router share).")] = None,
     no_hf: Annotated[bool, typer.Option(
         "--no-hf", help="Skip the transformers generate baseline.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --json file.")] = False,
+    force: ForceOpt = False,
 ) -> None:
     """Whole decode steps of dense and sparse random-weight Llama-3-8B / Llama-2-7B engines
     against their byte floors and transformers generate (BENCHMARKS.md §3).
 
     Example: polarc bench e2e --json e2e.json
     """
-    from polarc.console import user_errors
-
     with user_errors():
-        import torch
-
-        if not torch.cuda.is_available():
-            raise PolarcError("end-to-end benchmarks need a CUDA GPU and none is visible",
-                              hint="run on a machine with an NVIDIA GPU")
-        if json_path is not None:
-            check_output(json_path, force=force)
-        from polarc.runtime.bench import run_e2e_benchmarks
+        _need_gpu(json_path, force)
+        from polarc.benchmarks.bench_e2e import run_e2e_benchmarks
 
         run_e2e_benchmarks(json_path, with_hf=not no_hf)

@@ -1,0 +1,84 @@
+"""The definitions of polarc's kernels, in plain torch (no triton): what each Triton kernel in
+this package must compute, and what the runtime runs where there is no GPU.
+
+Layouts are the kernels' (see each kernel module's docstring):
+
+- selective attention: ``q [B, Hq, D]``, ``k_cache`` / ``v_cache [B', Hkv, S_max, D]``
+  (B' >= B; the first B rows are read), ``cache_seqlens [B]`` int32 (valid positions, this
+  token included), ``groups [B, k]`` int32 → ``[B, Hq, D]``, heads of unselected groups zero;
+- top-k groups: ``scores [B, Hkv]`` → ``groups [B, k]`` int32, highest first, ties to the lower
+  group;
+- KV append: ``k``, ``v [B, Hkv, D]`` written at ``positions [B]`` of the caches;
+- selective GEMM pair: ``relu(x @ w1[idx].T + b1[idx])`` and ``h @ w2t[idx]``.
+
+Math is fp32 (fp64 for fp64 inputs); results come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """At least fp32 (fp64 stays fp64, for references computed in double)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def selective_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    groups: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention over each row's selected KV groups (module docstring for layouts)."""
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
+    s = int(cache_seqlens.max().item()) if b else 0
+    k, v = _acc(k_cache[:b, :, :s]), _acc(v_cache[:b, :, :s])
+    qg = _acc(q).view(b, hkv, hq // hkv, d)
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale
+    valid = torch.arange(s, device=q.device)[None, :] < cache_seqlens[:, None].to(q.device)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row of length 0 gives zeros
+    o = torch.einsum("bhgs,bhsd->bhgd", p, v)
+    keep = torch.zeros(b, hkv, dtype=torch.bool, device=q.device).scatter_(1, groups.long(), True)
+    return (o * keep[:, :, None, None]).reshape(b, hq, d).to(q.dtype)
+
+
+def topk_groups_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest-scoring groups per row, highest first, ties to the lower index; int32."""
+    order = scores.float().sort(dim=-1, descending=True, stable=True).indices
+    return order[:, :k].to(torch.int32)
+
+
+def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, positions: torch.Tensor) -> None:
+    """cache[b, :, positions[b]] = new[b] for K and V (in place)."""
+    rows = torch.arange(k.shape[0], device=k.device)
+    pos = positions.long()
+    k_cache[rows, :, pos] = k
+    v_cache[rows, :, pos] = v
+
+
+def selective_gemm_up_reference(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, idx: torch.Tensor
+) -> torch.Tensor:
+    """``relu(x @ w1[idx].T + b1[idx])``: only the neurons in ``idx`` (output column i is
+    neuron ``idx[i]``)."""
+    y = _acc(x) @ _acc(w1[idx.long()]).T
+    if b1 is not None:
+        y = y + _acc(b1[idx.long()])
+    return torch.relu(y).to(x.dtype)
+
+
+def selective_gemm_down_reference(
+    h: torch.Tensor, w2t: torch.Tensor, idx: torch.Tensor
+) -> torch.Tensor:
+    """``h @ w2t[idx]`` (= ``h @ w2[:, idx].T``): the down projection over neurons ``idx``,
+    with the down weight stored neuron-major (``w2t [N, d_out]``)."""
+    return (_acc(h) @ _acc(w2t[idx.long()])).to(h.dtype)

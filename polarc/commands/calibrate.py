@@ -1,0 +1,155 @@
+"""`polarc calibrate` and `polarc eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from polarc.commands.options import (
+    ForceOpt,
+    ModelOpt,
+    QuietOpt,
+    RandomOpt,
+    WeightsOpt,
+    check_finite,
+    check_positive,
+    existing_inputs,
+)
+from polarc.console import err, out, progress, user_errors
+from polarc.errors import PolarcError
+from polarc.format.plan import check_density
+from polarc.models import load_model
+from polarc.outputs import check_output, write_json
+
+
+def calibrate_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the calibration artifact.")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    random_weights: RandomOpt = False,
+    dataset: Annotated[str, typer.Option(
+        help="'builtin', a .txt/.jsonl/.parquet file, or a hub dataset name[:config[:split]].")
+    ] = "builtin",
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
+    tokens: Annotated[int, typer.Option(help="Calibration tokens for router training.")] = 65536,
+    tune_tokens: Annotated[int, typer.Option(
+        help="Further tokens for choosing the plan (never used for training).")] = 4096,
+    density: Annotated[float | None, typer.Option(
+        help="Uniform plan: fraction of KV groups kept on every layer but the first.")] = None,
+    quality_budget: Annotated[float, typer.Option(
+        help="Without --density: allowed perplexity rise in percent; per-layer densities "
+             "are chosen to read as few KV bytes as possible within it.")] = 3.0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    max_samples: Annotated[int, typer.Option(help="Router training tokens kept per layer.")] = 65536,
+    epochs: Annotated[int, typer.Option(help="Router training epochs.")] = 16,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace an existing --out folder (only one polarc made).")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Profile a model on calibration text, fit per-layer routers, choose a density plan.
+
+    Examples:
+
+      polarc calibrate --out runs/smollm2            # embedded SmolLM2, 3% quality budget
+
+      polarc calibrate --density 0.67 --out runs/d67  # uniform: 2 of 3 KV groups
+
+      polarc calibrate -m ./my-llama --dataset notes.jsonl --quality-budget 1 -o runs/mine
+    """
+    from polarc.calibration.artifact import is_calibration_folder
+    from polarc.calibration.calibrate import CalibrateConfig, calibrate
+
+    with user_errors():
+        check_positive(seq_len=seq_len, tokens=tokens, tune_tokens=tune_tokens,
+                       batch_size=batch_size, max_samples=max_samples, epochs=epochs)
+        check_finite(quality_budget=quality_budget)
+        if density is not None:
+            check_density(density)
+        if quality_budget < 0:
+            raise PolarcError(f"--quality-budget must be >= 0, got {quality_budget}")
+        cfg = CalibrateConfig(out=out_dir, dataset=dataset, seq_len=seq_len, tokens=tokens,
+                              tune_tokens=tune_tokens, density=density,
+                              quality_budget=quality_budget, batch_size=batch_size,
+                              max_samples=max_samples, epochs=epochs, seed=seed, force=force,
+                              inputs=existing_inputs(dataset, model, weights))
+        check_output(out_dir, force=force, folder=True, ours=is_calibration_folder,
+                     inputs=cfg.inputs)
+        m = load_model(model, weights=weights, random_weights=random_weights)
+        with progress(quiet) as bar:
+            meta = calibrate(m, cfg, bar)
+        _print_plan(meta)
+        err.print(f"wrote {escape(str(out_dir))}/ (routers.safetensors, calibration.json, "
+                  "report.png)", highlight=False)
+
+
+def _print_plan(meta: dict[str, Any]) -> None:
+    tune = meta["quality"]["tune"]
+    plan = meta["plan"]
+    ks = plan["k_per_layer"]
+    out.print(f"model {meta['model']['name']}"
+              + (" [random weights]" if meta["model"]["random_weights"] else "")
+              + f": plan {plan['mode']}, k per layer {ks} of {plan['n_kv_groups']} KV groups",
+              markup=False, highlight=False)
+    recalls = [e["router_recall"] for e in meta["layers"] if e["k"] < plan["n_kv_groups"]]
+    mean_recall = sum(recalls) / len(recalls) if recalls else float("nan")
+    out.print(f"KV density {plan['kv_density']:.3f}; tuning perplexity {tune['ppl_dense']:.3f} "
+              f"dense -> {tune['ppl_plan']:.3f} ({tune['increase_pct']:+.2f}%); "
+              f"mean router recall {mean_recall:.3f}", markup=False, highlight=False)
+
+
+def eval_cmd(
+    calibration: Annotated[Path, typer.Option(help="Folder written by polarc calibrate.")],
+    model: ModelOpt = None,
+    weights: WeightsOpt = None,
+    random_weights: RandomOpt = False,
+    dataset: Annotated[str | None, typer.Option(
+        help="Held-out text. Default: the calibration's dataset, of which only the held-out "
+             "documents are read; any other dataset is evaluated whole.")] = None,
+    tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate.")] = 16384,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the random selection.")] = 0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON.")] = None,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Perplexity on held-out text with dense, router, oracle and random selection.
+
+    Example: polarc eval --calibration runs/smollm2 --json runs/smollm2/eval.json
+    """
+    from polarc.calibration.quality import evaluate_calibration
+
+    with user_errors():
+        check_positive(tokens=tokens, batch_size=batch_size)
+        inputs = (calibration, *existing_inputs(dataset, model, weights))
+        if json_out:
+            check_output(json_out, force=force, inputs=inputs)
+        with progress(quiet) as bar:
+            res = evaluate_calibration(calibration, model=model, weights=weights,
+                                       random_weights=random_weights, dataset=dataset,
+                                       tokens=tokens, batch_size=batch_size, seed=seed,
+                                       progress=bar)
+        _print_eval(res)
+        if json_out:
+            write_json(json_out, res, force=force, inputs=inputs)
+
+
+def _print_eval(res: dict[str, Any]) -> None:
+    dense = res["ppl_dense"]
+    table = Table(title=escape(f"{res['model']} on {res['tokens']} held-out tokens of "
+                               f"{res['dataset']} ({res['heldout']}), KV density "
+                               f"{res['kv_density']:.3f}"))
+    for col in ("selection", "perplexity", "rise", "top-1 agree", "KL"):
+        table.add_column(col, justify="right")
+    for kind in ("dense", "sparse", "oracle", "random"):
+        ppl = res[f"ppl_{kind}"]
+        agree = "1.000" if kind == "dense" else f"{res[f'top1_agreement_{kind}']:.3f}"
+        kl = "0" if kind == "dense" else f"{res[f'kl_{kind}']:.4f}"
+        name = "routers" if kind == "sparse" else kind
+        table.add_row(name, f"{ppl:.3f}", f"{(ppl / dense - 1) * 100:+.2f}%", agree, kl)
+    out.print(table)
+    out.print(f"router recall against the oracle: {res['router_recall']:.3f}", highlight=False)

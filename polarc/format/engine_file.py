@@ -1,0 +1,242 @@
+"""The engine file: one safetensors container (loads with mmap, no pickle) holding the
+weights in the engine's dtype, the routers, the tokenizer and a JSON manifest in its metadata.
+
+Tensor layout (format version 2):
+
+- ``weights.<name>``: the model's weights in the fused layout of `polarc.models.layers`
+  (``layers.{i}.qkv.weight``, ``layers.{i}.gate_up.weight``, ...; no views, no tied
+  ``lm_head``). On a layer with a head router, the router's ``Hkv`` rows are appended to
+  ``qkv.weight`` (and its bias to ``qkv.bias``, zeros above it where the model has none), so
+  the decode step gets q, k, v and the router scores from one GEMM. ReLU models (OPT) store
+  ``down.weight`` neuron-major (``[F, d]``, the transpose), the layout the selective GEMM
+  streams; dense GEMMs read it through a transposed view.
+- ``rope.inv_freq`` (fp32, rotary models); ``routers.layers.{i}.mlp.w1|w2|b2`` (MLP routers,
+  see `routers.py`); ``tokenizer.json`` (uint8 bytes of a Hugging Face tokenizer.json, absent
+  for byte tokenizers); TensorRT backend: ``tensorrt.decode`` / ``tensorrt.prefill`` (uint8
+  bytes of serialized plans) instead of weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from polarc.errors import PolarcError
+from polarc.format.routers import HeadRouter, MLPRouter, mlp_router_tensors
+from polarc.models.layers import add_part_views, stored_weights
+from polarc.models.load import Model
+from polarc.models.presets import ModelSpec
+from polarc.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from polarc.outputs import write_failure, writing
+
+ENGINE_FORMAT = "polarc-engine"
+ENGINE_FORMAT_VERSION = 2
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_dtype(dtype: str, n_params: int) -> str:
+    """``auto`` → fp32 below 1B parameters, else bf16; other names checked."""
+    if dtype == "auto":
+        return "fp32" if n_params < 1e9 else "bf16"
+    if dtype not in DTYPES:
+        raise PolarcError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    return dtype
+
+
+@dataclass
+class Engine:
+    """An engine as loaded (or assembled in memory by the exporters before writing)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    model: Model
+    k_per_layer: list[int]
+    head_routers: dict[int, HeadRouter]
+    mlp_routers: dict[int, MLPRouter]
+    plans: dict[str, bytes] | None = None  # TensorRT backend: serialized decode/prefill plans
+
+    @property
+    def backend(self) -> str:
+        return self.manifest.get("backend", "torch")
+
+    @property
+    def limits(self) -> dict[str, int]:
+        return self.manifest["limits"]
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def tokenizer_json(tok: Tokenizer) -> bytes | None:
+    """The Hugging Face tokenizer.json of `tok` (None for byte tokenizers)."""
+    if isinstance(tok, HFTokenizer):
+        return tok.tok.backend_tokenizer.to_str().encode("utf-8")
+    return None
+
+
+def _bytes_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def engine_tensors(model: Model, head: dict[int, HeadRouter], mlp: dict[int, MLPRouter],
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The container's tensors for `model` with these routers (layout: module docstring)."""
+    spec = model.spec
+    weights = {name: t.to(dtype) for name, t in stored_weights(model.weights, spec).items()}
+    for layer, router in head.items():
+        p = f"layers.{layer}.qkv."
+        w = weights[p + "weight"]
+        bias = weights.get(p + "bias", torch.zeros(w.shape[0], dtype=dtype, device=w.device))
+        weights[p + "weight"] = torch.cat([w, router.weight.to(w.device, dtype)])
+        weights[p + "bias"] = torch.cat([bias, router.bias.to(w.device, dtype)])
+    if spec.relu_mlp:
+        for layer in range(spec.n_layers):
+            name = f"layers.{layer}.down.weight"
+            weights[name] = weights[name].T
+    tensors = {"weights." + name: t.contiguous() for name, t in weights.items()}
+    if model.rope_inv_freq is not None:
+        tensors["rope.inv_freq"] = model.rope_inv_freq.float().contiguous()
+    for name, t in mlp_router_tensors(mlp).items():
+        tensors["routers." + name] = t
+    tok = tokenizer_json(model.tokenizer)
+    if tok is not None:
+        tensors["tokenizer.json"] = _bytes_tensor(tok)
+    return tensors
+
+
+def plan_tensors(plans: dict[str, bytes], tok: Tokenizer) -> dict[str, torch.Tensor]:
+    """A TensorRT-backend container's tensors: its serialized plans and the tokenizer."""
+    tensors = {f"tensorrt.{name}": _bytes_tensor(data) for name, data in plans.items()}
+    tok_json = tokenizer_json(tok)
+    if tok_json is not None:
+        tensors["tokenizer.json"] = _bytes_tensor(tok_json)
+    return tensors
+
+
+def save_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path, *,
+                   name: Path) -> None:
+    """The container's bytes at `path` (a temporary: `name` is what errors call it)."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(path), metadata={"format": ENGINE_FORMAT,
+                                                "format_version": str(ENGINE_FORMAT_VERSION),
+                                                "manifest": json.dumps(manifest)})
+    except SafetensorError as exc:
+        raise write_failure(name, exc) from None
+
+
+def write_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], out: Path, *,
+                    force: bool = False, inputs: tuple[Path, ...] = ()) -> None:
+    """Write an engine file atomically (rules: `polarc.outputs`)."""
+    with writing(out, force=force, inputs=inputs) as tmp:
+        save_container(tensors, manifest, tmp, name=out)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < n < path.stat().st_size
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of a polarc engine file, or a one-line error saying what `path` is not."""
+    if not path.is_file():
+        raise PolarcError(f"engine file {path} does not exist")
+    if not _looks_like_safetensors(path):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"ftrt":
+            raise PolarcError(f"{path} is a bare TensorRT plan, not a polarc engine",
+                              hint="polarc run takes the engine polarc build --backend tensorrt writes")
+        hint = "build one with polarc build"
+        if path.suffix == ".onnx":
+            hint = "an ONNX export runs under TensorRT: polarc build --backend tensorrt"
+        raise PolarcError(f"{path} is not a polarc engine", hint=hint)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:
+        raise PolarcError(f"{path} is truncated or corrupt", hint="rebuild it with polarc build") from None
+    if meta.get("format") != ENGINE_FORMAT or "manifest" not in meta:
+        raise PolarcError(f"{path} is a safetensors file but not a polarc engine")
+    manifest = json.loads(meta["manifest"])
+    if manifest.get("format_version") != ENGINE_FORMAT_VERSION:
+        raise PolarcError(f"{path} has engine format {manifest.get('format_version')}; this "
+                          f"polarc runs format {ENGINE_FORMAT_VERSION}", hint="rebuild it")
+    return manifest
+
+
+def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: ModelSpec
+               ) -> Tokenizer:
+    tk = manifest["tokenizer"]
+    if "tokenizer.json" not in tensors:
+        return ByteTokenizer(spec.vocab)
+    import tokenizers
+    import transformers
+
+    raw = bytes(tensors.pop("tokenizer.json").cpu().numpy().tobytes()).decode("utf-8")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(raw))
+    return HFTokenizer(fast, eos_id=tk["eos_id"], bos_id=tk["bos_id"])
+
+
+def load_engine(path: Path, device: str | torch.device = "cpu") -> Engine:
+    """Load an engine file; a TensorRT-backend one comes back with its plans and no weights."""
+    manifest = read_manifest(path)
+    tensors: dict[str, torch.Tensor] = {}
+    trt = manifest.get("backend") == "tensorrt"
+    with safe_open(str(path), framework="pt", device="cpu" if trt else str(device)) as f:
+        for key in f.keys():
+            tensors[key] = f.get_tensor(key)
+    spec = ModelSpec(**manifest["spec"])
+    plan = manifest["plan"]
+    identity = manifest["model"]["identity"]
+    random_weights = manifest["model"]["random_weights"]
+    tok = _tokenizer(manifest, tensors, spec)
+    if trt:
+        model = Model(spec=spec, weights={}, tokenizer=tok, identity=identity,
+                      random_weights=random_weights)
+        plans = {k.split(".", 1)[1]: tensors[k].numpy().tobytes() for k in tensors
+                 if k.startswith("tensorrt.")}
+        return Engine(path=path, manifest=manifest, model=model,
+                      k_per_layer=list(plan["k_per_layer"]), head_routers={},
+                      mlp_routers={}, plans=plans)
+    weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    weights["lm_head.weight"] = weights.get("lm_head.weight", weights["embed.weight"])
+    if spec.relu_mlp:
+        for layer in range(spec.n_layers):
+            weights[f"layers.{layer}.down.weight"] = weights[f"layers.{layer}.down.weight"].T
+    add_part_views(weights, spec)
+    model = Model(spec=spec, weights=weights, tokenizer=tok, identity=identity,
+                  random_weights=random_weights, rope_inv_freq=tensors.get("rope.inv_freq"),
+                  rope_attention_scaling=float(manifest["rope_attention_scaling"]))
+    head: dict[int, HeadRouter] = {}
+    mlp: dict[int, MLPRouter] = {}
+    dtype = weights["embed.weight"].dtype
+    rows = spec.qkv_rows
+    for layer, k in enumerate(plan["k_per_layer"]):
+        qkv_w, qkv_b = weights[f"layers.{layer}.qkv.weight"], weights.get(f"layers.{layer}.qkv.bias")
+        if qkv_w.shape[0] > rows:  # the head router's rows (module docstring)
+            head[layer] = HeadRouter(weight=qkv_w[rows:], bias=qkv_b[rows:], k=k,
+                                     recall=float("nan"))
+        key = f"routers.layers.{layer}.mlp"
+        if key + ".w1" in tensors:
+            mlp[layer] = MLPRouter(w1=tensors[key + ".w1"].to(dtype),
+                                   w2=tensors[key + ".w2"].to(dtype),
+                                   b2=tensors[key + ".b2"].to(dtype),
+                                   k=int(plan["mlp_k"][str(layer)]), batch=0,
+                                   union_recall=float("nan"), recall=float("nan"))
+    return Engine(path=path, manifest=manifest, model=model, k_per_layer=list(plan["k_per_layer"]),
+                  head_routers=head, mlp_routers=mlp)

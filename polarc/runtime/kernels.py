@@ -1,0 +1,76 @@
+"""The decode step's kernels for a device: polarc's Triton kernels on CUDA, their plain-torch
+definitions (`polarc.plugins.reference`) elsewhere, behind one set of calls.
+
+Selective attention follows plan/run: a plan per (batch bucket, k) and a workspace per batch
+bucket are made once (they depend on shapes only) and every layer's call reuses them, so the
+calls capture into CUDA graphs and an eager call does no planning or allocation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from polarc.plugins import reference
+
+
+@dataclass
+class Kernels:
+    """attention(q, k_cache, v_cache, cache_seqlens, groups) -> [B, Hq, D]; topk(scores, k)
+    -> groups int32; write_kv(k, v, k_cache, v_cache, positions); gemm_up / gemm_down: the
+    selective GEMM pair. Layouts: `polarc.plugins.reference`."""
+
+    device: torch.device
+    scale: float
+    topk: Callable
+    write_kv: Callable
+    gemm_up: Callable
+    gemm_down: Callable
+    _plans: dict = field(default_factory=dict)
+    _workspaces: dict = field(default_factory=dict)
+
+    def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cache_seqlens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return reference.selective_attention_reference(q, k_cache, v_cache, cache_seqlens,
+                                                           groups, self.scale)
+        from polarc.plugins._triton_util import num_sms
+        from polarc.plugins.selective_attention import (
+            plan_selective_attention,
+            selective_attention,
+            selective_attention_workspace,
+        )
+
+        b, hq, d = q.shape
+        n_kv, s_max = k_cache.shape[1], k_cache.shape[2]
+        k = groups.shape[1]
+        key = (b, k, hq // n_kv, s_max, d)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = plan_selective_attention(*key, sms=num_sms(q.device))
+        ws_key = (b, hq, n_kv, s_max, d)
+        workspace = self._workspaces.get(ws_key)
+        if workspace is None:
+            workspace = self._workspaces[ws_key] = selective_attention_workspace(q, k_cache)
+        return selective_attention(q, k_cache, v_cache, cache_seqlens, groups, self.scale,
+                                   plan=plan, workspace=workspace, check_indices=False)
+
+
+def kernels_for(device: torch.device, head_dim: int) -> Kernels:
+    scale = 1.0 / math.sqrt(head_dim)
+    if device.type == "cuda":
+        from polarc.plugins.kv_write import write_kv
+        from polarc.plugins.selective_gemm import selective_gemm_down, selective_gemm_up
+        from polarc.plugins.topk_groups import topk_groups
+
+        return Kernels(device, scale, topk=topk_groups, write_kv=write_kv,
+                       gemm_up=functools.partial(selective_gemm_up, check_indices=False),
+                       gemm_down=functools.partial(selective_gemm_down, check_indices=False))
+    return Kernels(device, scale, topk=reference.topk_groups_reference,
+                   write_kv=reference.write_kv_reference,
+                   gemm_up=reference.selective_gemm_up_reference,
+                   gemm_down=reference.selective_gemm_down_reference)

@@ -1,0 +1,214 @@
+"""The torch runtime: an engine on one device with a static KV cache, dense prefill and the
+sparse decode step, each step a captured CUDA graph per batch bucket on CUDA.
+
+The decode step is the model's one layer definition (`polarc.models.layers`) with three
+arguments of its own: the attention (append this token's K and V, pick each row's top-k KV
+groups from the router scores that come out of the fused q/k/v GEMM, selective attention over
+the cache), the MLP (ReLU layers with a cheap enough batch union: the selective GEMM pair),
+and the element-wise stages compiled into one kernel each on CUDA. Dense is the same step
+with every group selected (`dense=True`), so dense and sparse share one code path. On a CPU
+the same step runs the kernels' plain-torch definitions, so the embedded default runs
+anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from polarc.errors import PolarcError
+from polarc.format.engine_file import Engine
+from polarc.format.plan import sparse_mlp_layers
+from polarc.models.layers import (
+    EAGER,
+    Ops,
+    add_norm,
+    causal_attention,
+    decoder_layer,
+    embed,
+    final_logits,
+    rope_cos_sin,
+    rope_qk,
+    swiglu,
+)
+from polarc.runtime.kernels import kernels_for
+from polarc.runtime.kv_cache import KVCache
+
+
+def compiled_ops(device: torch.device) -> Ops:
+    """The decode step's element-wise stages; on CUDA each is compiled into one kernel
+    (dozens of tiny launches per layer otherwise add up to milliseconds per step)."""
+    if device.type != "cuda" or os.environ.get("POLARC_NO_COMPILE") == "1":
+        return EAGER
+    return Ops(*(torch.compile(fn, fullgraph=True, dynamic=False)
+                 for fn in (add_norm, rope_qk, swiglu)))
+
+
+def batch_buckets(batch: int) -> list[int]:
+    """Batch sizes a decode step is captured for: powers of two below `batch`, and `batch`."""
+    return sorted({1 << i for i in range(batch.bit_length()) if 1 << i < batch} | {batch})
+
+
+class Runtime:
+    """One engine on one device, with a static cache for `batch` rows of `max_seq` positions
+    (implements `polarc.runtime.generate.DecodeRuntime`)."""
+
+    def __init__(self, engine: Engine, *, batch: int, max_seq: int | None = None,
+                 dense: bool = False, device: str | torch.device = "cpu") -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.spec = spec = engine.model.spec
+        self.device = torch.device(device)
+        limits = engine.limits
+        self.max_seq = max_seq or limits["max_seq"]
+        if batch > limits["max_batch"]:
+            raise PolarcError(f"batch {batch} exceeds the engine's --max-batch "
+                              f"{limits['max_batch']}", hint="rebuild with a larger --max-batch")
+        self.batch = batch
+        self.cache = KVCache.allocate(spec, batch, self.max_seq, self.model.dtype, self.device)
+        self.kernels = kernels_for(self.device, spec.head_dim)
+        self.ops = compiled_ops(self.device)
+        self.all_groups = torch.arange(spec.n_kv_heads, dtype=torch.int32, device=self.device
+                                       ).expand(batch, -1).contiguous()
+        # One captured decode step per batch-size bucket: when rows finish, the live ones are
+        # compacted to the front and the step runs on the smallest bucket that holds them.
+        self.buckets = batch_buckets(batch)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._pool = None
+        self.set_dense(dense)
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        return self.cache.seqlens
+
+    def set_dense(self, dense: bool) -> None:
+        """Switch between the engine's plan and all groups (drops captured graphs)."""
+        self.dense = dense
+        n_kv, n_layers = self.spec.n_kv_heads, self.spec.n_layers
+        self.k_per_layer = [n_kv] * n_layers if dense else self.engine.k_per_layer
+        self.mlp_k = {} if dense else sparse_mlp_layers(
+            {layer: r.k for layer, r in self.engine.mlp_routers.items()}, self.spec.intermediate)
+        self.graphs = {}
+        self._pool = None  # a pool whose graphs are gone cannot take new captures
+
+    # ------------------------------------------------------------------ slots and buckets
+
+    def bucket_for(self, rows: int) -> int:
+        return next(b for b in self.buckets if b >= rows)
+
+    def compact(self, live: list[int], bucket: int) -> None:
+        self.cache.compact(live, bucket)
+
+    def release(self, slots: list[int]) -> None:
+        self.cache.release(slots)
+
+    # ------------------------------------------------------------------------- prefill
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Dense prefill of each row's prompt; returns last-position logits [B, vocab]."""
+        if len(prompts) > self.batch:
+            raise ValueError(f"expected at most {self.batch} prompts, got {len(prompts)}")
+        last = []
+        for b, prompt in enumerate(prompts):
+            if not 0 < len(prompt) < self.max_seq:
+                raise PolarcError(f"prompt {b} has {len(prompt)} tokens; the engine allows 1 to "
+                                  f"{self.max_seq - 1}")
+            n = len(prompt)
+            ids = torch.tensor([prompt], device=self.device)
+            positions = torch.arange(n, device=self.device)
+            h = embed(self.model, ids, positions)
+            rope = rope_cos_sin(self.model, positions, h.dtype)
+
+            def attend(layer, x, q, k, v, extra, b=b, n=n):
+                self.cache.k[layer][b, :, :n] = k[0].transpose(0, 1)
+                self.cache.v[layer][b, :, :n] = v[0].transpose(0, 1)
+                return causal_attention(q, k, v)
+
+            delta = torch.zeros_like(h)
+            for layer in range(self.spec.n_layers):
+                h, delta = decoder_layer(self.model, layer, h, delta, rope, attend)
+            self.cache.seqlens[b] = len(prompt)
+            last.append(final_logits(self.model, (h + delta)[0, -1]))
+        return torch.stack(last)
+
+    # --------------------------------------------------------------------- decode step
+
+    def groups_for(self, layer: int, scores: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """Selected KV groups [rows, k] int32 from the router scores [rows, Hkv]."""
+        k = self.k_per_layer[layer]
+        if k >= self.spec.n_kv_heads:
+            return self.all_groups[:rows]
+        return self.kernels.topk(scores, k)
+
+    def sparse_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """The selective GEMM pair over the batch-union neuron index (x [B, 1, d])."""
+        w, p = self.model.weights, f"layers.{layer}."
+        x = x[:, 0]
+        idx = self.engine.mlp_routers[layer].union(x, self.mlp_k[layer])
+        hidden = self.kernels.gemm_up(x, w[p + "up.weight"], w.get(p + "up.bias"), idx)
+        out = self.kernels.gemm_down(hidden, w[p + "down.weight"].T, idx)
+        out = out + w[p + "down.bias"] if p + "down.bias" in w else out
+        return out[:, None]
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (tokens [B]) and return next-token logits [B, vocab]."""
+        B = tokens.shape[0]  # the first B rows of the cache (a batch-size bucket)
+        seqlens = self.cache.seqlens[:B]
+        positions = seqlens.long()[:, None]
+        lens = seqlens + 1
+        h = embed(self.model, tokens[:, None], positions)  # [B, 1, d]
+        rope = rope_cos_sin(self.model, positions, h.dtype)
+
+        def attend(layer, x, q, k, v, extra):
+            k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+            self.kernels.write_kv(k[:, 0], v[:, 0], k_cache, v_cache, seqlens)
+            groups = self.groups_for(layer, None if extra is None else extra[:, 0], B)
+            return self.kernels.attention(q[:, 0], k_cache[:B], v_cache[:B], lens, groups)[:, None]
+
+        delta = torch.zeros_like(h)
+        for layer in range(self.spec.n_layers):
+            mlp = self.sparse_mlp if layer in self.mlp_k else None
+            h, delta = decoder_layer(self.model, layer, h, delta, rope, attend, mlp=mlp,
+                                     ops=self.ops)
+        seqlens.copy_(lens)
+        return final_logits(self.model, h + delta)[:, 0]
+
+    # ---------------------------------------------------------------------- CUDA graphs
+
+    def capture(self, bucket: int | None = None) -> None:
+        """Capture one decode step for the first `bucket` rows (default: the whole batch) as
+        a CUDA graph, replayed by `step` (no-op off CUDA or when already captured)."""
+        bucket = bucket or self.batch
+        if self.device.type != "cuda" or bucket in self.graphs:
+            return
+        tokens = torch.zeros(bucket, dtype=torch.long, device=self.device)
+        saved = self.seqlens.clone()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: compile kernels, plans and workspaces
+                self.decode_step(tokens)
+                self.seqlens.copy_(saved)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()  # buckets replay one at a time: share
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.decode_step(tokens)
+        self.seqlens.copy_(saved)
+        self.graphs[bucket] = (graph, tokens, logits)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A decode step for the first len(tokens) rows: graph replay on CUDA (captured on
+        first use of that bucket), eager elsewhere."""
+        if self.device.type != "cuda":
+            return self.decode_step(tokens)
+        bucket = tokens.shape[0]
+        self.capture(bucket)
+        graph, static_tokens, logits = self.graphs[bucket]
+        static_tokens.copy_(tokens)
+        graph.replay()
+        return logits
