@@ -376,10 +376,10 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
 # ----------------------------------------------------------------------------- tuning
 
 
-# Plan variants timed by --sweep: (model, block_n, num_warps, num_stages, use_dot, split x,
-# fused). The defaults' history is in KERNEL_NOTES.md.
+# Plan variants timed by --sweep: (model, block_n, num_warps, num_stages, use_dot, split x).
+# The defaults' history is in KERNEL_NOTES.md.
 ATTN_VARIANTS = [
-    ("llama3-8b", bn, nw, ns, True, mul, False)
+    ("llama3-8b", bn, nw, ns, True, mul)
     for bn, nw, ns in [(64, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 2), (32, 4, 3), (32, 4, 4),
                        (64, 8, 3), (64, 2, 3)]
     for mul in (0.5, 1, 2)
@@ -402,18 +402,18 @@ def sweep(json_path: Path | None, what: str = "all") -> list[dict]:
           flush=True)
     records: list[dict] = []
     seen_sdpa: set[str] = set()
-    for model, bn, nw, ns, dot, mul, fused in ATTN_VARIANTS if what in ("all", "attention") else []:
-        def override(b, k, g, s, d, bn=bn, nw=nw, ns=ns, dot=dot, mul=mul, fused=fused):
+    for model, bn, nw, ns, dot, mul in ATTN_VARIANTS if what in ("all", "attention") else []:
+        def override(b, k, g, s, d, bn=bn, nw=nw, ns=ns, dot=dot, mul=mul):
             p = plan_selective_attention(b, k, g, s, d, sms=sms, block_n=bn, num_warps=nw,
                                          num_stages=ns, use_dot=dot)
-            return AttentionPlan(max(1, int(p.num_splits * mul)), bn, nw, ns, dot, fused)
+            return AttentionPlan(max(1, int(p.num_splits * mul)), bn, nw, ns, dot)
 
         t = time.time()
         recs = attention_cases(
             bw=bw, device=device, plan_override=override,
             shapes=[(model, b, s) for b, s in ATTN_SWEEP_SHAPES], densities=(0.25, 0.5, 1.0),
             ragged=False, sdpa=True)
-        name = f"bn{bn}_w{nw}_s{ns}_{'dot' if dot else 'bcast'}_x{mul}_{'fused' if fused else '2k'}"
+        name = f"bn{bn}_w{nw}_s{ns}_{'dot' if dot else 'bcast'}_x{mul}"
         for r in recs:
             r["variant"] = name
         records += recs

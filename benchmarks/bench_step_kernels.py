@@ -1,15 +1,22 @@
-"""The decode step's small kernels against the torch ops they replace (GPU).
+"""The decode step's small kernels against the torch ops they replace, and the host cost of
+an eager (uncaptured) selective attention call against SDPA's (GPU).
 
     python -m polarc.benchmarks.bench_step_kernels [--json OUT]
 
 `topk_groups` (router scores → top-k groups, int32) against `torch.topk` + cast, and
 `write_kv` (append one token's K and V) against indexed assignment, at decode shapes. Each
 call is timed as a CUDA-graph replay (`timing.time_graph`), like the step.
+
+Eager host cost: at a tiny shape (the GPU work takes a few microseconds) the wall time of
+many back-to-back calls ÷ their number is what the host spends per call; median of rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +52,52 @@ def run_case(b: int, hkv: int, k: int, s: int, d: int) -> dict:
             "torch_topk_us": torch_topk, "write_kv_us": ours_kv, "torch_index_put_us": torch_kv}
 
 
+def host_us(fn: Callable[[], object], calls: int = 200, rounds: int = 9) -> float:
+    """Host microseconds per eager call of `fn` (see the module docstring)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(per_call)
+
+
+def eager_host_cost(b: int = 1, hq: int = 32, hkv: int = 8, s: int = 256, d: int = 128) -> dict:
+    """One eager selective attention call, three ways, beside SDPA on the same shape."""
+    import torch.nn.functional as F
+    from polarc.plugins._triton_util import num_sms
+    from polarc.plugins.selective_attention import (
+        plan_selective_attention,
+        selective_attention,
+        selective_attention_workspace,
+    )
+
+    dev = torch.device("cuda")
+    q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16)
+    kc = torch.randn(b, hkv, s, d, device=dev, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lens = torch.full((b,), s, dtype=torch.int32, device=dev)
+    groups = torch.arange(hkv // 2, dtype=torch.int32, device=dev).expand(b, -1).contiguous()
+    plan = plan_selective_attention(b, hkv // 2, hq // hkv, s, d, sms=num_sms(dev))
+    ws = selective_attention_workspace(q, kc)
+    out = torch.empty_like(q)
+    rec = {"B": b, "Hq": hq, "Hkv": hkv, "S": s, "D": d, "k": hkv // 2,
+           "sdpa_us": host_us(lambda: F.scaled_dot_product_attention(
+               q[:, :, None], kc, vc, enable_gqa=True)),
+           "default_us": host_us(lambda: selective_attention(q, kc, vc, lens, groups)),
+           "unchecked_us": host_us(lambda: selective_attention(q, kc, vc, lens, groups,
+                                                               check_indices=False)),
+           "planned_us": host_us(lambda: selective_attention(
+               q, kc, vc, lens, groups, plan=plan, workspace=ws, out=out, check_indices=False))}
+    rec["planned_over_sdpa"] = rec["planned_us"] / rec["sdpa_us"]
+    return rec
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="write the records here")
@@ -59,8 +112,13 @@ def main() -> None:
               f"{r['torch_topk_us']:>9.2f} | {r['write_kv_us']:>7.2f} {r['torch_index_put_us']:>9.2f}",
               flush=True)
         torch.cuda.empty_cache()
+    eager = eager_host_cost()
+    print(f"eager host cost per call (B=1, 32/8 heads, S=256, k=4): SDPA {eager['sdpa_us']:.1f} us; "
+          f"selective default {eager['default_us']:.1f}, without index checks "
+          f"{eager['unchecked_us']:.1f}, with a plan and workspace made once "
+          f"{eager['planned_us']:.1f} ({eager['planned_over_sdpa']:.2f}x SDPA)", flush=True)
     if args.json is not None:
-        write_json(args.json, records, force=True)
+        write_json(args.json, {"step_kernels": records, "eager_host_cost": eager}, force=True)
 
 
 if __name__ == "__main__":

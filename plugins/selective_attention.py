@@ -22,8 +22,9 @@ alternative, ``AttentionPlan.use_dot=False``).
 It writes a normalised partial output and a log2-sum-exp per head into an fp32 workspace.
 Stage 2 runs one program per (query head, row): it finds the head's group among the row's
 selection, merges the splits, and writes the output row (zeros for unselected groups), so
-every output element is written exactly once and no memset is needed. (A one-launch variant,
-``AttentionPlan.fused``, merges in stage 1 instead; it measured no faster, so it is off.)
+every output element is written exactly once and no memset is needed. With one split there
+is nothing to merge: stage 1 writes the output itself, and Hkv - k more programs per row
+write the zeros of the unselected groups, in one launch (also the TensorRT plugin's form).
 
 The split count and tile sizes come from the shapes alone (:func:`plan_selective_attention`):
 the launch reads nothing from the device, so it can be captured in a CUDA graph.
@@ -62,31 +63,37 @@ DOT_MIN_GROUP = 1
 
 @triton.jit
 def _selective_attention_kernel(
-    Q, K_Cache, V_Cache, Seqlens, Groups, O_Part, Lse_Part, Out, Counters,
+    Q, K_Cache, V_Cache, Seqlens, Groups, Partials, Out,
     qk_scale_log2, num_splits, n_sel, n_kv,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_gb,
-    stride_ob, stride_oj, stride_os, stride_og,
-    stride_lb, stride_lj, stride_ls,
     stride_outb, stride_outh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSED: tl.constexpr, K_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
 ):
     """Stage 1: one program per (split, group slot j, row b).
 
-    FUSED=False: slots are the k selected groups; every program writes a partial output and
-    its log2-sum-exp; the reduce kernel merges them and writes zeros for unselected groups.
-    FUSED=True: slots run to Hkv; slots j >= k write zeros for the (j-k)-th unselected
-    group (split 0 only); with one split a program writes its output directly, otherwise
-    the last split of a (row, slot) to finish (an atomic counter, reset after use) merges.
+    Two launches (ONE_LAUNCH=False, grid (splits, k, B)): slots are the k selected groups;
+    every program writes a partial output and its log2-sum-exp into `Partials`, laid out
+    ``o [B, k, splits, GROUP, HEAD_DIM]`` then ``lse [B, k, splits, GROUP]``; the reduce
+    kernel merges them and writes zeros for unselected groups. One launch (ONE_LAUNCH=True,
+    one split, grid (B, Hkv, 1)): slots run to Hkv; slots below k write their heads' output
+    directly, slot j >= k writes zeros for the (j-k)-th unselected group; `Partials` is not
+    touched. Rows come first in that grid, so every row's streaming programs are scheduled
+    before the quick zero-writing ones, which then take no SM slot that streaming needs.
     """
-    pid_s = tl.program_id(0)
-    pid_j = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+    if ONE_LAUNCH:
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_j = tl.program_id(1)
+        pid_s = 0
+    else:
+        pid_s = tl.program_id(0)
+        pid_j = tl.program_id(1)
+        pid_b = tl.program_id(2).to(tl.int64)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -95,21 +102,20 @@ def _selective_attention_kernel(
     mask_gd = mask_g[:, None] & mask_d[None, :]
 
     zero_fill = False
-    if FUSED:
+    if ONE_LAUNCH:
         zero_fill = pid_j >= n_sel
     if zero_fill:
-        if pid_s == 0:
-            offs_h = tl.arange(0, HKV_PAD)
-            offs_k = tl.arange(0, K_PAD)
-            sel = tl.load(Groups + pid_b * stride_gb + offs_k, mask=offs_k < n_sel, other=-1)
-            hit = tl.sum((offs_h[:, None] == sel[None, :]).to(tl.int32), axis=1)
-            unsel = ((hit == 0) & (offs_h < n_kv)).to(tl.int32)
-            rank = tl.cumsum(unsel, axis=0) - 1
-            g0 = tl.sum(tl.where((unsel == 1) & (rank == pid_j - n_sel), offs_h, 0), axis=0)
-            zheads = g0.to(tl.int64) * GROUP + offs_g
-            zeros = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-            tl.store(Out + pid_b * stride_outb + zheads[:, None] * stride_outh + offs_d[None, :],
-                     zeros.to(Out.dtype.element_ty), mask=mask_gd)
+        offs_h = tl.arange(0, HKV_PAD)
+        offs_k = tl.arange(0, K_PAD)
+        sel = tl.load(Groups + pid_b * stride_gb + offs_k, mask=offs_k < n_sel, other=-1)
+        hit = tl.sum((offs_h[:, None] == sel[None, :]).to(tl.int32), axis=1)
+        unsel = ((hit == 0) & (offs_h < n_kv)).to(tl.int32)
+        rank = tl.cumsum(unsel, axis=0) - 1
+        g0 = tl.sum(tl.where((unsel == 1) & (rank == pid_j - n_sel), offs_h, 0), axis=0)
+        zheads = g0.to(tl.int64) * GROUP + offs_g
+        zeros = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        tl.store(Out + pid_b * stride_outb + zheads[:, None] * stride_outh + offs_d[None, :],
+                 zeros.to(Out.dtype.element_ty), mask=mask_gd)
     else:
         seqlen = tl.load(Seqlens + pid_b)
         grp = tl.load(Groups + pid_b * stride_gb + pid_j).to(tl.int64)
@@ -156,53 +162,25 @@ def _selective_attention_kernel(
 
         has = l_i > 0.0
         o = acc / tl.where(has, l_i, 1.0)[:, None]
-        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-        out_ptrs = Out + pid_b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :]
-        o_base = O_Part + pid_b * stride_ob + pid_j * stride_oj
-        l_base = Lse_Part + pid_b * stride_lb + pid_j * stride_lj
-        direct = False
-        if FUSED:
-            direct = num_splits == 1
-        if direct:
-            tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=mask_gd)
+        if ONE_LAUNCH:
+            tl.store(Out + pid_b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
+                     o.to(Out.dtype.element_ty), mask=mask_gd)
         else:
-            tl.store(o_base + pid_s * stride_os + offs_g[:, None] * stride_og + offs_d[None, :],
-                     o, mask=mask_gd)
-            tl.store(l_base + pid_s * stride_ls + offs_g, lse, mask=mask_g)
-            if FUSED:
-                tl.debug_barrier()  # every thread's partial stores precede the release below
-                counter = Counters + pid_b * n_kv + pid_j
-                done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-                if done == num_splits - 1:  # last split of this (row, slot): merge
-                    m_t = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-                    l_t = tl.zeros([GROUP_PAD], tl.float32)
-                    acc_t = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-                    for s in range(0, num_splits):
-                        lse_s = tl.load(l_base + s * stride_ls + offs_g, mask=mask_g,
-                                        other=float("-inf"), cache_modifier=".cg")
-                        o_s = tl.load(o_base + s * stride_os + offs_g[:, None] * stride_og
-                                      + offs_d[None, :], mask=mask_gd, other=0.0,
-                                      cache_modifier=".cg")
-                        m_n = tl.maximum(m_t, lse_s)
-                        m_ok = tl.where(m_n == float("-inf"), 0.0, m_n)
-                        alpha_t = tl.exp2(m_t - m_ok)
-                        w = tl.exp2(lse_s - m_ok)
-                        acc_t = acc_t * alpha_t[:, None] + o_s * w[:, None]
-                        l_t = l_t * alpha_t + w
-                        m_t = m_n
-                    res = acc_t / tl.where(l_t > 0.0, l_t, 1.0)[:, None]
-                    tl.store(out_ptrs, res.to(Out.dtype.element_ty), mask=mask_gd)
-                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+            # (row, slot, split) -> its place in the contiguous partial layout (docstring)
+            part = (pid_b * n_sel + pid_j) * num_splits + pid_s
+            o_words = tl.num_programs(2).to(tl.int64) * n_sel * num_splits * GROUP * HEAD_DIM  # B
+            tl.store(Partials + part * GROUP * HEAD_DIM + offs_g[:, None] * HEAD_DIM
+                     + offs_d[None, :], o, mask=mask_gd)
+            tl.store(Partials + o_words + part * GROUP + offs_g, lse, mask=mask_g)
 
 
 @triton.jit
 def _selective_attention_reduce_kernel(
-    Out, O_Part, Lse_Part, Groups,
+    Out, Partials, Groups,
     num_splits, n_sel,
     stride_outb, stride_outh,
     stride_gb,
-    stride_ob, stride_oj, stride_os, stride_og,
-    stride_lb, stride_lj, stride_ls,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr,
 ):
@@ -222,14 +200,14 @@ def _selective_attention_reduce_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < n_live
     mask_d = offs_d < HEAD_DIM
-    lse = tl.load(Lse_Part + pid_b * stride_lb + j * stride_lj + offs_s * stride_ls + r,
-                  mask=mask_s, other=float("-inf"))
+    part = (pid_b * n_sel + j) * num_splits + offs_s  # this (row, slot)'s splits
+    o_words = tl.num_programs(1).to(tl.int64) * n_sel * num_splits * GROUP * HEAD_DIM
+    lse = tl.load(Partials + o_words + part * GROUP + r, mask=mask_s, other=float("-inf"))
     m = tl.max(lse, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp2(lse - m)
     denom = tl.sum(w, axis=0)
-    o = tl.load(O_Part + pid_b * stride_ob + j * stride_oj + r * stride_og
-                + offs_s[:, None] * stride_os + offs_d[None, :],
+    o = tl.load(Partials + part[:, None] * GROUP * HEAD_DIM + r * HEAD_DIM + offs_d[None, :],
                 mask=mask_s[:, None] & mask_d[None, :], other=0.0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.where(denom > 0.0, denom, 1.0)
     tl.store(Out + pid_b * stride_outb + pid_h * stride_outh + offs_d,
@@ -242,20 +220,14 @@ def _selective_attention_reduce_kernel(
 @dataclass(frozen=True)
 class AttentionPlan:
     """Launch parameters of one selective-attention call; a pure function of the shapes.
-
-    ``fused``: splits are merged by the last split program of each (row, group) (atomic
-    counters in the workspace) and unselected heads zeroed by extra programs: one launch.
-    Off by default: on the H100 it was never faster and up to 1.4x slower at long splits
-    (one program merges serially what the second kernel merges in parallel; see
-    KERNEL_NOTES.md). Otherwise a second kernel merges and zeroes.
-    """
+    One split is one launch (stage 1 writes the output and zeroes unselected heads); more
+    splits add the merging second launch."""
 
     num_splits: int
     block_n: int
     num_warps: int
     num_stages: int
     use_dot: bool
-    fused: bool = False
 
 
 def plan_selective_attention(
@@ -271,7 +243,6 @@ def plan_selective_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_dot: bool | None = None,
-    fused: bool = False,
 ) -> AttentionPlan:
     """Split count and tiles from (B, k, S_max, SM count): deterministic, no device reads.
 
@@ -306,7 +277,7 @@ def plan_selective_attention(
         most = max(1, cdiv(max_seqlen, 4 * block_n))
         num_splits = max(1, min(num_splits, most, 256))
     return AttentionPlan(num_splits=num_splits, block_n=block_n, num_warps=num_warps,
-                         num_stages=num_stages, use_dot=use_dot, fused=fused)
+                         num_stages=num_stages, use_dot=use_dot)
 
 
 def _workspace_numel(batch: int, n_selected: int, num_splits: int, group: int, d: int) -> int:
@@ -315,12 +286,11 @@ def _workspace_numel(batch: int, n_selected: int, num_splits: int, group: int, d
 
 @dataclass(frozen=True)
 class AttentionWorkspace:
-    """Scratch of selective_attention for one (B, Hkv): fp32 partial outputs and int32 split
-    counters, which the kernel leaves at zero after every call. Reuse it across layers and
-    steps (a CUDA graph captures calls with it); give each concurrent stream its own."""
+    """Scratch of selective_attention for one (B, Hkv): the splits' fp32 partial outputs and
+    log-sum-exps. Reuse it across layers and steps (a CUDA graph captures calls with it);
+    give each concurrent stream its own."""
 
     partials: torch.Tensor
-    counters: torch.Tensor
     batch: int
     n_kv: int
 
@@ -345,10 +315,8 @@ def selective_attention_workspace(
         n = b * splits * group * (d + 1)
     else:
         n = _workspace_numel(b, k, plan.num_splits, group, d)
-    return AttentionWorkspace(
-        partials=torch.empty(n, dtype=torch.float32, device=q.device),
-        counters=torch.zeros(b * hkv, dtype=torch.int32, device=q.device),
-        batch=b, n_kv=hkv)
+    return AttentionWorkspace(partials=torch.empty(n, dtype=torch.float32, device=q.device),
+                              batch=b, n_kv=hkv)
 
 
 def _default_plan(q: torch.Tensor, k_cache: torch.Tensor, groups: torch.Tensor) -> AttentionPlan:
@@ -433,12 +401,12 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
         groups = groups.contiguous()
     if out is None:
         out = torch.empty_like(q)
-    need = _workspace_numel(b, n_sel, plan.num_splits, group, d)
-    if workspace is None:
-        partials = torch.empty(need, dtype=torch.float32, device=q.device)
-        n_counters = b * hkv if plan.fused and plan.num_splits > 1 else 1
-        counters = torch.zeros(n_counters, dtype=torch.int32, device=q.device)
-    else:
+    one_launch = plan.num_splits == 1
+    need = 0 if one_launch else _workspace_numel(b, n_sel, plan.num_splits, group, d)
+    if workspace is None and not one_launch:
+        workspace = AttentionWorkspace(
+            partials=torch.empty(need, dtype=torch.float32, device=q.device), batch=b, n_kv=hkv)
+    if workspace is not None:
         if not isinstance(workspace, AttentionWorkspace):
             raise ValueError("selective_attention: workspace must come from "
                              "selective_attention_workspace()")
@@ -447,44 +415,31 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
                              f"Hkv={workspace.n_kv} and {workspace.partials.numel()} partial "
                              f"words; the call needs B={b}, Hkv={hkv} and {need}")
         if workspace.partials.device != q.device:
-            raise ValueError(f"selective_attention: workspace is on {workspace.partials.device}, "
-                             f"tensors on {q.device}")
-        partials, counters = workspace.partials, workspace.counters
-    split_words = b * n_sel * plan.num_splits * group * d
-    o_part = partials[:split_words].view(b, n_sel, plan.num_splits, group, d)
-    lse_part = partials[split_words:need].view(b, n_sel, plan.num_splits, group)
+            raise ValueError(f"selective_attention: workspace is on "
+                             f"{workspace.partials.device}, tensors on {q.device}")
+    # one launch never touches the partials: any pointer stands in
+    partials = out if one_launch else workspace.partials
     block_d = max(16, next_pow2(d))
-    use_dot = plan.use_dot
-    group_pad = max(16, next_pow2(group)) if use_dot else next_pow2(group)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    slots = hkv if plan.fused else n_sel
-
-    _selective_attention_kernel[(plan.num_splits, slots, b)](
-        q, k_cache, v_cache, cache_seqlens, groups, o_part, lse_part, out, counters,
+    group_pad = max(16, next_pow2(group)) if plan.use_dot else next_pow2(group)
+    grid = (b, hkv, 1) if one_launch else (plan.num_splits, n_sel, b)
+    _selective_attention_kernel[grid](
+        q, k_cache, v_cache, cache_seqlens, groups, partials, out,
         qk_scale_log2=float(scale) * _LOG2E, num_splits=plan.num_splits, n_sel=n_sel, n_kv=hkv,
         stride_qb=q.stride(0), stride_qh=q.stride(1),
         stride_kb=k_cache.stride(0), stride_kh=k_cache.stride(1), stride_ks=k_cache.stride(2),
         stride_vb=v_cache.stride(0), stride_vh=v_cache.stride(1), stride_vs=v_cache.stride(2),
         stride_gb=groups.stride(0),
-        stride_ob=o_part.stride(0), stride_oj=o_part.stride(1), stride_os=o_part.stride(2),
-        stride_og=o_part.stride(3),
-        stride_lb=lse_part.stride(0), stride_lj=lse_part.stride(1), stride_ls=lse_part.stride(2),
         stride_outb=out.stride(0), stride_outh=out.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=plan.block_n,
-        USE_DOT=use_dot, DOT_PRECISION=precision,
-        FUSED=plan.fused, K_PAD=next_pow2(n_sel), HKV_PAD=next_pow2(hkv),
+        USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ONE_LAUNCH=one_launch, K_PAD=next_pow2(n_sel), HKV_PAD=next_pow2(hkv),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    if not plan.fused:
+    if not one_launch:
         _selective_attention_reduce_kernel[(hq, b)](
-            out, o_part, lse_part, groups,
+            out, partials, groups,
             num_splits=plan.num_splits, n_sel=n_sel,
-            stride_outb=out.stride(0), stride_outh=out.stride(1),
-            stride_gb=groups.stride(0),
-            stride_ob=o_part.stride(0), stride_oj=o_part.stride(1), stride_os=o_part.stride(2),
-            stride_og=o_part.stride(3),
-            stride_lb=lse_part.stride(0), stride_lj=lse_part.stride(1),
-            stride_ls=lse_part.stride(2),
+            stride_outb=out.stride(0), stride_outh=out.stride(1), stride_gb=groups.stride(0),
             GROUP=group, HEAD_DIM=d, BLOCK_D=block_d,
             SPLITS_PAD=next_pow2(plan.num_splits), K_PAD=next_pow2(n_sel),
             num_warps=4 if d >= 128 else 2,

@@ -4,8 +4,8 @@ is polarc's Triton selective-attention kernel compiled to PTX, so a plan runs wi
 TensorRT launches an AOT plugin kernel with its arguments in this order: input pointers, the
 extra int32 arguments the implementation returns, output pointers (then null for any hidden
 parameters the compiler appended). :func:`selective_attention_plugin_kernel` is a thin entry
-point in that order that runs the stage-1 kernel in its one-launch form (``FUSED``, one split):
-grid ``(1, Hkv, B)``, one program per (group slot, row); slots below k stream one selected
+point in that order that runs the stage-1 kernel in its one-launch form (``ONE_LAUNCH``, one split):
+grid ``(B, Hkv, 1)``, one program per (row, group slot); slots below k stream one selected
 group's whole cache and write its heads, the others write zeros for the unselected groups.
 No workspace (TensorRT gives AOT plugins none) and no second launch. Tensors are TensorRT's
 linear format (contiguous), so strides follow from the shapes; the cache length ``S`` and the
@@ -49,19 +49,18 @@ def selective_attention_plugin_kernel(
     stride_kh = s_max * HEAD_DIM
     stride_kb = N_KV * stride_kh
     stride_qb = N_KV * GROUP * HEAD_DIM
-    # One split writes its output directly: the partial buffers and counters are never
-    # touched, so the output and seqlens pointers stand in for them.
     _selective_attention_kernel(
-        Q, K_Cache, V_Cache, Seqlens, Groups, Out, Out, Out, Seqlens,
-        QK_SCALE_LOG2, 1, n_sel, N_KV,
-        stride_qb, HEAD_DIM,
-        stride_kb, stride_kh, HEAD_DIM,
-        stride_kb, stride_kh, HEAD_DIM,
-        n_sel,
-        0, 0, 0, 0,
-        0, 0, 0,
-        stride_qb, HEAD_DIM,
-        GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_N, True, DOT_PRECISION, True, K_PAD, HKV_PAD,
+        Q=Q, K_Cache=K_Cache, V_Cache=V_Cache, Seqlens=Seqlens, Groups=Groups,
+        Partials=Out, Out=Out,  # one launch never touches the partials
+        qk_scale_log2=QK_SCALE_LOG2, num_splits=1, n_sel=n_sel, n_kv=N_KV,
+        stride_qb=stride_qb, stride_qh=HEAD_DIM,
+        stride_kb=stride_kb, stride_kh=stride_kh, stride_ks=HEAD_DIM,
+        stride_vb=stride_kb, stride_vh=stride_kh, stride_vs=HEAD_DIM,
+        stride_gb=n_sel,
+        stride_outb=stride_qb, stride_outh=HEAD_DIM,
+        GROUP=GROUP, GROUP_PAD=GROUP_PAD, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
+        USE_DOT=True, DOT_PRECISION=DOT_PRECISION, ONE_LAUNCH=True, K_PAD=K_PAD,
+        HKV_PAD=HKV_PAD,
     )
 
 
@@ -101,8 +100,8 @@ def compile_plugin_kernel(dtype: str, num_heads: int, num_kv_groups: int, head_d
 
 
 def plugin_grid(batch: Any, num_kv_groups: int) -> tuple[Any, Any, Any]:
-    """Launch grid (x, y, z) = (one split, every group slot, rows)."""
-    return 1, num_kv_groups, batch
+    """Launch grid (x, y, z) = (rows, every group slot, one split): the one-launch form."""
+    return batch, num_kv_groups, 1
 
 
 def plugin_extra_args(num_selected: Any, cache_len: Any) -> list[Any]:

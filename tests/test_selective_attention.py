@@ -82,9 +82,9 @@ def _plan(b, k, group, s, d, **kw):
         (3, 8, 2, 1, 16, 2, 16, 2),      # S_max = 1, more splits than positions
     ],
 )
-@pytest.mark.parametrize("fused", [True, False])
-def test_matches_reference_fp32(b, hq, hkv, s, d, k, block_n, splits, fused):
-    plan = _plan(b, k, hq // hkv, s, d, block_n=block_n, num_splits=splits, fused=fused)
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_matches_reference_fp32(b, hq, hkv, s, d, k, block_n, splits, one_launch):
+    plan = _plan(b, k, hq // hkv, s, d, block_n=block_n, num_splits=1 if one_launch else splits)
     _check(b, hq, hkv, s, d, k, torch.float32, plan=plan)
 
 
@@ -107,7 +107,7 @@ def test_default_plan_and_workspace_and_zero_length_row():
     q, kc, vc, seqlens, groups = _inputs(3, 8, 2, 33, 16, 1, torch.float32, seed=3)
     seqlens[2] = 0  # an empty row gives zeros
     ws = selective_attention_workspace(q, kc)  # sized for any k <= Hkv
-    for k in (1, 2, 1):  # reused across calls and k: the split counters must reset
+    for k in (1, 2, 1):  # reused across calls and k
         groups = torch.stack([torch.randperm(2)[:k] for _ in range(3)]).int().to(q.device)
         plan = _plan(3, k, 4, 33, 16, block_n=16, num_splits=3)
         ws_k = selective_attention_workspace(q, kc, k, plan)
@@ -116,7 +116,6 @@ def test_default_plan_and_workspace_and_zero_length_row():
             ref = selective_attention_reference(q, kc, vc, seqlens, groups)
             assert (out[2] == 0).all()
             torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        assert (ws.counters == 0).all() and (ws_k.counters == 0).all()
     with pytest.raises(ValueError, match="serves B=3"):
         selective_attention(q[:2], kc[:2], vc[:2], seqlens[:2], groups[:2], workspace=ws)
 

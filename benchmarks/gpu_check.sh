@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install polarc from the checkout, run the GPU-marked and
+# kernel tests, then the benchmarks named as arguments (e2e, step, kernels), logs under $OUT.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+OUT=${OUT:-/tmp/out}
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "root. user" | tail -3
+[ -d .devcarry/wheels ] && python3 -m pip install -q --no-deps .devcarry/wheels/*.whl 2>&1 | tail -3
+python3 -c "import polarc, polarc.plugins.selective_attention, torch; print('polarc', polarc.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+for what in "$@"; do
+  case $what in
+    tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_runtime_gpu.py tests/test_selective_attention.py \
+             tests/test_selective_gemm.py tests/test_topk_groups.py tests/test_kv_write.py \
+             tests/test_tensorrt_plugin.py tests/test_runtime.py 2>&1 | tee $OUT/tests.log | tail -15 ;;
+    e2e) python3 -m polarc.benchmarks.bench_e2e --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
+    step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;
+    kernels) python3 -m polarc.benchmarks.bench_kernels --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log | tail -80 ;;
+  esac
+done
