@@ -6,22 +6,74 @@ an interrupted run leaves no half artifact; an existing DIR is replaced only wit
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 from safetensors.torch import load_file, save_file
 
 from polarc import __version__
 from polarc.errors import PolarcError
+from polarc.format.manifest import ModelRecord, check_plan, validated
 from polarc.format.routers import HeadRouter, MLPRouter, router_tensors
 
 FORMAT = "polarc-calibration"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 ROUTERS_FILE = "routers.safetensors"
 META_FILE = "calibration.json"
 REPORT_FILE = "report.png"
+
+
+class LayerEntry(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    layer: NonNegativeInt
+    k: PositiveInt
+    router_recall: float
+    mlp_k: PositiveInt | None = None
+    mlp_batch: NonNegativeInt | None = None
+    mlp_union_recall: float | None = None
+    mlp_recall: float | None = None
+
+
+class DatasetRecord(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    name: str
+    seq_len: int = Field(ge=2)
+
+
+class CalibrationPlan(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    mode: Literal["uniform", "budget"]
+    k_per_layer: list[PositiveInt]
+    n_kv_groups: PositiveInt
+
+
+class CalibrationMeta(BaseModel):
+    """calibration.json, as far as polarc reads it back (the rest is the report)."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    format: Literal["polarc-calibration"]
+    format_version: Literal[2]
+    model: ModelRecord
+    dataset: DatasetRecord
+    plan: CalibrationPlan
+    layers: list[LayerEntry]
+    routers_sha256: str
+
+    @model_validator(mode="after")
+    def _fits(self) -> CalibrationMeta:
+        arch = self.model.identity.architecture
+        check_plan(self.plan.k_per_layer, self.plan.n_kv_groups, arch.n_layers, arch.n_kv_heads)
+        if [e.layer for e in self.layers] != list(range(arch.n_layers)):
+            raise ValueError(f"layers must list layers 0 to {arch.n_layers - 1} in order")
+        for e, k in zip(self.layers, self.plan.k_per_layer, strict=True):
+            if e.k != k:
+                raise ValueError(f"layers[{e.layer}].k is {e.k}, the plan says {k}")
+        return self
 
 
 @dataclass
@@ -44,47 +96,78 @@ def is_calibration_folder(path: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def write(tmp: Path, meta: dict[str, Any], head: dict[int, HeadRouter],
           mlp: dict[int, MLPRouter]) -> None:
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "polarc_version": __version__,
-            **meta}
     save_file(router_tensors(head, mlp), str(tmp / ROUTERS_FILE),
               metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "polarc_version": __version__,
+            "routers_sha256": _sha256(tmp / ROUTERS_FILE), **meta}
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2, allow_nan=True) + "\n")
 
 
 def read_calibration(path: Path) -> Calibration:
-    """Load a calibration folder, with one-line errors for anything that is not one."""
+    """Load a calibration folder, with one-line errors for anything that is not one: the
+    JSON checked against its schema, the routers file against its recorded hash and the
+    architecture's shapes."""
     meta_path, routers_path = path / META_FILE, path / ROUTERS_FILE
     if not path.is_dir() or not meta_path.is_file() or not routers_path.is_file():
         raise PolarcError(f"{path} is not a calibration folder",
                           hint=f"expected {META_FILE} and {ROUTERS_FILE} made by polarc calibrate")
     try:
         meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, OSError):
         raise PolarcError(f"{meta_path} is not valid JSON") from None
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PolarcError(f"{meta_path} is not a polarc calibration")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise PolarcError(f"{path} has calibration format {meta.get('format_version')}, "
-                          f"this polarc reads {FORMAT_VERSION}", hint="re-run polarc calibrate")
+    version = meta.get("format_version")
+    if type(version) is int and version != FORMAT_VERSION:
+        raise PolarcError(f"{path} has calibration format {version}, this polarc reads "
+                          f"{FORMAT_VERSION}", hint="re-run polarc calibrate")
+    checked = validated(CalibrationMeta, meta, str(meta_path))
+    if _sha256(routers_path) != checked.routers_sha256:
+        raise PolarcError(f"{routers_path} is not the routers file of {meta_path}",
+                          hint="it was replaced or damaged; re-run polarc calibrate")
     try:
         tensors = load_file(str(routers_path))
     except Exception as exc:
         raise PolarcError(f"{routers_path} is not readable: {str(exc)[:200]}") from None
-    layers = {int(entry["layer"]): entry for entry in meta["layers"]}
+    arch = checked.model.identity.architecture
     head: dict[int, HeadRouter] = {}
     mlp: dict[int, MLPRouter] = {}
-    for layer, entry in layers.items():
-        if f"layers.{layer}.head.weight" in tensors:
-            head[layer] = HeadRouter(weight=tensors[f"layers.{layer}.head.weight"],
-                                     bias=tensors[f"layers.{layer}.head.bias"],
-                                     k=int(entry["k"]), recall=float(entry["router_recall"]))
-        if f"layers.{layer}.mlp.w1" in tensors:
-            mlp[layer] = MLPRouter(w1=tensors[f"layers.{layer}.mlp.w1"],
-                                   w2=tensors[f"layers.{layer}.mlp.w2"],
-                                   b2=tensors[f"layers.{layer}.mlp.b2"],
-                                   k=int(entry["mlp_k"]), batch=int(entry["mlp_batch"]),
-                                   union_recall=float(entry["mlp_union_recall"]),
-                                   recall=float(entry["mlp_recall"]))
+    for entry in checked.layers:
+        p = f"layers.{entry.layer}."
+        if entry.k < arch.n_kv_heads:
+            w, b = _take(tensors, p + "head.weight", (arch.n_kv_heads, arch.hidden), routers_path), \
+                _take(tensors, p + "head.bias", (arch.n_kv_heads,), routers_path)
+            head[entry.layer] = HeadRouter(weight=w, bias=b, k=entry.k, recall=entry.router_recall)
+        if entry.mlp_k is not None:
+            w1 = _take(tensors, p + "mlp.w1", None, routers_path)
+            rank = w1.shape[0]
+            if tuple(w1.shape) != (rank, arch.hidden):
+                raise PolarcError(f"{routers_path}: {p}mlp.w1 has shape {tuple(w1.shape)}")
+            mlp[entry.layer] = MLPRouter(
+                w1=w1, w2=_take(tensors, p + "mlp.w2", (arch.intermediate, rank), routers_path),
+                b2=_take(tensors, p + "mlp.b2", (arch.intermediate,), routers_path),
+                k=entry.mlp_k, batch=entry.mlp_batch or 0,
+                union_recall=entry.mlp_union_recall or float("nan"),
+                recall=entry.mlp_recall or float("nan"))
+    if tensors:
+        raise PolarcError(f"{routers_path} holds tensors its calibration.json does not use: "
+                          f"{', '.join(sorted(tensors)[:3])}")
     return Calibration(meta=meta, head_routers=head, mlp_routers=mlp)
+
+
+def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...] | None,
+          where: Path) -> torch.Tensor:
+    """Remove and return `name` (of `shape`) from `tensors`, or say what is wrong."""
+    if name not in tensors:
+        raise PolarcError(f"{where} lacks {name}", hint="re-run polarc calibrate")
+    t = tensors.pop(name)
+    if shape is not None and tuple(t.shape) != shape:
+        raise PolarcError(f"{where}: {name} has shape {tuple(t.shape)}, the model needs {shape}",
+                          hint="these routers belong to another model; re-run polarc calibrate")
+    return t

@@ -51,14 +51,37 @@ def tiny_hf(kind: str, seed: int = 0) -> transformers.PreTrainedModel:
     return hf
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (what byte-level BPE vocabularies use)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in keep else next(extra)) for b in range(256)}
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A real Hugging Face tokenizer with one token per byte: id = byte + 3, after <unk>, <s>
+    and </s> (the layout of polarc's ByteTokenizer), for the tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2,
+             **{ch: b + 3 for b, ch in _bytes_to_unicode().items()}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Each tiny model saved as a Hugging Face folder (safetensors, no tokenizer)."""
+    """Each tiny model saved as a Hugging Face folder (safetensors and a byte tokenizer)."""
     root = tmp_path_factory.mktemp("tiny")
     out = {}
     for kind in TINY:
         path = root / kind
         tiny_hf(kind).save_pretrained(path, safe_serialization=True)
+        byte_tokenizer().save_pretrained(path)
         out[kind] = path
     return out
 

@@ -41,7 +41,7 @@ def test_calibration_artifact(calibrated: dict) -> None:
         assert sorted(p.name for p in path.iterdir()) == [
             "calibration.json", "report.png", "routers.safetensors"]
         meta = json.loads((path / "calibration.json").read_text())
-        assert meta["format_version"] == 1
+        assert meta["format_version"] == 2  # 2: the routers file's hash is recorded
         assert meta["model"]["identity"]["weights_sha256"]
         ks = meta["plan"]["k_per_layer"]
         n_kv = meta["plan"]["n_kv_groups"]

@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from polarc.errors import PolarcError
+from polarc.format.manifest import Manifest, validated
 from polarc.format.routers import HeadRouter, MLPRouter, mlp_router_tensors
 from polarc.models.layers import add_part_views, stored_weights
 from polarc.models.load import Model
@@ -121,9 +123,12 @@ def plan_tensors(plans: dict[str, bytes], tok: Tokenizer) -> dict[str, torch.Ten
 
 def save_container(tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path, *,
                    name: Path) -> None:
-    """The container's bytes at `path` (a temporary: `name` is what errors call it)."""
+    """The container's bytes at `path` (a temporary: `name` is what errors call it), with the
+    tensors' checksums added to the manifest."""
     from safetensors import SafetensorError
 
+    manifest = {**manifest, "checksums": {
+        "algorithm": "xxh3_64", "tensors": {k: _digest(t) for k, t in tensors.items()}}}
     try:
         save_file(tensors, str(path), metadata={"format": ENGINE_FORMAT,
                                                 "format_version": str(ENGINE_FORMAT_VERSION),
@@ -152,7 +157,8 @@ def _looks_like_safetensors(path: Path) -> bool:
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of a polarc engine file, or a one-line error saying what `path` is not."""
+    """The manifest of a polarc engine file, checked against its schema, or a one-line error
+    saying what `path` is not."""
     if not path.is_file():
         raise PolarcError(f"engine file {path} does not exist")
     if not _looks_like_safetensors(path):
@@ -172,11 +178,116 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise PolarcError(f"{path} is truncated or corrupt", hint="rebuild it with polarc build") from None
     if meta.get("format") != ENGINE_FORMAT or "manifest" not in meta:
         raise PolarcError(f"{path} is a safetensors file but not a polarc engine")
-    manifest = json.loads(meta["manifest"])
-    if manifest.get("format_version") != ENGINE_FORMAT_VERSION:
-        raise PolarcError(f"{path} has engine format {manifest.get('format_version')}; this "
-                          f"polarc runs format {ENGINE_FORMAT_VERSION}", hint="rebuild it")
+    try:
+        manifest = json.loads(meta["manifest"])
+    except ValueError:
+        raise PolarcError(f"{path} has a manifest that is not valid JSON",
+                          hint="rebuild it with polarc build") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if type(version) is int and version != ENGINE_FORMAT_VERSION:
+        raise PolarcError(f"{path} has engine format {version}; this polarc runs format "
+                          f"{ENGINE_FORMAT_VERSION}", hint="rebuild it with polarc build")
+    validated(Manifest, manifest, f"the manifest of {path}")
     return manifest
+
+
+def expected_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor a torch-backend engine of this manifest holds, with its shape."""
+    spec = ModelSpec(**manifest["spec"])
+    d, f, v = spec.hidden, spec.intermediate, spec.vocab
+    ks = manifest["plan"]["k_per_layer"]
+    shapes: dict[str, tuple[int, ...]] = {"weights.embed.weight": (v, d), "weights.norm.weight": (d,)}
+    if not spec.tie_embeddings:
+        shapes["weights.lm_head.weight"] = (v, d)
+    if spec.rotary:
+        shapes["rope.inv_freq"] = (spec.head_dim // 2,)
+    else:
+        shapes["weights.pos_embed.weight"] = (spec.max_positions + 2, d)
+        shapes["weights.norm.bias"] = (d,)
+    for layer, k in enumerate(ks):
+        p = f"weights.layers.{layer}."
+        rows = spec.qkv_rows + (spec.n_kv_heads if k < spec.n_kv_heads else 0)
+        shapes.update({p + "attn_norm.weight": (d,), p + "mlp_norm.weight": (d,),
+                       p + "qkv.weight": (rows, d), p + "o.weight": (d, spec.n_heads * spec.head_dim)})
+        if spec.qkv_bias or rows > spec.qkv_rows:
+            shapes[p + "qkv.bias"] = (rows,)
+        if spec.relu_mlp:
+            shapes.update({p + "attn_norm.bias": (d,), p + "mlp_norm.bias": (d,), p + "o.bias": (d,),
+                           p + "up.weight": (f, d), p + "up.bias": (f,), p + "down.weight": (f, d),
+                           p + "down.bias": (d,)})
+        else:
+            shapes.update({p + "gate_up.weight": (2 * f, d), p + "down.weight": (d, f)})
+    return shapes
+
+
+def _digest(t: torch.Tensor) -> str:
+    return xxhash.xxh3_64(t.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+
+
+def _read_checked(path: Path, manifest: dict[str, Any], device: torch.device
+                  ) -> dict[str, torch.Tensor]:
+    """The container's tensors, each checked against the manifest's checksum (and, for a
+    torch-backend engine, the tensor set and shapes its architecture needs) before it moves
+    to `device`."""
+    sums = manifest["checksums"]["tensors"]
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            if names != set(sums):
+                odd = sorted(names ^ set(sums))
+                raise PolarcError(f"{path} holds other tensors than its manifest lists "
+                                  f"({', '.join(odd[:3])}{'...' if len(odd) > 3 else ''})",
+                                  hint="rebuild it with polarc build")
+            for name in sorted(names):
+                t = f.get_tensor(name)
+                if _digest(t) != sums[name]:
+                    raise PolarcError(f"{path} is corrupt: tensor {name} does not match its "
+                                      "checksum", hint="rebuild it with polarc build")
+                tensors[name] = t
+    except PolarcError:
+        raise
+    except Exception as exc:
+        raise PolarcError(f"{path} is truncated or corrupt ({_first_line(exc)})",
+                          hint="rebuild it with polarc build") from None
+    if manifest["backend"] == "torch":
+        _check_shapes(path, manifest, tensors)
+    moved = {}
+    for name in list(tensors):  # one at a time: never the whole model twice
+        t = tensors.pop(name)
+        moved[name] = t if name == "tokenizer.json" else t.to(device)
+    return moved
+
+
+def _check_shapes(path: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    dtype = DTYPES[manifest["dtype"]]
+    spec = ModelSpec(**manifest["spec"])
+    want = expected_shapes(manifest)
+    for layer in manifest["plan"]["mlp_k"]:
+        p = f"routers.layers.{layer}.mlp."
+        r = tensors.get(p + "w1", torch.empty(0, 0)).shape[0]
+        want.update({p + "w1": (r, spec.hidden), p + "w2": (spec.intermediate, r),
+                     p + "b2": (spec.intermediate,)})
+    for name, t in tensors.items():
+        if name == "tokenizer.json":
+            continue
+        shape = want.pop(name, None)
+        if shape is None:
+            raise PolarcError(f"{path} holds a tensor its architecture has no place for: {name}")
+        if tuple(t.shape) != shape:
+            raise PolarcError(f"{path}: tensor {name} has shape {tuple(t.shape)}, its "
+                              f"architecture needs {shape}")
+        if name.startswith("weights.") and t.dtype != dtype:
+            raise PolarcError(f"{path}: tensor {name} is {t.dtype}, the manifest says "
+                              f"{manifest['dtype']}")
+    if want:
+        raise PolarcError(f"{path} lacks tensors its architecture needs: "
+                          f"{', '.join(sorted(want)[:3])}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: ModelSpec
@@ -187,19 +298,21 @@ def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec:
     import tokenizers
     import transformers
 
-    raw = bytes(tensors.pop("tokenizer.json").cpu().numpy().tobytes()).decode("utf-8")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizers.Tokenizer.from_str(raw))
+    try:
+        raw = bytes(tensors.pop("tokenizer.json").numpy().tobytes()).decode("utf-8")
+        backend = tokenizers.Tokenizer.from_str(raw)
+    except Exception as exc:
+        raise PolarcError(f"the engine's tokenizer cannot be read ({_first_line(exc)})") from None
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
     return HFTokenizer(fast, eos_id=tk["eos_id"], bos_id=tk["bos_id"])
 
 
 def load_engine(path: Path, device: str | torch.device = "cpu") -> Engine:
-    """Load an engine file; a TensorRT-backend one comes back with its plans and no weights."""
+    """Load an engine file, every tensor checked against the manifest's checksums; a
+    TensorRT-backend one comes back with its plans and no weights."""
     manifest = read_manifest(path)
-    tensors: dict[str, torch.Tensor] = {}
-    trt = manifest.get("backend") == "tensorrt"
-    with safe_open(str(path), framework="pt", device="cpu" if trt else str(device)) as f:
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
+    trt = manifest["backend"] == "tensorrt"
+    tensors = _read_checked(path, manifest, torch.device("cpu" if trt else device))
     spec = ModelSpec(**manifest["spec"])
     plan = manifest["plan"]
     identity = manifest["model"]["identity"]

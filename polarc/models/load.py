@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,33 +170,73 @@ def _read_spec(path: Path, name: str) -> ModelSpec:
     return spec_from_hf_config(cfg, name)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers loads from a Hugging Face folder (the shards an
+    index names, or model.safetensors): exactly what the model's identity hashes."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise PolarcError(f"{index} is not a valid safetensors index") from None
+        for shard in shards:
+            if not (folder / shard).is_file():
+                raise PolarcError(f"{folder} lacks the shard {shard} that its index names")
+        return [folder / shard for shard in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+    if pickles:
+        raise PolarcError(f"{folder} has PyTorch pickle weights ({pickles[0]}), which polarc does "
+                          "not load: unpickling a file can run any code in it",
+                          hint="convert them to safetensors (transformers: save_pretrained with "
+                               "safe_serialization=True) where you trust the file")
+    raise PolarcError(f"no weights in {folder}: expected model.safetensors or a sharded "
+                      "safetensors index", hint="give a Hugging Face model folder, a .gguf file "
+                                                "or an alias")
+
+
+def _load_tokenizer(source: str, kwargs: dict[str, Any], where: Path) -> Tokenizer:
+    import transformers
+
+    if "gguf_file" not in kwargs and not any((where / f).is_file() for f in TOKENIZER_FILES):
+        raise PolarcError(f"{where} has no tokenizer ({', '.join(TOKENIZER_FILES)})",
+                          hint="copy the model's tokenizer files into that folder")
+    try:
+        tok = HFTokenizer(transformers.AutoTokenizer.from_pretrained(source, **kwargs))
+    except Exception as exc:
+        raise PolarcError(f"cannot read the tokenizer in {where}: {_short(exc)}") from None
+    if not tok.encode("The capital of Germany is"):
+        raise PolarcError(f"the tokenizer in {where} turns text into no tokens",
+                          hint="its files are incomplete; copy the model's tokenizer files again")
+    return tok
+
+
 def _load_path(path: Path, name: str, dtype: torch.dtype) -> Model:
     import transformers
 
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise PolarcError(f"no weights in {path}: expected *.safetensors files",
-                              hint="give a Hugging Face model folder, a .gguf file or an alias")
-        kwargs: dict[str, Any] = {}
-        folder, tok_src = str(path), str(path)
+        files = weight_files(path)
+        kwargs: dict[str, Any] = {"use_safetensors": True}
+        folder = str(path)
     elif path.suffix == ".gguf":
         files = [path]
         kwargs = {"gguf_file": path.name}
-        folder, tok_src = str(path.parent), str(path.parent)
+        folder = str(path.parent)
     else:
         raise PolarcError(f"{path} is not a model: expected a folder or a .gguf file")
     _check_readable(files)
+    tok = _load_tokenizer(folder, {k: v for k, v in kwargs.items() if k == "gguf_file"}, path)
     try:
         with _quiet_gguf_progress():
             hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except Exception as exc:
         raise PolarcError(f"cannot read weights from {path}: {_short(exc)}") from None
     spec = spec_from_hf_config(hf.config, name)
-    try:
-        tok: Tokenizer = HFTokenizer(transformers.AutoTokenizer.from_pretrained(tok_src, **kwargs))
-    except Exception:
-        tok = ByteTokenizer(spec.vocab)
     identity = {"architecture": spec.architecture(), "weights_sha256": _sha256_files(files),
                 "source": str(path)}
     model = _from_hf(hf, spec, tok, identity, random_weights=False)
