@@ -84,6 +84,9 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         groups_for_density(cfg.density, model.spec.n_kv_heads)  # validates the range
     if cfg.quality_budget < 0:
         raise PolarcError(f"--quality-budget must be >= 0, got {cfg.quality_budget}")
+    if cfg.seq_len > model.spec.max_positions:
+        raise PolarcError(f"--seq-len {cfg.seq_len} exceeds {model.spec.name}'s "
+                          f"{model.spec.max_positions} positions")
     if cfg.tokens < cfg.seq_len:
         raise PolarcError(f"--tokens {cfg.tokens} is less than one sequence (--seq-len "
                           f"{cfg.seq_len})")

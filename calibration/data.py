@@ -37,15 +37,24 @@ class Sequences:
         return self.ids.numel()
 
 
+def _pieces(text: str) -> Iterator[str]:
+    """Paragraphs of `text`, none longer than CHUNK_CHARS: a longer one is cut at the last
+    whitespace before the limit (or at the limit), so no single document is unbounded."""
+    for para in text.split("\n\n"):
+        while len(para) > CHUNK_CHARS:
+            cut = max(para.rfind(" ", 0, CHUNK_CHARS), para.rfind("\n", 0, CHUNK_CHARS))
+            cut = cut if cut > CHUNK_CHARS // 2 else CHUNK_CHARS
+            yield para[:cut]
+            para = para[cut:]
+        yield para
+
+
 def _chunks(text: str) -> Iterator[str]:
-    """Long texts become paragraph-aligned chunks so that held-out assignment interleaves."""
-    if len(text) <= CHUNK_CHARS:
-        if text.strip():
-            yield text
-        return
+    """Paragraph-aligned documents of at most about CHUNK_CHARS, so that held-out assignment
+    interleaves and every document tokenizes in bounded memory."""
     buf: list[str] = []
     size = 0
-    for para in text.split("\n\n"):
+    for para in _pieces(text):
         if buf and size + len(para) > CHUNK_CHARS:
             yield "\n\n".join(buf)
             buf, size = [], 0
@@ -53,6 +62,23 @@ def _chunks(text: str) -> Iterator[str]:
         size += len(para) + 2
     if buf and "".join(buf).strip():
         yield "\n\n".join(buf)
+
+
+def _text_blocks(path: Path, size: int = 1 << 20) -> Iterator[str]:
+    """A text file in blocks that end at a paragraph break (or hold a whole oversized one):
+    memory stays bounded whatever the file's layout."""
+    rest = ""
+    with open(path, encoding="utf-8") as f:
+        while block := f.read(size):
+            rest += block
+            cut = rest.rfind("\n\n")
+            if cut >= 0:
+                yield rest[:cut]
+                rest = rest[cut + 2:]
+            elif len(rest) > 4 * size:  # no paragraph break for a long way: cut anyway
+                yield rest
+                rest = ""
+    yield rest
 
 
 def _text_field(record: dict, where: str) -> str:
@@ -83,7 +109,8 @@ def iter_documents(dataset: str) -> Iterator[str]:
 def _iter_file(path: Path) -> Iterator[str]:
     try:
         if path.suffix == ".txt":
-            yield from _chunks(path.read_text(encoding="utf-8"))
+            for block in _text_blocks(path):
+                yield from _chunks(block)
         elif path.suffix in (".jsonl", ".json"):
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
@@ -96,16 +123,17 @@ def _iter_file(path: Path) -> Iterator[str]:
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
-            names = table.column_names
-            col = "text" if "text" in names else next(
-                (n for n in names if str(table.schema.field(n).type) in ("string", "large_string")),
+            table = pq.ParquetFile(path)
+            schema = table.schema_arrow
+            col = "text" if "text" in schema.names else next(
+                (n for n in schema.names if str(schema.field(n).type) in ("string", "large_string")),
                 None)
             if col is None:
                 raise PolarcError(f"{path} has no text column")
-            for value in table.column(col).to_pylist():
-                if isinstance(value, str):
-                    yield from _chunks(value)
+            for batch in table.iter_batches(batch_size=256, columns=[col]):
+                for value in batch.column(0).to_pylist():
+                    if isinstance(value, str):
+                        yield from _chunks(value)
         else:
             raise PolarcError(f"unsupported dataset file {path}",
                               hint="use .txt, .jsonl or .parquet, or 'builtin'")

@@ -20,7 +20,6 @@ from polarc.commands.options import (
     existing_inputs,
 )
 from polarc.console import err, out, progress, user_errors
-from polarc.errors import PolarcError
 from polarc.format.plan import check_density
 from polarc.models import load_model
 from polarc.outputs import check_output, write_json
@@ -70,8 +69,6 @@ def calibrate_cmd(
         check_finite(quality_budget=quality_budget)
         if density is not None:
             check_density(density)
-        if quality_budget < 0:
-            raise PolarcError(f"--quality-budget must be >= 0, got {quality_budget}")
         cfg = CalibrateConfig(out=out_dir, dataset=dataset, seq_len=seq_len, tokens=tokens,
                               tune_tokens=tune_tokens, density=density,
                               quality_budget=quality_budget, batch_size=batch_size,

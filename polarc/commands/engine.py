@@ -141,6 +141,7 @@ def run_cmd(
     """
     from polarc.format.engine_file import load_engine
     from polarc.runtime.generate import run_prompts
+    from polarc.runtime.kv_cache import check_fits
 
     with user_errors():
         check_positive(max_new_tokens=max_new_tokens, batch=batch)
@@ -159,6 +160,8 @@ def run_cmd(
         if bsz > limit:
             raise PolarcError(f"--batch {bsz} exceeds the engine's max batch {limit}",
                               hint="rebuild with a larger --max-batch")
+        if eng.backend == "torch":  # before any work on the prompts: does the batch fit?
+            check_fits(eng.model.spec, bsz, eng.limits["max_seq"], eng.model.dtype, dev)
         if bsz > len(texts):
             texts = (texts * (bsz // len(texts) + 1))[:bsz]
         tok = eng.model.tokenizer

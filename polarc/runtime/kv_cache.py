@@ -34,6 +34,19 @@ def free_memory(device: torch.device) -> int:
     return psutil.virtual_memory().available
 
 
+def check_fits(spec: ModelSpec, batch: int, max_seq: int, dtype: torch.dtype,
+               device: torch.device) -> None:
+    """Stop with the largest batch that fits when a cache for `batch` rows does not."""
+    per_row = kv_bytes_per_row(spec, max_seq, dtype)
+    free = free_memory(device)
+    if per_row * batch > free * MEMORY_SHARE:
+        fits = int(free * MEMORY_SHARE // per_row)
+        where = "GPU" if device.type == "cuda" else "host"
+        raise PolarcError(f"a KV cache for batch {batch} x {max_seq} positions needs "
+                          f"{per_row * batch / 2**30:.1f} GiB, {free / 2**30:.1f} GiB of "
+                          f"{where} memory free", hint=f"the largest batch that fits is {fits}")
+
+
 @dataclass
 class KVCache:
     k: list[torch.Tensor]  # per layer [B, Hkv, S_max, D]
@@ -44,14 +57,7 @@ class KVCache:
     def allocate(cls, spec: ModelSpec, batch: int, max_seq: int, dtype: torch.dtype,
                  device: torch.device) -> KVCache:
         """A zeroed cache, or a one-line error naming the largest batch that fits."""
-        per_row = kv_bytes_per_row(spec, max_seq, dtype)
-        free = free_memory(device)
-        if per_row * batch > free * MEMORY_SHARE:
-            fits = int(free * MEMORY_SHARE // per_row)
-            where = "GPU" if device.type == "cuda" else "host"
-            raise PolarcError(f"a KV cache for batch {batch} x {max_seq} positions needs "
-                              f"{per_row * batch / 2**30:.1f} GiB, {free / 2**30:.1f} GiB of "
-                              f"{where} memory free", hint=f"the largest batch that fits is {fits}")
+        check_fits(spec, batch, max_seq, dtype, device)
         shape = (batch, spec.n_kv_heads, max_seq, spec.head_dim)
         return cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)],
                    v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)],
