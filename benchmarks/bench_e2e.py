@@ -24,8 +24,7 @@ from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
 from polarc.exporters.engine import BuildConfig, assemble
 
 from polarc.format.engine_file import Engine
-from polarc.format.routers import HeadRouter
-from polarc.models.layers import add_part_views, stored_weights
+from polarc.models.layers import stored_weights
 from polarc.models.load import Model, random_weights, rope_parameters
 from polarc.models.presets import get_preset, hf_config
 from polarc.models.tokenizer import ByteTokenizer
@@ -38,9 +37,8 @@ STEP_REPS = 60  # replays of one decode step (BENCHMARKS.md: median over >= 50 s
 
 def sparse_engine_in_memory(name: str, *, batch: int, max_seq: int, density: float,
                             device: torch.device) -> Engine:
-    """A random-weight bf16 engine made on `device`, with random routers at `density`, laid
-    out as `load_engine` gives a written one: each head router's rows appended to its layer's
-    fused q/k/v weight and bias, the router a view of those rows."""
+    """A random-weight bf16 engine made on `device`, with random routers at `density`, as
+    `load_engine` gives a written one."""
     spec, dtype = get_preset(name), torch.bfloat16
     rope = rope_parameters(spec)
     if "rope_inv_freq" in rope:  # on the device, as load_engine puts it
@@ -49,18 +47,8 @@ def sparse_engine_in_memory(name: str, *, batch: int, max_seq: int, density: flo
     model = Model(spec=spec, weights=weights, tokenizer=ByteTokenizer(spec.vocab),
                   identity={"architecture": spec.architecture(), "weights_sha256": "random-seed-0",
                             "source": "random"}, random_weights=True, **rope)
-    engine = assemble(model, None, BuildConfig(out=Path("<memory>"), dtype="bf16", max_batch=batch,
-                                               max_seq=max_seq, density=density))
-    rows = spec.qkv_rows
-    for layer, router in engine.head_routers.items():
-        p = f"layers.{layer}.qkv."
-        bias = weights.get(p + "bias", torch.zeros(rows, dtype=dtype, device=device))
-        w = weights[p + "weight"] = torch.cat([weights[p + "weight"], router.weight.to(device, dtype)])
-        b = weights[p + "bias"] = torch.cat([bias, router.bias.to(device, dtype)])
-        engine.head_routers[layer] = HeadRouter(weight=w[rows:], bias=b[rows:], k=router.k,
-                                                recall=router.recall)
-        add_part_views(weights, spec, [layer])  # q/k/v views into the new tensor
-    return engine
+    return assemble(model, None, BuildConfig(out=Path("<memory>"), dtype="bf16", max_batch=batch,
+                                             max_seq=max_seq, density=density))
 
 
 def weight_bytes(model: Model) -> int:

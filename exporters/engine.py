@@ -21,6 +21,7 @@ from polarc.format.engine_file import (
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
     Engine,
+    attach_routers,
     engine_tensors,
     resolve_dtype,
     write_container,
@@ -69,7 +70,8 @@ def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], 
 def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
              calibration_path: Path | None = None) -> Engine:
     """Check the build options and assemble the engine (plan, routers, manifest) in memory,
-    as `load_engine` would return it once written."""
+    as `load_engine` would return it once written. The head routers are attached to `model`'s
+    q/k/v weights in place (`attach_routers`): the model is the build's own."""
     if cfg.dtype not in DTYPES:
         raise PolarcError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     spec = model.spec
@@ -113,14 +115,14 @@ def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
         "rope_attention_scaling": model.rope_attention_scaling,
     }
     return Engine(path=Path("<memory>"), manifest=manifest, model=model, k_per_layer=list(plan),
-                  head_routers=head, mlp_routers=mlp)
+                  head_routers=attach_routers(model, head), mlp_routers=mlp)
 
 
 def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig,
                  calibration_path: Path | None = None) -> dict[str, Any]:
     """Write the torch-backend engine to `cfg.out` atomically; return its manifest."""
     engine = assemble(model, calibration, cfg, calibration_path)
-    tensors = engine_tensors(model, engine.head_routers, engine.mlp_routers, DTYPES[cfg.dtype])
+    tensors = engine_tensors(model, engine.mlp_routers, DTYPES[cfg.dtype])
     write_container(tensors, engine.manifest, cfg.out, force=cfg.force, inputs=cfg.inputs)
     return engine.manifest
 

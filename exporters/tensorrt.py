@@ -36,7 +36,7 @@ def _profile_shapes(engine: Engine, graph: str, max_batch: int, max_seq: int
         return {"input_ids": ((1, 1), (1, max_seq // 2), (1, max_seq - 1))}
     shapes: dict[str, tuple[tuple[int, ...], ...]] = {
         "input_ids": ((1, 1), (max_batch, 1), (max_batch, 1)),
-        "cache_seqlens": ((1,), (max_batch,), (max_batch,)),
+        "past_seqlens": ((1,), (max_batch,), (max_batch,)),
     }
     for layer in range(spec.n_layers):
         for kind in ("key", "value"):

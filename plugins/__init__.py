@@ -8,3 +8,8 @@ plain-torch definitions of all of them and imports no triton, so the runtime's C
 the tests use it anywhere. CPU tensors run the kernels through Triton's interpreter only when
 TRITON_INTERPRET=1 was set before triton was imported.
 """
+
+# The TensorRT plugin's identity (`tensorrt_plugin.py`); the ONNX export's custom op carries it.
+PLUGIN_NAMESPACE = "polarc"
+PLUGIN_NAME = "SelectiveHeadAttention"
+PLUGIN_VERSION = "1"

@@ -26,11 +26,10 @@ from typing import Any
 import triton
 import triton.language as tl
 
+from . import PLUGIN_NAME, PLUGIN_NAMESPACE
 from ._triton_util import next_pow2
 from .selective_attention import _LOG2E, _selective_attention_kernel
 
-PLUGIN_NAMESPACE = "polarc"
-PLUGIN_NAME = "SelectiveHeadAttention"
 PLUGIN_ID = f"{PLUGIN_NAMESPACE}::{PLUGIN_NAME}"
 TRITON_TYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 BLOCK_N = 64

@@ -86,17 +86,32 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def engine_tensors(model: Model, head: dict[int, HeadRouter], mlp: dict[int, MLPRouter],
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The container's tensors for `model` with these routers (layout: module docstring)."""
-    spec = model.spec
-    weights = {name: t.to(dtype) for name, t in stored_weights(model.weights, spec).items()}
+def attach_routers(model: Model, head: dict[int, HeadRouter]) -> dict[int, HeadRouter]:
+    """Put each head router's rows after its layer's fused q/k/v weight (and bias) in
+    `model`, as an engine holds them (module docstring); in place, on a model the caller
+    owns. Returns the routers as views of those rows."""
+    spec, w = model.spec, model.weights
+    attached = {}
     for layer, router in head.items():
         p = f"layers.{layer}.qkv."
-        w = weights[p + "weight"]
-        bias = weights.get(p + "bias", torch.zeros(w.shape[0], dtype=dtype, device=w.device))
-        weights[p + "weight"] = torch.cat([w, router.weight.to(w.device, dtype)])
-        weights[p + "bias"] = torch.cat([bias, router.bias.to(w.device, dtype)])
+        qkv = w[p + "weight"]
+        if qkv.shape[0] != spec.qkv_rows:
+            raise ValueError(f"layer {layer} already holds rows past q, k and v")
+        bias = w.get(p + "bias", torch.zeros(spec.qkv_rows, dtype=qkv.dtype, device=qkv.device))
+        w[p + "weight"] = torch.cat([qkv, router.weight.to(qkv.device, qkv.dtype)])
+        w[p + "bias"] = torch.cat([bias, router.bias.to(qkv.device, qkv.dtype)])
+        add_part_views(w, spec, [layer])
+        attached[layer] = HeadRouter(weight=w[p + "weight"][spec.qkv_rows:],
+                                     bias=w[p + "bias"][spec.qkv_rows:], k=router.k,
+                                     recall=router.recall)
+    return attached
+
+
+def engine_tensors(model: Model, mlp: dict[int, MLPRouter], dtype: torch.dtype
+                   ) -> dict[str, torch.Tensor]:
+    """The container's tensors for `model` (head routers attached) and its MLP routers."""
+    spec = model.spec
+    weights = {name: t.to(dtype) for name, t in stored_weights(model.weights, spec).items()}
     if spec.relu_mlp:
         for layer in range(spec.n_layers):
             name = f"layers.{layer}.down.weight"
@@ -187,8 +202,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if type(version) is int and version != ENGINE_FORMAT_VERSION:
         raise PolarcError(f"{path} has engine format {version}; this polarc runs format "
                           f"{ENGINE_FORMAT_VERSION}", hint="rebuild it with polarc build")
-    validated(Manifest, manifest, f"the manifest of {path}")
-    return manifest
+    return validated(Manifest, manifest, f"the manifest of {path}").model_dump()
 
 
 def expected_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -105,7 +105,7 @@ class TensorRTRuntime:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         past, present = self.caches[self.current], self.caches[1 - self.current]
         logits = torch.empty(self.batch, self.spec.vocab, dtype=self.dtype, device=self.device)
-        inputs = {"input_ids": tokens.view(-1, 1).long().contiguous(), "cache_seqlens": self.seqlens,
+        inputs = {"input_ids": tokens.view(-1, 1).long().contiguous(), "past_seqlens": self.seqlens,
                   **dict(zip(self._kv_names("past"), past, strict=True))}
         self._execute("decode", inputs,
                       {"logits": logits, **dict(zip(self._kv_names("present"), present, strict=True))})
