@@ -2,7 +2,7 @@
 
 - `timing`: the one timing method (CUDA-graph replays, median) and copy-bandwidth probe.
 - `bench_kernels` (§1–2, = ``polarc bench kernels``): selective attention vs SDPA, the
-  selective GEMM pair vs cuBLAS, with byte floors; ``--sweep`` plan variants, ``--read-probe``.
+  selective GEMM pair vs cuBLAS, with byte floors.
 - `bench_e2e` (§3, = ``polarc bench e2e``): dense and sparse decode steps of random-weight
   Llama-3-8B / Llama-2-7B engines vs their floors, router share, transformers ``generate``.
 - `bench_step_kernels`: the step's top-k and KV-append kernels vs the torch ops.

@@ -2,8 +2,6 @@
 cuBLAS, in one process on a CUDA GPU.
 
     python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick]  # = polarc bench kernels
-    python -m polarc.benchmarks.bench_kernels --sweep all --json OUT  # tile/split sweeps (tuning)
-    python -m polarc.benchmarks.bench_kernels --read-probe            # plain reads, 17 MB..1 GB
 
 Random data, outputs and workspaces allocated once; every call (ours, SDPA with
 ``enable_gqa=True``, cuBLAS ``addmm`` + ``relu_`` and ``mm``) timed by `timing.time_graph`
@@ -15,8 +13,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,13 +26,11 @@ from polarc.benchmarks.timing import (
 )
 from polarc.plugins._triton_util import num_sms
 from polarc.plugins.selective_attention import (
-    AttentionPlan,
     plan_selective_attention,
     selective_attention,
     selective_attention_workspace,
 )
 from polarc.plugins.selective_gemm import (
-    GemmPlan,
     plan_selective_gemm,
     selective_gemm_down,
     selective_gemm_up,
@@ -71,7 +65,6 @@ def attention_cases(
     quick: bool = False,
     bw: float,
     device: torch.device,
-    plan_override: Callable[..., AttentionPlan | None] | None = None,
     shapes: list[tuple[str, int, int]] | None = None,
     densities: tuple[float, ...] = DENSITIES,
     ragged: bool = True,
@@ -123,9 +116,7 @@ def attention_cases(
             else:
                 seqlens = full
                 tokens = b * s
-            plan = plan_override(b, n_sel, hq // hkv, s, d) if plan_override else None
-            plan = plan or plan_selective_attention(b, n_sel, hq // hkv, s, d,
-                                                    sms=num_sms(device))
+            plan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device))
             fns = []
             for q, k, v in sets:
                 groups = _random_groups(b, hkv, n_sel, device, gen)
@@ -185,7 +176,6 @@ def gemm_cases(
     quick: bool = False,
     bw: float,
     device: torch.device,
-    plan_override: Callable[[str, int, int, int], GemmPlan | None] | None = None,
     batches: tuple[int, ...] | None = None,
     densities: tuple[float, ...] = GEMM_DENSITIES,
 ) -> list[dict]:
@@ -225,12 +215,8 @@ def gemm_cases(
                                         None, None))
         for rho in densities:
             n = n_total if rho >= 1.0 else max(128, round(rho * n_total / 128) * 128)
-            up_plan = down_plan = None
-            if plan_override:
-                up_plan = plan_override("up", b, n, d)
-                down_plan = plan_override("down", b, d, n)
-            up_plan = up_plan or plan_selective_gemm(b, n, d, sms=num_sms(device), kind="up")
-            down_plan = down_plan or plan_selective_gemm(b, d, n, sms=num_sms(device))
+            up_plan = plan_selective_gemm(b, n, d, sms=num_sms(device), kind="up")
+            down_plan = plan_selective_gemm(b, d, n, sms=num_sms(device))
             ws_up = selective_gemm_workspace(b, n, up_plan, device)
             ws_down = selective_gemm_workspace(b, d, down_plan, device)
             sel_bytes = n * d * 2
@@ -373,126 +359,17 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
     return records
 
 
-# ----------------------------------------------------------------------------- tuning
-
-
-# Plan variants timed by --sweep: (model, block_n, num_warps, num_stages, use_dot, split x).
-# The defaults' history is in KERNEL_NOTES.md.
-ATTN_VARIANTS = [
-    ("llama3-8b", bn, nw, ns, True, mul)
-    for bn, nw, ns in [(64, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 2), (32, 4, 3), (32, 4, 4),
-                       (64, 8, 3), (64, 2, 3)]
-    for mul in (0.5, 1, 2)
-]
-ATTN_SWEEP_SHAPES = [(1, 8192), (16, 4096), (64, 1024), (64, 8192)]
-# GEMM: (block_m, block_n, block_k, num_warps, num_stages, split_k or None = heuristic)
-GEMM_VARIANTS = {
-    1: [None] + [(16, 64, 128, 4, 6, sk) for sk in (1, 2, 4, 8, 16)]
-    + [(16, 32, 256, 4, 5, sk) for sk in (2, 4, 8)],
-    64: [None] + [(64, 64, 128, 4, 4, sk) for sk in (1, 2, 4, 8)],
-}
-
-
-def sweep(json_path: Path | None, what: str = "all") -> list[dict]:
-    """Time plan variants at key shapes (developer tuning; the CLI runs the default plans)."""
-    device = torch.device("cuda")
-    sms = num_sms(device)
-    bw = copy_bandwidth(device)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s, read {read_bandwidth(device) / 1e9:.0f}",
-          flush=True)
-    records: list[dict] = []
-    seen_sdpa: set[str] = set()
-    for model, bn, nw, ns, dot, mul in ATTN_VARIANTS if what in ("all", "attention") else []:
-        def override(b, k, g, s, d, bn=bn, nw=nw, ns=ns, dot=dot, mul=mul):
-            p = plan_selective_attention(b, k, g, s, d, sms=sms, block_n=bn, num_warps=nw,
-                                         num_stages=ns, use_dot=dot)
-            return AttentionPlan(max(1, int(p.num_splits * mul)), bn, nw, ns, dot)
-
-        t = time.time()
-        recs = attention_cases(
-            bw=bw, device=device, plan_override=override,
-            shapes=[(model, b, s) for b, s in ATTN_SWEEP_SHAPES], densities=(0.25, 0.5, 1.0),
-            ragged=False, sdpa=True)
-        name = f"bn{bn}_w{nw}_s{ns}_{'dot' if dot else 'bcast'}_x{mul}"
-        for r in recs:
-            r["variant"] = name
-        records += recs
-        print(f"{model} {name}: " + " ".join(
-            f"{r['B']}/{r['S']}/{r['density']:g}:{r['ms'] * 1e3:.0f}us({r['vs_sdpa']:.2f}x)"
-            for r in recs if r["kernel"] != "sdpa_dense") + f"  [{time.time() - t:.0f}s]",
-            flush=True)
-        sd = [r for r in recs if r["kernel"] == "sdpa_dense"]
-        if model not in seen_sdpa:
-            seen_sdpa.add(model)
-            print("  sdpa: " + " ".join(f"{r['B']}/{r['S']}:{r['ms'] * 1e3:.0f}us"
-                                        f"({r['bw_frac'] * 100:.0f}%)" for r in sd))
-    for b, variants in GEMM_VARIANTS.items() if what in ("all", "gemm") else []:
-        for var in variants:
-            def override(kind, m, n_out, k, var=var):
-                if var is None:
-                    return None
-                bm, bn, bk, nw, ns, split = var
-                return plan_selective_gemm(m, n_out, k, sms=sms, block_m=bm, block_n=bn,
-                                           block_k=bk, num_warps=nw, num_stages=ns,
-                                           split_k=split)
-
-            recs = gemm_cases(bw=bw, device=device, plan_override=override, batches=(b,),
-                              densities=(0.1, 0.3, 0.5))
-            for r in recs:
-                r["variant"] = str(var)
-            records += recs
-            print(f"gemm B={b} {var}: " + " ".join(
-                f"{r['kernel'][10:]}/{r['density']:.1g}:{r['ms'] * 1e3:.0f}us"
-                f"(s{r.get('split_k')},{r['vs_cublas']:.2f}x)" for r in recs
-                if r["kernel"].startswith("selective")), flush=True)
-            if var is None:
-                print("  cublas: " + " ".join(
-                    f"{r['kernel'][7:]}:{r['ms'] * 1e3:.0f}us({r['bw_frac'] * 100:.0f}%)"
-                    for r in recs if r["kernel"].startswith("cublas")))
-    if json_path is not None:
-        write_json(json_path, records, force=True)
-    return records
-
-
-def read_probe() -> None:
-    """How long a plain contiguous read of N bytes takes here (graph replays, rotated sets):
-    the practical floor for a kernel of that size, ramp-up and tail included."""
-    device = torch.device("cuda")
-    bw = copy_bandwidth(device)
-    print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
-    for mb in (17, 34, 67, 134, 201, 268, 536, 1073):
-        n = mb * 10**6 // 2
-        sets = [torch.randn(n, device=device, dtype=torch.bfloat16)
-                for _ in range(sets_to_rotate(n * 2))]
-        outs = [torch.empty((), device=device, dtype=torch.float32) for _ in sets]
-        ms = time_graph([lambda x=x, o=o: torch.sum(x, 0, dtype=torch.float32, out=o)
-                         for x, o in zip(sets, outs, strict=True)])
-        print(f"read {mb:>5} MB: {ms * 1e3:8.1f} us = {n * 2 / (ms * 1e-3) / 1e9:6.0f} GB/s "
-              f"({n * 2 / (ms * 1e-3) / bw * 100:.0f}% of copy); copy floor "
-              f"{n * 2 / bw * 1e6:.1f} us", flush=True)
-        del sets, outs
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="write one record per case to this file")
     ap.add_argument("--quick", action="store_true", help="a subset of the shapes")
-    ap.add_argument("--sweep", choices=["all", "attention", "gemm"],
-                    help="time plan variants instead (developer tuning)")
-    ap.add_argument("--read-probe", action="store_true",
-                    help="time plain reads of 17 MB..1 GB (what a kernel of that size can reach)")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--no-gemm", action="store_true")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: kernel benchmarks need a CUDA GPU (none is visible here).")
-    if args.read_probe:
-        read_probe()
-    elif args.sweep:
-        sweep(args.json, args.sweep)
-    else:
-        run_kernel_benchmarks(args.json, args.quick, attention=not args.no_attention,
-                              gemm=not args.no_gemm)
+    run_kernel_benchmarks(args.json, args.quick, attention=not args.no_attention,
+                          gemm=not args.no_gemm)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, 
 from safetensors.torch import load_file, save_file
 
 from polarc import __version__
-from polarc.errors import PolarcError
+from polarc.errors import PolarcError, first_line
 from polarc.format.manifest import ModelRecord, check_plan, validated
 from polarc.format.routers import HeadRouter, MLPRouter, router_tensors
 
@@ -134,7 +134,7 @@ def read_calibration(path: Path) -> Calibration:
     try:
         tensors = load_file(str(routers_path))
     except Exception as exc:
-        raise PolarcError(f"{routers_path} is not readable: {str(exc)[:200]}") from None
+        raise PolarcError(f"{routers_path} is not readable: {first_line(exc)}") from None
     arch = checked.model.identity.architecture
     head: dict[int, HeadRouter] = {}
     mlp: dict[int, MLPRouter] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from polarc.errors import PolarcError
+from polarc.errors import PolarcError, first_line
 from polarc.models.tokenizer import Tokenizer
 
 BUILTIN = "builtin"
@@ -142,7 +142,7 @@ def _iter_file(path: Path) -> Iterator[str]:
     except PolarcError:
         raise
     except Exception as exc:
-        raise PolarcError(f"cannot read {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise PolarcError(f"cannot read {path}: {first_line(exc)}") from None
 
 
 def _iter_hub(spec: str) -> Iterator[str]:
@@ -157,7 +157,7 @@ def _iter_hub(spec: str) -> Iterator[str]:
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:
-        raise PolarcError(f"cannot load hub dataset {spec!r}: {str(exc).splitlines()[0][:200]}",
+        raise PolarcError(f"cannot load hub dataset {spec!r}: {first_line(exc)}",
                           hint="offline? use a local .txt/.jsonl/.parquet file or 'builtin'"
                           ) from None
     for record in ds:

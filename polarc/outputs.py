@@ -14,7 +14,6 @@ Rules (README "Outputs"):
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -26,7 +25,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from polarc.errors import PolarcError
+from polarc.errors import PolarcError, first_line
 
 TMP_TAG = ".polarc-tmp-"
 OLD_TAG = ".polarc-old-"
@@ -34,13 +33,6 @@ LOCK_TAG = ".polarc-lock"
 
 # Is this existing folder something polarc made (so --force may replace it)?
 FolderCheck = Callable[[Path], bool]
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower() if exc.errno == errno.ENOSPC else exc.strerror
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -75,7 +67,7 @@ def make_parent(path: Path) -> None:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise PolarcError(f"cannot write {path}: cannot make folder {parent}: {_reason(exc)}") from None
+        raise PolarcError(f"cannot write {path}: cannot make folder {parent}: {first_line(exc)}") from None
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -147,7 +139,7 @@ def output_lock(path: Path) -> Iterator[None]:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise PolarcError(f"cannot write {path}: {_reason(exc)}") from None
+            raise PolarcError(f"cannot write {path}: {first_line(exc)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -225,7 +217,7 @@ def writing(path: Path, *, force: bool, folder: bool = False, ours: FolderCheck 
             yield tmp
             _replace(tmp, path, folder)
         except OSError as exc:
-            raise PolarcError(f"cannot write {path}: {_reason(exc)}") from None
+            raise PolarcError(f"cannot write {path}: {first_line(exc)}") from None
         finally:
             _remove(tmp)
 
@@ -250,4 +242,4 @@ def write_json(path: Path, data: Any, *, force: bool,
 
 def write_failure(path: Path, exc: BaseException) -> PolarcError:
     """A one-line error for a failed write of `path` (OSError, SafetensorError, ...)."""
-    return PolarcError(f"cannot write {path}: {_reason(exc)}")
+    return PolarcError(f"cannot write {path}: {first_line(exc)}")

@@ -13,7 +13,6 @@ from polarc.exporters.onnx_export import (
     ATTENTION_OP,
     DOMAIN,
     PLUGIN_NAMESPACE,
-    OnnxReference,
     data_path,
     export_onnx,
     prefill_path,
@@ -24,6 +23,7 @@ from polarc.cli import app
 from polarc.format.engine_file import Engine, load_engine
 from polarc.models import load_model
 from polarc.runtime.torch_runtime import Runtime
+from tests.onnx_reference import OnnxReference
 
 PROMPTS = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51, 52]]
 STEPS = 6

@@ -28,7 +28,7 @@ import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from polarc.errors import PolarcError
+from polarc.errors import PolarcError, first_line
 from polarc.format.manifest import Manifest, validated
 from polarc.format.routers import HeadRouter, MLPRouter, mlp_router_tensors
 from polarc.models.layers import add_part_views, stored_weights
@@ -262,7 +262,7 @@ def _read_checked(path: Path, manifest: dict[str, Any], device: torch.device
     except PolarcError:
         raise
     except Exception as exc:
-        raise PolarcError(f"{path} is truncated or corrupt ({_first_line(exc)})",
+        raise PolarcError(f"{path} is truncated or corrupt ({first_line(exc)})",
                           hint="rebuild it with polarc build") from None
     if manifest["backend"] == "torch":
         _check_shapes(path, manifest, tensors)
@@ -299,11 +299,6 @@ def _check_shapes(path: Path, manifest: dict[str, Any], tensors: dict[str, torch
                           f"{', '.join(sorted(want)[:3])}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
-
-
 def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec: ModelSpec
                ) -> Tokenizer:
     tk = manifest["tokenizer"]
@@ -316,7 +311,7 @@ def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec:
         raw = bytes(tensors.pop("tokenizer.json").numpy().tobytes()).decode("utf-8")
         backend = tokenizers.Tokenizer.from_str(raw)
     except Exception as exc:
-        raise PolarcError(f"the engine's tokenizer cannot be read ({_first_line(exc)})") from None
+        raise PolarcError(f"the engine's tokenizer cannot be read ({first_line(exc)})") from None
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
     return HFTokenizer(fast, eos_id=tk["eos_id"], bos_id=tk["bos_id"])
 

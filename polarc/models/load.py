@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from polarc.errors import PolarcError
+from polarc.errors import PolarcError, first_line
 from polarc.models.layers import fuse_weights
 from polarc.models.presets import (
     DEFAULT_MODEL,
@@ -70,11 +70,6 @@ def _sha256_files(paths: list[Path]) -> str:
             while chunk := f.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
 
 
 def _hf_cached_folder(hub_id: str) -> Path | None:
@@ -166,7 +161,7 @@ def _read_spec(path: Path, name: str) -> ModelSpec:
         else:
             cfg = transformers.AutoConfig.from_pretrained(str(path))
     except Exception as exc:
-        raise PolarcError(f"cannot read a model config from {path}: {_short(exc)}") from None
+        raise PolarcError(f"cannot read a model config from {path}: {first_line(exc)}") from None
     return spec_from_hf_config(cfg, name)
 
 
@@ -209,7 +204,7 @@ def _load_tokenizer(source: str, kwargs: dict[str, Any], where: Path) -> Tokeniz
     try:
         tok = HFTokenizer(transformers.AutoTokenizer.from_pretrained(source, **kwargs))
     except Exception as exc:
-        raise PolarcError(f"cannot read the tokenizer in {where}: {_short(exc)}") from None
+        raise PolarcError(f"cannot read the tokenizer in {where}: {first_line(exc)}") from None
     if not tok.encode("The capital of Germany is"):
         raise PolarcError(f"the tokenizer in {where} turns text into no tokens",
                           hint="its files are incomplete; copy the model's tokenizer files again")
@@ -235,7 +230,7 @@ def _load_path(path: Path, name: str, dtype: torch.dtype) -> Model:
         with _quiet_gguf_progress():
             hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     except Exception as exc:
-        raise PolarcError(f"cannot read weights from {path}: {_short(exc)}") from None
+        raise PolarcError(f"cannot read weights from {path}: {first_line(exc)}") from None
     spec = spec_from_hf_config(hf.config, name)
     identity = {"architecture": spec.architecture(), "weights_sha256": _sha256_files(files),
                 "source": str(path)}
@@ -280,7 +275,7 @@ def _check_readable(files: list[Path]) -> None:
                     st.keys()
         except Exception as exc:
             kind = "GGUF" if f.suffix == ".gguf" else "safetensors"
-            raise PolarcError(f"{f} is not a readable {kind} file: {_short(exc)}") from None
+            raise PolarcError(f"{f} is not a readable {kind} file: {first_line(exc)}") from None
 
 
 def _random_model(spec: ModelSpec, *, seed: int, dtype: torch.dtype,
