@@ -1,4 +1,5 @@
-"""polarc's benchmarks (BENCHMARKS.md); each prints its tables, ``--json OUT`` writes records.
+"""polarc's benchmarks (method and targets: benchmarks/README.md); each prints its tables,
+``--json OUT`` writes records.
 
 - `timing`: the one timing method (CUDA-graph replays, median) and copy-bandwidth probe.
 - `bench_kernels` (§1–2, = ``polarc bench kernels``): selective attention vs SDPA, the
@@ -8,6 +9,7 @@
 - `bench_step_kernels`: the step's top-k and KV-append kernels vs the torch ops.
 - `bench_plugin_aot`: the TensorRT plugin's ahead-of-time kernel, without TensorRT.
 - `bench_quality` (§4, CPU): perplexity, agreement, KL, recall of plans on SmolLM2.
+- `bench_load`: loading an engine with its checksum and shape checks.
 
 After ``pip install -e .`` (on the lent GPU machine ``pip install --no-deps
 --no-build-isolation -e .``): ``python -m polarc.benchmarks.bench_e2e --json OUT``. All but

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md §3: end-to-end decode step time of dense and sparse engines on a CUDA GPU.
+"""benchmarks/README.md §3: end-to-end decode step time of dense and sparse engines on a CUDA GPU.
 
     python -m polarc.benchmarks.bench_e2e [--json OUT] [--no-hf]    # = polarc bench e2e
 
@@ -32,7 +32,7 @@ from polarc.outputs import write_json
 from polarc.runtime.torch_runtime import Runtime
 
 CASES = [("llama3-8b", 32, 8192), ("llama3-8b", 64, 4096), ("llama2-7b", 16, 4096)]
-STEP_REPS = 60  # replays of one decode step (BENCHMARKS.md: median over >= 50 steps)
+STEP_REPS = 60  # replays of one decode step (benchmarks/README.md §3: median over >= 50 steps)
 
 
 def sparse_engine_in_memory(name: str, *, batch: int, max_seq: int, density: float,

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md §1–2: selective attention and the selective GEMM pair against torch SDPA and
+"""benchmarks/README.md §1–2: selective attention and the selective GEMM pair against torch SDPA and
 cuBLAS, in one process on a CUDA GPU.
 
     python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick]  # = polarc bench kernels

@@ -1,4 +1,4 @@
-"""BENCHMARKS.md §4: quality under sparsity on the embedded SmolLM2-135M-Instruct.
+"""benchmarks/README.md §4: quality under sparsity on the embedded SmolLM2-135M-Instruct.
 
 Collects and trains routers once, measures per-layer costs once, then evaluates on held-out
 text: uniform 2 of 3 and 1 of 3, and the automatic plan for budgets 1%, 3% and 10%.

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install polarc from the checkout, run the GPU-marked and
-# kernel tests, then the benchmarks named as arguments (e2e, step, kernels), logs under $OUT.
+# kernel tests, then the benchmarks named as arguments (tests, e2e, step, kernels, load), logs
+# under $OUT. Run from the repository root: bash benchmarks/gpu_check.sh tests e2e
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 OUT=${OUT:-/tmp/out}
@@ -15,5 +16,7 @@ for what in "$@"; do
     e2e) python3 -m polarc.benchmarks.bench_e2e --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
     step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;
     kernels) python3 -m polarc.benchmarks.bench_kernels --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log | tail -80 ;;
+    load) /usr/bin/time -v polarc build -m llama3-8b --random-weights --density 0.5 -o /tmp/l3.plan --force 2>&1 | grep -E "wrote|Elapsed|Maximum resident"
+          python3 -m polarc.benchmarks.bench_load /tmp/l3.plan --device cuda --json $OUT/load.json 2>&1 | tail -3 ;;
   esac
 done

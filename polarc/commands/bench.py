@@ -1,4 +1,4 @@
-"""`polarc bench`: benchmarks that need the lent GPU (BENCHMARKS.md; code in benchmarks/)."""
+"""`polarc bench`: benchmarks that need the lent GPU (method and targets: benchmarks/README.md)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def kernels_cmd(
         "--quick", help="A subset of the shapes (B in {1, 64}, S in {1024, 8192}).")] = False,
     force: ForceOpt = False,
 ) -> None:
-    """Selective attention and selective GEMM against torch SDPA / cuBLAS (BENCHMARKS.md §1-2).
+    """Selective attention and selective GEMM against torch SDPA / cuBLAS (benchmarks/README.md §1-2).
 
     Example: polarc bench kernels --json kernels.json
     """
@@ -62,7 +62,7 @@ def e2e_cmd(
     force: ForceOpt = False,
 ) -> None:
     """Whole decode steps of dense and sparse random-weight Llama-3-8B / Llama-2-7B engines
-    against their byte floors and transformers generate (BENCHMARKS.md §3).
+    against their byte floors and transformers generate (benchmarks/README.md §3).
 
     Example: polarc bench e2e --json e2e.json
     """

@@ -19,6 +19,8 @@ Tensor layout (format version 2):
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,25 +242,30 @@ def _digest(t: torch.Tensor) -> str:
 
 def _read_checked(path: Path, manifest: dict[str, Any], device: torch.device
                   ) -> dict[str, torch.Tensor]:
-    """The container's tensors, each checked against the manifest's checksum (and, for a
-    torch-backend engine, the tensor set and shapes its architecture needs) before it moves
-    to `device`."""
+    """The container's tensors on `device`, each checked against the manifest's checksum (and,
+    for a torch-backend engine, the tensor set and shapes its architecture needs). Hashing
+    runs on worker threads (xxhash releases the GIL) while the next tensors load and move, so
+    it costs little of the load time."""
     sums = manifest["checksums"]["tensors"]
     tensors: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f, \
+                ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             names = set(f.keys())
             if names != set(sums):
                 odd = sorted(names ^ set(sums))
                 raise PolarcError(f"{path} holds other tensors than its manifest lists "
                                   f"({', '.join(odd[:3])}{'...' if len(odd) > 3 else ''})",
                                   hint="rebuild it with polarc build")
+            digests = {}
             for name in sorted(names):
                 t = f.get_tensor(name)
-                if _digest(t) != sums[name]:
+                digests[name] = pool.submit(_digest, t)
+                tensors[name] = t if name == "tokenizer.json" else t.to(device)
+            for name, digest in digests.items():
+                if digest.result() != sums[name]:
                     raise PolarcError(f"{path} is corrupt: tensor {name} does not match its "
                                       "checksum", hint="rebuild it with polarc build")
-                tensors[name] = t
     except PolarcError:
         raise
     except Exception as exc:
@@ -266,11 +273,7 @@ def _read_checked(path: Path, manifest: dict[str, Any], device: torch.device
                           hint="rebuild it with polarc build") from None
     if manifest["backend"] == "torch":
         _check_shapes(path, manifest, tensors)
-    moved = {}
-    for name in list(tensors):  # one at a time: never the whole model twice
-        t = tensors.pop(name)
-        moved[name] = t if name == "tokenizer.json" else t.to(device)
-    return moved
+    return tensors
 
 
 def _check_shapes(path: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
