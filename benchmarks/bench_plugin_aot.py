@@ -56,7 +56,7 @@ def run_shape(model: str, hq: int, hkv: int, b: int, s: int, bw: float,
         out = torch.full_like(q, float("nan"))
         args = [q.data_ptr(), kc.data_ptr(), vc.data_ptr(), lens.data_ptr(), groups.data_ptr(),
                 *plugin_extra_args(k, s), out.data_ptr()]
-        grid = plugin_grid(b, hkv)
+        grid = plugin_grid(b, k)
 
         def plugin(kernel=kernel, args=args, grid=grid) -> None:
             kernel.launch(grid, args, torch.cuda.current_stream().cuda_stream)

@@ -8,13 +8,13 @@ an eager (uncaptured) selective attention call against SDPA's (GPU).
 call is timed as a CUDA-graph replay (`timing.time_graph`), like the step.
 
 Eager host cost: at a tiny shape (the GPU work takes a few microseconds) the wall time of
-many back-to-back calls ÷ their number is what the host spends per call; median of rounds.
+many back-to-back calls ÷ their number is what the host spends per call; the least of 25
+rounds, the variants' rounds interleaved.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,19 +52,24 @@ def run_case(b: int, hkv: int, k: int, s: int, d: int) -> dict:
             "torch_topk_us": torch_topk, "write_kv_us": ours_kv, "torch_index_put_us": torch_kv}
 
 
-def host_us(fn: Callable[[], object], calls: int = 200, rounds: int = 9) -> float:
-    """Host microseconds per eager call of `fn` (see the module docstring)."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    per_call = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
+def host_us(fns: dict[str, Callable[[], object]], calls: int = 200, rounds: int = 25
+            ) -> dict[str, float]:
+    """Host microseconds per eager call of each fn (module docstring), the rounds of the fns
+    interleaved so that drift of the host (a shared machine) hits them alike; the least round
+    of each, the cost without interference."""
+    for fn in fns.values():
+        for _ in range(20):
             fn()
-        per_call.append((time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(per_call)
+    torch.cuda.synchronize()
+    best = {name: float("inf") for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+            torch.cuda.synchronize()
+    return best
 
 
 def eager_host_cost(b: int = 1, hq: int = 32, hkv: int = 8, s: int = 256, d: int = 128) -> dict:
@@ -86,14 +91,14 @@ def eager_host_cost(b: int = 1, hq: int = 32, hkv: int = 8, s: int = 256, d: int
     plan = plan_selective_attention(b, hkv // 2, hq // hkv, s, d, sms=num_sms(dev))
     ws = selective_attention_workspace(q, kc)
     out = torch.empty_like(q)
-    rec = {"B": b, "Hq": hq, "Hkv": hkv, "S": s, "D": d, "k": hkv // 2,
-           "sdpa_us": host_us(lambda: F.scaled_dot_product_attention(
-               q[:, :, None], kc, vc, enable_gqa=True)),
-           "default_us": host_us(lambda: selective_attention(q, kc, vc, lens, groups)),
-           "unchecked_us": host_us(lambda: selective_attention(q, kc, vc, lens, groups,
-                                                               check_indices=False)),
-           "planned_us": host_us(lambda: selective_attention(
-               q, kc, vc, lens, groups, plan=plan, workspace=ws, out=out, check_indices=False))}
+    rec: dict = {"B": b, "Hq": hq, "Hkv": hkv, "S": s, "D": d, "k": hkv // 2}
+    rec.update({f"{name}_us": us for name, us in host_us({
+        "sdpa": lambda: F.scaled_dot_product_attention(q[:, :, None], kc, vc, enable_gqa=True),
+        "default": lambda: selective_attention(q, kc, vc, lens, groups),
+        "unchecked": lambda: selective_attention(q, kc, vc, lens, groups, check_indices=False),
+        "planned": lambda: selective_attention(q, kc, vc, lens, groups, plan=plan, workspace=ws,
+                                               out=out, check_indices=False),
+    }).items()})
     rec["planned_over_sdpa"] = rec["planned_us"] / rec["sdpa_us"]
     return rec
 
@@ -102,6 +107,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="write the records here")
     args = ap.parse_args()
+    # first, before the graphs of the step-kernel table: what a fresh eager caller sees
+    eager = eager_host_cost()
     records = []
     print(f"{torch.cuda.get_device_name()}")
     print(f"{'B':>4} {'Hkv':>4} {'k':>3} | {'topk us':>8} {'torch us':>9} | {'kv us':>7} {'torch us':>9}")
@@ -112,7 +119,6 @@ def main() -> None:
               f"{r['torch_topk_us']:>9.2f} | {r['write_kv_us']:>7.2f} {r['torch_index_put_us']:>9.2f}",
               flush=True)
         torch.cuda.empty_cache()
-    eager = eager_host_cost()
     print(f"eager host cost per call (B=1, 32/8 heads, S=256, k=4): SDPA {eager['sdpa_us']:.1f} us; "
           f"selective default {eager['default_us']:.1f}, without index checks "
           f"{eager['unchecked_us']:.1f}, with a plan and workspace made once "

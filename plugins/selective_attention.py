@@ -23,8 +23,8 @@ It writes a normalised partial output and a log2-sum-exp per head into an fp32 w
 Stage 2 runs one program per (query head, row): it finds the head's group among the row's
 selection, merges the splits, and writes the output row (zeros for unselected groups), so
 every output element is written exactly once and no memset is needed. With one split there
-is nothing to merge: stage 1 writes the output itself, and Hkv - k more programs per row
-write the zeros of the unselected groups, in one launch (also the TensorRT plugin's form).
+is nothing to merge: stage 1 can write the output itself, and the zeros of the unselected
+groups, in one launch (``AttentionPlan.one_launch``; also the TensorRT plugin's form).
 
 The split count and tile sizes come from the shapes alone (:func:`plan_selective_attention`):
 the launch reads nothing from the device, so it can be captured in a CUDA graph.
@@ -32,6 +32,7 @@ the launch reads nothing from the device, so it can be captured in a CUDA graph.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -73,27 +74,22 @@ def _selective_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr,
 ):
-    """Stage 1: one program per (split, group slot j, row b).
+    """Stage 1: one program per (split, selected group j, row b), grid (splits, k, B).
 
-    Two launches (ONE_LAUNCH=False, grid (splits, k, B)): slots are the k selected groups;
-    every program writes a partial output and its log2-sum-exp into `Partials`, laid out
-    ``o [B, k, splits, GROUP, HEAD_DIM]`` then ``lse [B, k, splits, GROUP]``; the reduce
-    kernel merges them and writes zeros for unselected groups. One launch (ONE_LAUNCH=True,
-    one split, grid (B, Hkv, 1)): slots run to Hkv; slots below k write their heads' output
-    directly, slot j >= k writes zeros for the (j-k)-th unselected group; `Partials` is not
-    touched. Rows come first in that grid, so every row's streaming programs are scheduled
-    before the quick zero-writing ones, which then take no SM slot that streaming needs.
+    Two launches (ONE_LAUNCH=False): every program writes a partial output and its
+    log2-sum-exp into `Partials`, laid out ``o [B, k, splits, GROUP, HEAD_DIM]`` then ``lse
+    [B, k, splits, GROUP]``; the reduce kernel merges them and writes zeros for unselected
+    groups. One launch (ONE_LAUNCH=True, one split): a program writes its group's heads
+    directly, and zeros for the unselected groups g with g % k == j, so each unselected group
+    is zeroed by exactly one program and no program exists only to write zeros (such
+    programs would hold an SM slot, with this kernel's shared memory, that streaming needs);
+    `Partials` is not touched.
     """
-    if ONE_LAUNCH:
-        pid_b = tl.program_id(0).to(tl.int64)
-        pid_j = tl.program_id(1)
-        pid_s = 0
-    else:
-        pid_s = tl.program_id(0)
-        pid_j = tl.program_id(1)
-        pid_b = tl.program_id(2).to(tl.int64)
+    pid_s = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, BLOCK_D)
@@ -101,78 +97,71 @@ def _selective_attention_kernel(
     mask_d = offs_d < HEAD_DIM
     mask_gd = mask_g[:, None] & mask_d[None, :]
 
-    zero_fill = False
+    seqlen = tl.load(Seqlens + pid_b)
+    grp = tl.load(Groups + pid_b * stride_gb + pid_j).to(tl.int64)
+    # Each row's own length is cut into num_splits pieces of whole blocks.
+    split_len = tl.cdiv(tl.cdiv(seqlen, num_splits), BLOCK_N) * BLOCK_N
+    lo = pid_s * split_len
+    hi = tl.minimum(lo + split_len, seqlen)
+
+    heads = grp * GROUP + offs_g
+    q = tl.load(Q + pid_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_gd, other=0.0)
+    if not USE_DOT:
+        q = q.to(tl.float32)
+
+    k_base = K_Cache + pid_b * stride_kb + grp * stride_kh
+    v_base = V_Cache + pid_b * stride_vb + grp * stride_vh
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=mask_kv,
+                    other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=mask_kv,
+                    other=0.0)
+        if USE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        qk = tl.where(mask_n[None, :], qk * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
     if ONE_LAUNCH:
-        zero_fill = pid_j >= n_sel
-    if zero_fill:
-        offs_h = tl.arange(0, HKV_PAD)
+        out_row = Out + pid_b * stride_outb
+        tl.store(out_row + heads[:, None] * stride_outh + offs_d[None, :],
+                 o.to(Out.dtype.element_ty), mask=mask_gd)
         offs_k = tl.arange(0, K_PAD)
         sel = tl.load(Groups + pid_b * stride_gb + offs_k, mask=offs_k < n_sel, other=-1)
-        hit = tl.sum((offs_h[:, None] == sel[None, :]).to(tl.int32), axis=1)
-        unsel = ((hit == 0) & (offs_h < n_kv)).to(tl.int32)
-        rank = tl.cumsum(unsel, axis=0) - 1
-        g0 = tl.sum(tl.where((unsel == 1) & (rank == pid_j - n_sel), offs_h, 0), axis=0)
-        zheads = g0.to(tl.int64) * GROUP + offs_g
-        zeros = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-        tl.store(Out + pid_b * stride_outb + zheads[:, None] * stride_outh + offs_d[None, :],
-                 zeros.to(Out.dtype.element_ty), mask=mask_gd)
+        zeros = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32).to(Out.dtype.element_ty)
+        for g in range(pid_j, n_kv, n_sel):
+            if tl.sum((sel == g).to(tl.int32), axis=0) == 0:  # an unselected group of ours
+                zheads = g * GROUP + offs_g
+                tl.store(out_row + zheads[:, None] * stride_outh + offs_d[None, :], zeros,
+                         mask=mask_gd)
     else:
-        seqlen = tl.load(Seqlens + pid_b)
-        grp = tl.load(Groups + pid_b * stride_gb + pid_j).to(tl.int64)
-        # Each row's own length is cut into num_splits pieces of whole blocks.
-        split_len = tl.cdiv(tl.cdiv(seqlen, num_splits), BLOCK_N) * BLOCK_N
-        lo = pid_s * split_len
-        hi = tl.minimum(lo + split_len, seqlen)
-
-        heads = grp * GROUP + offs_g
-        q = tl.load(Q + pid_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=mask_gd, other=0.0)
-        if not USE_DOT:
-            q = q.to(tl.float32)
-
-        k_base = K_Cache + pid_b * stride_kb + grp * stride_kh
-        v_base = V_Cache + pid_b * stride_vb + grp * stride_vh
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-
-        for start in range(lo, hi, BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < hi
-            mask_kv = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=mask_kv,
-                        other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=mask_kv,
-                        other=0.0)
-            if USE_DOT:
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            else:
-                qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-            qk = tl.where(mask_n[None, :], qk * qk_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if USE_DOT:
-                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            else:
-                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-
-        has = l_i > 0.0
-        o = acc / tl.where(has, l_i, 1.0)[:, None]
-        if ONE_LAUNCH:
-            tl.store(Out + pid_b * stride_outb + heads[:, None] * stride_outh + offs_d[None, :],
-                     o.to(Out.dtype.element_ty), mask=mask_gd)
-        else:
-            lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
-            # (row, slot, split) -> its place in the contiguous partial layout (docstring)
-            part = (pid_b * n_sel + pid_j) * num_splits + pid_s
-            o_words = tl.num_programs(2).to(tl.int64) * n_sel * num_splits * GROUP * HEAD_DIM  # B
-            tl.store(Partials + part * GROUP * HEAD_DIM + offs_g[:, None] * HEAD_DIM
-                     + offs_d[None, :], o, mask=mask_gd)
-            tl.store(Partials + o_words + part * GROUP + offs_g, lse, mask=mask_g)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        # (row, slot, split) -> its place in the contiguous partial layout (docstring)
+        part = (pid_b * n_sel + pid_j) * num_splits + pid_s
+        o_words = tl.num_programs(2).to(tl.int64) * n_sel * num_splits * GROUP * HEAD_DIM  # B
+        tl.store(Partials + part * GROUP * HEAD_DIM + offs_g[:, None] * HEAD_DIM
+                 + offs_d[None, :], o, mask=mask_gd)
+        tl.store(Partials + o_words + part * GROUP + offs_g, lse, mask=mask_g)
 
 
 @triton.jit
@@ -220,14 +209,19 @@ def _selective_attention_reduce_kernel(
 @dataclass(frozen=True)
 class AttentionPlan:
     """Launch parameters of one selective-attention call; a pure function of the shapes.
-    One split is one launch (stage 1 writes the output and zeroes unselected heads); more
-    splits add the merging second launch."""
+    ``one_launch`` (one split only): stage 1 writes the output and zeroes the unselected
+    heads itself; otherwise a second launch merges the splits and zeroes."""
 
     num_splits: int
     block_n: int
     num_warps: int
     num_stages: int
     use_dot: bool
+    one_launch: bool = False
+
+    def __post_init__(self) -> None:
+        if self.one_launch and self.num_splits != 1:
+            raise ValueError(f"AttentionPlan: one_launch needs one split, got {self.num_splits}")
 
 
 def plan_selective_attention(
@@ -243,6 +237,7 @@ def plan_selective_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     use_dot: bool | None = None,
+    one_launch: bool | None = None,
 ) -> AttentionPlan:
     """Split count and tiles from (B, k, S_max, SM count): deterministic, no device reads.
 
@@ -276,8 +271,10 @@ def plan_selective_attention(
             num_splits = 1
         most = max(1, cdiv(max_seqlen, 4 * block_n))
         num_splits = max(1, min(num_splits, most, 256))
+    if one_launch is None:
+        one_launch = num_splits == 1
     return AttentionPlan(num_splits=num_splits, block_n=block_n, num_warps=num_warps,
-                         num_stages=num_stages, use_dot=use_dot)
+                         num_stages=num_stages, use_dot=use_dot, one_launch=one_launch)
 
 
 def _workspace_numel(batch: int, n_selected: int, num_splits: int, group: int, d: int) -> int:
@@ -390,6 +387,23 @@ def _check_indices(
 # --------------------------------------------------------------------------- wrapper
 
 
+@functools.lru_cache(maxsize=256)
+def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32: bool
+                      ) -> dict[str, object]:
+    return dict(GROUP=group, GROUP_PAD=max(16, next_pow2(group)) if plan.use_dot else next_pow2(group),
+                HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_N=plan.block_n,
+                USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if fp32 else "tf32",
+                ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), num_warps=plan.num_warps,
+                num_stages=plan.num_stages)
+
+
+@functools.lru_cache(maxsize=256)
+def _reduce_constants(num_splits: int, group: int, d: int, n_sel: int) -> dict[str, object]:
+    return dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)),
+                SPLITS_PAD=next_pow2(num_splits), K_PAD=next_pow2(n_sel),
+                num_warps=4 if d >= 128 else 2)
+
+
 def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan):
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
@@ -401,7 +415,7 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
         groups = groups.contiguous()
     if out is None:
         out = torch.empty_like(q)
-    one_launch = plan.num_splits == 1
+    one_launch = plan.one_launch
     need = 0 if one_launch else _workspace_numel(b, n_sel, plan.num_splits, group, d)
     if workspace is None and not one_launch:
         workspace = AttentionWorkspace(
@@ -419,31 +433,17 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
                              f"{workspace.partials.device}, tensors on {q.device}")
     # one launch never touches the partials: any pointer stands in
     partials = out if one_launch else workspace.partials
-    block_d = max(16, next_pow2(d))
-    group_pad = max(16, next_pow2(group)) if plan.use_dot else next_pow2(group)
-    grid = (b, hkv, 1) if one_launch else (plan.num_splits, n_sel, b)
-    _selective_attention_kernel[grid](
+    # Positional arguments and cached constants: an eager call's host time is mostly this
+    # launch (a few microseconds less per call than keywords built afresh).
+    _selective_attention_kernel[(plan.num_splits, n_sel, b)](
         q, k_cache, v_cache, cache_seqlens, groups, partials, out,
-        qk_scale_log2=float(scale) * _LOG2E, num_splits=plan.num_splits, n_sel=n_sel, n_kv=hkv,
-        stride_qb=q.stride(0), stride_qh=q.stride(1),
-        stride_kb=k_cache.stride(0), stride_kh=k_cache.stride(1), stride_ks=k_cache.stride(2),
-        stride_vb=v_cache.stride(0), stride_vh=v_cache.stride(1), stride_vs=v_cache.stride(2),
-        stride_gb=groups.stride(0),
-        stride_outb=out.stride(0), stride_outh=out.stride(1),
-        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=plan.block_n,
-        USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        ONE_LAUNCH=one_launch, K_PAD=next_pow2(n_sel), HKV_PAD=next_pow2(hkv),
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )
+        float(scale) * _LOG2E, plan.num_splits, n_sel, hkv, *q.stride()[:2],
+        *k_cache.stride()[:3], *v_cache.stride()[:3], groups.stride(0), *out.stride()[:2],
+        **_stage1_constants(plan, group, d, n_sel, q.dtype == torch.float32))
     if not one_launch:
         _selective_attention_reduce_kernel[(hq, b)](
-            out, partials, groups,
-            num_splits=plan.num_splits, n_sel=n_sel,
-            stride_outb=out.stride(0), stride_outh=out.stride(1), stride_gb=groups.stride(0),
-            GROUP=group, HEAD_DIM=d, BLOCK_D=block_d,
-            SPLITS_PAD=next_pow2(plan.num_splits), K_PAD=next_pow2(n_sel),
-            num_warps=4 if d >= 128 else 2,
-        )
+            out, partials, groups, plan.num_splits, n_sel, *out.stride()[:2], groups.stride(0),
+            **_reduce_constants(plan.num_splits, group, d, n_sel))
     return out
 
 

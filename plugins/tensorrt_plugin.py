@@ -4,9 +4,9 @@ is polarc's Triton selective-attention kernel compiled to PTX, so a plan runs wi
 TensorRT launches an AOT plugin kernel with its arguments in this order: input pointers, the
 extra int32 arguments the implementation returns, output pointers (then null for any hidden
 parameters the compiler appended). :func:`selective_attention_plugin_kernel` is a thin entry
-point in that order that runs the stage-1 kernel in its one-launch form (``ONE_LAUNCH``, one split):
-grid ``(B, Hkv, 1)``, one program per (row, group slot); slots below k stream one selected
-group's whole cache and write its heads, the others write zeros for the unselected groups.
+point in that order that runs the stage-1 kernel in its one-launch form (``ONE_LAUNCH``, one
+split): grid ``(1, k, B)``, one program per (selected group, row), which streams that group's
+whole cache, writes its heads, and zeros its share of the row's unselected groups.
 No workspace (TensorRT gives AOT plugins none) and no second launch. Tensors are TensorRT's
 linear format (contiguous), so strides follow from the shapes; the cache length ``S`` and the
 selected count ``k`` are the extra arguments. The float softmax scale is baked in as a
@@ -43,7 +43,7 @@ def selective_attention_plugin_kernel(
     Out,  # output
     N_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, QK_SCALE_LOG2: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, K_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, K_PAD: tl.constexpr,
 ):
     stride_kh = s_max * HEAD_DIM
     stride_kb = N_KV * stride_kh
@@ -59,7 +59,6 @@ def selective_attention_plugin_kernel(
         stride_outb=stride_qb, stride_outh=HEAD_DIM,
         GROUP=GROUP, GROUP_PAD=GROUP_PAD, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         USE_DOT=True, DOT_PRECISION=DOT_PRECISION, ONE_LAUNCH=True, K_PAD=K_PAD,
-        HKV_PAD=HKV_PAD,
     )
 
 
@@ -70,7 +69,7 @@ def plugin_constexprs(dtype: str, num_heads: int, num_kv_groups: int, head_dim: 
             "HEAD_DIM": head_dim, "BLOCK_D": max(16, next_pow2(head_dim)), "BLOCK_N": BLOCK_N,
             "QK_SCALE_LOG2": float(scale) * _LOG2E,
             "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
-            "K_PAD": next_pow2(num_selected), "HKV_PAD": next_pow2(num_kv_groups)}
+            "K_PAD": next_pow2(num_selected)}
 
 
 def compile_plugin_kernel(dtype: str, num_heads: int, num_kv_groups: int, head_dim: int,
@@ -98,9 +97,9 @@ def compile_plugin_kernel(dtype: str, num_heads: int, num_kv_groups: int, head_d
     return compiled
 
 
-def plugin_grid(batch: Any, num_kv_groups: int) -> tuple[Any, Any, Any]:
-    """Launch grid (x, y, z) = (rows, every group slot, one split): the one-launch form."""
-    return batch, num_kv_groups, 1
+def plugin_grid(batch: Any, num_selected: Any) -> tuple[Any, Any, Any]:
+    """Launch grid (x, y, z) = (one split, every selected group, rows): the one-launch form."""
+    return 1, num_selected, batch
 
 
 def plugin_extra_args(num_selected: Any, cache_len: Any) -> list[Any]:
@@ -146,7 +145,7 @@ def register_plugin() -> None:
         compiled = compile_plugin_kernel(trt_types[q.dtype], num_heads, num_kv_groups, head_dim,
                                          num_selected, scale)
         launch = trtp.KernelLaunchParams()
-        launch.grid_x, launch.grid_y, launch.grid_z = plugin_grid(q.shape_expr[0], num_kv_groups)
+        launch.grid_x, launch.grid_y, launch.grid_z = plugin_grid(q.shape_expr[0], num_selected)
         launch.block_x = compiled.metadata.num_warps * 32
         launch.shared_mem = compiled.metadata.shared
         extra = plugin_extra_args(groups.shape_expr[1], k_cache.shape_expr[2])

@@ -46,7 +46,7 @@ def test_plugin_entry_point_matches_reference(case: tuple[int, ...]) -> None:
     q, kc, vc, seqlens, groups = _inputs(b, hq, hkv, s, d, k, torch.float32)
     out = torch.full_like(q, float("nan"))
     consts = plugin_constexprs("fp32", hq, hkv, d, k, 1 / math.sqrt(d))
-    selective_attention_plugin_kernel[plugin_grid(b, hkv)](
+    selective_attention_plugin_kernel[plugin_grid(b, k)](
         q, kc, vc, seqlens, groups, *plugin_extra_args(k, s), out, **consts)
     ref = selective_attention_reference(q.double(), kc.double(), vc.double(), seqlens, groups)
     assert not torch.isnan(out).any()
@@ -118,7 +118,7 @@ def test_aot_ptx_launched_by_driver_matches_reference(case: tuple[int, ...], dty
     assert len(kernel.param_types) >= 8
     args = [q.data_ptr(), kc.data_ptr(), vc.data_ptr(), seqlens.data_ptr(), groups.data_ptr(),
             *plugin_extra_args(k, s), out.data_ptr()]
-    kernel.launch(plugin_grid(b, hkv), args, torch.cuda.current_stream().cuda_stream)
+    kernel.launch(plugin_grid(b, k), args, torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     ref = selective_attention_reference(q.double(), kc.double(), vc.double(), seqlens, groups)
     assert not torch.isnan(out).any()
