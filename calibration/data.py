@@ -22,6 +22,10 @@ BUILTIN = "builtin"
 BUILTIN_FILE = Path(__file__).with_name("builtin_corpus.jsonl.gz")
 HELDOUT_EVERY = 10
 CHUNK_CHARS = 2000
+# A paragraph longer than this (a file that is one long line, say) is cut into CHUNK_CHARS
+# pieces, so every document tokenizes in bounded memory. Shorter ones stay whole: cutting
+# them would move the builtin corpus's document boundaries, and with them its held-out split.
+LONG_PARAGRAPH = 200_000
 
 
 @dataclass
@@ -38,20 +42,21 @@ class Sequences:
 
 
 def _pieces(text: str) -> Iterator[str]:
-    """Paragraphs of `text`, none longer than CHUNK_CHARS: a longer one is cut at the last
-    whitespace before the limit (or at the limit), so no single document is unbounded."""
+    """Paragraphs of `text`; one longer than LONG_PARAGRAPH is cut into pieces of at most
+    CHUNK_CHARS, each at the last whitespace before the limit (or at the limit)."""
     for para in text.split("\n\n"):
-        while len(para) > CHUNK_CHARS:
-            cut = max(para.rfind(" ", 0, CHUNK_CHARS), para.rfind("\n", 0, CHUNK_CHARS))
-            cut = cut if cut > CHUNK_CHARS // 2 else CHUNK_CHARS
-            yield para[:cut]
-            para = para[cut:]
+        if len(para) > LONG_PARAGRAPH:
+            while len(para) > CHUNK_CHARS:
+                cut = max(para.rfind(" ", 0, CHUNK_CHARS), para.rfind("\n", 0, CHUNK_CHARS))
+                cut = cut if cut > CHUNK_CHARS // 2 else CHUNK_CHARS
+                yield para[:cut]
+                para = para[cut:]
         yield para
 
 
 def _chunks(text: str) -> Iterator[str]:
-    """Paragraph-aligned documents of at most about CHUNK_CHARS, so that held-out assignment
-    interleaves and every document tokenizes in bounded memory."""
+    """Paragraph-aligned documents of about CHUNK_CHARS (a longer paragraph is a document of
+    its own), so that held-out assignment interleaves."""
     buf: list[str] = []
     size = 0
     for para in _pieces(text):

@@ -18,6 +18,22 @@ from typer.testing import CliRunner
 from polarc.cli import app
 from polarc.models.presets import ModelSpec, hf_config
 
+
+def run(*args: object) -> tuple[int, str, str]:
+    """A polarc command in this process: (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def one_line_error(code: int, stderr: str, match: str) -> None:
+    """The command failed with exit 1 and exactly one `Error:` line containing `match`."""
+    assert code == 1, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in stderr
+
+
 # Small calibration settings for tiny models.
 SMALL = ["--seq-len", "64", "--tokens", "2048", "--tune-tokens", "256", "--epochs", "2",
          "--batch-size", "4", "--quiet"]

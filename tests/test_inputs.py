@@ -9,25 +9,8 @@ from pathlib import Path
 
 import pytest
 from polarc.calibration.data import CHUNK_CHARS, iter_documents
-from typer.testing import CliRunner
 
-from polarc.cli import app
-from tests.conftest import SMALL, tiny_hf
-
-runner = CliRunner()
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_line_error(code: int, stderr: str, match: str) -> None:
-    assert code == 1, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    assert match in lines[0], lines[0]
-    assert "Traceback" not in stderr
+from tests.conftest import SMALL, one_line_error, run, tiny_hf
 
 
 @pytest.fixture(scope="module")

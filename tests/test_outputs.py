@@ -11,25 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from polarc.cli import app
 from polarc.outputs import output_lock
-from tests.conftest import SMALL
-
-runner = CliRunner()
-
-
-def run(*args: object) -> tuple[int, str, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.stderr
-
-
-def one_line_error(code: int, stderr: str, match: str) -> None:
-    assert code == 1, stderr
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), stderr
-    assert match in lines[0], lines[0]
+from tests.conftest import SMALL, one_line_error, run
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +227,26 @@ def test_failing_write_is_one_line(tmp_path: Path, tiny_dirs: dict) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: cannot write {out}: "), proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_only_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder on a read-only file system is one line before any work (a real read-only
+    tmpfs where this user may mount one; else the file system's answer is simulated)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        import polarc.outputs as outputs
+
+        real_access = os.access
+        monkeypatch.setattr(outputs.os, "access", lambda p, mode: False if Path(p) == ro
+                            else real_access(p, mode))
+        monkeypatch.setattr(outputs, "_read_only", lambda p: Path(p) == ro)
+    try:
+        code, _, stderr = run("models", "--json", ro / "sub" / "m.json")
+        one_line_error(code, stderr, f"folder {ro} is on a read-only file system")
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)], check=True)

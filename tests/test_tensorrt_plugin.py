@@ -142,7 +142,7 @@ def test_tensorrt_backend_says_what_to_install(tiny_dirs: dict, tmp_path) -> Non
 
     from polarc.format.engine_file import read_manifest, write_container
     from polarc.models import load_model
-    from tests.test_cli import one_line_error, run
+    from tests.conftest import one_line_error, run
 
     out = tmp_path / "engine.plan"
     code, _, stderr = run("build", "-m", tiny_dirs["llama-gqa"], "--backend", "tensorrt", "-o", out)
