@@ -87,6 +87,11 @@ class Calibration:
         return list(self.meta["plan"]["k_per_layer"])
 
 
+def artifact_files(path: Path) -> tuple[Path, Path]:
+    """The files of a calibration folder that the commands read (inputs no output replaces)."""
+    return path / META_FILE, path / ROUTERS_FILE
+
+
 def is_calibration_folder(path: Path) -> bool:
     """Whether `path` holds a polarc calibration (so `--force` may replace it)."""
     try:

@@ -92,8 +92,11 @@ def check_output(
         if inp is None:
             continue
         inp = Path(inp)
-        clash = _same(path, inp) or (inp.is_dir() and _inside(path, inp)) or (
-            folder and os.path.lexists(path) and _inside(inp, path))
+        exists = os.path.lexists(path)
+        # the input itself, something already inside an input folder, or (a folder output)
+        # a folder that holds an input; a new file inside an input folder is harmless
+        clash = _same(path, inp) or (exists and inp.is_dir() and _inside(path, inp)) or (
+            folder and exists and _inside(inp, path))
         if clash:
             raise PolarcError(f"{path} is one of this command's inputs ({inp})",
                               hint="write the output somewhere else")

@@ -34,6 +34,16 @@ def one_line_error(code: int, stderr: str, match: str) -> None:
     assert "Traceback" not in stderr
 
 
+def fill(args: list[str], subs: dict[str, str]) -> list[str]:
+    """Command arguments with {placeholders} replaced (table-driven tests)."""
+    out = []
+    for a in args:
+        for key, value in subs.items():
+            a = a.replace(key, value)
+        out.append(a)
+    return out
+
+
 # Small calibration settings for tiny models.
 SMALL = ["--seq-len", "64", "--tokens", "2048", "--tune-tokens", "256", "--epochs", "2",
          "--batch-size", "4", "--quiet"]

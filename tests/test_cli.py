@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SMALL, one_line_error, run
+from tests.conftest import SMALL, fill, one_line_error, run
 
 
 def test_models_lists_presets(tmp_path: Path) -> None:
@@ -111,12 +111,7 @@ def test_bad_input(args: list[str], match: str, tmp_path: Path, tiny_dirs: dict)
     short.write_text("only a few words")
     subs = {"{tmp}": str(tmp_path), "{empty}": str(empty), "{short}": str(short),
             "{tiny}": str(tiny_dirs["llama-gqa"])}
-    filled = []
-    for a in args:
-        for key, value in subs.items():
-            a = a.replace(key, value)
-        filled.append(a)
-    code, _, stderr = run(*filled)
+    code, _, stderr = run(*fill(args, subs))
     one_line_error(code, stderr, match)
     assert not (tmp_path / "x").exists()
 

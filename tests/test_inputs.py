@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from polarc.calibration.data import CHUNK_CHARS, iter_documents
 
-from tests.conftest import SMALL, one_line_error, run, tiny_hf
+from tests.conftest import SMALL, fill, one_line_error, run, tiny_hf
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +69,7 @@ def test_bad_input(args: list[str], match: str, tmp_path: Path, tiny_dirs: dict,
     subs = {"{tmp}": str(tmp_path), "{tiny}": str(tiny_dirs["llama-gqa"]), "{engine}": str(engine),
             "{latin1}": str(files["latin1"]), "{empty}": str(files["empty"]),
             "{cal}": str(calibrated["llama-gqa"])}
-    filled = []
-    for a in args:
-        for key, value in subs.items():
-            a = a.replace(key, value)
-        filled.append(a)
-    code, _, stderr = run(*filled)
+    code, _, stderr = run(*fill(args, subs))
     one_line_error(code, stderr, match)
     assert [p.name for p in tmp_path.iterdir()] == []  # nothing written
 

@@ -250,3 +250,16 @@ def test_read_only_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     finally:
         if mounted:
             subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_new_file_beside_an_input_is_fine(calibrated: dict, tiny_dirs: dict) -> None:
+    """README's example: eval's JSON inside the calibration folder, then again with --force."""
+    cal = calibrated["llama-mha"]
+    args = ["eval", "--calibration", cal, "-m", tiny_dirs["llama-mha"], "--tokens", "128",
+            "--quiet", "--json", cal / "eval.json"]
+    try:
+        assert run(*args)[0] == 0
+        code, _, stderr = run(*args, "--force")
+        assert code == 0, stderr
+    finally:
+        (cal / "eval.json").unlink(missing_ok=True)

@@ -118,11 +118,12 @@ def eval_cmd(
 
     Example: polarc eval --calibration runs/smollm2 --json runs/smollm2/eval.json
     """
+    from polarc.calibration.artifact import artifact_files
     from polarc.calibration.quality import evaluate_calibration
 
     with user_errors():
         check_positive(tokens=tokens, batch_size=batch_size)
-        inputs = (calibration, *existing_inputs(dataset, model, weights))
+        inputs = (*artifact_files(calibration), *existing_inputs(dataset, model, weights))
         if json_out:
             check_output(json_out, force=force, inputs=inputs)
         with progress(quiet) as bar:

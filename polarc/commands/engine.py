@@ -67,11 +67,13 @@ def build_cmd(
 
       polarc build --calibration runs/smollm2 --backend onnx -o smollm2.onnx
     """
+    from polarc.calibration.artifact import artifact_files
     from polarc.exporters.engine import BuildConfig, build
 
     with user_errors():
         check_positive(max_batch=max_batch, max_seq=max_seq)
-        inputs = existing_inputs(calibration, model, weights)
+        inputs = (*(artifact_files(calibration) if calibration else ()),
+                  *existing_inputs(model, weights))
         outputs = [output]
         if backend == "onnx":
             from polarc.exporters.onnx_export import data_path, prefill_path
