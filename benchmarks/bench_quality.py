@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from polarc.calibration.calibrate import split_tune, train_all_head_routers
-from polarc.calibration.collect import collect
+from polarc.calibration.calibrate import fit_routers, split_tune
 from polarc.calibration.data import load_sequences
 from polarc.calibration.plan import (
     candidate_ks,
@@ -48,10 +47,9 @@ def main() -> None:
                                    heldout_tokens=args.eval_tokens)
     n_tune = args.tune_tokens // 512
     train_ids, tune_ids = split_tune(pool.ids, n_tune)
-    samples = collect(model, train_ids, max_samples=args.tokens)
     ks = candidate_ks(n_kv)
-    routers_by_k = train_all_head_routers(samples, ks, epochs=16, seed=0)
-    del samples
+    routers_by_k, _, _ = fit_routers(model, train_ids, ks, batch_size=8, max_samples=args.tokens,
+                                     epochs=16, seed=0)
     tune = prepare_tune(model, tune_ids, 8)
     costs = measure_layer_costs(model, tune, routers_by_k)
     print(f"setup {time.time() - t0:.0f}s; tuning ppl dense {tune.ppl_dense:.3f}", flush=True)

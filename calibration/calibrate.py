@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 from polarc.calibration import artifact
-from polarc.calibration.collect import Samples, collect
+from polarc.calibration.collect import LayerSamples, collect_layers
 from polarc.calibration.data import load_sequences
 from polarc.calibration.plan import budget_plan, candidate_ks, tune_perplexity
 from polarc.calibration.report import plot_report
@@ -53,6 +54,13 @@ def split_tune(ids: torch.Tensor, n_tune: int) -> tuple[torch.Tensor, torch.Tens
     return ids[~is_tune], ids[is_tune]
 
 
+def peak_memory(device: torch.device) -> dict[str, float | None]:
+    """Peak host RSS of this process and peak GPU memory allocated, in GiB."""
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"peak_host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "peak_gpu_gib": gpu}
+
+
 class _Clock:
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
@@ -64,18 +72,30 @@ class _Clock:
         self.last = now
 
 
-def train_all_head_routers(samples: Samples, ks: list[int], *, epochs: int, seed: int,
-                           progress: Progress | None = None) -> dict[int, dict[int, HeadRouter]]:
-    """`routers[k][layer]`: for every layer but the first, one router per k it may keep."""
-    routers: dict[int, dict[int, HeadRouter]] = {}
-    task = progress.add_task("training routers", total=len(ks)) if progress else None
-    for k in ks:
-        fitted = train_head_routers(samples.attn_in[1:], samples.group_norms[1:], k,
-                                    epochs=epochs, seed=seed)
-        routers[k] = {layer: r for layer, r in enumerate(fitted, start=1)}
-        if progress is not None:
-            progress.advance(task)
-    return routers
+def fit_routers(model: Model, train_ids: torch.Tensor, ks: list[int], *, batch_size: int,
+                max_samples: int, epochs: int, seed: int, mlp_batch: int = 32,
+                mlp_recall: float = 0.99, progress: Progress | None = None
+                ) -> tuple[dict[int, dict[int, HeadRouter]], dict[int, MLPRouter], int]:
+    """Collect layer by layer and train each layer's routers as its samples arrive:
+    `routers[k][layer]`, one per k the plan may use, for every layer but the first; MLP
+    routers for ReLU models; and the positions kept per layer."""
+    routers: dict[int, dict[int, HeadRouter]] = {k: {} for k in ks}
+    mlp: dict[int, MLPRouter] = {}
+
+    def train(samples: LayerSamples) -> None:
+        layer = samples.layer
+        if layer > 0:
+            for k in ks:
+                routers[k][layer] = train_head_routers(samples.attn_in[None],
+                                                       samples.group_norms[None], k,
+                                                       epochs=epochs, seed=seed)[0]
+        if samples.mlp_in is not None:
+            mlp[layer] = train_mlp_router(samples.mlp_in, samples.mlp_active, batch_rows=mlp_batch,
+                                          union_recall_target=mlp_recall, seed=seed + layer)
+
+    kept = collect_layers(model, train_ids, train, batch_size=batch_size,
+                          max_samples=max_samples, seed=seed, progress=progress)
+    return routers, mlp, kept
 
 
 def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[str, Any]:
@@ -104,30 +124,14 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
     train_ids, tune_ids = split_tune(pool.ids, n_tune)
 
     clock = _Clock()
-    samples = collect(model, train_ids, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
-                      seed=cfg.seed, progress=progress)
-
     n_kv = spec.n_kv_heads
     ks = [groups_for_density(cfg.density, n_kv)] if cfg.density is not None else candidate_ks(n_kv)
     ks = [k for k in ks if k < n_kv]
-    clock.lap("collect")
-    routers_by_k = train_all_head_routers(samples, ks, epochs=cfg.epochs, seed=cfg.seed,
-                                      progress=progress)
-
-    mlp_routers: dict[int, MLPRouter] = {}
-    clock.lap("train_head_routers")
-    if spec.relu_mlp:
-        task = progress.add_task("training MLP routers", total=spec.n_layers)
-        for layer in range(spec.n_layers):
-            mlp_routers[layer] = train_mlp_router(
-                samples.mlp_in[layer], samples.mlp_active[layer], batch_rows=cfg.mlp_batch,
-                union_recall_target=cfg.mlp_recall, seed=cfg.seed + layer)
-            progress.advance(task)
-
-    n_samples = int(samples.attn_in.shape[1])
-    del samples  # the largest allocation of the run; plan search needs the memory
-
-    clock.lap("train_mlp_routers")
+    routers_by_k, mlp_routers, n_samples = fit_routers(
+        model, train_ids, ks, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
+        epochs=cfg.epochs, seed=cfg.seed, mlp_batch=cfg.mlp_batch, mlp_recall=cfg.mlp_recall,
+        progress=progress)
+    clock.lap("collect_and_train")
     search = None
     if cfg.density is not None or not ks:
         plan = uniform_plan(spec.n_layers, n_kv, cfg.density if cfg.density is not None else 1.0)
@@ -187,8 +191,11 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
             "search_tries": search.tries if search else None,
         },
         "timings_s": clock.laps,
+        "memory": peak_memory(model.device),
         "settings": {"epochs": cfg.epochs, "max_samples": cfg.max_samples, "seed": cfg.seed,
-                     "mlp_batch": cfg.mlp_batch, "mlp_recall_target": cfg.mlp_recall},
+                     "mlp_batch": cfg.mlp_batch, "mlp_recall_target": cfg.mlp_recall,
+                     "device": model.device.type,
+                     "dtype": str(model.dtype).removeprefix("torch.")},
     }
     with writing(cfg.out, force=cfg.force, folder=True, ours=artifact.is_calibration_folder,
                  inputs=cfg.inputs) as tmp:

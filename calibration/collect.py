@@ -1,73 +1,76 @@
-"""Collection: dense forward passes with an observer that keeps, per layer, a random subset
-of token positions' router inputs and labels.
+"""Collection, one layer at a time: the calibration sequences' hidden states pass through
+layer i together; that layer's router inputs and labels are kept for a random subset of
+token positions and handed to `on_layer` (which trains its routers) before layer i + 1 runs.
+Memory holds the sequences' hidden states and one layer's samples, never every layer's.
 
-Memory is bounded by `max_samples` per layer whatever `--tokens` is: each batch keeps the
-same fraction of its positions (max_samples / calibration tokens), so the kept set is a
-uniform subsample of all calibration tokens.
+`max_samples` bounds the kept positions whatever `--tokens` is: each batch keeps the same
+random fraction of its positions (max_samples / calibration tokens), the same positions at
+every layer, so the kept set is a uniform subsample of all calibration tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from rich.progress import Progress
 
-from polarc.models.forward import LayerObservation, forward
+from polarc.models.forward import LayerObservation, run_layer
+from polarc.models.layers import embed, rope_cos_sin
 from polarc.models.load import Model
 
 
 @dataclass
-class Samples:
-    """Kept token positions (the same positions at every layer), stacked over layers."""
+class LayerSamples:
+    """One layer's kept token positions."""
 
-    attn_in: torch.Tensor  # [L, n, d] router input, float32
-    group_norms: torch.Tensor  # [L, n, Hkv] label source: each KV group's attention output norm
-    mlp_active: torch.Tensor | None  # [L, n, N] bool, ReLU models only
-    mlp_in: torch.Tensor | None  # [L, n, d] MLP router input, ReLU models only
+    layer: int
+    attn_in: torch.Tensor  # [n, d] router input, float32
+    group_norms: torch.Tensor  # [n, Hkv] label source: each KV group's attention output norm
+    mlp_active: torch.Tensor | None  # [n, N] bool, ReLU models only
+    mlp_in: torch.Tensor | None  # [n, d] MLP router input, ReLU models only
 
 
-def collect(
+def collect_layers(
     model: Model,
     seqs: torch.Tensor,
+    on_layer: Callable[[LayerSamples], None],
     *,
     batch_size: int = 8,
     max_samples: int = 32768,
     seed: int = 0,
     progress: Progress | None = None,
-) -> Samples:
-    """Run `seqs` [n, T] through the dense model; return subsampled observations per layer."""
+) -> int:
+    """Run `seqs` [n, T] through the dense model layer by layer, calling `on_layer` with each
+    layer's subsampled observations; returns the positions kept per layer."""
     gen = torch.Generator().manual_seed(seed)
     keep_frac = min(1.0, max_samples / seqs.numel())
-    n_layers = model.spec.n_layers
-    parts: dict[str, list[list[torch.Tensor]]] = {
-        key: [[] for _ in range(n_layers)] for key in ("x", "norms", "active", "mlp_in")}
-    picked: torch.Tensor | None = None
+    device = model.weights["embed.weight"].device
+    batches = [b.to(device) for b in seqs.split(batch_size)]
+    picked = [torch.nonzero(torch.rand(b.numel(), generator=gen) < keep_frac).squeeze(1)
+              .to(device) for b in batches]
+    positions = torch.arange(seqs.shape[1], device=device)
+    with torch.no_grad():
+        hidden = [embed(model, b, positions) for b in batches]
+    rope = rope_cos_sin(model, positions, hidden[0].dtype)
+    task = progress.add_task("collect + train", total=model.spec.n_layers) if progress else None
+    for layer in range(model.spec.n_layers):
+        parts: dict[str, list[torch.Tensor]] = {"x": [], "norms": [], "active": [], "mlp_in": []}
+        for i in range(len(batches)):
+            def observe(obs: LayerObservation, keep: torch.Tensor = picked[i],
+                        parts: dict[str, list[torch.Tensor]] = parts) -> None:
+                d = obs.attn_in.shape[-1]
+                parts["x"].append(obs.attn_in.reshape(-1, d)[keep].float())
+                parts["norms"].append(obs.group_norms.reshape(-1, obs.group_norms.shape[-1])[keep])
+                if obs.mlp_active is not None:
+                    parts["active"].append(obs.mlp_active.reshape(-1, obs.mlp_active.shape[-1])[keep])
+                    parts["mlp_in"].append(obs.mlp_in.reshape(-1, d)[keep].float())
 
-    def observe(obs: LayerObservation) -> None:
-        B, T, d = obs.attn_in.shape
-        i = obs.layer
-        parts["x"][i].append(obs.attn_in.reshape(B * T, d)[picked].float())
-        parts["norms"][i].append(obs.group_norms.reshape(B * T, -1)[picked].float())
-        if obs.mlp_active is not None:
-            parts["active"][i].append(obs.mlp_active.reshape(B * T, -1)[picked])
-            parts["mlp_in"][i].append(obs.mlp_in.reshape(B * T, d)[picked].float())
-
-    task = progress.add_task("collecting", total=seqs.shape[0]) if progress else None
-    for start in range(0, seqs.shape[0], batch_size):
-        batch = seqs[start:start + batch_size]
-        n = batch.numel()
-        picked = torch.nonzero(torch.rand(n, generator=gen) < keep_frac).squeeze(1)
-        forward(model, batch, observe=observe)
+            hidden[i] = run_layer(model, layer, hidden[i], rope, observe=observe)  # no_grad
+        on_layer(LayerSamples(layer, torch.cat(parts["x"]), torch.cat(parts["norms"]),
+                              torch.cat(parts["active"]) if parts["active"] else None,
+                              torch.cat(parts["mlp_in"]) if parts["mlp_in"] else None))
         if progress is not None:
-            progress.advance(task, batch.shape[0])
-
-    def stacked(key: str) -> torch.Tensor | None:
-        if not parts[key][0]:
-            return None
-        out = torch.stack([torch.cat(chunks) for chunks in parts[key]])
-        parts[key] = []
-        return out
-
-    return Samples(attn_in=stacked("x"), group_norms=stacked("norms"),
-                   mlp_active=stacked("active"), mlp_in=stacked("mlp_in"))
+            progress.advance(task)
+    return int(sum(len(p) for p in picked))

@@ -50,7 +50,7 @@ class PlanSearch:
 
 def _nll(model: Model, ids: torch.Tensor, logits: torch.Tensor) -> float:
     logp = F.log_softmax(logits[:, :-1].float(), -1)
-    return -logp.gather(-1, ids[:, 1:, None]).sum().item()
+    return -logp.gather(-1, ids[:, 1:, None].to(logp.device)).sum().item()
 
 
 def tune_perplexity(model: Model, batches: list[torch.Tensor], k_per_layer: list[int],

@@ -6,6 +6,7 @@ output norm, per token. random: k random groups per token. The same per-layer k 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,7 @@ def evaluate(
                                      recall=recall) for kind in kinds}
     task = progress.add_task("evaluating", total=seqs.shape[0]) if progress else None
     for start in range(0, seqs.shape[0], batch_size):
-        ids = seqs[start:start + batch_size]
+        ids = seqs[start:start + batch_size].to(model.device)
         target = ids[:, 1:].reshape(-1)
         dense_logp = None
         for kind in ("dense", *[k for k in kinds if k != "dense"]):
@@ -152,7 +153,8 @@ def evaluate(
 
 def evaluate_calibration(calibration: Path, *, model: str | None, weights: Path | None,
                          random_weights: bool, dataset: str | None, tokens: int,
-                         batch_size: int, seed: int, progress: Progress | None = None
+                         batch_size: int, seed: int, device: torch.device | None = None,
+                         dtype: torch.dtype = torch.float32, progress: Progress | None = None
                          ) -> dict[str, Any]:
     """`polarc eval`: the calibration's plan and routers on held-out text, four selections.
 
@@ -163,18 +165,22 @@ def evaluate_calibration(calibration: Path, *, model: str | None, weights: Path 
     if model is None:
         model = model_source(record)
         random_weights = random_weights or record["random_weights"]
-    m = load_model(model, weights=weights, random_weights=random_weights)
+    m = load_model(model, weights=weights, random_weights=random_weights, dtype=dtype)
     check_same_model(record, m, what=str(calibration))
+    m = m.to(device or torch.device("cpu"))
+    routers = {layer: dataclasses.replace(r, weight=r.weight.to(m.device), bias=r.bias.to(m.device))
+               for layer, r in cal.head_routers.items()}
     own = cal.meta["dataset"]["name"]
     ds = dataset or own
     seq_len = int(cal.meta["dataset"]["seq_len"])
     whole = dataset is not None and dataset != own
     _, heldout = load_sequences(ds, m.tokenizer, seq_len=seq_len, calib_tokens=0,
                                 heldout_tokens=max(tokens, seq_len), split=not whole)
-    report = evaluate(m, heldout.ids, cal.k_per_layer, routers=cal.head_routers,
+    report = evaluate(m, heldout.ids, cal.k_per_layer, routers=routers,
                       batch_size=batch_size, seed=seed, progress=progress)
     res: dict[str, Any] = report.as_json()
     res.update(model=m.spec.name, calibration=str(calibration), dataset=ds,
+               device=m.device.type, dtype=str(dtype).removeprefix("torch."),
                heldout="the whole dataset" if whole else f"every {HELDOUT_EVERY}th document",
                random_weights=m.random_weights)
     return res

@@ -56,10 +56,11 @@ def train_head_routers(
     # Standardise inputs for the optimiser; folded back into the weights at the end.
     mean = x[:, train].mean(1, keepdim=True)
     std = x[:, train].std(1, keepdim=True) + 1e-6
-    weight = torch.nn.Parameter(torch.randn(n_layers, hkv, d, generator=gen) / d**0.5)
-    bias = torch.nn.Parameter(torch.zeros(n_layers, 1, hkv))
+    dev = x.device
+    weight = torch.nn.Parameter((torch.randn(n_layers, hkv, d, generator=gen) / d**0.5).to(dev))
+    bias = torch.nn.Parameter(torch.zeros(n_layers, 1, hkv, device=dev))
     opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
-    pos_weight = torch.full((hkv,), (hkv - k) / k if k < hkv else 1.0)
+    pos_weight = torch.full((hkv,), (hkv - k) / k if k < hkv else 1.0, device=dev)
     steps = epochs * math.ceil(len(train) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
@@ -67,7 +68,7 @@ def train_head_routers(
         xs = (x[:, idx] - mean) / std
         return torch.einsum("lbd,lhd->lbh", xs, weight) + bias
 
-    best_recall = torch.full((n_layers,), -1.0)
+    best_recall = torch.full((n_layers,), -1.0, device=dev)
     best_w, best_b = weight.detach().clone(), bias.detach().clone()
     for _ in range(epochs):
         order = train[torch.randperm(len(train), generator=gen)]
@@ -118,7 +119,8 @@ def train_mlp_router(
     train, val = _split(n, val_frac, gen)
     mean, std = x[train].mean(0), x[train].std(0) + 1e-6
     xs = (x - mean) / std
-    net = torch.nn.Sequential(torch.nn.Linear(d, rank, bias=False), torch.nn.Linear(rank, n_neurons))
+    net = torch.nn.Sequential(torch.nn.Linear(d, rank, bias=False),
+                              torch.nn.Linear(rank, n_neurons)).to(x.device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     frac = labels[train].mean().clamp(1e-4, 1 - 1e-4)
     pos_weight = ((1 - frac) / frac).clamp(max=20.0).expand(n_neurons)

@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from polarc.commands.options import (
+    ComputeDtypeOpt,
+    DeviceOpt,
     ForceOpt,
     ModelOpt,
     QuietOpt,
@@ -17,7 +19,9 @@ from polarc.commands.options import (
     WeightsOpt,
     check_finite,
     check_positive,
+    compute_dtype,
     existing_inputs,
+    resolve_device,
 )
 from polarc.console import err, out, progress, user_errors
 from polarc.format.plan import check_density
@@ -46,6 +50,8 @@ def calibrate_cmd(
     max_samples: Annotated[int, typer.Option(help="Router training tokens kept per layer.")] = 65536,
     epochs: Annotated[int, typer.Option(help="Router training epochs.")] = 16,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: ComputeDtypeOpt = "auto",
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing --out folder (only one polarc made).")] = False,
     quiet: QuietOpt = False,
@@ -76,7 +82,9 @@ def calibrate_cmd(
                               inputs=existing_inputs(dataset, model, weights))
         check_output(out_dir, force=force, folder=True, ours=is_calibration_folder,
                      inputs=cfg.inputs)
-        m = load_model(model, weights=weights, random_weights=random_weights)
+        dev = resolve_device(device)
+        dt = compute_dtype(dtype, dev)
+        m = load_model(model, weights=weights, random_weights=random_weights, dtype=dt).to(dev)
         with progress(quiet) as bar:
             meta = calibrate(m, cfg, bar)
         _print_plan(meta)
@@ -110,6 +118,8 @@ def eval_cmd(
     tokens: Annotated[int, typer.Option(help="Held-out tokens to evaluate.")] = 16384,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the random selection.")] = 0,
+    device: DeviceOpt = "auto",
+    dtype: ComputeDtypeOpt = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON.")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -126,11 +136,12 @@ def eval_cmd(
         inputs = (*artifact_files(calibration), *existing_inputs(dataset, model, weights))
         if json_out:
             check_output(json_out, force=force, inputs=inputs)
+        dev = resolve_device(device)
         with progress(quiet) as bar:
             res = evaluate_calibration(calibration, model=model, weights=weights,
                                        random_weights=random_weights, dataset=dataset,
                                        tokens=tokens, batch_size=batch_size, seed=seed,
-                                       progress=bar)
+                                       device=dev, dtype=compute_dtype(dtype, dev), progress=bar)
         _print_eval(res)
         if json_out:
             write_json(json_out, res, force=force, inputs=inputs)

@@ -21,6 +21,9 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 ForceOpt = Annotated[bool, typer.Option(
     "--force", help="Replace existing outputs (regular files and polarc's own outputs only).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (the GPU when there is one), cpu or cuda.")]
+ComputeDtypeOpt = Annotated[str, typer.Option(
+    "--dtype", help="auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16.")]
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_positive(**values: int | None) -> None:
@@ -51,6 +54,16 @@ def resolve_device(device: str) -> torch.device:
             raise PolarcError(f"--device {device}: there are {torch.cuda.device_count()} GPUs")
         return dev
     raise PolarcError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype a model computes in on `device`: auto is bf16 on a GPU, fp32 on a CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in COMPUTE_DTYPES:
+        raise PolarcError(f"--dtype must be auto or one of {', '.join(COMPUTE_DTYPES)}, "
+                          f"got {dtype!r}")
+    return COMPUTE_DTYPES[dtype]
 
 
 def existing_inputs(*paths: str | Path | None) -> tuple[Path, ...]:

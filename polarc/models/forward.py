@@ -47,26 +47,19 @@ Observer = Callable[[LayerObservation], None]
 
 
 @torch.no_grad()
-def forward(
+def run_layer(
     model: Model,
-    ids: torch.Tensor,
+    layer: int,
+    h: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
     *,
     select: Selector | None = None,
     observe: Observer | None = None,
-    start_layer: int = 0,
-    hidden: torch.Tensor | None = None,
-    layer_inputs: list[torch.Tensor] | None = None,
     mlp_select: NeuronSelector | None = None,
 ) -> torch.Tensor:
-    """Logits [B, T, vocab]. With `start_layer` > 0, `hidden` is that layer's input
-    (from an earlier dense run), so a change at one layer re-runs only the layers after it.
-    `layer_inputs`, when given, receives each layer's input hidden state."""
+    """One layer of the reference forward: input hidden state [B, T, d] → output."""
     spec = model.spec
-    B, T = ids.shape
-    positions = torch.arange(T, device=ids.device)
-    h = embed(model, ids, positions) if start_layer == 0 else hidden
-    delta = torch.zeros_like(h)
-    rope = rope_cos_sin(model, positions, h.dtype)
+    B, T, _ = h.shape
     seen: dict[str, torch.Tensor] = {}
 
     def attend(layer: int, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -89,13 +82,35 @@ def forward(
             hidden_act = hidden_act * keep.to(hidden_act.dtype)
         return linear(model, hidden_act, p + "down")
 
-    for i in range(start_layer, spec.n_layers):
+    h, delta = decoder_layer(model, layer, h, torch.zeros_like(h), rope, attend,
+                             mlp=relu_mlp if spec.relu_mlp else None)
+    if observe is not None:
+        observe(LayerObservation(layer, seen["attn_in"], seen["norms"], seen.get("active"),
+                                 seen.get("mlp_in")))
+    return h + delta
+
+
+@torch.no_grad()
+def forward(
+    model: Model,
+    ids: torch.Tensor,
+    *,
+    select: Selector | None = None,
+    observe: Observer | None = None,
+    start_layer: int = 0,
+    hidden: torch.Tensor | None = None,
+    layer_inputs: list[torch.Tensor] | None = None,
+    mlp_select: NeuronSelector | None = None,
+) -> torch.Tensor:
+    """Logits [B, T, vocab]. With `start_layer` > 0, `hidden` is that layer's input
+    (from an earlier dense run), so a change at one layer re-runs only the layers after it.
+    `layer_inputs`, when given, receives each layer's input hidden state."""
+    ids = ids.to(model.device)
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    h = embed(model, ids, positions) if start_layer == 0 else hidden
+    rope = rope_cos_sin(model, positions, h.dtype)
+    for i in range(start_layer, model.spec.n_layers):
         if layer_inputs is not None:
-            layer_inputs.append(h + delta)
-        seen.clear()
-        h, delta = decoder_layer(model, i, h, delta, rope, attend,
-                                 mlp=relu_mlp if spec.relu_mlp else None)
-        if observe is not None:
-            observe(LayerObservation(i, seen["attn_in"], seen["norms"], seen.get("active"),
-                                     seen.get("mlp_in")))
-    return final_logits(model, h + delta)
+            layer_inputs.append(h)
+        h = run_layer(model, i, h, rope, select=select, observe=observe, mlp_select=mlp_select)
+    return final_logits(model, h)

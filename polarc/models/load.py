@@ -6,6 +6,7 @@ Weights are read by transformers' own loaders, then renamed to polarc's internal
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 
 from polarc.errors import PolarcError, first_line
-from polarc.models.layers import fuse_weights
+from polarc.models.layers import add_part_views, fuse_weights, stored_weights
 from polarc.models.presets import (
     DEFAULT_MODEL,
     PRESETS,
@@ -51,6 +52,20 @@ class Model:
     @property
     def dtype(self) -> torch.dtype:
         return self.weights["lm_head.weight"].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weights["lm_head.weight"].device
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Model:
+        """This model on `device` (weights in `dtype`), the fused layout kept: the stored
+        tensors move and the part views are made again, so nothing is copied twice."""
+        moved = {name: t.to(device, dtype if t.is_floating_point() else None)
+                 for name, t in stored_weights(self.weights, self.spec).items()}
+        add_part_views(moved, self.spec)
+        moved["lm_head.weight"] = moved.get("lm_head.weight", moved["embed.weight"])
+        inv = self.rope_inv_freq.to(device) if self.rope_inv_freq is not None else None
+        return dataclasses.replace(self, weights=moved, rope_inv_freq=inv)
 
 
 def embedded_gguf_path() -> Path | None:
