@@ -25,7 +25,7 @@ from polarc.exporters.engine import BuildConfig, assemble
 
 from polarc.format.engine_file import Engine
 from polarc.models.layers import stored_weights
-from polarc.models.load import Model, random_weights, rope_parameters
+from polarc.models.load import Model, random_identity, random_weights, rope_parameters
 from polarc.models.presets import get_preset, hf_config
 from polarc.models.tokenizer import ByteTokenizer
 from polarc.outputs import write_json
@@ -45,7 +45,7 @@ def sparse_engine_in_memory(name: str, *, batch: int, max_seq: int, density: flo
         rope["rope_inv_freq"] = rope["rope_inv_freq"].to(device)
     weights = random_weights(spec, seed=0, dtype=dtype, device=device)
     model = Model(spec=spec, weights=weights, tokenizer=ByteTokenizer(spec.vocab),
-                  identity={"architecture": spec.architecture(), "weights_sha256": "random-seed-0",
+                  identity={"architecture": spec.architecture(), "weights_sha256": random_identity(0),
                             "source": "random"}, random_weights=True, **rope)
     return assemble(model, None, BuildConfig(out=Path("<memory>"), dtype="bf16", max_batch=batch,
                                              max_seq=max_seq, density=density))

@@ -8,6 +8,13 @@ OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "root. user" | tail -3
 [ -d .devcarry/wheels ] && python3 -m pip install -q --no-deps .devcarry/wheels/*.whl 2>&1 | tail -3
 python3 -c "import polarc, polarc.plugins.selective_attention, torch; print('polarc', polarc.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+cal() {  # cal NAME ARGS: a timed calibration to /tmp/NAME; its calibration.json and log to $OUT
+  local name=$1; shift
+  /usr/bin/time -v polarc calibrate "$@" --out /tmp/$name --force > $OUT/cal-$name.log 2>&1
+  grep -E "^model|^KV density|wrote|Error|Elapsed|Maximum resident" $OUT/cal-$name.log
+  cp /tmp/$name/calibration.json $OUT/cal-$name.json 2>/dev/null
+  python3 -c "import json; m=json.load(open('$OUT/cal-$name.json')); print('timings', m['timings_s'], 'memory', m['memory'])" 2>/dev/null
+}
 for what in "$@"; do
   case $what in
     tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_runtime_gpu.py tests/test_selective_attention.py \
@@ -18,5 +25,12 @@ for what in "$@"; do
     kernels) python3 -m polarc.benchmarks.bench_kernels --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log | tail -80 ;;
     load) /usr/bin/time -v polarc build -m llama3-8b --random-weights --density 0.5 -o /tmp/l3.plan --force 2>&1 | grep -E "wrote|Elapsed|Maximum resident"
           python3 -m polarc.benchmarks.bench_load /tmp/l3.plan --device cuda --json $OUT/load.json 2>&1 | tail -3 ;;
+    # Calibration at scale (issue 14): `calibrate NAME ARGS...` via the cal helper below.
+    cal-smoke) cal s8 -m llama3-8b --random-weights --tokens 8192 --tune-tokens 1024
+               cal s70 -m llama3-70b --random-weights --tokens 2048 --tune-tokens 512 ;;
+    cal-8b) cal c8 -m llama3-8b --random-weights
+            /usr/bin/time -v polarc eval --calibration /tmp/c8 --tokens 16384 --json $OUT/eval-c8.json --force 2>&1 \
+              | grep -vE "^\s+(Average|Exit|Socket|Signals|Swaps|File|Page size|Volun|Invol|Major|Minor|Percent|System time|User time)" | tail -25 ;;
+    cal-70b) cal c70 -m llama3-70b --random-weights --tokens 16384 ;;
   esac
 done

@@ -14,7 +14,7 @@ import torch
 from polarc.calibration import artifact
 from polarc.calibration.collect import LayerSamples, collect_layers
 from polarc.calibration.data import load_sequences
-from polarc.calibration.plan import budget_plan, candidate_ks, tune_perplexity
+from polarc.calibration.plan import PlanRun, TuneSet, budget_plan, candidate_ks, run_plans
 from polarc.calibration.report import plot_report
 from polarc.calibration.routers import train_head_routers, train_mlp_router
 from rich.progress import Progress
@@ -84,11 +84,11 @@ def fit_routers(model: Model, train_ids: torch.Tensor, ks: list[int], *, batch_s
 
     def train(samples: LayerSamples) -> None:
         layer = samples.layer
-        if layer > 0:
+        if layer > 0 and ks:
+            trained = train_head_routers(samples.attn_in, samples.group_norms, ks,
+                                         epochs=epochs, seed=seed)
             for k in ks:
-                routers[k][layer] = train_head_routers(samples.attn_in[None],
-                                                       samples.group_norms[None], k,
-                                                       epochs=epochs, seed=seed)[0]
+                routers[k][layer] = trained[k]
         if samples.mlp_in is not None:
             mlp[layer] = train_mlp_router(samples.mlp_in, samples.mlp_active, batch_rows=mlp_batch,
                                           union_recall_target=mlp_recall, seed=seed + layer)
@@ -142,22 +142,17 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         mode = "budget"
     head_routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
 
-    # Quality on the tuning split: the chosen plan and, for the report, uniform plans.
-    tune_batches = list(tune_ids.split(cfg.batch_size))
+    # Quality on the tuning split: dense, the chosen plan and, for the report, uniform plans,
+    # all in one pass over the layers.
     clock.lap("plan")
-    task = progress.add_task("measuring plans", total=1 + len(ks) + 1)
-    ppl_dense = search.ppl_dense if search else tune_perplexity(model, tune_batches,
-                                                                 [n_kv] * spec.n_layers, {})
-    progress.advance(task)
-    ppl_plan = tune_perplexity(model, tune_batches, plan, head_routers)
-    progress.advance(task)
-    curve = []
-    for k in ks:
-        uplan = [n_kv] + [k] * (spec.n_layers - 1)
-        ppl = tune_perplexity(model, tune_batches, uplan, routers_by_k[k])
-        curve.append({"k": k, "kv_density": kv_density(uplan, n_kv),
-                      "ppl": ppl, "increase_pct": (ppl / ppl_dense - 1) * 100})
-        progress.advance(task)
+    uniform = {k: [n_kv] + [k] * (spec.n_layers - 1) for k in ks}
+    runs = [PlanRun([n_kv] * spec.n_layers, {}), PlanRun(plan, head_routers)] + [
+        PlanRun(uplan, routers_by_k[k]) for k, uplan in uniform.items()]
+    tune = TuneSet([b.to(model.device) for b in tune_ids.split(cfg.batch_size)], [], 1.0)
+    ppl_dense, ppl_plan, *ppl_uniform = run_plans(model, tune, runs, progress, "measuring plans")
+    curve = [{"k": k, "kv_density": kv_density(uplan, n_kv), "ppl": ppl,
+              "increase_pct": (ppl / ppl_dense - 1) * 100}
+             for (k, uplan), ppl in zip(uniform.items(), ppl_uniform, strict=True)]
 
     clock.lap("measure_plans")
     layers = []

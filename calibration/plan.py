@@ -20,7 +20,8 @@ from rich.progress import Progress
 
 from polarc.format.plan import groups_for_density, kv_density
 from polarc.format.routers import HeadRouter
-from polarc.models.forward import forward
+from polarc.models.forward import run_layer
+from polarc.models.layers import embed, final_logits, rope_cos_sin
 from polarc.models.load import Model
 
 DENSITY_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -55,10 +56,9 @@ def _nll(model: Model, ids: torch.Tensor, logits: torch.Tensor) -> float:
 
 def tune_perplexity(model: Model, batches: list[torch.Tensor], k_per_layer: list[int],
                     routers: dict[int, HeadRouter]) -> float:
-    n_kv = model.spec.n_kv_heads
-    select = make_selector("sparse", k_per_layer, n_kv, routers=routers)
-    nll = sum(_nll(model, ids, forward(model, ids, select=select)) for ids in batches)
-    return math.exp(nll / sum(b[:, 1:].numel() for b in batches))
+    """Perplexity of one plan on `batches`, streamed layer by layer."""
+    tune = TuneSet(batches=[b.to(model.device) for b in batches], layer_inputs=[], ppl_dense=1.0)
+    return run_plans(model, tune, [PlanRun(list(k_per_layer), routers)])[0]
 
 
 def _solve(costs: dict[int, dict[int, float]], n_layers: int, n_kv: int, budget: float
@@ -86,7 +86,8 @@ def _solve(costs: dict[int, dict[int, float]], n_layers: int, n_kv: int, budget:
 
 @dataclass
 class TuneSet:
-    """The tuning split in batches, with each layer's dense input cached per batch."""
+    """The tuning split in batches (on the model's device) and each layer's dense input per
+    batch (`layer_inputs[layer][batch]`; empty when not prepared)."""
 
     batches: list[torch.Tensor]
     layer_inputs: list[list[torch.Tensor]]
@@ -97,55 +98,155 @@ class TuneSet:
         return sum(b[:, 1:].numel() for b in self.batches)
 
 
+@dataclass
+class PlanRun:
+    """One plan to measure: `k_per_layer` with its routers, run from layer `start` on the
+    inputs `given[batch]` (default: the dense inputs of that layer). With `record`, the run
+    keeps each layer's input from `start` on (`recorded[layer][batch]`)."""
+
+    plan: list[int]
+    routers: dict[int, HeadRouter]
+    start: int = 0
+    given: list[torch.Tensor] | None = None
+    record: bool = False
+    recorded: dict[int, list[torch.Tensor]] = field(default_factory=dict)
+
+
+def _hidden_bytes(model: Model, tune: TuneSet) -> int:
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    return sum(b.numel() for b in tune.batches) * model.spec.hidden * elem
+
+
+def _runs_per_pass(model: Model, tune: TuneSet, runs: list[PlanRun]) -> int:
+    """How many runs' hidden states one pass holds: half the free GPU memory (or a quarter
+    of the available host memory) over one run's hidden states (and its records)."""
+    if model.device.type == "cuda":
+        free = torch.cuda.mem_get_info(model.device)[0] // 2
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available // 4
+    per_run = _hidden_bytes(model, tune) * (1 + (model.spec.n_layers if any(
+        r.record for r in runs) else 0))
+    return max(1, free // max(per_run, 1))
+
+
+@torch.no_grad()
+def run_plans(model: Model, tune: TuneSet, runs: list[PlanRun],
+              progress: Progress | None = None, label: str = "") -> list[float]:
+    """Perplexity of each run on the tuning batches. Layer-major: each pass loads a layer's
+    weights once and runs it for every run of the pass and every batch, so a streamed model
+    reads its weights once per pass, however many plans it measures. Runs are grouped into
+    passes that fit memory (`_runs_per_pass`)."""
+    n_layers, n_kv = model.spec.n_layers, model.spec.n_kv_heads
+    positions = torch.arange(tune.batches[0].shape[1], device=model.device)
+    rope = rope_cos_sin(model, positions, model.dtype)
+    per_pass = _runs_per_pass(model, tune, runs)
+    order = sorted(range(len(runs)), key=lambda r: runs[r].start)
+    results: list[float] = [0.0] * len(runs)
+    task = progress.add_task(label, total=len(runs)) if progress and label else None
+    for first in range(0, len(order), per_pass):
+        group = [runs[r] for r in order[first:first + per_pass]]
+        hidden: list[list[torch.Tensor] | None] = [None] * len(group)
+        selects = [make_selector("sparse", r.plan, n_kv, routers=r.routers) for r in group]
+        for layer in range(min(r.start for r in group), n_layers):
+            with model.layer_weights(layer):
+                for g, run in enumerate(group):
+                    if run.start > layer:
+                        continue
+                    if run.start == layer:
+                        hidden[g] = list(run.given) if run.given is not None else (
+                            [embed(model, ids, positions) for ids in tune.batches]
+                            if layer == 0 else list(tune.layer_inputs[layer]))
+                    if run.record:
+                        run.recorded[layer] = list(hidden[g])
+                    hidden[g] = [run_layer(model, layer, h, rope, select=selects[g])
+                                 for h in hidden[g]]
+        for g in range(len(group)):
+            nll = sum(_nll(model, ids, final_logits(model, h))
+                      for ids, h in zip(tune.batches, hidden[g], strict=True))
+            results[order[first + g]] = math.exp(nll / tune.n_tokens)
+            hidden[g] = None
+            if task is not None:
+                progress.advance(task)
+    return results
+
+
 @torch.no_grad()
 def prepare_tune(model: Model, tune: torch.Tensor, batch_size: int) -> TuneSet:
-    batches = list(tune.split(batch_size))
-    inputs: list[list[torch.Tensor]] = []
-    nll = 0.0
-    for ids in batches:
-        layer_inputs: list[torch.Tensor] = []
-        nll += _nll(model, ids, forward(model, ids, layer_inputs=layer_inputs))
-        inputs.append(layer_inputs)
-    n_tokens = sum(b[:, 1:].numel() for b in batches)
-    return TuneSet(batches=batches, layer_inputs=inputs, ppl_dense=math.exp(nll / n_tokens))
+    """The tuning batches with every layer's dense input and the dense perplexity."""
+    ts = TuneSet(batches=[b.to(model.device) for b in tune.split(batch_size)], layer_inputs=[],
+                 ppl_dense=1.0)
+    dense = PlanRun([model.spec.n_kv_heads] * model.spec.n_layers, {}, record=True)
+    ts.ppl_dense = run_plans(model, ts, [dense])[0]
+    ts.layer_inputs = [dense.recorded[layer] for layer in range(model.spec.n_layers)]
+    return ts
 
 
-@torch.no_grad()
 def measure_layer_costs(
     model: Model,
     tune: TuneSet,
     routers_by_k: dict[int, dict[int, HeadRouter]],
     progress: Progress | None = None,
 ) -> dict[int, dict[int, float]]:
-    """Perplexity rise (%) of each (layer, k) alone. Only layers from the changed one onward
-    are re-run, from the cached dense inputs."""
+    """Perplexity rise (%) of each (layer, k) alone. Each run starts at its layer from the
+    cached dense input, and all of them share the passes over the weights."""
     n_kv, n_layers = model.spec.n_kv_heads, model.spec.n_layers
-    ks = sorted(routers_by_k)
-    task = progress.add_task("per-layer costs", total=(n_layers - 1) * len(ks)) if progress else None
+    keys = [(layer, k) for layer in range(1, n_layers) for k in sorted(routers_by_k)]
+    runs = []
+    for layer, k in keys:
+        plan = [n_kv] * n_layers
+        plan[layer] = k
+        runs.append(PlanRun(plan, routers_by_k[k], start=layer))
+    ppls = run_plans(model, tune, runs, progress, "per-layer costs")
     costs: dict[int, dict[int, float]] = {}
-    for layer in range(1, n_layers):
-        for k in ks:
-            plan = [n_kv] * n_layers
-            plan[layer] = k
-            select = make_selector("sparse", plan, n_kv, routers=routers_by_k[k])
-            nll = sum(_nll(model, ids, forward(model, ids, select=select, start_layer=layer,
-                                               hidden=inp[layer]))
-                      for ids, inp in zip(tune.batches, tune.layer_inputs, strict=True))
-            costs.setdefault(layer, {})[k] = (math.exp(nll / tune.n_tokens) / tune.ppl_dense - 1) * 100
-            if progress is not None:
-                progress.advance(task)
+    for (layer, k), ppl in zip(keys, ppls, strict=True):
+        costs.setdefault(layer, {})[k] = (ppl / tune.ppl_dense - 1) * 100
     return costs
 
 
-def _measure(model: Model, tune: TuneSet, routers_by_k: dict[int, dict[int, HeadRouter]],
-             plan: list[int], measured: dict[tuple[int, ...], float]) -> float:
-    """Perplexity rise (%) of a whole plan on the tuning split (memoised)."""
-    key = tuple(plan)
-    if key not in measured:
-        n_kv = model.spec.n_kv_heads
-        routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
-        measured[key] = (tune_perplexity(model, tune.batches, plan, routers) / tune.ppl_dense - 1) * 100
-    return measured[key]
+@dataclass
+class _Measurer:
+    """Whole-plan rises on the tuning split, memoised. A plan runs from its first sparse layer
+    on the dense inputs, or, once a base plan is accepted, from the first layer where it
+    differs from the base on the base's recorded inputs: only the layers a change can affect
+    are re-run (the greedy stage changes one layer at a time)."""
+
+    model: Model
+    tune: TuneSet
+    routers_by_k: dict[int, dict[int, HeadRouter]]
+    measured: dict[tuple[int, ...], float] = field(default_factory=dict)
+    base: PlanRun | None = None
+    last: PlanRun | None = None
+
+    def rise(self, plan: list[int]) -> float:
+        key = tuple(plan)
+        if key not in self.measured:
+            self.measured[key] = self._run(plan)
+        return self.measured[key]
+
+    def accept(self, plan: list[int]) -> None:
+        """Make `plan` the base that later plans start from."""
+        if self.last is None or self.last.plan != plan:
+            self._run(plan)
+        self.base = self.last
+
+    def _run(self, plan: list[int]) -> float:
+        n_kv = self.model.spec.n_kv_heads
+        routers = {layer: self.routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
+        start = next((i for i, k in enumerate(plan) if k < n_kv), len(plan) - 1)
+        earlier = self.tune.layer_inputs  # every layer's input before `start`
+        if self.base is not None:
+            differs = next((i for i, (a, b) in enumerate(zip(plan, self.base.plan, strict=True))
+                            if a != b),
+                           len(plan) - 1)
+            if differs > start:
+                start, earlier = differs, self.base.recorded
+        run = PlanRun(list(plan), routers, start=start, given=earlier[start], record=True)
+        ppl = run_plans(self.model, self.tune, [run])[0]
+        run.recorded.update({i: earlier[i] for i in range(start)})
+        self.last = run
+        return (ppl / self.tune.ppl_dense - 1) * 100
 
 
 def search_plan(
@@ -157,6 +258,7 @@ def search_plan(
     *,
     max_tries: int = 10,
     refine_tries: int = 8,
+    progress: Progress | None = None,
 ) -> tuple[list[int], list[dict[str, float]]]:
     """The cheapest plan (fewest KV groups) whose measured rise on `tune` is within
     TUNE_SHARE of the budget.
@@ -170,12 +272,15 @@ def search_plan(
     target = budget_pct * TUNE_SHARE
     best_plan, best_density = [n_kv] * n_layers, 1.0
     tries: list[dict[str, float]] = []
-    measured: dict[tuple[int, ...], float] = {}
+    measure = _Measurer(model, tune, routers_by_k)
+    task = progress.add_task("plan search", total=max_tries + refine_tries) if progress else None
     fits, fails = None, None  # internal budgets known to give a fitting / failing plan
     internal = target
     for _ in range(max_tries):
         plan = _solve(costs, n_layers, n_kv, internal)
-        rise = _measure(model, tune, routers_by_k, plan, measured)
+        rise = measure.rise(plan)
+        if task is not None:
+            progress.advance(task)
         density = kv_density(plan, n_kv)
         tries.append({"stage": "knapsack", "internal_budget_pct": internal, "increase_pct": rise,
                       "kv_density": density})
@@ -197,18 +302,24 @@ def search_plan(
             internal = math.sqrt(fits * fails)
     moves = sorted((c, layer, k) for layer, kc in costs.items() for k, c in kc.items())
     plan = best_plan
+    measure.accept(plan)
+    if task is not None:
+        progress.update(task, total=len(tries) + refine_tries, completed=len(tries))
     for _, layer, k in moves:
         if refine_tries <= 0:
             break
         if k >= plan[layer]:
             continue
         candidate = plan[:layer] + [k] + plan[layer + 1:]
-        rise = _measure(model, tune, routers_by_k, candidate, measured)
+        rise = measure.rise(candidate)
         refine_tries -= 1
+        if task is not None:
+            progress.advance(task)
         tries.append({"stage": "greedy", "layer": layer, "k": k, "increase_pct": rise,
                       "kv_density": kv_density(candidate, n_kv)})
         if rise <= target:
             plan = candidate
+            measure.accept(plan)
     return plan, tries
 
 
@@ -227,7 +338,7 @@ def budget_plan(
     """
     tune = prepare_tune(model, tune_ids, batch_size)
     costs = measure_layer_costs(model, tune, routers_by_k, progress)
-    plan, tries = search_plan(model, tune, costs, routers_by_k, budget_pct)
+    plan, tries = search_plan(model, tune, costs, routers_by_k, budget_pct, progress=progress)
     search = PlanSearch(
         ppl_dense=tune.ppl_dense, tries=tries,
         layer_costs={str(layer): {str(k): c for k, c in v.items()} for layer, v in costs.items()})

@@ -165,9 +165,9 @@ def evaluate_calibration(calibration: Path, *, model: str | None, weights: Path 
     if model is None:
         model = model_source(record)
         random_weights = random_weights or record["random_weights"]
-    m = load_model(model, weights=weights, random_weights=random_weights, dtype=dtype)
+    m = load_model(model, weights=weights, random_weights=random_weights, dtype=dtype,
+                   device=device or torch.device("cpu"), stream=True)
     check_same_model(record, m, what=str(calibration))
-    m = m.to(device or torch.device("cpu"))
     routers = {layer: dataclasses.replace(r, weight=r.weight.to(m.device), bias=r.bias.to(m.device))
                for layer, r in cal.head_routers.items()}
     own = cal.meta["dataset"]["name"]

@@ -37,7 +37,7 @@ def _split(n: int, val_frac: float, gen: torch.Generator) -> tuple[torch.Tensor,
 def train_head_routers(
     x: torch.Tensor,
     group_norms: torch.Tensor,
-    k: int,
+    ks: list[int],
     *,
     epochs: int = 16,
     lr: float = 1e-2,
@@ -45,53 +45,57 @@ def train_head_routers(
     weight_decay: float = 0.01,
     val_frac: float = 0.1,
     seed: int = 0,
-) -> list[HeadRouter]:
-    """Fit one `Linear(d, Hkv)` per layer with class-weighted BCE on top-k labels, all layers
-    at once (x [L, n, d], group_norms [L, n, Hkv]); keep each layer's best validation recall
-    (the epoch whose router best reproduces the true top-k on unseen tokens)."""
+) -> dict[int, HeadRouter]:
+    """Fit one `Linear(d, Hkv)` per k in `ks` for one layer (x [n, d], group_norms [n, Hkv]),
+    all at once (one batched step trains every k), with class-weighted BCE on top-k labels;
+    keep each router's best validation recall (the epoch whose router best reproduces the
+    true top-k on unseen tokens)."""
     gen = torch.Generator().manual_seed(seed)
-    n_layers, n, d = x.shape
-    hkv = group_norms.shape[2]
-    train, val = _split(n, val_frac, gen)
-    # Standardise inputs for the optimiser; folded back into the weights at the end.
-    mean = x[:, train].mean(1, keepdim=True)
-    std = x[:, train].std(1, keepdim=True) + 1e-6
+    n, d = x.shape
+    hkv, n_k = group_norms.shape[1], len(ks)
     dev = x.device
-    weight = torch.nn.Parameter((torch.randn(n_layers, hkv, d, generator=gen) / d**0.5).to(dev))
-    bias = torch.nn.Parameter(torch.zeros(n_layers, 1, hkv, device=dev))
+    train, val = (t.to(dev) for t in _split(n, val_frac, gen))
+    # Standardise inputs for the optimiser; folded back into the weights at the end.
+    mean = x[train].mean(0)
+    std = x[train].std(0) + 1e-6
+    weight = torch.nn.Parameter((torch.randn(n_k, hkv, d, generator=gen) / d**0.5).to(dev))
+    bias = torch.nn.Parameter(torch.zeros(n_k, 1, hkv, device=dev))
     opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
-    pos_weight = torch.full((hkv,), (hkv - k) / k if k < hkv else 1.0, device=dev)
+    pos_weight = torch.tensor([[(hkv - k) / k if k < hkv else 1.0] for k in ks],
+                              device=dev)[:, None, :].expand(n_k, 1, hkv)
     steps = epochs * math.ceil(len(train) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
     def logits(idx: torch.Tensor) -> torch.Tensor:
-        xs = (x[:, idx] - mean) / std
-        return torch.einsum("lbd,lhd->lbh", xs, weight) + bias
+        return torch.einsum("bd,khd->kbh", (x[idx] - mean) / std, weight) + bias
 
-    best_recall = torch.full((n_layers,), -1.0, device=dev)
+    def labels(idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([topk_mask(group_norms[idx], k) for k in ks]).float()
+
+    val_labels = labels(val).bool()
+    best_recall = torch.full((n_k,), -1.0, device=dev)
     best_w, best_b = weight.detach().clone(), bias.detach().clone()
     for _ in range(epochs):
-        order = train[torch.randperm(len(train), generator=gen)]
+        order = train[torch.randperm(len(train), generator=gen).to(dev)]
         for s in range(0, len(order), batch):
             b = order[s:s + batch]
-            labels = topk_mask(group_norms[:, b], k).float()
-            loss = F.binary_cross_entropy_with_logits(logits(b), labels, pos_weight=pos_weight)
+            loss = F.binary_cross_entropy_with_logits(logits(b), labels(b), pos_weight=pos_weight)
             opt.zero_grad()
-            (loss * n_layers).backward()  # per-layer losses are independent: sum them
+            (loss * n_k).backward()  # the routers are independent: sum their losses
             opt.step()
             sched.step()
         with torch.no_grad():
             pred = logits(val)
-            hit = (topk_mask(pred, k) & topk_mask(group_norms[:, val], k)).sum(-1).float()
-            recall = hit.mean(1) / k
+            recall = torch.stack([(topk_mask(pred[j], k) & val_labels[j]).sum(-1).float().mean() / k
+                                  for j, k in enumerate(ks)])
             better = recall > best_recall
             best_recall = torch.where(better, recall, best_recall)
             best_w[better] = weight.detach()[better]
             best_b[better] = bias.detach()[better]
-    w_eff = best_w / std  # [L, H, d]
+    w_eff = best_w / std  # [n_k, H, d]
     b_eff = best_b[:, 0] - (best_w * (mean / std)).sum(-1)
-    return [HeadRouter(weight=w_eff[i].contiguous(), bias=b_eff[i].contiguous(), k=k,
-                       recall=float(best_recall[i])) for i in range(n_layers)]
+    return {k: HeadRouter(weight=w_eff[j].contiguous(), bias=b_eff[j].contiguous(), k=k,
+                          recall=float(best_recall[j])) for j, k in enumerate(ks)}
 
 
 def train_mlp_router(

@@ -36,6 +36,7 @@ from polarc.models.load import (
     model_source,
     source_spec,
 )
+from polarc.models.presets import ModelSpec
 
 BACKENDS = ("torch", "onnx", "tensorrt")
 DEFAULT_MAX_SEQ = 2048
@@ -65,6 +66,31 @@ def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], 
                           bias=torch.zeros(spec.n_kv_heads), k=k, recall=float("nan"))
         for layer, k in enumerate(plan) if k < spec.n_kv_heads}
     return plan, routers
+
+
+# What "one GPU" means when the building machine has none: the 80 GB class (H100, A100).
+ONE_GPU_BYTES = 80 * 10**9
+
+
+def check_fits_one_gpu(spec: ModelSpec, dtype: torch.dtype, cfg: BuildConfig) -> None:
+    """Refuse, before any weight is made or read, an engine whose weights and the KV cache of
+    one sequence at --max-seq cannot fit one GPU: engines run on one GPU (no tensor
+    parallelism yet). (--max-batch is a limit; `polarc run` checks the batch it allocates.)"""
+    elem = torch.empty((), dtype=dtype).element_size()
+    max_seq = cfg.max_seq if cfg.max_seq is not None else min(DEFAULT_MAX_SEQ, spec.max_positions)
+    weights = spec.n_params * elem
+    kv = 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * elem * max_seq
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu, name = props.total_memory, f"this machine's {props.name}"
+    else:
+        gpu, name = ONE_GPU_BYTES, "an 80 GB GPU (H100/A100 class)"
+    if weights + kv > gpu:
+        raise PolarcError(f"{spec.name} does not fit one GPU: {weights / 1e9:.0f} GB of "
+                          f"{cfg.dtype} weights (+ {kv / 1e9:.2f} GB of KV per sequence at "
+                          f"--max-seq {max_seq}) > the {gpu / 1e9:.0f} GB of {name}",
+                          hint="engines run on one GPU (tensor parallelism is not supported "
+                               "yet); in bf16 models up to about 35B parameters fit 80 GB")
 
 
 def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
@@ -162,6 +188,9 @@ def build(model: str | None, *, weights: Path | None, random_weights: bool,
             cfg.dtype = resolve_dtype("auto", spec.n_params)
     else:
         resolve_dtype(cfg.dtype, 0)  # checks the name
+    spec = source_spec(model)
+    if spec is not None and cfg.dtype in DTYPES:
+        check_fits_one_gpu(spec, DTYPES[cfg.dtype], cfg)
     m = load_model(model, weights=weights, random_weights=random_weights,
                    dtype=DTYPES.get(cfg.dtype, torch.float32))
     if cal is not None:

@@ -6,8 +6,9 @@ import torch
 from polarc.errors import PolarcError
 from polarc.models import PRESETS, load_model
 from polarc.models.forward import forward
-from polarc.models.load import internal_weights
+from polarc.models.load import random_identity
 from polarc.models.presets import hf_config, spec_from_hf_config
+from polarc.models.weights import hf_names
 from tests.conftest import TINY, tiny_hf
 
 
@@ -34,18 +35,18 @@ def test_all_presets_build_configs() -> None:
         assert back.architecture() == spec.architecture(), spec.name
 
 
-def test_internal_names_cover_every_weight() -> None:
-    hf = tiny_hf("qwen2")
-    spec = TINY["qwen2"]
-    w = internal_weights(hf.state_dict(), spec)
-    assert "layers.1.q.bias" in w and "layers.0.gate.weight" in w
-    assert len({id(t) for t in w.values()}) >= len(hf.state_dict()) - 1
+@pytest.mark.parametrize("kind", ["qwen2", "opt", "llama-gqa"])
+def test_checkpoint_names_cover_every_weight(kind: str) -> None:
+    sd = tiny_hf(kind).state_dict()
+    names = hf_names(TINY[kind])
+    assert set(names.values()) - {"lm_head.weight"} <= set(sd)
+    assert {k for k in sd if not k.startswith("lm_head")} <= set(names.values())
 
 
 def test_random_weights_are_marked() -> None:
     model = load_model("smollm2-135m", random_weights=True, seed=3)
     assert model.random_weights
-    assert model.identity["weights_sha256"] == "random-seed-3"
+    assert model.identity["weights_sha256"] == random_identity(3)
     assert model.spec == PRESETS["smollm2-135m"]
     assert model.tokenizer.kind == "bytes"
 

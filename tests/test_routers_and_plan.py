@@ -16,7 +16,7 @@ def test_head_router_learns_a_linear_ranking() -> None:
     x = torch.randn(4000, 32)
     w = torch.randn(4, 32)
     norms = (x @ w.T + 0.1 * torch.randn(4000, 4)).exp()  # ranking is linear in x
-    router = train_head_routers(x[None], norms[None], k=2, epochs=40, lr=1e-2)[0]
+    router = train_head_routers(x, norms, [2], epochs=40, lr=1e-2)[2]
     assert router.recall > 0.9
     fresh = torch.randn(1000, 32)
     assert topk_recall(router.scores(fresh), fresh @ w.T, 2) > 0.9

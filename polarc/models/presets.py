@@ -108,6 +108,16 @@ PRESETS: dict[str, ModelSpec] = {
         },
         hub_id="meta-llama/Llama-3.1-8B",
     ),
+    "llama3-70b": _llama(
+        "llama3-70b", n_layers=80, hidden=8192, n_heads=64, n_kv_heads=8, head_dim=128,
+        intermediate=28672, vocab=128256, max_positions=8192, rope_theta=500000.0,
+        hub_id="meta-llama/Meta-Llama-3-70B",
+    ),
+    "llama2-70b": _llama(
+        "llama2-70b", n_layers=80, hidden=8192, n_heads=64, n_kv_heads=8, head_dim=128,
+        intermediate=28672, vocab=32000, max_positions=4096, rope_theta=10000.0,
+        hub_id="meta-llama/Llama-2-70b-hf",
+    ),
     "llama2-7b": _llama(
         "llama2-7b", n_layers=32, hidden=4096, n_heads=32, n_kv_heads=32, head_dim=128,
         intermediate=11008, vocab=32000, max_positions=4096, rope_theta=10000.0,
