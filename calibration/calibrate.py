@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from polarc.calibration import artifact
-from polarc.calibration.collect import LayerSamples, collect_layers
+from polarc.calibration.collect import LayerSamples, check_gpu_room, collect_layers
 from polarc.calibration.data import load_sequences
 from polarc.calibration.plan import PlanRun, TuneSet, budget_plan, candidate_ks, run_plans
 from polarc.calibration.report import plot_report
@@ -112,6 +112,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
                           f"{cfg.seq_len})")
     check_output(cfg.out, force=cfg.force, folder=True, ours=artifact.is_calibration_folder,
                  inputs=cfg.inputs)
+    check_gpu_room(model, cfg.batch_size, cfg.seq_len)
     spec = model.spec
     torch.manual_seed(cfg.seed)
     pool, _ = load_sequences(cfg.dataset, model.tokenizer, seq_len=cfg.seq_len,

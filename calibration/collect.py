@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 from rich.progress import Progress
 
+from polarc.errors import PolarcError
 from polarc.models.forward import LayerObservation, run_layer
 from polarc.models.layers import embed, rope_cos_sin
 from polarc.models.load import Model
+from polarc.models.weights import layer_bytes
 
 
 @dataclass
@@ -103,3 +105,39 @@ def hidden_home(nbytes: int, device: torch.device) -> torch.device:
     if device.type != "cuda" or nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
         return device
     return torch.device("cpu")
+
+
+def layer_work_bytes(model: Model, batch_size: int, seq_len: int) -> int:
+    """GPU memory one batch of one layer needs beyond what is already resident: the layer's
+    weights (when streamed) and its activations, the widest of them (the MLP's gate, up and
+    product, the q/k/v projections) counted twice for temporaries, plus the fp32 copies the
+    observers keep."""
+    spec = model.spec
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    width = (3 * spec.intermediate + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim
+             + spec.n_heads * spec.head_dim + 4 * spec.hidden)
+    per_seq = seq_len * (2 * width * elem + 2 * spec.hidden * 4)
+    weights = 0 if model.keep_layers else layer_bytes(spec, model.dtype)
+    return weights + batch_size * per_seq
+
+
+def check_gpu_room(model: Model, batch_size: int, seq_len: int, free: int | None = None) -> None:
+    """Refuse, before any work, a --batch-size whose one layer cannot run in the GPU's free
+    memory (`free`, default: the model's GPU's; nothing to check on a CPU), naming the
+    largest that would."""
+    if free is None:
+        if model.device.type != "cuda":
+            return
+        free = torch.cuda.mem_get_info(model.device)[0]
+    need = layer_work_bytes(model, batch_size, seq_len)
+    if need <= free:
+        return
+    fixed = layer_work_bytes(model, 0, seq_len)
+    per_batch = layer_work_bytes(model, 1, seq_len) - fixed
+    fits = max(0, (free - fixed) // per_batch)
+    hint = (f"--batch-size {fits} would fit" if fits else
+            f"even one sequence of {seq_len} tokens does not fit: a smaller --seq-len or a "
+            "GPU with more memory")
+    raise PolarcError(f"not enough GPU memory for one layer of {model.spec.name} at --batch-size "
+                      f"{batch_size} x --seq-len {seq_len}: needs about {need / 2**30:.1f} GiB, "
+                      f"{free / 2**30:.1f} GiB free", hint=hint)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from polarc.calibration.artifact import read_calibration
+from polarc.calibration.collect import check_gpu_room
 from polarc.calibration.data import HELDOUT_EVERY, load_sequences
 from polarc.calibration.routers import topk_mask
 from rich.progress import Progress
@@ -176,6 +177,7 @@ def evaluate_calibration(calibration: Path, *, model: str | None, weights: Path 
     whole = dataset is not None and dataset != own
     _, heldout = load_sequences(ds, m.tokenizer, seq_len=seq_len, calib_tokens=0,
                                 heldout_tokens=max(tokens, seq_len), split=not whole)
+    check_gpu_room(m, batch_size, seq_len)
     report = evaluate(m, heldout.ids, cal.k_per_layer, routers=routers,
                       batch_size=batch_size, seed=seed, progress=progress)
     res: dict[str, Any] = report.as_json()

@@ -51,6 +51,15 @@ def user_errors() -> Iterator[None]:
             msg += f" ({exc.hint})"
         err.print(msg, markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        oom = type(exc).__name__ in ("MemoryError", "OutOfMemoryError")
+        if not oom or os.environ.get("POLARC_DEBUG") == "1":
+            raise
+        what = "host" if isinstance(exc, MemoryError) else "GPU"
+        err.print(f"Error: out of {what} memory (a smaller --batch-size, or a shorter run, "
+                  "may fit); nothing was written.", markup=False, highlight=False,
+                  soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
         what = "Terminated" if isinstance(exc, Terminated) else "Interrupted"
         err.print(f"{what}: nothing was written.", highlight=False)

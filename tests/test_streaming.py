@@ -154,3 +154,32 @@ def test_build_of_a_70b_refuses_before_making_weights(alias: str, tmp_path: Path
     code, _, stderr = run("build", "--model", alias, "--random-weights", "-o", tmp_path / "e.plan")
     one_line_error(code, stderr, f"{alias} does not fit one GPU")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_batch_without_gpu_room_names_one_that_fits() -> None:
+    from polarc.calibration.collect import check_gpu_room, layer_work_bytes
+
+    model = load_model("llama3-8b", random_weights=True, stream=True, keep_layers=False,
+                       dtype=torch.bfloat16, device="meta")
+    need = layer_work_bytes(model, 8, 512)
+    check_gpu_room(model, 8, 512, free=need)  # exactly enough
+    with pytest.raises(PolarcError, match=r"at --batch-size 64 x --seq-len 512") as exc:
+        check_gpu_room(model, 64, 512, free=need)
+    assert exc.value.hint == "--batch-size 8 would fit"
+    with pytest.raises(PolarcError) as exc:
+        check_gpu_room(model, 1, 512, free=layer_work_bytes(model, 0, 512))
+    assert "even one sequence of 512 tokens does not fit" in exc.value.hint
+
+
+def test_out_of_gpu_memory_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    import typer
+
+    from polarc.console import user_errors
+
+    with pytest.raises(typer.Exit) as exc, user_errors():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    assert exc.value.exit_code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: out of GPU memory")
+    with pytest.raises(RuntimeError, match="other"), user_errors():
+        raise RuntimeError("other")  # a bug stays a traceback
