@@ -62,14 +62,21 @@ def peak_memory(device: torch.device) -> dict[str, float | None]:
 
 
 class _Clock:
-    def __init__(self) -> None:
+    """Stage timings; each finished stage is also a line above the progress bars (and in a
+    log, where the bars do not draw)."""
+
+    def __init__(self, progress: Progress) -> None:
         self.laps: dict[str, float] = {}
         self.last = time.perf_counter()
+        self.progress = progress
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
         self.laps[name] = round(now - self.last, 1)
         self.last = now
+        if not self.progress.disable:
+            self.progress.console.print(f"{name.replace('_', ' ')}: {self.laps[name]:.1f} s",
+                                        highlight=False)
 
 
 def fit_routers(model: Model, train_ids: torch.Tensor, ks: list[int], *, batch_size: int,
@@ -124,7 +131,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
                           hint="give more text or a smaller --seq-len")
     train_ids, tune_ids = split_tune(pool.ids, n_tune)
 
-    clock = _Clock()
+    clock = _Clock(progress)
     n_kv = spec.n_kv_heads
     ks = [groups_for_density(cfg.density, n_kv)] if cfg.density is not None else candidate_ks(n_kv)
     ks = [k for k in ks if k < n_kv]

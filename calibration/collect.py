@@ -117,7 +117,7 @@ def layer_work_bytes(model: Model, batch_size: int, seq_len: int) -> int:
     width = (3 * spec.intermediate + (spec.n_heads + 2 * spec.n_kv_heads) * spec.head_dim
              + spec.n_heads * spec.head_dim + 4 * spec.hidden)
     per_seq = seq_len * (2 * width * elem + 2 * spec.hidden * 4)
-    weights = 0 if model.keep_layers else layer_bytes(spec, model.dtype)
+    weights = 0 if model.resident_layers >= spec.n_layers else layer_bytes(spec, model.dtype)
     return weights + batch_size * per_seq
 
 

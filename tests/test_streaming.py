@@ -68,7 +68,7 @@ def _calibrate(model: Model, out: Path, **kw: object) -> tuple[dict, dict]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_sharded_streamed_forward_equals_whole(kind: str, sharded: dict, tiny_dirs: dict) -> None:
     whole = load_model(str(tiny_dirs[kind]))
-    streamed = load_model(str(sharded[kind]), stream=True, keep_layers=False)
+    streamed = load_model(str(sharded[kind]), stream=True, resident_layers=0)
     assert not any(name.startswith("layers.") for name in streamed.weights)
     ids = torch.randint(3, TINY[kind].vocab, (2, 33))
     assert torch.equal(forward(whole, ids), forward(streamed, ids))
@@ -81,7 +81,7 @@ def test_sharded_streamed_forward_equals_whole(kind: str, sharded: dict, tiny_di
 def test_streamed_calibration_equals_in_memory(kind: str, plan: dict, sharded: dict,
                                                tmp_path: Path) -> None:
     whole = load_model(str(sharded[kind]))
-    streamed = load_model(str(sharded[kind]), stream=True, keep_layers=False)
+    streamed = load_model(str(sharded[kind]), stream=True, resident_layers=0)
     counter = CountingSource(streamed)
     meta_a, routers_a = _calibrate(whole, tmp_path / "whole", **plan)
     meta_b, routers_b = _calibrate(streamed, tmp_path / "streamed", **plan)
@@ -114,7 +114,7 @@ def test_random_weights_are_made_per_layer_and_device_independent() -> None:
 
 def test_random_70b_layer_is_made_alone() -> None:
     spec = get_preset("llama3-70b")
-    model = load_model("llama3-70b", random_weights=True, stream=True, keep_layers=False,
+    model = load_model("llama3-70b", random_weights=True, stream=True, resident_layers=0,
                        dtype=torch.bfloat16, device="meta")
     assert model.spec == spec and not any(n.startswith("layers.") for n in model.weights)
 
@@ -159,7 +159,7 @@ def test_build_of_a_70b_refuses_before_making_weights(alias: str, tmp_path: Path
 def test_a_batch_without_gpu_room_names_one_that_fits() -> None:
     from polarc.calibration.collect import check_gpu_room, layer_work_bytes
 
-    model = load_model("llama3-8b", random_weights=True, stream=True, keep_layers=False,
+    model = load_model("llama3-8b", random_weights=True, stream=True, resident_layers=0,
                        dtype=torch.bfloat16, device="meta")
     need = layer_work_bytes(model, 8, 512)
     check_gpu_room(model, 8, 512, free=need)  # exactly enough
@@ -183,3 +183,17 @@ def test_out_of_gpu_memory_is_one_line(capsys: pytest.CaptureFixture) -> None:
     assert len(lines) == 1 and lines[0].startswith("Error: out of GPU memory")
     with pytest.raises(RuntimeError, match="other"), user_errors():
         raise RuntimeError("other")  # a bug stays a traceback
+
+
+def test_build_that_cannot_fit_host_memory_refuses_before_making_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import collections
+
+    import psutil
+
+    mem = collections.namedtuple("mem", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: mem(8 * 10**9))
+    code, _, stderr = run("build", "--model", "llama3-8b", "--random-weights", "-o",
+                          tmp_path / "e.plan")
+    one_line_error(code, stderr, "building llama3-8b needs about 20 GB of host memory")
+    assert not list(tmp_path.iterdir())

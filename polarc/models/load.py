@@ -50,7 +50,9 @@ class Model:
     extra: dict[str, Any] = field(default_factory=dict)
     # Where layers not in `weights` come from (a streamed model: see `layer_weights`).
     source: WeightSource | None = None
-    keep_layers: bool = True  # a layer once loaded stays in `weights`
+    # Layers below this index stay in `weights` once loaded; the others are made or read
+    # again each time they run (a model larger than the memory it may take).
+    resident_layers: int = 1 << 30
 
     @property
     def dtype(self) -> torch.dtype:
@@ -63,7 +65,7 @@ class Model:
     @contextmanager
     def layer_weights(self, i: int) -> Iterator[None]:
         """Layer i's weights in `weights` meanwhile: made or read by the source when they are
-        not resident, and dropped again afterwards unless the model keeps its layers."""
+        not resident, and dropped again afterwards unless the layer is one that stays."""
         if self.source is None or f"layers.{i}.qkv.weight" in self.weights:
             yield
             return
@@ -72,7 +74,7 @@ class Model:
         try:
             yield
         finally:
-            if not self.keep_layers:
+            if i >= self.resident_layers:
                 for name in loaded:
                     self.weights.pop(name, None)
 
@@ -126,14 +128,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     stream: bool = False,
-    keep_layers: bool | None = None,
+    resident_layers: int | None = None,
 ) -> Model:
     """Resolve `source` (alias, folder, .gguf) and load it onto `device` in `dtype`. Errors
     are `PolarcError`s.
 
     With `stream`, only the model-level tensors are loaded now; each decoder layer is read or
-    made when `Model.layer_weights` asks for it, and kept afterwards only if every layer fits
-    the device (`keep_layers`, default: decided by `fits_resident`)."""
+    made when `Model.layer_weights` asks for it, and kept afterwards if it is one of the first
+    `resident_layers` (default: as many as `resident_layer_count` lets stay on the device)."""
     source = source or DEFAULT_MODEL
     import transformers
 
@@ -159,7 +161,7 @@ def load_model(
     if random_weights:
         spec = preset if preset else _read_spec(path, name)
         model = _random_model(spec, seed=seed, dtype=dtype, device=device, stream=True)
-        return _finish(model, stream, keep_layers)
+        return _finish(model, stream, resident_layers)
 
     if path is None:
         if preset.name == "smollm2-135m":
@@ -173,25 +175,30 @@ def load_model(
             raise PolarcError(f"no weights for {preset.name} on this machine",
                               hint=hint + ", or use --random-weights for speed work")
     model = _load_path(path, name, dtype, device, preset)
-    return _finish(model, stream, keep_layers)
+    return _finish(model, stream, resident_layers)
 
 
-def fits_resident(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether every layer can stay on `device` with room left for the work: half the free
-    GPU memory, or a quarter of the host memory available."""
-    need = layer_bytes(spec, dtype) * spec.n_layers
+def resident_layer_count(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> int:
+    """How many layers may stay on `device` and leave room for the work: on a GPU, its free
+    memory less a reserve of a quarter of it (at least 16 GiB: hidden states, samples, the
+    plan search's recorded inputs); on a CPU, a quarter of the host memory available."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return need <= free // 2
-    import psutil
+        room = free - max(free // 4, 16 * 2**30)
+    elif device.type == "cpu":
+        import psutil
 
-    return need <= psutil.virtual_memory().available // 4
+        room = psutil.virtual_memory().available // 4
+    else:  # meta: nothing is allocated
+        return spec.n_layers
+    return max(0, min(spec.n_layers, room // layer_bytes(spec, dtype)))
 
 
-def _finish(model: Model, stream: bool, keep_layers: bool | None) -> Model:
+def _finish(model: Model, stream: bool, resident_layers: int | None) -> Model:
     """Every layer loaded now (not `stream`), or on demand (see `Model.layer_weights`)."""
-    model.keep_layers = keep_layers if keep_layers is not None else (
-        not stream or fits_resident(model.spec, model.dtype, model.device))
+    model.resident_layers = resident_layers if resident_layers is not None else (
+        model.spec.n_layers if not stream
+        else resident_layer_count(model.spec, model.dtype, model.device))
     if not stream:
         for i in range(model.spec.n_layers):
             model.weights.update(model.source.layer(i, model.device, model.dtype))
