@@ -25,6 +25,7 @@ from polarc.errors import PolarcError
 from polarc.models.forward import LayerObservation, run_layer
 from polarc.models.layers import embed, rope_cos_sin
 from polarc.models.load import Model
+from polarc.models.memory import free_memory
 from polarc.models.weights import layer_bytes
 
 
@@ -102,7 +103,7 @@ def _keeper(parts: dict[str, list[torch.Tensor]], keep: torch.Tensor
 def hidden_home(nbytes: int, device: torch.device) -> torch.device:
     """Where the calibration's hidden states live: the GPU when they take at most a quarter
     of its free memory, else (pinned) host memory."""
-    if device.type != "cuda" or nbytes <= torch.cuda.mem_get_info(device)[0] // 4:
+    if device.type != "cuda" or nbytes <= free_memory(device) // 4:
         return device
     return torch.device("cpu")
 
@@ -128,7 +129,7 @@ def check_gpu_room(model: Model, batch_size: int, seq_len: int, free: int | None
     if free is None:
         if model.device.type != "cuda":
             return
-        free = torch.cuda.mem_get_info(model.device)[0]
+        free = free_memory(model.device)
     need = layer_work_bytes(model, batch_size, seq_len)
     if need <= free:
         return

@@ -23,6 +23,7 @@ from polarc.format.routers import HeadRouter
 from polarc.models.forward import run_layer
 from polarc.models.layers import embed, final_logits, rope_cos_sin
 from polarc.models.load import Model
+from polarc.models.memory import free_memory
 
 DENSITY_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 # A (layer, k) measured as free or helpful alone still costs something in company (costs do
@@ -120,12 +121,7 @@ def _hidden_bytes(model: Model, tune: TuneSet) -> int:
 def _runs_per_pass(model: Model, tune: TuneSet, runs: list[PlanRun]) -> int:
     """How many runs' hidden states one pass holds: half the free GPU memory (or a quarter
     of the available host memory) over one run's hidden states (and its records)."""
-    if model.device.type == "cuda":
-        free = torch.cuda.mem_get_info(model.device)[0] // 2
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available // 4
+    free = free_memory(model.device) // (2 if model.device.type == "cuda" else 4)
     per_run = _hidden_bytes(model, tune) * (1 + (model.spec.n_layers if any(
         r.record for r in runs) else 0))
     return max(1, free // max(per_run, 1))

@@ -52,3 +52,30 @@ def test_gpu_bf16_calibration_matches_cpu(tiny_dirs: dict, tmp_path: Path) -> No
                           "--json", tmp_path / "e.json")
     assert code == 0, stderr
     assert json.loads((tmp_path / "e.json").read_text())["device"] == "cuda"
+
+
+@pytest.mark.skipif(CUDA, reason="checks the answer on a machine without a GPU")
+def test_gpu_memory_without_a_gpu(tmp_path: Path, tiny_dirs: dict) -> None:
+    code, _, stderr = run("calibrate", "-m", tiny_dirs["llama-gqa"], "--out", tmp_path / "c",
+                          *SMALL, "--gpu-memory", "8")
+    one_line_error(code, stderr, "--gpu-memory is for a GPU run")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_memory_cap_bounds_the_run(tiny_dirs: dict, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A process of its own: the cap is PyTorch's, for the rest of the process.
+    code = subprocess.run([sys.executable, "-c", "from polarc.cli import main; main()",
+                           "calibrate", "-m", str(tiny_dirs["llama-gqa"]), "--out",
+                           str(tmp_path / "c"), *SMALL, "--density", "0.5", "--gpu-memory", "0.5"],
+                          capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
+    meta = json.loads((tmp_path / "c" / "calibration.json").read_text())
+    assert meta["memory"]["peak_gpu_gib"] * 2**30 <= 0.5e9
+    code, _, stderr = run("calibrate", "-m", tiny_dirs["llama-gqa"], "--out", tmp_path / "d",
+                          *SMALL, "--gpu-memory", "1e9")
+    one_line_error(code, stderr, "--gpu-memory must be in (0,")

@@ -13,6 +13,7 @@ from polarc.commands.options import (
     ComputeDtypeOpt,
     DeviceOpt,
     ForceOpt,
+    GpuMemoryOpt,
     ModelOpt,
     QuietOpt,
     RandomOpt,
@@ -21,7 +22,7 @@ from polarc.commands.options import (
     check_positive,
     compute_dtype,
     existing_inputs,
-    resolve_device,
+    resolve_device_memory,
 )
 from polarc.console import err, out, progress, user_errors
 from polarc.format.plan import check_density
@@ -52,6 +53,7 @@ def calibrate_cmd(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: DeviceOpt = "auto",
     dtype: ComputeDtypeOpt = "auto",
+    gpu_memory: GpuMemoryOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing --out folder (only one polarc made).")] = False,
     quiet: QuietOpt = False,
@@ -82,7 +84,7 @@ def calibrate_cmd(
                               inputs=existing_inputs(dataset, model, weights))
         check_output(out_dir, force=force, folder=True, ours=is_calibration_folder,
                      inputs=cfg.inputs)
-        dev = resolve_device(device)
+        dev = resolve_device_memory(device, gpu_memory)
         dt = compute_dtype(dtype, dev)
         m = load_model(model, weights=weights, random_weights=random_weights, dtype=dt,
                        device=dev, stream=True)
@@ -121,6 +123,7 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="Seed of the random selection.")] = 0,
     device: DeviceOpt = "auto",
     dtype: ComputeDtypeOpt = "auto",
+    gpu_memory: GpuMemoryOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON.")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
@@ -137,7 +140,7 @@ def eval_cmd(
         inputs = (*artifact_files(calibration), *existing_inputs(dataset, model, weights))
         if json_out:
             check_output(json_out, force=force, inputs=inputs)
-        dev = resolve_device(device)
+        dev = resolve_device_memory(device, gpu_memory)
         with progress(quiet) as bar:
             res = evaluate_calibration(calibration, model=model, weights=weights,
                                        random_weights=random_weights, dataset=dataset,

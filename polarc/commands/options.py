@@ -23,6 +23,9 @@ ForceOpt = Annotated[bool, typer.Option(
 DeviceOpt = Annotated[str, typer.Option(help="auto (the GPU when there is one), cpu or cuda.")]
 ComputeDtypeOpt = Annotated[str, typer.Option(
     "--dtype", help="auto (bf16 on a GPU, fp32 on a CPU), fp32, bf16 or fp16.")]
+GpuMemoryOpt = Annotated[float | None, typer.Option(
+    help="At most this many GB of GPU memory (default: what is free). Less memory keeps "
+         "fewer layers resident, so the run reads weights more often.")]
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -54,6 +57,19 @@ def resolve_device(device: str) -> torch.device:
             raise PolarcError(f"--device {device}: there are {torch.cuda.device_count()} GPUs")
         return dev
     raise PolarcError(f"--device must be auto, cpu or cuda, got {device!r}")
+
+
+def resolve_device_memory(device: str, gpu_memory: float | None) -> torch.device:
+    """`resolve_device`, then the --gpu-memory cap for the rest of the run."""
+    dev = resolve_device(device)
+    if gpu_memory is not None:
+        check_finite(gpu_memory=gpu_memory)
+        if dev.type != "cuda":
+            raise PolarcError("--gpu-memory is for a GPU run", hint=f"this run is on {dev.type}")
+        from polarc.models.memory import limit_gpu_memory
+
+        limit_gpu_memory(dev, int(gpu_memory * 1e9))
+    return dev
 
 
 def compute_dtype(dtype: str, device: torch.device) -> torch.dtype:

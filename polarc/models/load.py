@@ -21,6 +21,7 @@ import torch
 
 from polarc.errors import PolarcError, first_line
 from polarc.models.layers import add_part_views, stored_weights
+from polarc.models.memory import free_memory
 from polarc.models.presets import (
     DEFAULT_MODEL,
     PRESETS,
@@ -183,12 +184,10 @@ def resident_layer_count(spec: ModelSpec, dtype: torch.dtype, device: torch.devi
     memory less a reserve of a quarter of it (at least 16 GiB: hidden states, samples, the
     plan search's recorded inputs); on a CPU, a quarter of the host memory available."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        free = free_memory(device)
         room = free - max(free // 4, 16 * 2**30)
     elif device.type == "cpu":
-        import psutil
-
-        room = psutil.virtual_memory().available // 4
+        room = free_memory(device) // 4
     else:  # meta: nothing is allocated
         return spec.n_layers
     return max(0, min(spec.n_layers, room // layer_bytes(spec, dtype)))

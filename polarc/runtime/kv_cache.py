@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from polarc.errors import PolarcError
+from polarc.models.memory import free_memory
 from polarc.models.presets import ModelSpec
 
 # Share of the free memory a cache may take (the rest: activations, graphs, the allocator).
@@ -23,15 +24,6 @@ MEMORY_SHARE = 0.95
 def kv_bytes_per_row(spec: ModelSpec, max_seq: int, dtype: torch.dtype) -> int:
     return 2 * spec.n_layers * spec.n_kv_heads * max_seq * spec.head_dim * \
         torch.finfo(dtype).bits // 8
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes a new allocation can take on `device` (host: available RAM)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import psutil
-
-    return psutil.virtual_memory().available
 
 
 def check_fits(spec: ModelSpec, batch: int, max_seq: int, dtype: torch.dtype,
