@@ -197,3 +197,39 @@ def test_build_that_cannot_fit_host_memory_refuses_before_making_weights(
                           tmp_path / "e.plan")
     one_line_error(code, stderr, "building llama3-8b needs about 20 GB of host memory")
     assert not list(tmp_path.iterdir())
+
+
+def _write_gguf(path: Path, tensors: dict[str, tuple[int, ...]]) -> None:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), arch="llama")
+    for name, shape in tensors.items():
+        writer.add_tensor(name, np.zeros(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_whose_tensors_do_not_match_the_architecture(tmp_path: Path) -> None:
+    from polarc.models.weights import CheckpointSource, gguf_names, unfused_shapes
+
+    spec = TINY["llama-gqa"]
+    shapes = {**unfused_shapes(spec, None)}
+    for i in range(spec.n_layers):
+        shapes.update(unfused_shapes(spec, i))
+    tensors = {gguf_names(spec)[ours]: shape for ours, shape in shapes.items()}
+    good = tmp_path / "good.gguf"
+    _write_gguf(good, tensors)
+    src = CheckpointSource.open(spec, [good])
+    assert src.layer(1, torch.device("cpu"), torch.float32)["layers.1.qkv.weight"].shape[1] == spec.hidden
+    wrong = dict(tensors, **{"blk.1.ffn_up.weight": (spec.intermediate + 8, spec.hidden)})
+    _write_gguf(tmp_path / "wrong.gguf", wrong)
+    want = rf"blk.1.ffn_up.weight has shape \[{spec.intermediate + 8}, {spec.hidden}\]"
+    with pytest.raises(PolarcError, match=want):
+        CheckpointSource.open(spec, [tmp_path / "wrong.gguf"])
+    missing = {n: s for n, s in tensors.items() if n != "blk.0.attn_k.weight"}
+    _write_gguf(tmp_path / "missing.gguf", missing)
+    with pytest.raises(PolarcError, match="has no tensor blk.0.attn_k.weight"):
+        CheckpointSource.open(spec, [tmp_path / "missing.gguf"])
