@@ -278,8 +278,54 @@ def _load_tokenizer(source: str, kwargs: dict[str, Any], where: Path) -> Tokeniz
     return tok
 
 
+@contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """One parse of each GGUF file for the whole load: polarc's check and tensor index and
+    transformers' config and tokenizer readers would each parse the header again, and
+    transformers would decode its metadata twice (seconds apiece for the embedded model's
+    49k-token vocabulary). Both import these names when called, so swapping the module
+    attributes meanwhile reaches them."""
+    import copy
+
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as hf_gguf
+
+    original_reader, original_load = gguf.GGUFReader, hf_gguf.load_gguf_checkpoint
+    parsed: dict[tuple[str, str], Any] = {}
+    decoded: dict[str, Any] = {}
+
+    def reader(path: str | os.PathLike[str], mode: str = "r") -> Any:
+        key = (os.fspath(path), mode)
+        if key not in parsed:
+            parsed[key] = original_reader(path, mode)
+        return parsed[key]
+
+    def load_metadata(path: str | os.PathLike[str], return_tensors: bool = False,
+                      **kwargs: Any) -> Any:
+        if return_tensors or kwargs:
+            return original_load(path, return_tensors=return_tensors, **kwargs)
+        key = os.fspath(path)
+        if key not in decoded:
+            decoded[key] = original_load(path, return_tensors=False)
+        return copy.deepcopy(decoded[key])  # callers may edit what they get
+
+    gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = reader, load_metadata
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, hf_gguf.load_gguf_checkpoint = original_reader, original_load
+
+
 def _load_path(path: Path, name: str, dtype: torch.dtype, device: torch.device,
                preset: ModelSpec | None) -> Model:
+    if path.suffix == ".gguf":
+        with _gguf_parsed_once():
+            return _load_files(path, name, dtype, device, preset)
+    return _load_files(path, name, dtype, device, preset)
+
+
+def _load_files(path: Path, name: str, dtype: torch.dtype, device: torch.device,
+                preset: ModelSpec | None) -> Model:
     if path.is_dir():
         files = weight_files(path)
         tok_kwargs: dict[str, Any] = {}
