@@ -73,3 +73,20 @@ def test_missing_file_and_bad_json(tmp_path: Path) -> None:
     bad.write_text("{not json}\n")
     with pytest.raises(PolarcError, match="bad.jsonl:1 is not valid JSON"):
         list(iter_documents(str(bad)))
+
+
+def test_broad_mix_has_every_domain_deduplicated_and_licensed() -> None:
+    import gzip
+    import json
+    from collections import Counter
+
+    from polarc.calibration.data import BUILTIN_FILE
+
+    with gzip.open(BUILTIN_FILE.with_name("mix.jsonl.gz"), "rt", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    domains = Counter(r["domain"] for r in records)
+    assert set(domains) == {"narrative", "expository", "reference", "conversational", "code"}
+    assert min(domains.values()) >= 200  # every domain keeps 20+ held-out documents
+    assert len({r["text"] for r in records}) == len(records)
+    assert all(r["license"] and r["source"] and len(r["text"]) >= 500 for r in records)
+    assert not any("BSD-4" in r["license"] for r in records)
