@@ -46,13 +46,14 @@ def main() -> None:
                                    calib_tokens=args.tokens + args.tune_tokens,
                                    heldout_tokens=args.eval_tokens)
     n_tune = args.tune_tokens // 512
-    train_ids, tune_ids = split_tune(pool.ids, n_tune)
+    train, tune_rows = split_tune(pool, n_tune)
+    train_ids, tune_ids = train.ids, tune_rows.ids
     ks = candidate_ks(n_kv)
     routers_by_k, _, _ = fit_routers(model, train_ids, ks, batch_size=8, max_samples=args.tokens,
                                      epochs=16, seed=0)
-    tune = prepare_tune(model, tune_ids, 8)
+    tune = prepare_tune(model, tune_ids, tune_rows.domains, 8)
     costs = measure_layer_costs(model, tune, routers_by_k)
-    print(f"setup {time.time() - t0:.0f}s; tuning ppl dense {tune.ppl_dense:.3f}", flush=True)
+    print(f"setup {time.time() - t0:.0f}s; tuning ppl dense {tune.ppl_dense.overall:.3f}", flush=True)
 
     plans = {"uniform 2/3": uniform_plan(n_layers, n_kv, 2 / 3),
              "uniform 1/3": uniform_plan(n_layers, n_kv, 1 / 3)}
@@ -62,10 +63,10 @@ def main() -> None:
     rows = []
     for name, plan in plans.items():
         routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
-        tune_ppl = tune_perplexity(model, tune.batches, plan, routers)
+        tune_ppl = tune_perplexity(model, tune, plan, routers)
         rep = evaluate(model, heldout.ids, plan, routers=routers).as_json()
         row = {"plan": name, "k_per_layer": plan, **rep,
-               "tune_rise_pct": (tune_ppl / tune.ppl_dense - 1) * 100}
+               "tune_rise_pct": tune_ppl.rise(tune.ppl_dense)}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "k_per_layer"}), flush=True)
 

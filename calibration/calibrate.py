@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from polarc.calibration import artifact
 from polarc.calibration.collect import LayerSamples, check_gpu_room, collect_layers
-from polarc.calibration.data import load_sequences
+from polarc.calibration.data import Sequences, balanced_shares, load_sequences
 from polarc.calibration.plan import PlanRun, TuneSet, budget_plan, candidate_ks, run_plans
 from polarc.calibration.report import plot_report
 from polarc.calibration.routers import train_head_routers, train_mlp_router
@@ -29,10 +29,11 @@ from polarc.outputs import check_output, writing
 @dataclass
 class CalibrateConfig:
     out: Path
-    dataset: str = "builtin"
+    dataset: str = "mix"
     seq_len: int = 512
     tokens: int = 65536  # calibration tokens for router training
-    tune_tokens: int = 4096  # tuning tokens (plan search), disjoint from training tokens
+    tune_tokens: int = 8192  # tuning tokens (plan search), disjoint from training tokens
+    cost_tokens: int = 2560  # of the tuning tokens: those the per-(layer, k) costs run on
     density: float | None = None  # uniform plan; None = quality budget
     quality_budget: float = 3.0  # percent perplexity rise allowed
     batch_size: int = 8
@@ -43,15 +44,28 @@ class CalibrateConfig:
     seed: int = 0
     force: bool = False
     inputs: tuple[Path, ...] = ()  # files the run reads, which --out must never replace
+    domains: tuple[str, ...] = ()  # only these domains of the dataset (default: all)
+    skip_domains: tuple[str, ...] = ()  # none of these
 
 
-def split_tune(ids: torch.Tensor, n_tune: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training, tuning) sequences; the tuning ones spread evenly over the pool, so the plan
-    is chosen on text like the whole calibration set, not on whatever documents come last."""
-    rows = torch.linspace(0, ids.shape[0] - 1, n_tune).round().long().unique()
-    is_tune = torch.zeros(ids.shape[0], dtype=torch.bool)
-    is_tune[rows] = True
-    return ids[~is_tune], ids[is_tune]
+def split_tune(pool: Sequences, n_tune: int) -> tuple[Sequences, Sequences]:
+    """(training, tuning) sequences: about `n_tune` tuning rows, an equal share from every
+    domain (at most a quarter of its rows, at least one where it has two), each share spread
+    evenly over its domain's rows, so the plan is chosen on text like the whole calibration
+    set in every domain, not on whatever documents come last."""
+    by_domain: dict[str, list[int]] = {}
+    for i, d in enumerate(pool.domains):
+        by_domain.setdefault(d, []).append(i)
+    room = {d: max(1, len(r) // 4) if len(r) > 1 else 0 for d, r in by_domain.items()}
+    shares = balanced_shares(room, max(n_tune, 1))
+    is_tune = torch.zeros(pool.ids.shape[0], dtype=torch.bool)
+    for d, rows in by_domain.items():
+        if shares[d]:
+            pick = torch.linspace(0, len(rows) - 1, shares[d]).round().long().unique()
+            is_tune[torch.tensor(rows)[pick]] = True
+    if not is_tune.any():
+        is_tune[-1] = True
+    return pool.rows(torch.nonzero(~is_tune)[:, 0]), pool.rows(torch.nonzero(is_tune)[:, 0])
 
 
 def peak_memory(device: torch.device) -> dict[str, float | None]:
@@ -81,11 +95,16 @@ class _Clock:
 
 def fit_routers(model: Model, train_ids: torch.Tensor, ks: list[int], *, batch_size: int,
                 max_samples: int, epochs: int, seed: int, mlp_batch: int = 32,
-                mlp_recall: float = 0.99, progress: Progress | None = None
+                mlp_recall: float = 0.99, domains: list[str] | None = None,
+                progress: Progress | None = None
                 ) -> tuple[dict[int, dict[int, HeadRouter]], dict[int, MLPRouter], int]:
     """Collect layer by layer and train each layer's routers as its samples arrive:
     `routers[k][layer]`, one per k the plan may use, for every layer but the first; MLP
-    routers for ReLU models; and the positions kept per layer."""
+    routers for ReLU models; and the positions kept per layer. With each row's domain
+    (`domains`), the head routers' recall is also measured per domain."""
+    names = sorted(set(domains)) if domains else None
+    row_domain = (torch.tensor([names.index(d) for d in domains])
+                  if domains and names else None)
     routers: dict[int, dict[int, HeadRouter]] = {k: {} for k in ks}
     mlp: dict[int, MLPRouter] = {}
 
@@ -93,7 +112,8 @@ def fit_routers(model: Model, train_ids: torch.Tensor, ks: list[int], *, batch_s
         layer = samples.layer
         if layer > 0 and ks:
             trained = train_head_routers(samples.attn_in, samples.group_norms, ks,
-                                         epochs=epochs, seed=seed)
+                                         epochs=epochs, seed=seed, domain=samples.domain,
+                                         domain_names=names)
             for k in ks:
                 routers[k][layer] = trained[k]
         if samples.mlp_in is not None:
@@ -101,7 +121,8 @@ def fit_routers(model: Model, train_ids: torch.Tensor, ks: list[int], *, batch_s
                                           union_recall_target=mlp_recall, seed=seed + layer)
 
     kept = collect_layers(model, train_ids, train, batch_size=batch_size,
-                          max_samples=max_samples, seed=seed, progress=progress)
+                          max_samples=max_samples, seed=seed, row_domain=row_domain,
+                          progress=progress)
     return routers, mlp, kept
 
 
@@ -123,13 +144,15 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
     spec = model.spec
     torch.manual_seed(cfg.seed)
     pool, _ = load_sequences(cfg.dataset, model.tokenizer, seq_len=cfg.seq_len,
-                             calib_tokens=cfg.tokens + cfg.tune_tokens, heldout_tokens=cfg.seq_len)
+                             calib_tokens=cfg.tokens + cfg.tune_tokens, heldout_tokens=cfg.seq_len,
+                             domains=cfg.domains, skip_domains=cfg.skip_domains)
     n_tune = max(1, min(math.ceil(cfg.tune_tokens / cfg.seq_len), pool.ids.shape[0] // 4))
     if pool.ids.shape[0] < 2:
         raise PolarcError(f"dataset {cfg.dataset!r} yields {pool.n_tokens} calibration tokens: "
                           "need at least two sequences (training and tuning)",
                           hint="give more text or a smaller --seq-len")
-    train_ids, tune_ids = split_tune(pool.ids, n_tune)
+    train, tune_rows = split_tune(pool, n_tune)
+    train_ids, tune_ids = train.ids, tune_rows.ids
 
     clock = _Clock(progress)
     n_kv = spec.n_kv_heads
@@ -138,7 +161,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
     routers_by_k, mlp_routers, n_samples = fit_routers(
         model, train_ids, ks, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
         epochs=cfg.epochs, seed=cfg.seed, mlp_batch=cfg.mlp_batch, mlp_recall=cfg.mlp_recall,
-        progress=progress)
+        domains=train.domains, progress=progress)
     clock.lap("collect_and_train")
     search = None
     if cfg.density is not None or not ks:
@@ -146,7 +169,9 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         mode = "uniform"
     else:
         plan, search = budget_plan(model, tune_ids, routers_by_k, cfg.quality_budget,
-                                   batch_size=cfg.batch_size, progress=progress)
+                                   domains=tune_rows.domains, batch_size=cfg.batch_size,
+                                   cost_tokens=cfg.cost_tokens,
+                                   progress=progress)
         mode = "budget"
     head_routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
 
@@ -156,11 +181,16 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
     uniform = {k: [n_kv] + [k] * (spec.n_layers - 1) for k in ks}
     runs = [PlanRun([n_kv] * spec.n_layers, {}), PlanRun(plan, head_routers)] + [
         PlanRun(uplan, routers_by_k[k]) for k, uplan in uniform.items()]
-    tune = TuneSet([b.to(model.device) for b in tune_ids.split(cfg.batch_size)], [], 1.0)
+    tune = TuneSet.of(model, tune_ids, tune_rows.domains, cfg.batch_size)
     ppl_dense, ppl_plan, *ppl_uniform = run_plans(model, tune, runs, progress, "measuring plans")
-    curve = [{"k": k, "kv_density": kv_density(uplan, n_kv), "ppl": ppl,
-              "increase_pct": (ppl / ppl_dense - 1) * 100}
+    curve = [{"k": k, "kv_density": kv_density(uplan, n_kv), "ppl": ppl.overall,
+              "increase_pct": ppl.overall_rise(ppl_dense),
+              "worst_domain_increase_pct": ppl.rise(ppl_dense)}
              for (k, uplan), ppl in zip(uniform.items(), ppl_uniform, strict=True)]
+    by_domain = {d: {"ppl_dense": ppl_dense.by_domain[d], "ppl_plan": p,
+                     "increase_pct": (p / ppl_dense.by_domain[d] - 1) * 100,
+                     "tokens": tune_rows.domains.count(d) * (cfg.seq_len - 1)}
+                 for d, p in ppl_plan.by_domain.items()}
 
     clock.lap("measure_plans")
     layers = []
@@ -169,6 +199,8 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         entry: dict[str, Any] = {"layer": layer, "k": k, "density": k / n_kv,
                                  "router_recall": head_routers[layer].recall
                                  if layer in head_routers else 1.0}
+        if layer in head_routers and head_routers[layer].recall_by_domain:
+            entry["router_recall_by_domain"] = head_routers[layer].recall_by_domain
         if layer in mlp_routers:
             m = mlp_routers[layer]
             entry.update(mlp_k=m.k, mlp_density=m.k / spec.intermediate, mlp_batch=m.batch,
@@ -178,6 +210,7 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": model_record(model),
         "dataset": {"name": cfg.dataset, "seq_len": cfg.seq_len,
+                    "domains": sorted(set(pool.domains)), "skip_domains": list(cfg.skip_domains),
                     "train_tokens": int(train_ids.numel()), "tune_tokens": int(tune_ids.numel()),
                     "heldout": "every 10th document, never used by calibration"},
         "samples_per_layer": n_samples,
@@ -186,16 +219,19 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
                  "k_per_layer": plan, "n_kv_groups": n_kv, "kv_density": kv_density(plan, n_kv)},
         "layers": layers,
         "quality": {
-            "tune": {"ppl_dense": ppl_dense, "ppl_plan": ppl_plan,
-                     "increase_pct": (ppl_plan / ppl_dense - 1) * 100,
-                     "kv_density": kv_density(plan, n_kv)},
+            "tune": {"ppl_dense": ppl_dense.overall, "ppl_plan": ppl_plan.overall,
+                     "increase_pct": ppl_plan.overall_rise(ppl_dense),
+                     "worst_domain_increase_pct": ppl_plan.rise(ppl_dense),
+                     "kv_density": kv_density(plan, n_kv), "by_domain": by_domain},
+            "budget_rule": "every domain of the tuning text within the budget (worst domain)",
             "curve": curve,
             "layer_costs_pct": search.layer_costs if search else None,
             "search_tries": search.tries if search else None,
         },
         "timings_s": clock.laps,
         "memory": peak_memory(model.device),
-        "settings": {"epochs": cfg.epochs, "max_samples": cfg.max_samples, "seed": cfg.seed,
+        "settings": {"epochs": cfg.epochs, "cost_tokens": cfg.cost_tokens,
+                     "max_samples": cfg.max_samples, "seed": cfg.seed,
                      "mlp_batch": cfg.mlp_batch, "mlp_recall_target": cfg.mlp_recall,
                      "device": model.device.type,
                      "dtype": str(model.dtype).removeprefix("torch.")},

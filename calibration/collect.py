@@ -38,6 +38,7 @@ class LayerSamples:
     group_norms: torch.Tensor  # [n, Hkv] label source: each KV group's attention output norm
     mlp_active: torch.Tensor | None  # [n, N] bool, ReLU models only
     mlp_in: torch.Tensor | None  # [n, d] MLP router input, ReLU models only
+    domain: torch.Tensor | None = None  # [n] int: index of each position's domain
 
 
 def collect_layers(
@@ -48,10 +49,12 @@ def collect_layers(
     batch_size: int = 8,
     max_samples: int = 32768,
     seed: int = 0,
+    row_domain: torch.Tensor | None = None,
     progress: Progress | None = None,
 ) -> int:
     """Run `seqs` [n, T] through the dense model layer by layer, calling `on_layer` with each
-    layer's subsampled observations; returns the positions kept per layer."""
+    layer's subsampled observations (with each position's domain, from `row_domain` [n], when
+    given); returns the positions kept per layer."""
     gen = torch.Generator().manual_seed(seed)
     keep_frac = min(1.0, max_samples / seqs.numel())
     device = model.device
@@ -60,6 +63,8 @@ def collect_layers(
                        .element_size(), device)
     picked = [torch.nonzero(torch.rand(b.numel(), generator=gen) < keep_frac).squeeze(1)
               .to(device) for b in batches]
+    sample_domain = None if row_domain is None else torch.cat([
+        row_domain[i * batch_size + p.cpu() // seqs.shape[1]] for i, p in enumerate(picked)])
     positions = torch.arange(seqs.shape[1], device=device)
     with torch.no_grad():
         hidden = [embed(model, b, positions) for b in batches]
@@ -79,7 +84,8 @@ def collect_layers(
                     hidden[i].copy_(out, non_blocking=True)
         on_layer(LayerSamples(layer, torch.cat(parts["x"]), torch.cat(parts["norms"]),
                               torch.cat(parts["active"]) if parts["active"] else None,
-                              torch.cat(parts["mlp_in"]) if parts["mlp_in"] else None))
+                              torch.cat(parts["mlp_in"]) if parts["mlp_in"] else None,
+                              sample_domain))
         if progress is not None:
             progress.advance(task)
     return int(sum(len(p) for p in picked))

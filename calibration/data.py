@@ -1,8 +1,11 @@
 """Calibration text: read a dataset, split off held-out text, cut fixed-length token sequences.
 
-Documents are assigned by position: every tenth (index % 10 == 9) is held out and never seen
-by calibration; `polarc eval` reads only those. The split therefore does not depend on
-`--tokens`, and any calibration on a dataset leaves the same held-out text for evaluation.
+Documents may carry a domain (the builtin mix's records do; a .jsonl file's records may, in a
+"domain" field). Documents are assigned by position within their domain: every tenth (index %
+10 == 9) is held out and never seen by calibration; `polarc eval` reads only those. The split
+therefore does not depend on `--tokens`, and any calibration on a dataset leaves the same
+held-out text, in every domain, for evaluation. Each split takes the same number of tokens
+from every domain (as far as each has them), so no domain dominates the routers or the plan.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from polarc.models.tokenizer import Tokenizer
 
 BUILTIN = "builtin"
 BUILTIN_FILE = Path(__file__).with_name("builtin_corpus.jsonl.gz")
+MIX = "mix"
+MIX_FILE = Path(__file__).with_name("mix.jsonl.gz")
+PACKAGED = {BUILTIN: BUILTIN_FILE, MIX: MIX_FILE}
 HELDOUT_EVERY = 10
 CHUNK_CHARS = 2000
 # A paragraph longer than this (a file that is one long line, say) is cut into CHUNK_CHARS
@@ -30,15 +36,21 @@ LONG_PARAGRAPH = 200_000
 
 @dataclass
 class Sequences:
-    """Token sequences [n, seq_len] (int64) from one split of a dataset."""
+    """Token sequences [n, seq_len] (int64) from one split of a dataset, and each row's
+    domain ("" for text without one). Rows of different domains are interleaved."""
 
     ids: torch.Tensor
     dataset: str
     split: str
+    domains: list[str]
 
     @property
     def n_tokens(self) -> int:
         return self.ids.numel()
+
+    def rows(self, rows: torch.Tensor) -> Sequences:
+        return Sequences(self.ids[rows], self.dataset, self.split,
+                         [self.domains[int(i)] for i in rows])
 
 
 def _pieces(text: str) -> Iterator[str]:
@@ -95,12 +107,25 @@ def _text_field(record: dict, where: str) -> str:
     raise PolarcError(f"{where}: a record has no text field", hint='use a "text" column')
 
 
+def _domain_field(record: dict) -> str:
+    domain = record.get("domain")
+    return domain if isinstance(domain, str) else ""
+
+
 def iter_documents(dataset: str) -> Iterator[str]:
-    """Documents of `dataset`: "builtin", a .txt/.jsonl/.parquet file, or a hub dataset."""
-    if dataset == BUILTIN:
-        with gzip.open(BUILTIN_FILE, "rt", encoding="utf-8") as f:
+    """Documents of `dataset`: "builtin", "mix", a .txt/.jsonl/.parquet file, or a hub dataset."""
+    for _, text in iter_tagged(dataset):
+        yield text
+
+
+def iter_tagged(dataset: str) -> Iterator[tuple[str, str]]:
+    """(domain, document) pairs of `dataset` (domain "" where the text has none)."""
+    if dataset in PACKAGED:
+        with gzip.open(PACKAGED[dataset], "rt", encoding="utf-8") as f:
             for line in f:
-                yield from _chunks(json.loads(line)["text"])
+                record = json.loads(line)
+                for chunk in _chunks(record["text"]):
+                    yield _domain_field(record), chunk
         return
     path = Path(dataset)
     if path.exists():
@@ -108,14 +133,16 @@ def iter_documents(dataset: str) -> Iterator[str]:
         return
     if path.suffix in (".txt", ".jsonl", ".json", ".parquet") or dataset.startswith((".", "/")):
         raise PolarcError(f"dataset file {dataset} does not exist")
-    yield from _iter_hub(dataset)
+    for chunk in _iter_hub(dataset):
+        yield "", chunk
 
 
-def _iter_file(path: Path) -> Iterator[str]:
+def _iter_file(path: Path) -> Iterator[tuple[str, str]]:
     try:
         if path.suffix == ".txt":
             for block in _text_blocks(path):
-                yield from _chunks(block)
+                for chunk in _chunks(block):
+                    yield "", chunk
         elif path.suffix in (".jsonl", ".json"):
             with open(path, encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
@@ -124,7 +151,10 @@ def _iter_file(path: Path) -> Iterator[str]:
                             record = json.loads(line)
                         except json.JSONDecodeError:
                             raise PolarcError(f"{path}:{n} is not valid JSON") from None
-                        yield from _chunks(_text_field(record, str(path)))
+                        if not isinstance(record, dict):
+                            raise PolarcError(f"{path}:{n} is not a JSON object")
+                        for chunk in _chunks(_text_field(record, str(path))):
+                            yield _domain_field(record), chunk
         elif path.suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -138,10 +168,11 @@ def _iter_file(path: Path) -> Iterator[str]:
             for batch in table.iter_batches(batch_size=256, columns=[col]):
                 for value in batch.column(0).to_pylist():
                     if isinstance(value, str):
-                        yield from _chunks(value)
+                        for chunk in _chunks(value):
+                            yield "", chunk
         else:
             raise PolarcError(f"unsupported dataset file {path}",
-                              hint="use .txt, .jsonl or .parquet, or 'builtin'")
+                              hint="use .txt, .jsonl or .parquet, or 'mix'")
     except UnicodeDecodeError:
         raise PolarcError(f"{path} is not UTF-8 text") from None
     except PolarcError:
@@ -163,10 +194,22 @@ def _iter_hub(spec: str) -> Iterator[str]:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:
         raise PolarcError(f"cannot load hub dataset {spec!r}: {first_line(exc)}",
-                          hint="offline? use a local .txt/.jsonl/.parquet file or 'builtin'"
+                          hint="offline? use a local .txt/.jsonl/.parquet file or 'mix'"
                           ) from None
     for record in ds:
         yield from _chunks(_text_field(record, spec))
+
+
+def balanced_shares(available: dict[str, int], want: int) -> dict[str, int]:
+    """How many of `want` to take from each domain: equal shares, and what a small domain
+    cannot give spread over the others."""
+    shares: dict[str, int] = {}
+    left = want
+    order = sorted(available, key=lambda d: available[d])
+    for i, domain in enumerate(order):
+        shares[domain] = min(available[domain], left // (len(order) - i))
+        left -= shares[domain]
+    return shares
 
 
 def load_sequences(
@@ -177,38 +220,70 @@ def load_sequences(
     calib_tokens: int,
     heldout_tokens: int,
     split: bool = True,
+    domains: tuple[str, ...] = (),
+    skip_domains: tuple[str, ...] = (),
 ) -> tuple[Sequences, Sequences]:
-    """(calibration, held-out) sequences: up to `calib_tokens` / `heldout_tokens` each.
-    Without `split` every document is held-out text (a dataset given only for evaluation).
+    """(calibration, held-out) sequences: up to `calib_tokens` / `heldout_tokens` each, the
+    same number of tokens from each domain as far as each has them (only `domains` when given,
+    none of `skip_domains`). Without `split` every document is held-out text (a dataset given
+    only for evaluation).
 
     Raises a `PolarcError` when the dataset yields less than one sequence overall, or too
-    little to give both splits a sequence.
+    little to give both splits a sequence, or when a named domain is not in it.
     """
     if seq_len < 2:
         raise PolarcError(f"--seq-len must be at least 2, got {seq_len}")
-    streams: dict[str, list[int]] = {"calib": [], "heldout": []}
     want = {"calib": calib_tokens, "heldout": heldout_tokens}
+    streams: dict[str, dict[str, list[int]]] = {"calib": {}, "heldout": {}}
+    seen: dict[str, int] = {}  # documents per domain, kept or not
     sep = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-    for i, doc in enumerate(iter_documents(dataset)):
+
+    def enough() -> bool:
+        # Text with domains is read to its end (only parsed, not tokenized, once a domain's
+        # streams are full): a later record may start a domain not seen yet, and a file
+        # sorted by domain would otherwise give only its first.
+        return set(seen) == {""} and all(len(streams[s].get("", [])) >= want[s] for s in streams)
+
+    for domain, doc in iter_tagged(dataset):
+        i = seen.get(domain, 0)
+        seen[domain] = i + 1
+        if _skipped(domain, domains, skip_domains):
+            continue
         part = "heldout" if not split or i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "calib"
-        if len(streams[part]) >= want[part]:
-            if all(len(streams[s]) >= want[s] for s in streams):
+        stream = streams[part].setdefault(domain, [])
+        if len(stream) >= want[part]:
+            if enough():
                 break
             continue
-        streams[part].extend(tokenizer.encode(doc) + sep)
-    total = sum(len(s) for s in streams.values())
+        stream.extend(tokenizer.encode(doc) + sep)
+    unknown = sorted((set(domains) | set(skip_domains)) - set(seen))
+    if unknown:
+        have = ", ".join(sorted(d for d in seen if d)) or "none (its text has no domains)"
+        raise PolarcError(f"dataset {dataset!r} has no domain {', '.join(unknown)}; "
+                          f"its domains: {have}")
+    total = sum(len(t) for part in streams.values() for t in part.values())
     if total < seq_len:
         raise PolarcError(f"dataset {dataset!r} yields only {total} tokens, fewer than one "
                           f"sequence of --seq-len {seq_len}",
                           hint="give more text or a smaller --seq-len")
     out = []
     for part in ("calib", "heldout"):
-        n = min(len(streams[part]), want[part]) // seq_len
-        if n == 0 and want[part] > 0:
+        per_domain = streams[part]
+        rows_by_domain = balanced_shares(
+            {d: len(t) // seq_len for d, t in per_domain.items()}, want[part] // seq_len)
+        if sum(rows_by_domain.values()) == 0 and want[part] > 0:
             raise PolarcError(f"dataset {dataset!r} is too small: its {part} split (every "
                               f"{HELDOUT_EVERY}th document is held out) has less than one "
                               f"sequence of {seq_len} tokens",
                               hint="give more text (at least ten documents) or a smaller --seq-len")
-        ids = torch.tensor(streams[part][: n * seq_len], dtype=torch.long).view(n, seq_len)
-        out.append(Sequences(ids=ids, dataset=dataset, split=part))
+        # Interleave the domains' rows, so any contiguous or evenly spread pick mixes them.
+        order = sorted(((r / n, d, r) for d, n in rows_by_domain.items() for r in range(n)))
+        ids = torch.tensor([per_domain[d][r * seq_len:(r + 1) * seq_len] for _, d, r in order],
+                           dtype=torch.long).view(len(order), seq_len)
+        out.append(Sequences(ids=ids, dataset=dataset, split=part,
+                             domains=[d for _, d, _ in order]))
     return out[0], out[1]
+
+
+def _skipped(domain: str, only: tuple[str, ...], skip: tuple[str, ...]) -> bool:
+    return (bool(only) and domain not in only) or domain in skip

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from polarc.calibration.collect import layer_work_bytes
 from polarc.calibration.quality import make_selector
 from rich.progress import Progress
 
@@ -42,23 +42,46 @@ def candidate_ks(n_kv: int) -> list[int]:
 
 
 @dataclass
+class Perplexity:
+    """A plan's perplexity on the tuning text: overall and per domain of the text."""
+
+    overall: float
+    by_domain: dict[str, float]
+
+    def rise(self, dense: Perplexity) -> float:
+        """What the budget bounds, in percent: the worst domain's rise over dense (the
+        overall rise when the text has one domain). Keeping the budget on the average would
+        let one kind of text pay for the others."""
+        return max((ppl / dense.by_domain[d] - 1) * 100 for d, ppl in self.by_domain.items())
+
+    def overall_rise(self, dense: Perplexity) -> float:
+        return (self.overall / dense.overall - 1) * 100
+
+
+@dataclass
 class PlanSearch:
     """What the budget search measured, for the artifact and the report."""
 
-    ppl_dense: float
+    ppl_dense: Perplexity
     layer_costs: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> k -> %
     tries: list[dict[str, float]] = field(default_factory=list)
 
 
-def _nll(model: Model, ids: torch.Tensor, logits: torch.Tensor) -> float:
-    logp = F.log_softmax(logits[:, :-1].float(), -1)
-    return -logp.gather(-1, ids[:, 1:, None].to(logp.device)).sum().item()
+def _row_nll(model: Model, ids: torch.Tensor, h: torch.Tensor) -> list[float]:
+    """Each sequence's summed next-token NLL, `ids` [B, T], from the last layer's output `h`
+    [B, T, d], one sequence's logits at a time: a batch's whole logits (B x T x vocab in
+    fp32: 0.8 GB for SmolLM2, 2 GB for Llama-3 at 4k tokens) would set the peak of the run."""
+    out = []
+    for row in range(ids.shape[0]):
+        logits = final_logits(model, h[row, :-1]).float()
+        target = ids[row, 1:].to(logits.device)
+        out.append((logits.logsumexp(-1) - logits.gather(-1, target[:, None])[:, 0]).sum().item())
+    return out
 
 
-def tune_perplexity(model: Model, batches: list[torch.Tensor], k_per_layer: list[int],
-                    routers: dict[int, HeadRouter]) -> float:
-    """Perplexity of one plan on `batches`, streamed layer by layer."""
-    tune = TuneSet(batches=[b.to(model.device) for b in batches], layer_inputs=[], ppl_dense=1.0)
+def tune_perplexity(model: Model, tune: TuneSet, k_per_layer: list[int],
+                    routers: dict[int, HeadRouter]) -> Perplexity:
+    """Perplexity of one plan on the tuning batches, streamed layer by layer."""
     return run_plans(model, tune, [PlanRun(list(k_per_layer), routers)])[0]
 
 
@@ -87,16 +110,28 @@ def _solve(costs: dict[int, dict[int, float]], n_layers: int, n_kv: int, budget:
 
 @dataclass
 class TuneSet:
-    """The tuning split in batches (on the model's device) and each layer's dense input per
-    batch (`layer_inputs[layer][batch]`; empty when not prepared)."""
+    """The tuning split in batches (on the model's device), each row's domain (in batch
+    order), and each layer's dense input per batch (`layer_inputs[layer][batch]`; empty when
+    not prepared)."""
 
     batches: list[torch.Tensor]
-    layer_inputs: list[list[torch.Tensor]]
-    ppl_dense: float
+    domains: list[str]
+    layer_inputs: list[list[torch.Tensor]] = field(default_factory=list)
+    ppl_dense: Perplexity | None = None
 
-    @property
-    def n_tokens(self) -> int:
-        return sum(b[:, 1:].numel() for b in self.batches)
+    @staticmethod
+    def of(model: Model, ids: torch.Tensor, domains: list[str], batch_size: int) -> TuneSet:
+        return TuneSet([b.to(model.device) for b in ids.split(batch_size)], list(domains))
+
+    def perplexity(self, row_nll: list[float]) -> Perplexity:
+        per_row = self.batches[0].shape[1] - 1
+        nll: dict[str, float] = {}
+        rows: dict[str, int] = {}
+        for d, v in zip(self.domains, row_nll, strict=True):
+            nll[d] = nll.get(d, 0.0) + v
+            rows[d] = rows.get(d, 0) + 1
+        return Perplexity(math.exp(sum(row_nll) / (len(row_nll) * per_row)),
+                          {d: math.exp(nll[d] / (rows[d] * per_row)) for d in sorted(nll)})
 
 
 @dataclass
@@ -129,7 +164,7 @@ def _runs_per_pass(model: Model, tune: TuneSet, runs: list[PlanRun]) -> int:
 
 @torch.no_grad()
 def run_plans(model: Model, tune: TuneSet, runs: list[PlanRun],
-              progress: Progress | None = None, label: str = "") -> list[float]:
+              progress: Progress | None = None, label: str = "") -> list[Perplexity]:
     """Perplexity of each run on the tuning batches. Layer-major: each pass loads a layer's
     weights once and runs it for every run of the pass and every batch, so a streamed model
     reads its weights once per pass, however many plans it measures. Runs are grouped into
@@ -139,7 +174,7 @@ def run_plans(model: Model, tune: TuneSet, runs: list[PlanRun],
     rope = rope_cos_sin(model, positions, model.dtype)
     per_pass = _runs_per_pass(model, tune, runs)
     order = sorted(range(len(runs)), key=lambda r: runs[r].start)
-    results: list[float] = [0.0] * len(runs)
+    results: list[Perplexity | None] = [None] * len(runs)
     task = progress.add_task(label, total=len(runs)) if progress and label else None
     for first in range(0, len(order), per_pass):
         group = [runs[r] for r in order[first:first + per_pass]]
@@ -159,24 +194,49 @@ def run_plans(model: Model, tune: TuneSet, runs: list[PlanRun],
                     hidden[g] = [run_layer(model, layer, h, rope, select=selects[g])
                                  for h in hidden[g]]
         for g in range(len(group)):
-            nll = sum(_nll(model, ids, final_logits(model, h))
-                      for ids, h in zip(tune.batches, hidden[g], strict=True))
-            results[order[first + g]] = math.exp(nll / tune.n_tokens)
+            results[order[first + g]] = tune.perplexity(
+                [v for ids, h in zip(tune.batches, hidden[g], strict=True)
+                 for v in _row_nll(model, ids, h)])
             hidden[g] = None
             if task is not None:
                 progress.advance(task)
-    return results
+    return results  # type: ignore[return-value]
 
 
 @torch.no_grad()
-def prepare_tune(model: Model, tune: torch.Tensor, batch_size: int) -> TuneSet:
+def prepare_tune(model: Model, tune: torch.Tensor, domains: list[str], batch_size: int
+                 ) -> TuneSet:
     """The tuning batches with every layer's dense input and the dense perplexity."""
-    ts = TuneSet(batches=[b.to(model.device) for b in tune.split(batch_size)], layer_inputs=[],
-                 ppl_dense=1.0)
+    ts = TuneSet.of(model, tune, domains, batch_size)
     dense = PlanRun([model.spec.n_kv_heads] * model.spec.n_layers, {}, record=True)
     ts.ppl_dense = run_plans(model, ts, [dense])[0]
     ts.layer_inputs = [dense.recorded[layer] for layer in range(model.spec.n_layers)]
     return ts
+
+
+def spread_rows(model: Model, tune: TuneSet, n_rows: int) -> TuneSet:
+    """`n_rows` of the tuning sequences, spread evenly over them (so over every part of the
+    text), with their dense layer inputs and their own dense perplexity."""
+    total = sum(b.shape[0] for b in tune.batches)
+    if n_rows >= total:
+        return tune
+    pick = torch.linspace(0, total - 1, n_rows).round().long().unique()
+    batches: list[torch.Tensor] = []
+    local: list[tuple[int, torch.Tensor]] = []
+    offset = 0
+    for i, b in enumerate(tune.batches):
+        rows = pick[(pick >= offset) & (pick < offset + b.shape[0])] - offset
+        if len(rows):
+            batches.append(b[rows.to(b.device)])
+            local.append((i, rows))
+        offset += b.shape[0]
+    inputs = [[per_batch[i][rows.to(per_batch[i].device)] for i, rows in local]
+              for per_batch in tune.layer_inputs]
+    sub = TuneSet(batches, [tune.domains[int(i)] for i in pick], inputs)
+    n_layers = len(inputs)
+    sub.ppl_dense = run_plans(model, sub, [PlanRun([model.spec.n_kv_heads] * n_layers, {},
+                                                   start=n_layers - 1)])[0]
+    return sub
 
 
 def measure_layer_costs(
@@ -185,8 +245,8 @@ def measure_layer_costs(
     routers_by_k: dict[int, dict[int, HeadRouter]],
     progress: Progress | None = None,
 ) -> dict[int, dict[int, float]]:
-    """Perplexity rise (%) of each (layer, k) alone. Each run starts at its layer from the
-    cached dense input, and all of them share the passes over the weights."""
+    """Perplexity rise (%) of each (layer, k) alone on `tune`. Each run starts at its layer
+    from the cached dense input, and all of them share the passes over the weights."""
     n_kv, n_layers = model.spec.n_kv_heads, model.spec.n_layers
     keys = [(layer, k) for layer in range(1, n_layers) for k in sorted(routers_by_k)]
     runs = []
@@ -197,7 +257,9 @@ def measure_layer_costs(
     ppls = run_plans(model, tune, runs, progress, "per-layer costs")
     costs: dict[int, dict[int, float]] = {}
     for (layer, k), ppl in zip(keys, ppls, strict=True):
-        costs.setdefault(layer, {})[k] = (ppl / tune.ppl_dense - 1) * 100
+        # Overall, not worst-domain: these only rank moves, on a few rows per domain, where
+        # a maximum would mostly rank noise; whole plans are held to the worst domain.
+        costs.setdefault(layer, {})[k] = ppl.overall_rise(tune.ppl_dense)
     return costs
 
 
@@ -239,10 +301,12 @@ class _Measurer:
             if differs > start:
                 start, earlier = differs, self.base.recorded
         run = PlanRun(list(plan), routers, start=start, given=earlier[start], record=True)
+        if self.last is not self.base:
+            self.last = None  # its records would otherwise live beside the new run's
         ppl = run_plans(self.model, self.tune, [run])[0]
         run.recorded.update({i: earlier[i] for i in range(start)})
         self.last = run
-        return (ppl / self.tune.ppl_dense - 1) * 100
+        return ppl.rise(self.tune.ppl_dense)
 
 
 def search_plan(
@@ -284,13 +348,17 @@ def search_plan(
             if density < best_density:
                 best_plan, best_density = plan, density
             fits = internal
-            if fails is None:
-                break
         else:
             fails = internal
         if fits is None:
             # Costs add up super-linearly: shrink the internal budget in proportion.
             internal *= 0.9 * target / max(rise, 1e-9)
+        elif fails is None:
+            # Every plan so far fits: the costs measured alone overstate the whole plan's
+            # (they are noisy on few tuning rows, and moves can offset): grow it, at most 4x.
+            if plan == _solve(costs, n_layers, n_kv, internal * 4) or rise >= 0.97 * target:
+                break  # nothing cheaper to find, or already at the edge
+            internal *= min(4.0, 1.1 * target / max(rise, target / 40))
         else:
             # Internal budgets that matter span orders of magnitude: bisect geometrically.
             if fails / max(fits, 1e-12) < 1.25:
@@ -325,15 +393,29 @@ def budget_plan(
     routers_by_k: dict[int, dict[int, HeadRouter]],
     budget_pct: float,
     *,
+    domains: list[str] | None = None,
     batch_size: int = 8,
+    cost_tokens: int | None = None,
     progress: Progress | None = None,
 ) -> tuple[list[int], PlanSearch]:
-    """Per-layer k for a perplexity budget of `budget_pct` percent on `tune_ids` [n, T].
+    """Per-layer k for a perplexity budget of `budget_pct` percent on `tune_ids` [n, T] (rows
+    of `domains`, default one domain): the budget holds on every domain.
 
-    `routers_by_k[k][layer]` is the router trained to keep k groups at that layer.
+    `routers_by_k[k][layer]` is the router trained to keep k groups at that layer. The
+    (layer, k) costs, one run each, are measured on about `cost_tokens` of the tuning tokens
+    (default: all): they only rank the moves; every whole plan is measured on all of them,
+    and only those measurements decide what fits the budget.
     """
-    tune = prepare_tune(model, tune_ids, batch_size)
-    costs = measure_layer_costs(model, tune, routers_by_k, progress)
+    tune = prepare_tune(model, tune_ids, domains or [""] * tune_ids.shape[0], batch_size)
+    # The search keeps two plans' recorded inputs (the accepted base and the plan being
+    # measured) beside the dense ones, one layer's work and one sequence's logits.
+    elem = torch.empty((), dtype=model.dtype).element_size()
+    model.make_room(2 * _hidden_bytes(model, tune) * model.spec.n_layers
+                    + layer_work_bytes(model, batch_size, tune_ids.shape[1])
+                    + 2 * tune_ids.shape[1] * model.spec.vocab * max(elem, 4))
+    n_rows = (tune_ids.shape[0] if cost_tokens is None
+              else math.ceil(cost_tokens / tune_ids.shape[1]))
+    costs = measure_layer_costs(model, spread_rows(model, tune, n_rows), routers_by_k, progress)
     plan, tries = search_plan(model, tune, costs, routers_by_k, budget_pct, progress=progress)
     search = PlanSearch(
         ppl_dense=tune.ppl_dense, tries=tries,

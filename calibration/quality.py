@@ -39,6 +39,24 @@ class RecallCounter:
     def recall(self) -> float:
         return self.hits / self.total if self.total else float("nan")
 
+    # the domain of each row of the batch being run; hits and totals per domain
+    row_domains: list[str] = field(default_factory=list)
+    by_domain: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, row_hits: torch.Tensor, per_row: int) -> None:
+        """Count one layer's hits of a batch (`row_hits` [B]) out of `per_row` each."""
+        self.hits += row_hits.sum().item()
+        self.total += per_row * row_hits.numel()
+        if self.row_domains:
+            for d, h in zip(self.row_domains, row_hits.tolist(), strict=True):
+                count = self.by_domain.setdefault(d, [0.0, 0.0])
+                count[0] += h
+                count[1] += per_row
+
+    def domain_recall(self, domain: str) -> float:
+        hits, total = self.by_domain.get(domain, (0.0, 0.0))
+        return hits / total if total else float("nan")
+
 
 def make_selector(
     kind: str,
@@ -66,8 +84,7 @@ def make_selector(
             raise ValueError(f"no router for layer {layer}")
         keep = topk_mask(routers[layer].scores(x), k)
         if recall is not None:
-            recall.hits += (keep & topk_mask(norms, k)).sum().item()
-            recall.total += norms.shape[0] * norms.shape[1] * k
+            recall.add((keep & topk_mask(norms, k)).flatten(1).sum(1), norms.shape[1] * k)
         return keep
 
     return select
@@ -91,6 +108,8 @@ class QualityReport:
     router_recall: float = float("nan")
     kv_density: float = 1.0
     tokens: int = 0
+    by_domain: dict[str, dict[str, SelectionStats]] = field(default_factory=dict)
+    recall_by_domain: dict[str, float] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -105,6 +124,14 @@ class QualityReport:
         out["router_recall"] = self.router_recall
         out["kv_density"] = self.kv_density
         out["tokens"] = self.tokens
+        if len(self.by_domain) > 1 or any(self.by_domain):
+            out["by_domain"] = {
+                d: {**{f"ppl_{kind}": s.ppl for kind, s in stats.items()},
+                    **{f"increase_pct_{kind}": (s.ppl / stats["dense"].ppl - 1) * 100
+                       for kind, s in stats.items() if kind != "dense" and "dense" in stats},
+                    "router_recall": self.recall_by_domain.get(d, float("nan")),
+                    "tokens": next(iter(stats.values())).tokens}
+                for d, stats in sorted(self.by_domain.items())}
         return out
 
 
@@ -118,9 +145,11 @@ def evaluate(
     kinds: tuple[str, ...] = KINDS,
     batch_size: int = 8,
     seed: int = 0,
+    domains: list[str] | None = None,
     progress: Progress | None = None,
 ) -> QualityReport:
-    """Perplexity per selection on `seqs` [n, T]; agreement and KL against dense per batch."""
+    """Perplexity per selection on `seqs` [n, T], overall and per domain of the rows
+    (`domains`, default one); agreement and KL against dense per batch."""
     n_kv = model.spec.n_kv_heads
     report = QualityReport(stats={k: SelectionStats() for k in kinds},
                            kv_density=kv_density(k_per_layer, n_kv))
@@ -128,10 +157,13 @@ def evaluate(
     selectors = {kind: make_selector(kind, k_per_layer, n_kv, routers=routers, seed=seed,
                                      recall=recall) for kind in kinds}
     task = progress.add_task("evaluating", total=seqs.shape[0]) if progress else None
+    row_domains = domains or [""] * seqs.shape[0]
     for start in range(0, seqs.shape[0], batch_size):
         ids = seqs[start:start + batch_size].to(model.device)
         target = ids[:, 1:].reshape(-1)
         dense_logp = None
+        batch_domains = row_domains[start:start + ids.shape[0]]
+        recall.row_domains = batch_domains
         for kind in ("dense", *[k for k in kinds if k != "dense"]):
             logits = forward(model, ids, select=selectors.get(kind))
             logp = F.log_softmax(logits[:, :-1].float(), -1).reshape(target.numel(), -1)
@@ -140,14 +172,20 @@ def evaluate(
                 dense_logp = logp
             if s is None:
                 continue
-            s.nll += -logp.gather(1, target[:, None]).sum().item()
+            row_nll = -logp.gather(1, target[:, None]).view(ids.shape[0], -1).sum(1)
+            s.nll += row_nll.sum().item()
             s.tokens += target.numel()
+            for d, v in zip(batch_domains, row_nll.tolist(), strict=True):
+                ds = report.by_domain.setdefault(d, {}).setdefault(kind, SelectionStats())
+                ds.nll += v
+                ds.tokens += ids.shape[1] - 1
             if kind != "dense":
                 s.top1_agree += (logp.argmax(-1) == dense_logp.argmax(-1)).sum().item()
                 s.kl += (dense_logp.exp() * (dense_logp - logp)).sum().item()
         if progress is not None:
             progress.advance(task, ids.shape[0])
     report.router_recall = recall.recall
+    report.recall_by_domain = {d: recall.domain_recall(d) for d in report.by_domain}
     report.tokens = report.stats[kinds[0]].tokens
     return report
 
@@ -155,12 +193,16 @@ def evaluate(
 def evaluate_calibration(calibration: Path, *, model: str | None, weights: Path | None,
                          random_weights: bool, dataset: str | None, tokens: int,
                          batch_size: int, seed: int, device: torch.device | None = None,
-                         dtype: torch.dtype = torch.float32, progress: Progress | None = None
+                         dtype: torch.dtype = torch.float32, domains: tuple[str, ...] = (),
+                         skip_domains: tuple[str, ...] = (), progress: Progress | None = None
                          ) -> dict[str, Any]:
-    """`polarc eval`: the calibration's plan and routers on held-out text, four selections.
+    """`polarc eval`: the calibration's plan and routers on held-out text, four selections,
+    overall and per domain.
 
     The calibration's own dataset is read for its held-out documents only (every tenth, never
-    seen by calibration); any other dataset is held-out text as a whole."""
+    seen by calibration); any other dataset is held-out text as a whole. Where the text is
+    not the calibration's own (another dataset, or a domain it was not calibrated on), the
+    result says whether the plan's rise stayed within the budget it was made for."""
     cal = read_calibration(calibration)
     record = cal.meta["model"]
     if model is None:
@@ -175,12 +217,29 @@ def evaluate_calibration(calibration: Path, *, model: str | None, weights: Path 
     ds = dataset or own
     seq_len = int(cal.meta["dataset"]["seq_len"])
     whole = dataset is not None and dataset != own
+    calibrated_on = set(cal.meta["dataset"].get("domains", [""]))
+    if not whole and not domains and not skip_domains:
+        # its own held-out text: the domains it was calibrated on
+        domains = tuple(sorted(d for d in calibrated_on if d))
     _, heldout = load_sequences(ds, m.tokenizer, seq_len=seq_len, calib_tokens=0,
-                                heldout_tokens=max(tokens, seq_len), split=not whole)
+                                heldout_tokens=max(tokens, seq_len), split=not whole,
+                                domains=domains, skip_domains=skip_domains)
     check_gpu_room(m, batch_size, seq_len)
     report = evaluate(m, heldout.ids, cal.k_per_layer, routers=routers,
-                      batch_size=batch_size, seed=seed, progress=progress)
+                      batch_size=batch_size, seed=seed, domains=heldout.domains,
+                      progress=progress)
     res: dict[str, Any] = report.as_json()
+    unseen = sorted(set(heldout.domains) - calibrated_on) if not whole else sorted(
+        set(heldout.domains))
+    budget = cal.meta["plan"].get("quality_budget_pct")
+    if unseen and budget is not None:
+        rises = {d: v["increase_pct_sparse"] for d, v in res.get("by_domain", {}).items()
+                 if d in unseen}
+        if not rises:  # one domain, the whole text
+            rises = {"": (res["ppl_sparse"] / res["ppl_dense"] - 1) * 100}
+        res["budget_check"] = {"budget_pct": budget, "unseen_domains": unseen,
+                               "worst_rise_pct": max(rises.values()),
+                               "within_budget": max(rises.values()) <= budget}
     res.update(model=m.spec.name, calibration=str(calibration), dataset=ds,
                device=m.device.type, dtype=str(dtype).removeprefix("torch."),
                heldout="the whole dataset" if whole else f"every {HELDOUT_EVERY}th document",

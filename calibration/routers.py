@@ -45,11 +45,14 @@ def train_head_routers(
     weight_decay: float = 0.01,
     val_frac: float = 0.1,
     seed: int = 0,
+    domain: torch.Tensor | None = None,
+    domain_names: list[str] | None = None,
 ) -> dict[int, HeadRouter]:
     """Fit one `Linear(d, Hkv)` per k in `ks` for one layer (x [n, d], group_norms [n, Hkv]),
     all at once (one batched step trains every k), with class-weighted BCE on top-k labels;
     keep each router's best validation recall (the epoch whose router best reproduces the
-    true top-k on unseen tokens)."""
+    true top-k on unseen tokens), and, with each sample's `domain` [n] (indices into
+    `domain_names`), that router's validation recall per domain."""
     gen = torch.Generator().manual_seed(seed)
     n, d = x.shape
     hkv, n_k = group_norms.shape[1], len(ks)
@@ -94,8 +97,20 @@ def train_head_routers(
             best_b[better] = bias.detach()[better]
     w_eff = best_w / std  # [n_k, H, d]
     b_eff = best_b[:, 0] - (best_w * (mean / std)).sum(-1)
+    by_domain: list[dict[str, float]] = [{} for _ in ks]
+    if domain is not None and domain_names is not None:
+        with torch.no_grad():
+            pred = torch.einsum("bd,khd->kbh", (x[val] - mean) / std, best_w) + best_b
+            val_domain = domain.to(dev)[val]
+            for j, k in enumerate(ks):
+                hit = (topk_mask(pred[j], k) & val_labels[j]).sum(-1).float() / k
+                for i, name in enumerate(domain_names):
+                    mine = val_domain == i
+                    if mine.any():
+                        by_domain[j][name] = float(hit[mine].mean())
     return {k: HeadRouter(weight=w_eff[j].contiguous(), bias=b_eff[j].contiguous(), k=k,
-                          recall=float(best_recall[j])) for j, k in enumerate(ks)}
+                          recall=float(best_recall[j]), recall_by_domain=by_domain[j])
+            for j, k in enumerate(ks)}
 
 
 def train_mlp_router(

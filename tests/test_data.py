@@ -4,7 +4,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from polarc.calibration.data import iter_documents, load_sequences
+from polarc.calibration.data import balanced_shares, iter_documents, iter_tagged, load_sequences
 
 from polarc.errors import PolarcError
 from polarc.models.tokenizer import ByteTokenizer
@@ -90,3 +90,59 @@ def test_broad_mix_has_every_domain_deduplicated_and_licensed() -> None:
     assert len({r["text"] for r in records}) == len(records)
     assert all(r["license"] and r["source"] and len(r["text"]) >= 500 for r in records)
     assert not any("BSD-4" in r["license"] for r in records)
+
+
+def _tagged(tmp_path: Path, per_domain: dict[str, int]) -> Path:
+    """A .jsonl dataset whose records carry a domain (sorted by domain, as files often are)."""
+    path = tmp_path / "tagged.jsonl"
+    lines = [json.dumps({"text": f"{d} document {i}. " + f"{d} words here " * 12, "domain": d})
+             for d, n in per_domain.items() for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_mix_split_holds_out_every_domain_and_balances_them() -> None:
+    from collections import Counter
+
+    calib, heldout = load_sequences("mix", TOK, seq_len=128, calib_tokens=5 * 128 * 8,
+                                    heldout_tokens=5 * 128 * 2)
+    domains = {"narrative", "expository", "reference", "conversational", "code"}
+    assert Counter(calib.domains) == dict.fromkeys(domains, 8)
+    assert Counter(heldout.domains) == dict.fromkeys(domains, 2)
+    # rows are interleaved, not one domain after another
+    assert len(set(calib.domains[:5])) == 5
+    # the held-out documents of one domain are its every tenth, never calibration text
+    code = [t for d, t in iter_tagged("mix") if d == "code"]
+    calib_text = TOK.decode(calib.ids.flatten().tolist())
+    assert code[9][:100] not in calib_text and code[0][:100] in calib_text
+
+
+def test_domain_filters(tmp_path: Path) -> None:
+    path = _tagged(tmp_path, {"a": 60, "b": 60, "c": 60})
+    calib, heldout = load_sequences(str(path), TOK, seq_len=32, calib_tokens=32 * 12,
+                                    heldout_tokens=32 * 3, skip_domains=("b",))
+    assert set(calib.domains) == set(heldout.domains) == {"a", "c"}
+    assert "b words" not in TOK.decode(calib.ids.flatten().tolist())
+    _, only = load_sequences(str(path), TOK, seq_len=32, calib_tokens=0, heldout_tokens=64,
+                             domains=("b",))
+    assert set(only.domains) == {"b"}
+    with pytest.raises(PolarcError, match="has no domain nope; its domains: a, b, c"):
+        load_sequences(str(path), TOK, seq_len=32, calib_tokens=64, heldout_tokens=32,
+                       domains=("nope",))
+
+
+def test_a_small_domain_gives_what_it_has() -> None:
+    assert balanced_shares({"a": 100, "b": 2, "c": 100}, 30) == {"b": 2, "a": 14, "c": 14}
+    assert balanced_shares({"a": 3}, 10) == {"a": 3}
+
+
+def test_tuning_rows_come_from_every_domain(tmp_path: Path) -> None:
+    from polarc.calibration.calibrate import split_tune
+
+    path = _tagged(tmp_path, {"a": 80, "b": 80, "c": 80})
+    pool, _ = load_sequences(str(path), TOK, seq_len=32, calib_tokens=32 * 60, heldout_tokens=32)
+    train, tune = split_tune(pool, 6)
+    assert sorted(tune.domains) == ["a", "a", "b", "b", "c", "c"]
+    assert train.ids.shape[0] + tune.ids.shape[0] == pool.ids.shape[0]
+    both = {tuple(r) for r in train.ids.tolist()} & {tuple(r) for r in tune.ids.tolist()}
+    assert not both

@@ -1,5 +1,9 @@
+from types import SimpleNamespace
+
+import pytest
 import torch
-from polarc.calibration.plan import _solve, candidate_ks
+from polarc.calibration import plan as plan_mod
+from polarc.calibration.plan import TUNE_SHARE, _solve, candidate_ks, search_plan
 from polarc.calibration.routers import (
     topk_mask,
     topk_recall,
@@ -82,3 +86,34 @@ def test_solve_never_treats_a_move_as_free() -> None:
     costs = {1: {1: -2.0, 2: -1.0}, 2: {1: 0.0, 2: -0.5}}
     assert _solve(costs, 3, 3, 0.01) == [3, 3, 3]  # a tiny budget gives back the dense plan
     assert _solve(costs, 3, 3, 1.0) == [3, 1, 1]
+
+
+def _search_with_true_rise(monkeypatch: pytest.MonkeyPatch, costs: dict, n_layers: int,
+                           n_kv: int, scale: float, budget: float) -> tuple[list[int], list]:
+    """search_plan where a whole plan truly rises `scale` x the sum of its moves' costs."""
+    def true_rise(plan: list[int]) -> float:
+        return scale * sum(costs[layer][k] for layer, k in enumerate(plan) if k < n_kv)
+
+    monkeypatch.setattr(plan_mod._Measurer, "rise", lambda self, plan: true_rise(plan))
+    monkeypatch.setattr(plan_mod._Measurer, "accept", lambda self, plan: None)
+    model = SimpleNamespace(spec=SimpleNamespace(n_kv_heads=n_kv, n_layers=n_layers))
+    plan, tries = search_plan(model, None, costs, {}, budget)
+    assert true_rise(plan) <= budget * TUNE_SHARE
+    return plan, tries
+
+
+def test_search_grows_the_budget_when_costs_overstate(monkeypatch: pytest.MonkeyPatch) -> None:
+    costs = {layer: {1: 1.0 + layer / 10, 2: 0.3 + layer / 50} for layer in range(1, 12)}
+    first = _solve(costs, 12, 3, 3 * TUNE_SHARE)
+    plan, tries = _search_with_true_rise(monkeypatch, costs, 12, 3, 0.25, 3.0)
+    # alone-costs four times the truth: the first knapsack fits easily, and the search goes on
+    assert tries[0]["increase_pct"] < 0.5 * 3 * TUNE_SHARE
+    assert sum(plan) < sum(first)
+    assert any(t["increase_pct"] > 3 * TUNE_SHARE for t in tries)  # it found the edge
+
+
+def test_search_shrinks_the_budget_when_costs_understate(monkeypatch: pytest.MonkeyPatch) -> None:
+    costs = {layer: {1: 1.0 + layer / 10, 2: 0.3 + layer / 50} for layer in range(1, 12)}
+    plan, tries = _search_with_true_rise(monkeypatch, costs, 12, 3, 3.0, 3.0)
+    assert tries[0]["increase_pct"] > 3 * TUNE_SHARE
+    assert sum(plan) < 3 * 12

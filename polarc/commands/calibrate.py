@@ -29,6 +29,12 @@ from polarc.format.plan import check_density
 from polarc.models import load_model
 from polarc.outputs import check_output, write_json
 
+DomainOpt = Annotated[list[str] | None, typer.Option(
+    "--domain", help="Only this domain of the dataset (repeatable; the builtin mix has "
+                     "narrative, expository, reference, conversational, code).")]
+SkipDomainOpt = Annotated[list[str] | None, typer.Option(
+    "--skip-domain", help="Leave this domain of the dataset out (repeatable).")]
+
 
 def calibrate_cmd(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the calibration artifact.")],
@@ -36,12 +42,17 @@ def calibrate_cmd(
     weights: WeightsOpt = None,
     random_weights: RandomOpt = False,
     dataset: Annotated[str, typer.Option(
-        help="'builtin', a .txt/.jsonl/.parquet file, or a hub dataset name[:config[:split]].")
-    ] = "builtin",
+        help="'mix' (the builtin broad mix: narrative, expository, reference, conversational, "
+             "code), 'builtin' (licence texts), a .txt/.jsonl/.parquet file, or a hub dataset "
+             "name[:config[:split]].")
+    ] = "mix",
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 512,
     tokens: Annotated[int, typer.Option(help="Calibration tokens for router training.")] = 65536,
     tune_tokens: Annotated[int, typer.Option(
-        help="Further tokens for choosing the plan (never used for training).")] = 4096,
+        help="Further tokens for choosing the plan (never used for training).")] = 8192,
+    cost_tokens: Annotated[int, typer.Option(
+        help="Of the tuning tokens, how many rank each layer's moves (one run per layer and "
+             "k); whole plans are always measured on all of them.")] = 2560,
     density: Annotated[float | None, typer.Option(
         help="Uniform plan: fraction of KV groups kept on every layer but the first.")] = None,
     quality_budget: Annotated[float, typer.Option(
@@ -54,6 +65,8 @@ def calibrate_cmd(
     device: DeviceOpt = "auto",
     dtype: ComputeDtypeOpt = "auto",
     gpu_memory: GpuMemoryOpt = None,
+    domain: DomainOpt = None,
+    skip_domain: SkipDomainOpt = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing --out folder (only one polarc made).")] = False,
     quiet: QuietOpt = False,
@@ -67,21 +80,24 @@ def calibrate_cmd(
       polarc calibrate --density 0.67 --out runs/d67  # uniform: 2 of 3 KV groups
 
       polarc calibrate -m ./my-llama --dataset notes.jsonl --quality-budget 1 -o runs/mine
+
+      polarc calibrate --dataset mix --skip-domain code -o runs/no-code  # leave one out
     """
     from polarc.calibration.artifact import is_calibration_folder
     from polarc.calibration.calibrate import CalibrateConfig, calibrate
 
     with user_errors():
         check_positive(seq_len=seq_len, tokens=tokens, tune_tokens=tune_tokens,
-                       batch_size=batch_size, max_samples=max_samples, epochs=epochs)
+                       cost_tokens=cost_tokens, batch_size=batch_size, max_samples=max_samples, epochs=epochs)
         check_finite(quality_budget=quality_budget)
         if density is not None:
             check_density(density)
         cfg = CalibrateConfig(out=out_dir, dataset=dataset, seq_len=seq_len, tokens=tokens,
-                              tune_tokens=tune_tokens, density=density,
+                              tune_tokens=tune_tokens, cost_tokens=cost_tokens, density=density,
                               quality_budget=quality_budget, batch_size=batch_size,
                               max_samples=max_samples, epochs=epochs, seed=seed, force=force,
-                              inputs=existing_inputs(dataset, model, weights))
+                              inputs=existing_inputs(dataset, model, weights),
+                              domains=tuple(domain or ()), skip_domains=tuple(skip_domain or ()))
         check_output(out_dir, force=force, folder=True, ours=is_calibration_folder,
                      inputs=cfg.inputs)
         dev = resolve_device_memory(device, gpu_memory)
@@ -124,13 +140,19 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     dtype: ComputeDtypeOpt = "auto",
     gpu_memory: GpuMemoryOpt = None,
+    domain: DomainOpt = None,
+    skip_domain: SkipDomainOpt = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the numbers as JSON.")] = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity on held-out text with dense, router, oracle and random selection.
 
-    Example: polarc eval --calibration runs/smollm2 --json runs/smollm2/eval.json
+    Examples:
+
+      polarc eval --calibration runs/smollm2 --json runs/smollm2/eval.json
+
+      polarc eval --calibration runs/no-code --domain code   # text it never saw
     """
     from polarc.calibration.artifact import artifact_files
     from polarc.calibration.quality import evaluate_calibration
@@ -145,7 +167,9 @@ def eval_cmd(
             res = evaluate_calibration(calibration, model=model, weights=weights,
                                        random_weights=random_weights, dataset=dataset,
                                        tokens=tokens, batch_size=batch_size, seed=seed,
-                                       device=dev, dtype=compute_dtype(dtype, dev), progress=bar)
+                                       device=dev, dtype=compute_dtype(dtype, dev),
+                                       domains=tuple(domain or ()),
+                                       skip_domains=tuple(skip_domain or ()), progress=bar)
         _print_eval(res)
         if json_out:
             write_json(json_out, res, force=force, inputs=inputs)
@@ -166,3 +190,19 @@ def _print_eval(res: dict[str, Any]) -> None:
         table.add_row(name, f"{ppl:.3f}", f"{(ppl / dense - 1) * 100:+.2f}%", agree, kl)
     out.print(table)
     out.print(f"router recall against the oracle: {res['router_recall']:.3f}", highlight=False)
+    if "by_domain" in res:
+        per = Table(title="per domain")
+        for col in ("domain", "tokens", "dense", "routers", "oracle", "random", "recall"):
+            per.add_column(col, justify="right")
+        for d, v in res["by_domain"].items():
+            per.add_row(escape(d or "-"), str(v["tokens"]), f"{v['ppl_dense']:.3f}",
+                        *(f"{v[f'increase_pct_{k}']:+.2f}%" for k in ("sparse", "oracle", "random")),
+                        f"{v['router_recall']:.3f}")
+        out.print(per)
+    check = res.get("budget_check")
+    if check:
+        verdict = "within" if check["within_budget"] else "EXCEEDS"
+        where = ", ".join(d for d in check["unseen_domains"] if d) or res["dataset"]
+        out.print(f"on text the calibration never saw ({where}): worst rise "
+                  f"{check['worst_rise_pct']:+.2f}% {verdict} the plan's {check['budget_pct']:g}% "
+                  "budget", markup=False, highlight=False)

@@ -12,7 +12,7 @@ weight, see `engine_file.py`): ``layers.{i}.head.weight [Hkv, d]``, ``layers.{i}
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ class HeadRouter:
     bias: torch.Tensor  # [Hkv]
     k: int  # groups it was trained to keep
     recall: float  # validation recall of its top-k against the true top-k
+    # the same per domain of the calibration text (empty when it had no domains)
+    recall_by_domain: dict[str, float] = field(default_factory=dict)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)

@@ -79,6 +79,19 @@ class Model:
                 for name in loaded:
                     self.weights.pop(name, None)
 
+    def make_room(self, nbytes: int) -> None:
+        """Let resident layers go, the last first, until `nbytes` are free on the device: work
+        that grows as it goes (the plan search's recorded inputs) comes before keeping
+        weights that can be read again."""
+        while (self.source is not None and self.resident_layers > 0
+               and free_memory(self.device) < nbytes):
+            last = min(self.resident_layers, self.spec.n_layers) - 1
+            for name in [n for n in self.weights if n.startswith(f"layers.{last}.")]:
+                del self.weights[name]
+            self.resident_layers = last
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Model:
         """This model on `device` (weights in `dtype`), the fused layout kept: the stored
         tensors move and the part views are made again, so nothing is copied twice."""

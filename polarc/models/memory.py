@@ -25,7 +25,8 @@ def limit_gpu_memory(device: torch.device, nbytes: int) -> None:
     if nbytes <= 0 or nbytes > total:
         raise PolarcError(f"--gpu-memory must be in (0, {total / 1e9:.0f}] GB for this GPU, got "
                           f"{nbytes / 1e9:g}")
-    torch.cuda.set_per_process_memory_fraction(nbytes / total, device)
+    # The allocator's setter wants an index: "cuda" alone is refused there.
+    torch.cuda.set_per_process_memory_fraction(nbytes / total, _index(device))
     _GPU_LIMITS[_index(device)] = nbytes
 
 
