@@ -3,9 +3,10 @@
     python -m polarc.benchmarks.bench_e2e [--json OUT] [--no-hf]    # = polarc bench e2e
 
 Random-weight Llama-3-8B and Llama-2-7B architectures in bf16, built in memory with random
-routers; the KV cache is filled with random values at the case's length (prefill is
-excluded). A step is the runtime's decode step for the whole batch, captured in a CUDA graph
-and timed by `timing.time_graph` (median of replays). The floor of a step is (weight bytes +
+routers; the paged KV cache is filled with random values at the case's length, each row's
+pages scattered over the pool (prefill is excluded). A step is the runtime's decode step for
+the whole batch, captured in a CUDA graph and timed by `timing.time_graph` (median of
+replays). The floor of a step is (weight bytes +
 KV bytes read) ÷ the copy bandwidth measured in the same run.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -80,6 +82,11 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float) -> l
     for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
         kc.normal_()
         vc.normal_()
+    # each row's pages scattered over the pool, as a server's would be after a while
+    random.Random(0).shuffle(rt.cache.free_pages)
+    for b in range(batch):
+        rt.cache.grow(b, seqlen)
+    rt.cache.sync()
     wbytes = weight_bytes(engine.model)
     tokens = torch.randint(0, spec.vocab, (batch,), device=device)
     records = []

@@ -1,7 +1,8 @@
 """benchmarks/README.md §1–2: selective attention and the selective GEMM pair against torch SDPA and
-cuBLAS, in one process on a CUDA GPU.
+cuBLAS, in one process on a CUDA GPU; and selective attention over a paged cache against the
+same kernel over the contiguous one (`--paged`: that table alone).
 
-    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick]  # = polarc bench kernels
+    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick] [--paged]
 
 Random data, outputs and workspaces allocated once; every call (ours, SDPA with
 ``enable_gqa=True``, cuBLAS ``addmm`` + ``relu_`` and ``mm``) timed by `timing.time_graph`
@@ -166,6 +167,102 @@ def _attn_target(rec: dict) -> dict:
     if big:
         out["meets_bw_target"] = rec["bw_frac"] >= 0.85
     return out
+
+
+# ----------------------------------------------------------------------------- paged
+
+PAGED_SHAPES = [("llama3-8b", 16, 4096), ("llama3-8b", 64, 1024), ("llama3-8b", 64, 4096),
+                ("llama3-8b", 32, 8192), ("llama3-8b", 256, 1024), ("llama2-7b", 16, 4096)]
+PAGE_SIZES = (16, 64, 128, 256)
+
+
+def paged_cases(*, bw: float, device: torch.device, quick: bool = False) -> list[dict]:
+    """The selective kernel over page pools (pages of each row in a shuffled order, as a
+    long-running server's would be) against the same kernel over contiguous rows, same data,
+    same groups, rows of full length; densities 0.5 and 1."""
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(2)
+    records: list[dict] = []
+    for model, b, s in PAGED_SHAPES[:2] if quick else PAGED_SHAPES:
+        hq, hkv = ATTN_MODELS[model]
+        d = HEAD_DIM
+        kv_bytes = 2 * b * hkv * s * d * 2
+        n_sets = sets_to_rotate(kv_bytes // 2, most=4)
+        sets = []
+        for _ in range(n_sets):
+            q = torch.randn(b, hq, d, device=device, dtype=dtype)
+            k = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+            v = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
+            sets.append((q, k, v))
+        seqlens = torch.full((b,), s, dtype=torch.int32, device=device)
+        for rho in (0.5, 1.0):
+            n_sel = max(1, round(rho * hkv))
+            groups = [_random_groups(b, hkv, n_sel, device, gen) for _ in sets]
+            base = dict(op="paged_attention", model=model, B=b, S=s, Hq=hq, Hkv=hkv, D=d,
+                        dtype="bf16", density=n_sel / hkv)
+            need = 2 * b * s * n_sel * d * 2
+            plan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device))
+            fns = []
+            for (q, k, v), g in zip(sets, groups, strict=True):
+                ws = selective_attention_workspace(q, k, n_sel, plan)
+                out = torch.empty_like(q)
+                fns.append(lambda q=q, k=k, v=v, g=g, ws=ws, out=out, p=plan, sl=seqlens:
+                           selective_attention(q, k, v, sl, g, out=out, workspace=ws, plan=p,
+                                               check_indices=False))
+            contiguous_ms = time_graph(fns)
+            records.append(dict(base, kernel="contiguous", page=None, ms=contiguous_ms,
+                                bw_frac=need / (contiguous_ms * 1e-3) / bw))
+            for page in PAGE_SIZES:
+                per_row = s // page
+                fns = []
+                for (q, k, v), g in zip(sets, groups, strict=True):
+                    order = torch.randperm(b * per_row, generator=gen).view(b, per_row)
+                    pools = []
+                    for c in (k, v):
+                        pool = torch.empty(b * per_row, hkv, page, d, device=device, dtype=dtype)
+                        pool[order.to(device)] = c.view(b, hkv, per_row, page, d).transpose(1, 2)
+                        pools.append(pool)
+                    table = order.int().to(device)
+                    pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d,
+                                                     sms=num_sms(device), page_size=page)
+                    ws = selective_attention_workspace(q, pools[0], n_sel, pplan, block_table=table)
+                    out = torch.empty_like(q)
+                    fns.append(lambda q=q, kp=pools[0], vp=pools[1], g=g, ws=ws, out=out, p=pplan,
+                               t=table, sl=seqlens: selective_attention(
+                                   q, kp, vp, sl, g, out=out, workspace=ws, plan=p,
+                                   check_indices=False, block_table=t))
+                ms = time_graph(fns)
+                records.append(dict(base, kernel="paged", page=page, ms=ms,
+                                    vs_contiguous=ms / contiguous_ms,
+                                    bw_frac=need / (ms * 1e-3) / bw,
+                                    meets_target=ms / contiguous_ms <= 1.05 if page >= 64
+                                    else None))
+                del fns
+            torch.cuda.empty_cache()
+        del sets
+        _log(f"done paged {model} B={b} S={s}")
+    return records
+
+
+def format_paged(records: list[dict]) -> str:
+    paged = [r for r in records if r["op"] == "paged_attention"]
+    if not paged:
+        return ""
+    lines = ["", "paged selective attention (bf16, D=128, shuffled pages): ms; x = paged / "
+                 "contiguous; target x <= 1.05 at P >= 64; ! = missed",
+             f"{'model':<10}{'B':>4}{'S':>6}{'rho':>5}{'contig':>8}"
+             + "".join(f"{'P=' + str(p):>16}" for p in PAGE_SIZES)]
+    for key in sorted({(r["model"], r["B"], r["S"], r["density"]) for r in paged}):
+        rs = [r for r in paged if (r["model"], r["B"], r["S"], r["density"]) == key]
+        c = next(r for r in rs if r["kernel"] == "contiguous")
+        cells = []
+        for page in PAGE_SIZES:
+            r = next((r for r in rs if r["page"] == page), None)
+            miss = "!" if r and r["meets_target"] is False else " "
+            cells.append(f"{r['ms']:>8.3f} {r['vs_contiguous']:>5.2f}x{miss}" if r else f"{'-':>16}")
+        lines.append(f"{key[0]:<10}{key[1]:>4}{key[2]:>6}{key[3]:>5.2f}{c['ms']:>8.3f}"
+                     + "".join(cells))
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- GEMM
@@ -333,7 +430,8 @@ def format_table(records: list[dict], env: dict) -> str:
 
 
 def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
-                          *, attention: bool = True, gemm: bool = True) -> list[dict]:
+                          *, attention: bool = True, gemm: bool = True,
+                          paged: bool = True) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -353,7 +451,9 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
         records += attention_cases(quick=quick, bw=bw, device=device)
     if gemm:
         records += gemm_cases(quick=quick, bw=bw, device=device)
-    print(format_table(records, env))
+    if paged:
+        records += paged_cases(bw=bw, device=device, quick=quick)
+    print(format_table(records, env) + format_paged(records))
     if json_path is not None:
         write_json(json_path, {"environment": env, "records": records}, force=True)
     return records
@@ -365,11 +465,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a subset of the shapes")
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--no-gemm", action="store_true")
+    ap.add_argument("--paged", action="store_true", help="only the paged table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: kernel benchmarks need a CUDA GPU (none is visible here).")
-    run_kernel_benchmarks(args.json, args.quick, attention=not args.no_attention,
-                          gemm=not args.no_gemm)
+    run_kernel_benchmarks(args.json, args.quick, attention=not (args.no_attention or args.paged),
+                          gemm=not (args.no_gemm or args.paged))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 OUT=${OUT:-/tmp/out}
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "root. user" | tail -3
-[ -d .devcarry/wheels ] && python3 -m pip install -q --no-deps .devcarry/wheels/*.whl 2>&1 | tail -3
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v "root. user" | tail -3
+[ -d .devcarry/wheels ] && python3 -m pip install -q --no-index --no-deps .devcarry/wheels/*.whl 2>&1 | tail -3
 python3 -c "import polarc, polarc.plugins.selective_attention, torch; print('polarc', polarc.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 cal() {  # cal NAME ARGS: a timed calibration to /tmp/NAME; its calibration.json and log to $OUT
   local name=$1; shift
@@ -17,10 +17,13 @@ cal() {  # cal NAME ARGS: a timed calibration to /tmp/NAME; its calibration.json
 }
 for what in "$@"; do
   case $what in
-    tests) python3 -m pytest -q -x -p no:cacheprovider tests/test_runtime_gpu.py tests/test_selective_attention.py \
+    tests) timeout 270 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_gpu.py tests/test_selective_attention.py \
              tests/test_selective_gemm.py tests/test_topk_groups.py tests/test_kv_write.py \
-             tests/test_tensorrt_plugin.py tests/test_runtime.py 2>&1 | tee $OUT/tests.log | tail -15 ;;
-    e2e) python3 -m polarc.benchmarks.bench_e2e --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
+             tests/test_tensorrt_plugin.py tests/test_runtime.py tests/test_scheduler.py \
+             tests/test_calibrate_device.py tests/test_streaming.py 2>&1 | tee $OUT/tests.log | tail -15 ;;
+    paged) timeout 120 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;
+    stream) timeout 590 python3 -m polarc.benchmarks.bench_stream --json $OUT/stream.json 2>&1 | tee $OUT/stream.log | tail -16 ;;
+    e2e) timeout 170 python3 -m polarc.benchmarks.bench_e2e --no-hf --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
     step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;
     kernels) python3 -m polarc.benchmarks.bench_kernels --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log | tail -80 ;;
     load) /usr/bin/time -v polarc build -m llama3-8b --random-weights --density 0.5 -o /tmp/l3.plan --force 2>&1 | grep -E "wrote|Elapsed|Maximum resident"

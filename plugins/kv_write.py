@@ -5,7 +5,10 @@ per layer for K and V; this writes both with one program per (row, KV group).
 
 Layouts: ``k``, ``v`` ``[B, Hkv, D]`` (last axis contiguous, other strides free: views into a
 fused projection output work); ``k_cache``, ``v_cache`` ``[B', Hkv, S_max, D]`` with B' >= B
-(the first B rows are written), same strides; ``positions [B]`` int32, each < S_max.
+(the first B rows are written), same strides; ``positions [B]`` int32, each < S_max (a
+negative position writes nothing: a slot that holds no sequence). Paged
+(``block_table [B, M]`` int32 given): the caches are page pools ``[N, Hkv, P, D]`` and
+position s of row b lands in page ``block_table[b, s // P]`` at ``s % P``.
 """
 
 from __future__ import annotations
@@ -21,27 +24,36 @@ __all__ = ["write_kv", "write_kv_reference"]
 
 
 @triton.jit
-def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions,
+def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table,
                      stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_cs,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+                     stride_tb, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PAGE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
     pos = tl.load(Positions + row).to(tl.int64)
+    dst_row = row
+    if PAGE > 0:  # the row's page that holds the position, and the offset in it
+        dst_row = tl.load(Block_Table + row * stride_tb + tl.maximum(pos, 0) // PAGE).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
-    mask = offs < HEAD_DIM
+    mask = offs < tl.where(pos >= 0, HEAD_DIM, 0)  # a negative position: nothing
+    if PAGE > 0:
+        pos = pos % PAGE
     k = tl.load(K + row * stride_kb + group * stride_kh + offs, mask=mask)
     v = tl.load(V + row * stride_vb + group * stride_vh + offs, mask=mask)
-    dst = row * stride_cb + group * stride_ch + pos * stride_cs + offs
+    dst = dst_row * stride_cb + group * stride_ch + pos * stride_cs + offs
     tl.store(K_Cache + dst, k, mask=mask)
     tl.store(V_Cache + dst, v, mask=mask)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             positions: torch.Tensor) -> None:
-    """Write ``k``, ``v`` [B, Hkv, D] at ``positions`` [B] of the caches (module docstring)."""
+             positions: torch.Tensor, block_table: torch.Tensor | None = None) -> None:
+    """Write ``k``, ``v`` [B, Hkv, D] at ``positions`` [B] of the caches, or of the rows' pages
+    with a ``block_table`` (module docstring)."""
     b, hkv, d = k.shape
+    paged = block_table is not None
     if v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.dim() != 4 or \
-            k_cache.shape[0] < b or k_cache.shape[1] != hkv or k_cache.shape[3] != d:
+            (k_cache.shape[0] < b and not paged) or k_cache.shape[1] != hkv or \
+            k_cache.shape[3] != d:
         raise ValueError(f"write_kv: k/v {tuple(k.shape)}/{tuple(v.shape)} do not fit caches "
                          f"{tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or k.stride(-1) != 1 \
@@ -51,8 +63,13 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         raise ValueError(f"write_kv: dtypes differ: {k.dtype}, {v.dtype}, cache {k_cache.dtype}")
     if positions.dtype != torch.int32 or tuple(positions.shape) != (b,):
         raise ValueError(f"write_kv: positions must be int32 [{b}]")
+    if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2
+                  or block_table.shape[0] < b or block_table.stride(-1) != 1):
+        raise ValueError(f"write_kv: block_table must be int32 [>= {b}, pages], contiguous rows")
     check_launchable(_write_kv_kernel, k.device, "write_kv")
     _write_kv_kernel[(b, hkv)](
-        k, v, k_cache, v_cache, positions, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k, v, k_cache, v_cache, positions, block_table if paged else positions,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HEAD_DIM=d, BLOCK_D=next_pow2(d), num_warps=1)
+        block_table.stride(0) if paged else 0,
+        HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE=k_cache.shape[2] if paged else 0, num_warps=1)

@@ -6,9 +6,14 @@ Layouts are the kernels' (see each kernel module's docstring):
 - selective attention: ``q [B, Hq, D]``, ``k_cache`` / ``v_cache [B', Hkv, S_max, D]``
   (B' >= B; the first B rows are read), ``cache_seqlens [B]`` int32 (valid positions, this
   token included), ``groups [B, k]`` int32 → ``[B, Hq, D]``, heads of unselected groups zero;
+- the same over a **paged** cache: ``k_cache`` / ``v_cache`` are page pools ``[N, Hkv, P, D]``
+  (each (page, group) one contiguous ``[P, D]`` stream) and ``block_table [B, M]`` int32 names
+  each row's pages in order: position s of row b is ``pool[block_table[b, s // P], :, s % P]``
+  (`gather_pages` turns that back into the contiguous layout, which defines it);
 - top-k groups: ``scores [B, Hkv]`` → ``groups [B, k]`` int32, highest first, ties to the lower
   group;
-- KV append: ``k``, ``v [B, Hkv, D]`` written at ``positions [B]`` of the caches;
+- KV append: ``k``, ``v [B, Hkv, D]`` written at ``positions [B]`` of the caches (or of the
+  rows' pages, with a block table); a negative position writes nothing;
 - selective GEMM pair: ``relu(x @ w1[idx].T + b1[idx])`` and ``h @ w2t[idx]``.
 
 Math is fp32 (fp64 for fp64 inputs); results come back in the input dtype.
@@ -26,6 +31,16 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
+def gather_pages(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` positions of each row's pages as a contiguous cache: pool
+    ``[N, Hkv, P, D]``, block_table ``[B, M]`` → ``[B, Hkv, length, D]``."""
+    b = block_table.shape[0]
+    _, hkv, page, d = pool.shape
+    n = -(-length // page)
+    rows = pool[block_table[:, :n].long()]  # [B, n, Hkv, P, D]
+    return rows.permute(0, 2, 1, 3, 4).reshape(b, hkv, n * page, d)[:, :, :length]
+
+
 def selective_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -33,12 +48,16 @@ def selective_attention_reference(
     cache_seqlens: torch.Tensor,
     groups: torch.Tensor,
     scale: float | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention over each row's selected KV groups (module docstring for layouts)."""
+    """Decode attention over each row's selected KV groups (module docstring for layouts),
+    over a contiguous cache or, with `block_table`, a paged one."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     s = int(cache_seqlens.max().item()) if b else 0
+    if block_table is not None:
+        k_cache, v_cache = (gather_pages(c, block_table[:b], s) for c in (k_cache, v_cache))
     k, v = _acc(k_cache[:b, :, :s]), _acc(v_cache[:b, :, :s])
     qg = _acc(q).view(b, hkv, hq // hkv, d)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale
@@ -57,10 +76,16 @@ def topk_groups_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, positions: torch.Tensor) -> None:
-    """cache[b, :, positions[b]] = new[b] for K and V (in place)."""
-    rows = torch.arange(k.shape[0], device=k.device)
+                       v_cache: torch.Tensor, positions: torch.Tensor,
+                       block_table: torch.Tensor | None = None) -> None:
+    """cache[b, :, positions[b]] = new[b] for K and V (in place); with a block table, the
+    row's page that holds the position."""
     pos = positions.long()
+    rows = torch.nonzero(pos >= 0)[:, 0]
+    pos, k, v = pos[rows], k[rows], v[rows]
+    if block_table is not None:
+        page = k_cache.shape[2]
+        rows, pos = block_table[rows, pos // page].long(), pos % page
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
 

@@ -8,6 +8,11 @@ Layouts (one decode step, one layer):
                                            strides free, so a ``[:B]`` slice of a larger cache
                                            works).
 - ``cache_seqlens`` ``[B]`` int32          valid positions per row (0 gives a zero output row).
+- paged (``block_table`` given): ``k_cache`` / ``v_cache`` are page pools ``[N, Hkv, P, D]``,
+  each (page, group) one contiguous ``[P, D]`` stream, and ``block_table [B, M]`` int32 lists
+  each row's pages: position s of row b is ``pool[block_table[b, s // P], :, s % P]``. The
+  kernel is the same; each block of positions looks up its page first (P a multiple of the
+  block, so a block never straddles two pages).
 - ``groups``       ``[B, k]`` int32        selected KV groups per row, any order, no repeats.
 - out              ``[B, Hq, D]``          heads of unselected groups are exact zeros.
 
@@ -64,17 +69,17 @@ DOT_MIN_GROUP = 1
 
 @triton.jit
 def _selective_attention_kernel(
-    Q, K_Cache, V_Cache, Seqlens, Groups, Partials, Out,
+    Q, K_Cache, V_Cache, Seqlens, Groups, Partials, Out, Block_Table,
     qk_scale_log2, num_splits, n_sel, n_kv,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_gb,
+    stride_gb, stride_tb,
     stride_outb, stride_outh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr,
+    ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr,
 ):
     """Stage 1: one program per (split, selected group j, row b), grid (splits, k, B).
 
@@ -86,6 +91,9 @@ def _selective_attention_kernel(
     is zeroed by exactly one program and no program exists only to write zeros (such
     programs would hold an SM slot, with this kernel's shared memory, that streaming needs);
     `Partials` is not touched.
+
+    PAGE > 0: the caches are page pools (stride_kb / stride_vb step over pages) and each
+    block of positions reads its page from `Block_Table`; PAGE == 0: contiguous rows.
     """
     pid_s = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -120,9 +128,18 @@ def _selective_attention_kernel(
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         mask_kv = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=mask_kv,
+        if PAGE > 0:
+            page = tl.load(Block_Table + pid_b * stride_tb + start // PAGE).to(tl.int64)
+            k_blk = K_Cache + page * stride_kb + grp * stride_kh
+            v_blk = V_Cache + page * stride_vb + grp * stride_vh
+            offs_r = start % PAGE + tl.arange(0, BLOCK_N)
+        else:
+            k_blk = k_base
+            v_blk = v_base
+            offs_r = offs_n
+        k = tl.load(k_blk + offs_r[:, None] * stride_ks + offs_d[None, :], mask=mask_kv,
                     other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=mask_kv,
+        v = tl.load(v_blk + offs_r[:, None] * stride_vs + offs_d[None, :], mask=mask_kv,
                     other=0.0)
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -238,8 +255,11 @@ def plan_selective_attention(
     num_stages: int | None = None,
     use_dot: bool | None = None,
     one_launch: bool | None = None,
+    page_size: int | None = None,
 ) -> AttentionPlan:
     """Split count and tiles from (B, k, S_max, SM count): deterministic, no device reads.
+    For a paged cache (`page_size` P; S_max = the block table's pages x P) the block of
+    positions is the largest of 64, 32, 16 that divides P.
 
     Tiles: 64 positions x head dim per step, 4 warps, 3 pipeline stages, ``tl.dot`` with the
     group's heads padded to 16 rows (also for MHA: the padded MMA is still far below the
@@ -256,6 +276,11 @@ def plan_selective_attention(
         use_dot = group_size >= DOT_MIN_GROUP
     if block_n is None:
         block_n = 64 if use_dot else 32
+        if page_size is not None:
+            block_n = next((n for n in (block_n, 32, 16) if page_size % n == 0), 16)
+    if page_size is not None and (page_size < 16 or page_size % block_n):
+        raise ValueError(f"selective_attention: page size {page_size} must be a multiple of "
+                         f"16 and of the block of positions ({block_n})")
     if num_warps is None:
         num_warps = 4 if use_dot else 2
     if num_stages is None:
@@ -297,18 +322,21 @@ def selective_attention_workspace(
     k_cache: torch.Tensor,
     max_selected: int | None = None,
     plan: AttentionPlan | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> AttentionWorkspace:
-    """Scratch big enough for calls with these q / cache shapes and up to ``max_selected``
-    groups per row (default Hkv), under ``plan`` or, by default, under whichever default
-    plan a call with k <= max_selected gets."""
+    """Scratch big enough for calls with these q / cache (and block table) shapes and up to
+    ``max_selected`` groups per row (default Hkv), under ``plan`` or, by default, under
+    whichever default plan a call with k <= max_selected gets."""
     b, hq, d = q.shape
-    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[1]
+    s_max, page = _positions(k_cache, block_table)
     group = hq // hkv
     k = max_selected or hkv
     if plan is None:
         # the most splits any k <= max_selected can ask for
-        splits = max(plan_selective_attention(b, kk, group, s_max, d, sms=num_sms(q.device)
-                                              ).num_splits * kk for kk in range(1, k + 1))
+        splits = max(plan_selective_attention(b, kk, group, s_max, d, sms=num_sms(q.device),
+                                              page_size=page).num_splits * kk
+                     for kk in range(1, k + 1))
         n = b * splits * group * (d + 1)
     else:
         n = _workspace_numel(b, k, plan.num_splits, group, d)
@@ -316,28 +344,47 @@ def selective_attention_workspace(
                               batch=b, n_kv=hkv)
 
 
-def _default_plan(q: torch.Tensor, k_cache: torch.Tensor, groups: torch.Tensor) -> AttentionPlan:
+def _positions(k_cache: torch.Tensor, block_table: torch.Tensor | None) -> tuple[int, int | None]:
+    """(S_max, page size or None): the positions a row can hold, contiguous or paged."""
+    if block_table is None:
+        return k_cache.shape[2], None
+    return block_table.shape[1] * k_cache.shape[2], k_cache.shape[2]
+
+
+def _default_plan(q: torch.Tensor, k_cache: torch.Tensor, groups: torch.Tensor,
+                  block_table: torch.Tensor | None = None) -> AttentionPlan:
     b, hq, d = q.shape
-    return plan_selective_attention(b, groups.shape[1], hq // k_cache.shape[1], k_cache.shape[2], d,
-                                    sms=num_sms(q.device))
+    s_max, page = _positions(k_cache, block_table)
+    return plan_selective_attention(b, groups.shape[1], hq // k_cache.shape[1], s_max, d,
+                                    sms=num_sms(q.device), page_size=page)
 
 
 # --------------------------------------------------------------------------- checks
 
 
-def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
-                    ("cache_seqlens", cache_seqlens), ("groups", groups)):
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table=None) -> None:
+    tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
+               ("cache_seqlens", cache_seqlens), ("groups", groups)]
+    if block_table is not None:
+        tensors.append(("block_table", block_table))
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"selective_attention: {name} must be a torch.Tensor, got {type(t)}")
     if q.dim() != 3:
         raise ValueError(f"selective_attention: q must be [B, Hq, D], got shape {tuple(q.shape)}")
+    layout = "[B, Hkv, S_max, D]" if block_table is None else "page pools [N, Hkv, P, D]"
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError("selective_attention: k_cache and v_cache must both be "
-                         f"[B, Hkv, S_max, D], got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
+        raise ValueError(f"selective_attention: k_cache and v_cache must both be {layout}, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     b, hq, d = q.shape
     kb, hkv, s_max, kd = k_cache.shape
+    if block_table is not None:
+        if block_table.dtype != torch.int32 or block_table.dim() != 2 or \
+                block_table.shape[0] != b or block_table.stride(-1) != 1:
+            raise ValueError(f"selective_attention: block_table must be int32 [{b}, pages] with "
+                             f"a contiguous last axis, got {block_table.dtype} "
+                             f"{tuple(block_table.shape)}")
+        kb = b  # any number of pages
     if kb != b or kd != d:
         raise ValueError(f"selective_attention: cache shape {tuple(k_cache.shape)} does not match "
                          f"q shape {tuple(q.shape)} (batch and head dim must agree)")
@@ -358,7 +405,7 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups) -> None:
     if not 1 <= groups.shape[1] <= hkv:
         raise ValueError(f"selective_attention: groups selects k={groups.shape[1]} per row; "
                          f"need 1 <= k <= Hkv={hkv}")
-    devs = {t.device for t in (q, k_cache, v_cache, cache_seqlens, groups)}
+    devs = {t.device for _, t in tensors}
     if len(devs) != 1:
         raise ValueError(f"selective_attention: all tensors must be on one device, got {devs}")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -366,10 +413,12 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups) -> None:
 
 
 def _check_indices(
-    k_cache: torch.Tensor, cache_seqlens: torch.Tensor, groups: torch.Tensor
+    k_cache: torch.Tensor, cache_seqlens: torch.Tensor, groups: torch.Tensor,
+    block_table: torch.Tensor | None = None,
 ) -> None:
     """Value checks; they read the device (one sync), so the hot path turns them off."""
-    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    hkv = k_cache.shape[1]
+    s_max, page = _positions(k_cache, block_table)
     lo, hi = int(groups.min()), int(groups.max())
     if lo < 0 or hi >= hkv:
         raise ValueError(f"selective_attention: groups holds {lo if lo < 0 else hi}, "
@@ -382,18 +431,27 @@ def _check_indices(
     if smin < 0 or smax > s_max:
         raise ValueError(f"selective_attention: cache_seqlens holds {smin if smin < 0 else smax}, "
                          f"outside [0, S_max={s_max}]")
+    if block_table is not None and smax > 0:
+        used = block_table[:, :-(-smax // page)]
+        lens = cache_seqlens.long()[:, None]
+        in_use = torch.arange(used.shape[1], device=used.device)[None, :] * page < lens
+        bad = in_use & ((used < 0) | (used >= k_cache.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"selective_attention: block_table names a page outside "
+                             f"[0, {k_cache.shape[0]}) for a position in use")
 
 
 # --------------------------------------------------------------------------- wrapper
 
 
 @functools.lru_cache(maxsize=256)
-def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32: bool
-                      ) -> dict[str, object]:
+def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32: bool,
+                      page: int) -> dict[str, object]:
     return dict(GROUP=group, GROUP_PAD=max(16, next_pow2(group)) if plan.use_dot else next_pow2(group),
                 HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_N=plan.block_n,
                 USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if fp32 else "tf32",
-                ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), num_warps=plan.num_warps,
+                ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), PAGE=page,
+                num_warps=plan.num_warps,
                 num_stages=plan.num_stages)
 
 
@@ -404,7 +462,8 @@ def _reduce_constants(num_splits: int, group: int, d: int, n_sel: int) -> dict[s
                 num_warps=4 if d >= 128 else 2)
 
 
-def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan):
+def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan,
+            block_table=None):
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -435,11 +494,16 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
     partials = out if one_launch else workspace.partials
     # Positional arguments and cached constants: an eager call's host time is mostly this
     # launch (a few microseconds less per call than keywords built afresh).
+    paged = block_table is not None
+    # a contiguous call never reads the table: any pointer stands in
     _selective_attention_kernel[(plan.num_splits, n_sel, b)](
         q, k_cache, v_cache, cache_seqlens, groups, partials, out,
+        block_table if paged else cache_seqlens,
         float(scale) * _LOG2E, plan.num_splits, n_sel, hkv, *q.stride()[:2],
-        *k_cache.stride()[:3], *v_cache.stride()[:3], groups.stride(0), *out.stride()[:2],
-        **_stage1_constants(plan, group, d, n_sel, q.dtype == torch.float32))
+        *k_cache.stride()[:3], *v_cache.stride()[:3], groups.stride(0),
+        block_table.stride(0) if paged else 0, *out.stride()[:2],
+        **_stage1_constants(plan, group, d, n_sel, q.dtype == torch.float32,
+                            k_cache.shape[2] if paged else 0))
     if not one_launch:
         _selective_attention_reduce_kernel[(hq, b)](
             out, partials, groups, plan.num_splits, n_sel, *out.stride()[:2], groups.stride(0),
@@ -459,21 +523,24 @@ def selective_attention(
     workspace: AttentionWorkspace | None = None,
     plan: AttentionPlan | None = None,
     check_indices: bool = True,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over the selected KV groups of each row (layouts: module docstring).
 
     Args:
         q: ``[B, Hq, D]`` bf16/fp16/fp32.
-        k_cache, v_cache: ``[B, Hkv, S_max, D]``, same dtype, last axis contiguous.
-        cache_seqlens: ``[B]`` int32, each in ``[0, S_max]``.
+        k_cache, v_cache: ``[B, Hkv, S_max, D]``, same dtype, last axis contiguous; with
+            ``block_table``, page pools ``[N, Hkv, P, D]`` (P a multiple of 16).
+        cache_seqlens: ``[B]`` int32, each in ``[0, S_max]`` (paged: S_max = pages x P).
         groups: ``[B, k]`` int32, ``1 <= k <= Hkv``, values in ``[0, Hkv)``, any order.
         scale: softmax scale, default ``1/sqrt(D)``.
         out: optional ``[B, Hq, D]`` output (same dtype and device as q).
         workspace: optional :class:`AttentionWorkspace` from
             :func:`selective_attention_workspace` (needed for allocation-free calls).
         plan: optional :class:`AttentionPlan`; default from :func:`plan_selective_attention`.
-        check_indices: check values of ``groups`` and ``cache_seqlens`` (one device sync);
-            turn off in the decode hot path and under CUDA-graph capture.
+        check_indices: check values of ``groups``, ``cache_seqlens`` and the pages in use
+            (one device sync); turn off in the decode hot path and under CUDA-graph capture.
+        block_table: ``[B, M]`` int32, each row's pages in order (paged caches only).
 
     Returns ``[B, Hq, D]``: heads of unselected groups are exact zeros.
 
@@ -484,18 +551,22 @@ def selective_attention(
     if torch.compiler.is_compiling():  # traced: go through the registered custom op
         return torch.ops.polarc.selective_attention(
             q, k_cache, v_cache, cache_seqlens, groups,
-            float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]))
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups)
+            float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]), block_table)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                             or out.stride(-1) != 1):
         raise ValueError(f"selective_attention: out must be {q.dtype} {tuple(q.shape)} on "
                          f"{q.device} with a contiguous last axis")
     if check_indices:
-        _check_indices(k_cache, cache_seqlens, groups)
+        _check_indices(k_cache, cache_seqlens, groups, block_table)
     check_launchable(_selective_attention_kernel, q.device, "selective_attention")
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    plan = plan or _default_plan(q, k_cache, groups)
-    return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan)
+    plan = plan or _default_plan(q, k_cache, groups, block_table)
+    if block_table is not None and k_cache.shape[2] % plan.block_n:
+        raise ValueError(f"selective_attention: page size {k_cache.shape[2]} is not a multiple "
+                         f"of the plan's block of {plan.block_n} positions")
+    return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan,
+                   block_table)
 
 
 # --------------------------------------------------------------------------- torch.library
@@ -509,12 +580,13 @@ def _selective_attention_op(
     cache_seqlens: torch.Tensor,
     groups: torch.Tensor,
     scale: float,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table)
     return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, None, None,
-                   _default_plan(q, k_cache, groups))
+                   _default_plan(q, k_cache, groups, block_table), block_table)
 
 
 @_selective_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, groups, scale):
+def _(q, k_cache, v_cache, cache_seqlens, groups, scale, block_table=None):
     return torch.empty_like(q)

@@ -55,10 +55,10 @@ def selective_attention_plugin_kernel(
         stride_qb=stride_qb, stride_qh=HEAD_DIM,
         stride_kb=stride_kb, stride_kh=stride_kh, stride_ks=HEAD_DIM,
         stride_vb=stride_kb, stride_vh=stride_kh, stride_vs=HEAD_DIM,
-        stride_gb=n_sel,
+        stride_gb=n_sel, Block_Table=Seqlens, stride_tb=0,  # contiguous: no table read
         stride_outb=stride_qb, stride_outh=HEAD_DIM,
         GROUP=GROUP, GROUP_PAD=GROUP_PAD, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
-        USE_DOT=True, DOT_PRECISION=DOT_PRECISION, ONE_LAUNCH=True, K_PAD=K_PAD,
+        USE_DOT=True, DOT_PRECISION=DOT_PRECISION, ONE_LAUNCH=True, K_PAD=K_PAD, PAGE=0,
     )
 
 

@@ -6,8 +6,9 @@ import typer
 
 from polarc.commands.bench import bench_app
 from polarc.commands.calibrate import calibrate_cmd, eval_cmd
-from polarc.commands.engine import build_cmd, run_cmd
+from polarc.commands.engine import build_cmd
 from polarc.commands.models import models_cmd
+from polarc.commands.run import run_cmd
 
 app = typer.Typer(
     name="polarc",

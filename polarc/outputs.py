@@ -246,3 +246,59 @@ def write_json(path: Path, data: Any, *, force: bool,
 def write_failure(path: Path, exc: BaseException) -> PolarcError:
     """A one-line error for a failed write of `path` (OSError, SafetensorError, ...)."""
     return PolarcError(f"cannot write {path}: {first_line(exc)}")
+
+
+@contextmanager
+def appending(path: Path | None, *, force: bool, inputs: Iterable[Path | None] = ()
+              ) -> Iterator[tuple[Any, set[str]]]:
+    """An output of JSON lines written as results come (each line flushed at once), under the
+    lock: ``(file, ids)`` where `ids` are the results already there (each line's "id" as JSON
+    text). An existing file is continued: its complete lines are kept, a last line that a
+    killed run left half-written is dropped, and a file whose lines are not JSON objects with
+    an "id" is refused (polarc did not make it). `force` starts it over. `path` None: no file
+    (``(None, set())``)."""
+    if path is None:
+        yield None, set()
+        return
+    path = Path(path)
+    check_output(path, force=True, inputs=inputs)
+    make_parent(path)
+    with output_lock(path):
+        check_output(path, force=True, inputs=inputs)
+        remove_stale(path)
+        done: set[str] = set()
+        try:
+            if os.path.lexists(path) and not force:
+                done = _result_ids(path)
+            f = open(path, "a" if done or not force else "w", encoding="utf-8")
+        except OSError as exc:
+            raise PolarcError(f"cannot write {path}: {first_line(exc)}") from None
+        try:
+            yield f, done
+        except OSError as exc:
+            raise PolarcError(f"cannot write {path}: {first_line(exc)}") from None
+        finally:
+            f.close()
+
+
+def _result_ids(path: Path) -> set[str]:
+    """The ids of a results file's complete lines; a half-written last line is cut off."""
+    ids: set[str] = set()
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        for n, line in enumerate(data[:end].splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                record = None
+            if not isinstance(record, dict) or "id" not in record:
+                raise PolarcError(f"{path} is not a polarc results file (line {n} is not a "
+                                  "JSON object with an id); polarc does not append to it",
+                                  hint="choose another --output, or --force to start it over")
+            ids.add(json.dumps(record["id"]))
+        if end < len(data):
+            f.truncate(end)
+    return ids

@@ -33,3 +33,25 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="int32"):
         fits = torch.zeros(2, 2, 5, 4, device=DEVICE)
         write_kv(k, k, fits, fits.clone(), torch.zeros(2, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_write_lands_in_the_rows_pages(dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    b, hkv, d, page, pages = 3, 2, 16, 16, 7
+    k = torch.randn(b, hkv, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(b, hkv, d, generator=g).to(DEVICE, dtype)
+    pools = [torch.randn(pages, hkv, page, d, generator=g).to(DEVICE, dtype) for _ in range(2)]
+    expected = [p.clone() for p in pools]
+    originals = [p.clone() for p in pools]
+    table = torch.tensor([[4, 1, 0], [2, 6, 3], [5, 0, 0]], dtype=torch.int32, device=DEVICE)
+    pos = torch.tensor([17, 40, -1], dtype=torch.int32, device=DEVICE)  # pages 1, 3; none
+    write_kv(k, v, pools[0], pools[1], pos, block_table=table)
+    write_kv_reference(k, v, expected[0], expected[1], pos, block_table=table)
+    assert torch.equal(pools[0], expected[0]) and torch.equal(pools[1], expected[1])
+    # the reference's own definition: row 0's position 17 is page 1, offset 1
+    assert torch.equal(expected[0][1, :, 1], k[0]) and torch.equal(expected[1][3, :, 8], v[1])
+    # row 2's negative position writes nothing: only pages 1 and 3 changed
+    changed = [(pool != before).flatten(1).any(1).nonzero()[:, 0].tolist()
+               for pool, before in zip(pools, originals, strict=True)]
+    assert changed == [[1, 3], [1, 3]]

@@ -237,3 +237,84 @@ def test_custom_op_fake_and_compile():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, kc, vc, seqlens, groups),
                                2 * selective_attention_reference(q, kc, vc, seqlens, groups))
+
+
+# ----------------------------------------------------------------------------- paged caches
+
+
+def _paged(kc: torch.Tensor, vc: torch.Tensor, page: int, seed: int = 0):
+    """The contiguous caches scattered into page pools in a shuffled order (and spare pages of
+    noise), with the block table that reads them back."""
+    g = torch.Generator().manual_seed(seed)
+    b, hkv, s, d = kc.shape
+    per_row = -(-s // page)
+    n = b * per_row + 3
+    order = torch.randperm(n, generator=g)[: b * per_row].view(b, per_row)
+    pools = []
+    for c in (kc, vc):
+        pool = torch.randn(n, hkv, page, d, generator=g).to(c.device, c.dtype)
+        padded = torch.zeros(b, hkv, per_row * page, d, dtype=c.dtype, device=c.device)
+        padded[:, :, :s] = c
+        pool[order.to(c.device)] = padded.view(b, hkv, per_row, page, d).transpose(1, 2)
+        pools.append(pool)
+    return pools[0], pools[1], order.int().to(kc.device)
+
+
+def test_paged_reference_is_the_contiguous_one() -> None:
+    q, kc, vc, seqlens, groups = _inputs(3, 8, 2, 37, 16, 1, torch.float64, device="cpu")
+    kp, vp, table = _paged(kc, vc, 16)
+    ref = selective_attention_reference(q, kc, vc, seqlens, groups)
+    got = selective_attention_reference(q, kp, vp, seqlens, groups, block_table=table)
+    assert torch.equal(got, ref)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "b, hq, hkv, s, d, k, page, splits",
+    [
+        (3, 8, 2, 37, 16, 1, 16, 3),    # GQA, several pages per split, odd S
+        (2, 8, 2, 70, 16, 2, 32, 2),    # dense through the same kernel, blocks of 32
+        (3, 4, 4, 21, 32, 3, 16, 1),    # MHA, one split (one launch)
+        (2, 6, 3, 64, 16, 2, 64, 2),    # one page per row
+    ])
+def test_paged_matches_reference_fp32(b, hq, hkv, s, d, k, page, splits):
+    q, kc, vc, seqlens, groups = _inputs(b, hq, hkv, s, d, k, torch.float32)
+    kp, vp, table = _paged(kc, vc, page)
+    plan = plan_selective_attention(b, k, hq // hkv, table.shape[1] * page, d, sms=4,
+                                    num_splits=splits, page_size=page)
+    out = torch.full_like(q, float("nan"))
+    selective_attention(q, kp, vp, seqlens, groups, out=out, plan=plan, block_table=table)
+    ref = selective_attention_reference(q.double(), kc.double(), vc.double(), seqlens, groups)
+    assert not torch.isnan(out).any()
+    assert _rel_err(out, ref) <= TOL[torch.float32]
+
+
+@needs_kernel
+def test_paged_default_plan_and_bad_tables():
+    q, kc, vc, seqlens, groups = _inputs(2, 4, 2, 40, 16, 1, torch.float32)
+    kp, vp, table = _paged(kc, vc, 16)
+    out = selective_attention(q, kp, vp, seqlens, groups, block_table=table)
+    ref = selective_attention_reference(q.double(), kc.double(), vc.double(), seqlens, groups)
+    assert _rel_err(out, ref) <= TOL[torch.float32]
+    with pytest.raises(ValueError, match="block_table must be int32"):
+        selective_attention(q, kp, vp, seqlens, groups, block_table=table.long())
+    bad = table.clone()
+    bad[0, 0] = kp.shape[0]
+    with pytest.raises(ValueError, match="names a page outside"):
+        selective_attention(q, kp, vp, seqlens, groups, block_table=bad)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plan_selective_attention(2, 1, 2, 40, 16, sms=4, page_size=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("page", [16, 64, 256])
+def test_gpu_paged_real_shapes(dtype, page):
+    q, kc, vc, seqlens, groups = _inputs(16, 32, 8, 1000, 128, 4, dtype)
+    kp, vp, table = _paged(kc, vc, page)
+    out = selective_attention(q, kp, vp, seqlens, groups, block_table=table)
+    ref = selective_attention_reference(q.double(), kc.double(), vc.double(), seqlens, groups)
+    assert _rel_err(out, ref) <= TOL[dtype]
+    contiguous = selective_attention(q, kc, vc, seqlens, groups)
+    assert _rel_err(out, contiguous.double()) <= TOL[dtype]

@@ -127,10 +127,20 @@ def split_qkv(spec: ModelSpec, qkv: torch.Tensor
     return q, k, v, extra
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention of every position over the earlier ones (and itself): ``[B, T, Hq, D]``."""
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0
+                     ) -> torch.Tensor:
+    """Attention of every position over the earlier ones (and itself): ``[B, T, Hq, D]``.
+    With `past` > 0 the queries are positions past..past+T-1 and k, v ``[B, past+T, Hkv, D]``
+    hold every position from 0 (a prompt's later chunk over the cache and itself)."""
+    mask = None
+    if past:
+        # (imported here: the module pulls in triton, which the CPU runtime does without)
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(q.shape[1], k.shape[1])
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+                                       attn_mask=mask, is_causal=past == 0,
+                                       enable_gqa=q.shape[2] != k.shape[2])
     return o.transpose(1, 2)
 
 

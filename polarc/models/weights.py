@@ -82,7 +82,7 @@ _M32 = 0xFFFFFFFF
 _CHUNK = {"cpu": 1 << 16, "cuda": 1 << 24}
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
+def hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mix (lowbias32) on int64 tensors holding uint32 values. Products wrap
     the same way on every device, and only their low 32 bits are kept."""
     x = x ^ (x >> 16)
@@ -102,7 +102,7 @@ def hashed_uniform(shape: tuple[int, ...], key: int, std: float, *, device: torc
     chunk = _CHUNK.get(device.type, 1 << 20)
     for start in range(0, n, chunk):
         j = torch.arange(start, min(n, start + chunk), device=device, dtype=torch.int64)
-        x = _hash32(_hash32((j & _M32) ^ key) ^ (j >> 32))
+        x = hash32(hash32((j & _M32) ^ key) ^ (j >> 32))
         out[start:start + len(j)] = (((x >> 8) - 2**23).float() * scale).to(dtype)
     return out.view(shape)
 

@@ -75,16 +75,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(runtime: DecodeRuntime, prompts: list[list[int]], *, max_new_tokens: int,
+def generate(runtime: DecodeRuntime, prompts: list[list[int]], *, max_new_tokens: int | list[int],
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              stop_at_eos: bool = True) -> tuple[list[list[int]], GenerationStats]:
-    """Generate up to `max_new_tokens` per prompt; rows stop at EOS independently.
+    """Generate up to `max_new_tokens` per prompt (one for all, or each its own); rows stop
+    at EOS or at their own limit independently. Prompt i
+    samples with seed `seed + i` (`sampling.sample`).
 
     When rows finish, the live ones are compacted to the front as soon as they fit a smaller
     batch bucket, so finished rows stop costing compute; until then a finished row keeps its
     slot and reads nothing."""
     stats = GenerationStats()
-    gen = torch.Generator().manual_seed(seed)
     eos = runtime.model.tokenizer.eos_id if stop_at_eos else None
     dev = runtime.device
     _sync(dev)
@@ -97,13 +98,20 @@ def generate(runtime: DecodeRuntime, prompts: list[list[int]], *, max_new_tokens
     outputs: list[list[int]] = [[] for _ in prompts]
     slots: list[int | None] = list(range(len(prompts)))  # slot -> prompt (None: padding)
     done = [False] * len(prompts)
-    steps = min(max_new_tokens, runtime.max_seq - max(len(p) for p in prompts))
+    limits = (max_new_tokens if isinstance(max_new_tokens, list)
+              else [max_new_tokens] * len(prompts))
+    steps = min(max(limits), runtime.max_seq - max(len(p) for p in prompts))
     for step in range(steps):
-        nxt = sample(logits, temperature=temperature, top_p=top_p, generator=gen).cpu()
+        n = len(slots)
+        seeds = torch.tensor([seed + (r if r is not None else 0) for r in slots], device=dev)
+        nxt = sample(logits, temperature=torch.full((n,), float(temperature), device=dev),
+                     top_p=torch.full((n,), float(top_p), device=dev), seeds=seeds,
+                     counters=torch.full((n,), step, device=dev)).cpu()
         for slot, row in enumerate(slots):
             if row is not None and not done[row]:
                 outputs[row].append(int(nxt[slot]))
-                done[row] = eos is not None and int(nxt[slot]) == eos
+                done[row] = (eos is not None and int(nxt[slot]) == eos) or \
+                    len(outputs[row]) >= limits[row]
         live = [slot for slot, row in enumerate(slots) if row is not None and not done[row]]
         if not live or step == steps - 1:
             break

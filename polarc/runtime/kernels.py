@@ -20,9 +20,10 @@ from polarc.plugins import reference
 
 @dataclass
 class Kernels:
-    """attention(q, k_cache, v_cache, cache_seqlens, groups) -> [B, Hq, D]; topk(scores, k)
-    -> groups int32; write_kv(k, v, k_cache, v_cache, positions); gemm_up / gemm_down: the
-    selective GEMM pair. Layouts: `polarc.plugins.reference`."""
+    """attention(q, k_pool, v_pool, cache_seqlens, groups, block_table) -> [B, Hq, D];
+    topk(scores, k) -> groups int32; write_kv(k, v, k_pool, v_pool, positions, block_table);
+    gemm_up / gemm_down: the selective GEMM pair. Layouts (paged caches):
+    `polarc.plugins.reference`."""
 
     device: torch.device
     scale: float
@@ -34,10 +35,11 @@ class Kernels:
     _workspaces: dict = field(default_factory=dict)
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  cache_seqlens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+                  cache_seqlens: torch.Tensor, groups: torch.Tensor,
+                  block_table: torch.Tensor) -> torch.Tensor:
         if self.device.type != "cuda":
             return reference.selective_attention_reference(q, k_cache, v_cache, cache_seqlens,
-                                                           groups, self.scale)
+                                                           groups, self.scale, block_table)
         from polarc.plugins._triton_util import num_sms
         from polarc.plugins.selective_attention import (
             plan_selective_attention,
@@ -46,18 +48,22 @@ class Kernels:
         )
 
         b, hq, d = q.shape
-        n_kv, s_max = k_cache.shape[1], k_cache.shape[2]
+        n_kv, page = k_cache.shape[1], k_cache.shape[2]
+        s_max = block_table.shape[1] * page
         k = groups.shape[1]
         key = (b, k, hq // n_kv, s_max, d)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = plan_selective_attention(*key, sms=num_sms(q.device))
+            plan = self._plans[key] = plan_selective_attention(*key, sms=num_sms(q.device),
+                                                               page_size=page)
         ws_key = (b, hq, n_kv, s_max, d)
         workspace = self._workspaces.get(ws_key)
         if workspace is None:
-            workspace = self._workspaces[ws_key] = selective_attention_workspace(q, k_cache)
+            workspace = self._workspaces[ws_key] = selective_attention_workspace(
+                q, k_cache, block_table=block_table)
         return selective_attention(q, k_cache, v_cache, cache_seqlens, groups, self.scale,
-                                   plan=plan, workspace=workspace, check_indices=False)
+                                   plan=plan, workspace=workspace, check_indices=False,
+                                   block_table=block_table)
 
 
 def kernels_for(device: torch.device, head_dim: int) -> Kernels:

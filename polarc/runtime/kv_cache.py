@@ -1,15 +1,24 @@
-"""The static KV cache: per layer K and V ``[B, Hkv, S_max, D]`` (each (row, group) one
-contiguous stream, the layout the selective attention kernel reads) and ``seqlens [B]``
-int32, each row's valid positions.
+"""The paged KV cache: per layer a pool of K pages and one of V pages ``[N, Hkv, P, D]`` (each
+(page, group) one contiguous ``[P, D]`` stream, so the selective attention kernel still reads
+only the selected groups), a block table ``[slots, M]`` int32 naming each slot's pages in
+order, and ``seqlens [slots]`` int32, each slot's valid positions.
 
-Rows are slots: a decode step for a batch bucket of ``b`` rows runs on the first ``b`` slots;
-`compact` moves live rows to the front so that finished ones stop costing anything, and
-`release` empties slots in place (length zero: the kernel reads nothing for them).
+Pages are handed out as a slot grows (`grow`) and come back when it is freed (`free`). A slot
+whose length on the device is zero takes no part in decode steps (it writes and reads
+nothing): a free slot, or one whose prompt is still being prefilled (`lengths` counts the
+positions written; `set_length` makes the device agree, and the slot joins the steps).
+Moving a sequence to another slot (`move`) moves a table row and a length, never K or V. The
+host keeps the truth (each slot's pages and lengths); the device's block table is refreshed
+from it before a step (`sync`) when it changed, and `advance` counts a step's new token.
+
+Memory: one page of one layer is ``2 (K, V) x Hkv x P x D x element size`` bytes; a sequence
+of n positions takes ``ceil(n / P)`` pages of every layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,53 +28,144 @@ from polarc.models.presets import ModelSpec
 
 # Share of the free memory a cache may take (the rest: activations, graphs, the allocator).
 MEMORY_SHARE = 0.95
+DEFAULT_PAGE_SIZE = 64
 
 
-def kv_bytes_per_row(spec: ModelSpec, max_seq: int, dtype: torch.dtype) -> int:
-    return 2 * spec.n_layers * spec.n_kv_heads * max_seq * spec.head_dim * \
+def page_bytes(spec: ModelSpec, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one page position range across all layers, K and V."""
+    return 2 * spec.n_layers * spec.n_kv_heads * page_size * spec.head_dim * \
         torch.finfo(dtype).bits // 8
 
 
-def check_fits(spec: ModelSpec, batch: int, max_seq: int, dtype: torch.dtype,
-               device: torch.device) -> None:
-    """Stop with the largest batch that fits when a cache for `batch` rows does not."""
-    per_row = kv_bytes_per_row(spec, max_seq, dtype)
+def pages_for(positions: int, page_size: int) -> int:
+    return -(-positions // page_size)
+
+
+def pages_that_fit(spec: ModelSpec, page_size: int, dtype: torch.dtype, device: torch.device,
+                   memory_share: float = MEMORY_SHARE) -> int:
+    """How many pages (of every layer) the device's free memory holds."""
+    return int(free_memory(device) * memory_share // page_bytes(spec, page_size, dtype))
+
+
+def check_fits(spec: ModelSpec, pages: int, page_size: int, dtype: torch.dtype,
+               device: torch.device, *, what: str, hint: Callable[[int], str]) -> None:
+    """Stop, before allocating, when `pages` pages do not fit the device's free memory;
+    `hint(pages that fit)` says what would."""
+    per_page = page_bytes(spec, page_size, dtype)
     free = free_memory(device)
-    if per_row * batch > free * MEMORY_SHARE:
-        fits = int(free * MEMORY_SHARE // per_row)
+    if pages * per_page > free * MEMORY_SHARE:
         where = "GPU" if device.type == "cuda" else "host"
-        raise PolarcError(f"a KV cache for batch {batch} x {max_seq} positions needs "
-                          f"{per_row * batch / 2**30:.1f} GiB, {free / 2**30:.1f} GiB of "
-                          f"{where} memory free", hint=f"the largest batch that fits is {fits}")
+        raise PolarcError(f"a KV cache for {what} needs {pages * per_page / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB of {where} memory free",
+                          hint=hint(int(free * MEMORY_SHARE // per_page)))
 
 
 @dataclass
-class KVCache:
-    k: list[torch.Tensor]  # per layer [B, Hkv, S_max, D]
+class PagedKVCache:
+    k: list[torch.Tensor]  # per layer [N, Hkv, P, D]
     v: list[torch.Tensor]
-    seqlens: torch.Tensor  # [B] int32
+    block_table: torch.Tensor  # [slots, M] int32, on the device
+    seqlens: torch.Tensor  # [slots] int32, on the device
+    page_size: int
+    free_pages: list[int] = field(default_factory=list)
+    slot_pages: list[list[int]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # positions written, per slot
+    decoding: list[bool] = field(default_factory=list)  # its device length is its length
+    _table: torch.Tensor | None = None  # host copy of block_table
+    _dirty: bool = False
 
     @classmethod
-    def allocate(cls, spec: ModelSpec, batch: int, max_seq: int, dtype: torch.dtype,
-                 device: torch.device) -> KVCache:
-        """A zeroed cache, or a one-line error naming the largest batch that fits."""
-        check_fits(spec, batch, max_seq, dtype, device)
-        shape = (batch, spec.n_kv_heads, max_seq, spec.head_dim)
-        return cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)],
-                   v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)],
-                   seqlens=torch.zeros(batch, dtype=torch.int32, device=device))
+    def allocate(cls, spec: ModelSpec, *, slots: int, max_seq: int, pages: int, page_size: int,
+                 dtype: torch.dtype, device: torch.device) -> PagedKVCache:
+        """A cache of `pages` pages for `slots` sequences of up to `max_seq` positions each."""
+        if page_size < 16 or page_size % 16:
+            raise PolarcError(f"--page-size must be a positive multiple of 16, got {page_size}")
+        shape = (pages, spec.n_kv_heads, page_size, spec.head_dim)
+        per_row = pages_for(max_seq, page_size)
+        table = torch.zeros((slots, per_row), dtype=torch.int32)
+        cache = cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)],
+                    v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)],
+                    block_table=table.to(device), seqlens=torch.zeros(slots, dtype=torch.int32,
+                                                                      device=device),
+                    page_size=page_size, free_pages=list(range(pages - 1, -1, -1)),
+                    slot_pages=[[] for _ in range(slots)], lengths=[0] * slots,
+                    decoding=[False] * slots,
+                    _table=table.pin_memory() if device.type == "cuda" else table)
+        return cache
 
-    def compact(self, live: list[int], bucket: int) -> None:
-        """Move rows `live` (slots, in order) to the front; slots past them up to `bucket`
-        get length zero."""
-        n = len(live)
-        idx = torch.tensor(live, device=self.seqlens.device)
-        for cache in (*self.k, *self.v):
-            cache[:n] = cache[idx]  # the gather copies first, so overlapping rows are safe
-        self.seqlens[:n] = self.seqlens[idx]
-        self.seqlens[n:bucket] = 0
+    @property
+    def max_seq(self) -> int:
+        return self.block_table.shape[1] * self.page_size
 
-    def release(self, slots: list[int]) -> None:
-        """Empty `slots` in place (length zero)."""
-        if slots:
-            self.seqlens[torch.tensor(slots, device=self.seqlens.device)] = 0
+    @property
+    def pages_free(self) -> int:
+        return len(self.free_pages)
+
+    @property
+    def pages_used(self) -> int:
+        return self.k[0].shape[0] - len(self.free_pages)
+
+    def grow(self, slot: int, positions: int) -> None:
+        """Give `slot` the pages to hold `positions` positions (callers make sure enough are
+        free: the scheduler reserves them when it admits a request)."""
+        if positions > self.max_seq:
+            raise ValueError(f"slot {slot}: {positions} positions exceed the cache's {self.max_seq}")
+        have = self.slot_pages[slot]
+        while len(have) * self.page_size < positions:
+            if not self.free_pages:
+                raise RuntimeError("the KV cache is out of pages (admission should prevent this)")
+            page = self.free_pages.pop()
+            self._table[slot, len(have)] = page
+            have.append(page)
+            self._dirty = True
+
+    def set_length(self, slot: int, n: int) -> None:
+        """The slot holds `n` positions, on the host and the device: with n > 0 it takes part
+        in decode steps."""
+        self.lengths[slot] = n
+        self.decoding[slot] = n > 0
+        self.seqlens[slot] = n
+
+    def advance(self, rows: int) -> None:
+        """A decode step over the first `rows` slots appended one token to each decoding one."""
+        for slot in range(rows):
+            if self.decoding[slot]:
+                self.lengths[slot] += 1
+
+    def free(self, slot: int) -> None:
+        """Return the slot's pages; the slot holds nothing (length zero)."""
+        self.free_pages.extend(reversed(self.slot_pages[slot]))
+        self.slot_pages[slot] = []
+        self._table[slot] = 0
+        self._dirty = True
+        if self.lengths[slot] or self.decoding[slot]:
+            self.set_length(slot, 0)
+
+    def move(self, src: int, dst: int) -> None:
+        """Move the sequence in slot `src` to the empty slot `dst` (a table row, no K/V)."""
+        if self.slot_pages[dst]:
+            raise ValueError(f"slot {dst} is not empty")
+        self.slot_pages[dst], self.slot_pages[src] = self.slot_pages[src], []
+        self._table[dst] = self._table[src]
+        self._table[src] = 0
+        self._dirty = True
+        self.lengths[dst], self.decoding[dst] = self.lengths[src], self.decoding[src]
+        self.seqlens[dst] = self.seqlens[src]
+        self.lengths[src], self.decoding[src] = 0, False
+        self.seqlens[src] = 0
+
+    def sync(self) -> None:
+        """Copy the host's block table to the device if it changed (before a step)."""
+        if self._dirty:
+            self.block_table.copy_(self._table, non_blocking=True)
+            self._dirty = False
+
+    def host_row(self, slot: int) -> torch.Tensor:
+        """The slot's row of the host block table [M] (its pages, then unused entries)."""
+        return self._table[slot]
+
+    def positions(self, slot: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(page, offset) of positions start..stop-1 of `slot`, as device index tensors."""
+        pos = torch.arange(start, stop)
+        pages = self._table[slot, pos // self.page_size].long()
+        return pages.to(self.seqlens.device), (pos % self.page_size).to(self.seqlens.device)

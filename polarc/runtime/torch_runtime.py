@@ -1,5 +1,6 @@
-"""The torch runtime: an engine on one device with a static KV cache, dense prefill and the
-sparse decode step, each step a captured CUDA graph per batch bucket on CUDA.
+"""The torch runtime: an engine on one device with a paged KV cache (`kv_cache.py`), dense
+prefill (whole prompts, or a prompt chunk by chunk) and the sparse decode step, each step a
+captured CUDA graph per batch bucket on CUDA.
 
 The decode step is the model's one layer definition (`polarc.models.layers`) with three
 arguments of its own: the attention (append this token's K and V, pick each row's top-k KV
@@ -32,8 +33,9 @@ from polarc.models.layers import (
     rope_qk,
     swiglu,
 )
+from polarc.plugins.reference import gather_pages
 from polarc.runtime.kernels import kernels_for
-from polarc.runtime.kv_cache import KVCache
+from polarc.runtime.kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache, check_fits, pages_for
 
 
 def compiled_ops(device: torch.device) -> Ops:
@@ -51,11 +53,13 @@ def batch_buckets(batch: int) -> list[int]:
 
 
 class Runtime:
-    """One engine on one device, with a static cache for `batch` rows of `max_seq` positions
-    (implements `polarc.runtime.generate.DecodeRuntime`)."""
+    """One engine on one device, with a paged cache for `batch` slots of up to `max_seq`
+    positions each, `pages` pages in all (default: every slot can hold `max_seq` positions at
+    once); implements `polarc.runtime.generate.DecodeRuntime`."""
 
     def __init__(self, engine: Engine, *, batch: int, max_seq: int | None = None,
-                 dense: bool = False, device: str | torch.device = "cpu") -> None:
+                 dense: bool = False, device: str | torch.device = "cpu",
+                 page_size: int = DEFAULT_PAGE_SIZE, pages: int | None = None) -> None:
         self.engine = engine
         self.model = engine.model
         self.spec = spec = engine.model.spec
@@ -66,7 +70,16 @@ class Runtime:
             raise PolarcError(f"batch {batch} exceeds the engine's --max-batch "
                               f"{limits['max_batch']}", hint="rebuild with a larger --max-batch")
         self.batch = batch
-        self.cache = KVCache.allocate(spec, batch, self.max_seq, self.model.dtype, self.device)
+        per_row = pages_for(self.max_seq, page_size)
+        pages = batch * per_row if pages is None else pages
+        check_fits(spec, pages, page_size, self.model.dtype, self.device,
+                   what=f"batch {batch} x {self.max_seq} positions" if pages == batch * per_row
+                   else f"{pages} pages of {page_size} positions",
+                   hint=lambda fits: f"the largest batch that fits is {fits // per_row}"
+                   if pages == batch * per_row else f"at most {fits} pages fit")
+        self.cache = PagedKVCache.allocate(spec, slots=batch, max_seq=self.max_seq, pages=pages,
+                                           page_size=page_size, dtype=self.model.dtype,
+                                           device=self.device)
         self.kernels = kernels_for(self.device, spec.head_dim)
         self.ops = compiled_ops(self.device)
         self.all_groups = torch.arange(spec.n_kv_heads, dtype=torch.int32, device=self.device
@@ -98,16 +111,24 @@ class Runtime:
         return next(b for b in self.buckets if b >= rows)
 
     def compact(self, live: list[int], bucket: int) -> None:
-        self.cache.compact(live, bucket)
+        """Move slots `live` to the front (table rows, not K/V); slots past them are empty."""
+        for dst, src in enumerate(live):
+            if src != dst:
+                self.cache.free(dst)
+                self.cache.move(src, dst)
+        for slot in range(len(live), self.batch):
+            self.cache.free(slot)
 
     def release(self, slots: list[int]) -> None:
-        self.cache.release(slots)
+        for slot in slots:
+            self.cache.free(slot)
 
     # ------------------------------------------------------------------------- prefill
 
     @torch.no_grad()
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        """Dense prefill of each row's prompt; returns last-position logits [B, vocab]."""
+        """Dense prefill of each row's whole prompt into slots 0..len-1, each given the pages
+        for `max_seq` positions; returns last-position logits [B, vocab]."""
         if len(prompts) > self.batch:
             raise ValueError(f"expected at most {self.batch} prompts, got {len(prompts)}")
         last = []
@@ -115,23 +136,42 @@ class Runtime:
             if not 0 < len(prompt) < self.max_seq:
                 raise PolarcError(f"prompt {b} has {len(prompt)} tokens; the engine allows 1 to "
                                   f"{self.max_seq - 1}")
-            n = len(prompt)
-            ids = torch.tensor([prompt], device=self.device)
-            positions = torch.arange(n, device=self.device)
-            h = embed(self.model, ids, positions)
-            rope = rope_cos_sin(self.model, positions, h.dtype)
-
-            def attend(layer, x, q, k, v, extra, b=b, n=n):
-                self.cache.k[layer][b, :, :n] = k[0].transpose(0, 1)
-                self.cache.v[layer][b, :, :n] = v[0].transpose(0, 1)
-                return causal_attention(q, k, v)
-
-            delta = torch.zeros_like(h)
-            for layer in range(self.spec.n_layers):
-                h, delta = decoder_layer(self.model, layer, h, delta, rope, attend)
-            self.cache.seqlens[b] = len(prompt)
-            last.append(final_logits(self.model, (h + delta)[0, -1]))
+            self.cache.free(b)
+            self.cache.grow(b, self.max_seq)
+            last.append(self.prefill_chunk(b, prompt, 0))
+            self.cache.set_length(b, len(prompt))
+        self.cache.sync()
         return torch.stack(last)
+
+    @torch.no_grad()
+    def prefill_chunk(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
+        """Positions start..start+len(ids)-1 of the sequence in `slot` (its pages must hold
+        them; the earlier positions are in the cache): K and V written to its pages, the
+        chunk attending to them and causally to itself. Returns the last position's logits
+        [vocab]. The slot's length on the device is left alone: a slot joins decode steps
+        only when the caller sets it."""
+        n = len(ids)
+        pages, offsets = self.cache.positions(slot, start, start + n)
+        row_table = self.cache.host_row(slot).to(self.device)[None]
+        positions = torch.arange(start, start + n, device=self.device)
+        h = embed(self.model, torch.tensor([ids], device=self.device), positions)
+        rope = rope_cos_sin(self.model, positions, h.dtype)
+
+        def attend(layer, x, q, k, v, extra):
+            k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+            k_pool[pages, :, offsets] = k[0]
+            v_pool[pages, :, offsets] = v[0]
+            if start == 0:
+                return causal_attention(q, k, v)
+            keys, values = (gather_pages(p, row_table, start + n).transpose(1, 2)
+                            for p in (k_pool, v_pool))
+            return causal_attention(q, keys, values, past=start)
+
+        delta = torch.zeros_like(h)
+        for layer in range(self.spec.n_layers):
+            h, delta = decoder_layer(self.model, layer, h, delta, rope, attend)
+        self.cache.lengths[slot] = start + n
+        return final_logits(self.model, (h + delta)[0, -1])
 
     # --------------------------------------------------------------------- decode step
 
@@ -154,19 +194,24 @@ class Runtime:
 
     @torch.no_grad()
     def decode_step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append one token per row (tokens [B]) and return next-token logits [B, vocab]."""
-        B = tokens.shape[0]  # the first B rows of the cache (a batch-size bucket)
+        """Append one token per row (tokens [B]) and return next-token logits [B, vocab].
+        A slot of length zero holds no sequence: it writes nothing, reads nothing and stays
+        empty (its logits are meaningless)."""
+        B = tokens.shape[0]  # the first B slots of the cache (a batch-size bucket)
         seqlens = self.cache.seqlens[:B]
+        table = self.cache.block_table[:B]
+        live = seqlens > 0
         positions = seqlens.long()[:, None]
-        lens = seqlens + 1
+        lens = seqlens + live.int()
+        write_at = torch.where(live, seqlens, -1)
         h = embed(self.model, tokens[:, None], positions)  # [B, 1, d]
         rope = rope_cos_sin(self.model, positions, h.dtype)
 
         def attend(layer, x, q, k, v, extra):
-            k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-            self.kernels.write_kv(k[:, 0], v[:, 0], k_cache, v_cache, seqlens)
+            k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+            self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table)
             groups = self.groups_for(layer, None if extra is None else extra[:, 0], B)
-            return self.kernels.attention(q[:, 0], k_cache[:B], v_cache[:B], lens, groups)[:, None]
+            return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table)[:, None]
 
         delta = torch.zeros_like(h)
         for layer in range(self.spec.n_layers):
@@ -204,11 +249,15 @@ class Runtime:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """A decode step for the first len(tokens) rows: graph replay on CUDA (captured on
         first use of that bucket), eager elsewhere."""
+        self.cache.sync()
         if self.device.type != "cuda":
-            return self.decode_step(tokens)
+            logits = self.decode_step(tokens)
+            self.cache.advance(tokens.shape[0])
+            return logits
         bucket = tokens.shape[0]
         self.capture(bucket)
         graph, static_tokens, logits = self.graphs[bucket]
         static_tokens.copy_(tokens)
         graph.replay()
+        self.cache.advance(bucket)
         return logits
