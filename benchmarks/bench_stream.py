@@ -46,6 +46,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _release(device: torch.device) -> None:
+    """Give the last runtime's memory back before the next one sizes itself."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def workload(n: int = 2000, seed: int = 0, vocab: int = 128256,
              prompt: tuple[int, int] = (64, 4096), output: tuple[int, int] = (16, 1024)
              ) -> list[tuple[list[int], int]]:
@@ -72,7 +79,7 @@ def matmul_peak(device: torch.device) -> float:
 def prefill_speed(engine: Any, device: torch.device, *, prompts: int = 16, length: int = 2048
                   ) -> dict[str, float]:
     """Prompt tokens/s of the runtime's prefill, one chunk of `length` tokens per prompt."""
-    rt = Runtime(engine, batch=1, device=device, page_size=PAGE_SIZE, max_seq=length + 64)
+    rt = Runtime(engine, batch=1, device=device, page_size=PAGE_SIZE, max_seq=max(length, 64) * 2)
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(3, engine.model.spec.vocab, (length,), generator=g).tolist()
            for _ in range(prompts + 2)]
@@ -86,8 +93,31 @@ def prefill_speed(engine: Any, device: torch.device, *, prompts: int = 16, lengt
     _sync(device)
     tps = prompts * length / (time.perf_counter() - t0)
     del rt
-    gc.collect()
+    _release(device)
     return {"prompt_length": length, "prefill_tokens_per_s": tps}
+
+
+def profile_prefill(engine: Any, device: torch.device) -> None:
+    """The CUDA kernels that take a 1024- and a 4096-token prefill's time, and the host's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rt = Runtime(engine, batch=1, device=device, page_size=PAGE_SIZE, max_seq=8192)
+    rt.cache.grow(0, 4096)
+    g = torch.Generator().manual_seed(3)
+    for n in (1024, 4096):
+        ids = torch.randint(3, engine.model.spec.vocab, (n,), generator=g).tolist()
+        rt.prefill_chunk(0, ids, 0)
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            rt.prefill_chunk(0, ids, 0)
+            _sync(device)
+            wall = time.perf_counter() - t0
+        print(f"prefill of {n} tokens: {wall * 1e3:.1f} ms wall", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12,
+                                        max_name_column_width=60), flush=True)
+    del rt
+    _release(device)
 
 
 def run_scheduler(engine: Any, requests: list[tuple[list[int], int]], *, slots: int, pages: int,
@@ -112,7 +142,7 @@ def run_scheduler(engine: Any, requests: list[tuple[list[int], int]], *, slots: 
            "prefill_tokens_per_s": stats["prompt_tokens"] / stats["prefill_s"],
            "decode_tokens_per_s": stats["output_tokens"] / stats["decode_s"], **stats}
     del sched, rt
-    gc.collect()
+    _release(device)
     return out
 
 
@@ -125,7 +155,9 @@ def run_chunked(engine: Any, requests: list[tuple[list[int], int]], *, slots: in
     tokens = 0
     for start in range(0, len(requests), slots):
         chunk = requests[start:start + slots]
-        if len(chunk) < slots:
+        if len(chunk) < slots:  # the last, smaller chunk: its own runtime, once this one is gone
+            del rt
+            _release(device)
             rt = Runtime(engine, batch=len(chunk), dense=dense, device=device,
                          page_size=PAGE_SIZE)
         outs, _ = generate(rt, [p for p, _ in chunk], max_new_tokens=[m for _, m in chunk],
@@ -134,7 +166,7 @@ def run_chunked(engine: Any, requests: list[tuple[list[int], int]], *, slots: in
     _sync(device)
     wall = time.perf_counter() - t0
     del rt
-    gc.collect()
+    _release(device)
     return {"requests": len(requests), "seconds": wall, "output_tokens": tokens,
             "output_tokens_per_s": tokens / wall, "requests_per_s": len(requests) / wall}
 
@@ -158,6 +190,7 @@ def main() -> None:
     ap.add_argument("--baseline-modes", default="sparse")
     ap.add_argument("--max-slots", type=int, default=256)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", action="store_true", help="the top CUDA kernels of prefill")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: the stream benchmark needs a CUDA GPU (none is visible here).")
@@ -182,7 +215,12 @@ def main() -> None:
                  if n != "embed.weight")
     prefill = prefill_speed(engine, device)
     prefill["matmul_share"] = 2 * params * prefill["prefill_tokens_per_s"] / peak
+    prefill["by_length"] = {n: prefill_speed(engine, device, prompts=max(4, 16384 // n),
+                                             length=n)["prefill_tokens_per_s"]
+                            for n in (64, 256, 1024, 4096)}
     print("prefill", json.dumps(prefill), flush=True)
+    if args.profile:
+        profile_prefill(engine, device)
     records: dict[str, Any] = {"environment": env, "slots": slots, "pages": pages,
                                "prefill": prefill,
                                "workload": {"requests": len(reqs),

@@ -357,7 +357,7 @@ class _Job:
                                                    "the results so far are kept")
                         results["bad_lines"] += 1
                         err.print(f"skipped {item.where}: {item.why}", markup=False,
-                                  highlight=False)
+                                  highlight=False, soft_wrap=True)
                         continue
                     if json.dumps(item["id"]) in done:
                         results["skipped"] += 1
@@ -416,7 +416,7 @@ class _Job:
     def _print(self, record: dict[str, Any]) -> None:
         if "error" in record:
             err.print(f"request {record['id']}: {record['error']}", markup=False,
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
             return
         out.print(f"[bold]{escape(record['prompt'])}[/bold]{escape(record['completion'])}",
                   highlight=False)

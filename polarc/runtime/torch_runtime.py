@@ -43,6 +43,11 @@ def compiled_ops(device: torch.device) -> Ops:
     (dozens of tiny launches per layer otherwise add up to milliseconds per step)."""
     if device.type != "cuda" or os.environ.get("POLARC_NO_COMPILE") == "1":
         return EAGER
+    # One compiled kernel per batch bucket (and per runtime in a process that opens several):
+    # more than dynamo's default of 8 shapes per function.
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), 256))
     return Ops(*(torch.compile(fn, fullgraph=True, dynamic=False)
                  for fn in (add_norm, rope_qk, swiglu)))
 
