@@ -38,7 +38,7 @@ from polarc.runtime.torch_runtime import Runtime
 
 MAX_SEQ = 8192
 PAGE_SIZE = 64
-PREFILL_CHUNK = 4096
+PREFILL_CHUNK = 2048
 
 
 def _sync(device: torch.device) -> None:

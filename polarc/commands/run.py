@@ -155,8 +155,10 @@ def run_cmd(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int, typer.Option(help="Sampling seed of each request that has none.")] = 0,
-    prefill_chunk: Annotated[int, typer.Option(
-        help="Prompt tokens prefilled per iteration (longer prompts take several).")] = 2048,
+    prefill_chunk: Annotated[int | None, typer.Option(
+        help="Prompt tokens prefilled per iteration, in one forward of several prompts' "
+             "chunks (longer prompts take several). Default: 2048 on a GPU, 256 on a CPU.")
+    ] = None,
     page_size: Annotated[int, typer.Option(help="KV cache page, in positions.")] = 64,
     on_bad_line: Annotated[str, typer.Option(
         help="A prompts-file line that is not a request: stop (the results so far stay) or "
@@ -290,7 +292,8 @@ class _Job:
     """One `polarc run`: the runtime, its scheduler, and where results go."""
 
     def __init__(self, eng: Any, dev: Any, *, batch: int | None, dense: bool,
-                 prefill_chunk: int, page_size: int, quiet: bool, fit_default: bool) -> None:
+                 prefill_chunk: int | None, page_size: int, quiet: bool, fit_default: bool
+                 ) -> None:
         from polarc.runtime.kv_cache import check_fits, page_bytes, pages_for, pages_that_fit
         from polarc.runtime.scheduler import Scheduler
         from polarc.runtime.torch_runtime import Runtime
@@ -313,6 +316,8 @@ class _Job:
         self.eng, self.dev, self.quiet = eng, dev, quiet
         self.runtime = Runtime(eng, batch=slots, dense=dense, device=dev, page_size=page_size,
                                pages=pages)
+        if prefill_chunk is None:
+            prefill_chunk = 2048 if dev.type == "cuda" else 256
         self.scheduler = Scheduler(self.runtime, prefill_chunk=prefill_chunk)
         self.dense = dense
         self.fit_default = fit_default  # the default max tokens: cut to what the prompt leaves

@@ -8,10 +8,13 @@ One iteration (`Scheduler.step`):
    requests were promised; otherwise it waits. Pages are handed out as a sequence grows, but
    a running request never finds none left.
 2. **Prefill**: requests whose prompt is not yet in the cache advance by whole chunks, oldest
-   first, up to `prefill_chunk` prompt tokens per iteration (at least one chunk), so a long
-   prompt is spread over several iterations and never stalls the decode steps of the others.
-   Chunk c of a prompt is always its tokens c·C .. (c+1)·C - 1, whatever else is queued. A
-   request whose last chunk is done samples its first token and joins the decode steps.
+   first: one pack per iteration, as many chunks as fit `prefill_chunk` (C) tokens, run as one
+   forward padded to C tokens (several short prompts share the weight reads and the host's
+   launch work; the matrix products always have the same shape), so a long prompt is spread
+   over several iterations and never stalls the decode steps of the others. Chunk c of a
+   prompt is always its tokens c·C .. (c+1)·C - 1, and each chunk's attention is its own
+   call, whatever else is queued. A request whose last chunk is done samples its first token
+   and joins the decode steps.
 3. **Decode**: one step over every slot. Steps always run at the slot count (slots that hold
    no decoding sequence write and read nothing), so a row's arithmetic never depends on how
    many other requests run or which: greedy output is token for token the same alone or in a
@@ -255,30 +258,48 @@ class Scheduler:
         self.promised -= given
 
     def _prefill(self, events: list[Event]) -> None:
-        budget = self.prefill_chunk
+        """One pack: the next whole chunk of each request still prefilling, oldest first, as
+        many as fit `prefill_chunk` tokens, run as one forward padded to that width (so a
+        chunk's arithmetic never depends on its company); the requests whose prompt is done
+        sample their first token and join the decode steps."""
         t0 = time.perf_counter()
+        room = self.prefill_chunk
+        pack: list[tuple[_Running, int]] = []
         for run in [r for r in self._order if not r.decoding]:
-            prompt = run.request.prompt
-            while budget > 0 and not run.decoding:
-                start = run.prefilled
-                stop = min(len(prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk)
-                if stop - start > budget and budget < self.prefill_chunk:
-                    break  # a whole chunk or nothing: boundaries never depend on company
-                try:
-                    self._grow(run, stop)
-                    logits = self.runtime.prefill_chunk(run.slot, prompt[start:stop], start)
-                except (RuntimeError, ValueError) as exc:
-                    self._retire(run, events, "error", error=f"prefill failed: {exc}")
-                    break
-                budget -= stop - start
-                run.prefilled = stop
-                self.stats.prompt_tokens += stop - start
-                if run.decoding:
-                    first = self._sample(logits[None], [run])[0]
-                    self.cache.set_length(run.slot, len(prompt))
-                    self._emit(run, first, events)
-            if budget <= 0:
+            prompt, start = run.request.prompt, run.prefilled
+            stop = min(len(prompt), (start // self.prefill_chunk + 1) * self.prefill_chunk)
+            if stop - start > room:
+                continue  # a whole chunk or nothing: boundaries never depend on company
+            try:
+                self._grow(run, stop)
+            except (RuntimeError, ValueError) as exc:
+                self._retire(run, events, "error", error=f"prefill failed: {exc}")
+                continue
+            pack.append((run, stop))
+            room -= stop - start
+            if room == 0:
                 break
+        if not pack:
+            return
+        chunks = [(run.slot, run.request.prompt[run.prefilled:stop], run.prefilled)
+                  for run, stop in pack]
+        try:
+            logits = self.runtime.prefill_pack(chunks, width=self.prefill_chunk)
+        except (RuntimeError, ValueError) as exc:
+            for run, _ in pack:
+                self._retire(run, events, "error", error=f"prefill failed: {exc}")
+            return
+        ready = []
+        for (run, stop), row in zip(pack, logits, strict=True):
+            self.stats.prompt_tokens += stop - run.prefilled
+            run.prefilled = stop
+            if run.decoding:
+                ready.append((run, row))
+        if ready:
+            firsts = self._sample(torch.stack([row for _, row in ready]), [r for r, _ in ready])
+            for (run, _), token in zip(ready, firsts, strict=True):
+                self.cache.set_length(run.slot, len(run.request.prompt))
+                self._emit(run, token, events)
         self._sync()
         self.stats.prefill_s += time.perf_counter() - t0
 

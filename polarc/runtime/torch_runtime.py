@@ -150,33 +150,64 @@ class Runtime:
 
     @torch.no_grad()
     def prefill_chunk(self, slot: int, ids: list[int], start: int) -> torch.Tensor:
-        """Positions start..start+len(ids)-1 of the sequence in `slot` (its pages must hold
-        them; the earlier positions are in the cache): K and V written to its pages, the
-        chunk attending to them and causally to itself. Returns the last position's logits
-        [vocab]. The slot's length on the device is left alone: a slot joins decode steps
+        """Positions start..start+len(ids)-1 of the sequence in `slot`: `prefill_pack` of
+        that one chunk. Returns its last position's logits [vocab]."""
+        return self.prefill_pack([(slot, ids, start)])[0]
+
+    @torch.no_grad()
+    def prefill_pack(self, chunks: list[tuple[int, list[int], int]], width: int | None = None
+                     ) -> list[torch.Tensor]:
+        """Several sequences' prompt chunks in one forward. Each chunk (slot, ids, start) is
+        positions start..start+len(ids)-1 of the sequence in `slot` (its pages must hold them;
+        the earlier positions are in the cache): its K and V are written to the slot's pages,
+        and it attends to them and causally to itself, alone (one attention call per chunk).
+        With `width` the pack is padded to that many tokens, so its matrix products always
+        have the same shape and a chunk's arithmetic does not depend on what shares the pack.
+        Returns each chunk's last-position logits [vocab] (one row at a time, for the same
+        reason). The slots' lengths on the device are left alone: a slot joins decode steps
         only when the caller sets it."""
-        n = len(ids)
-        pages, offsets = self.cache.positions(slot, start, start + n)
-        row_table = self.cache.host_row(slot).to(self.device)[None]
-        positions = torch.arange(start, start + n, device=self.device)
-        h = embed(self.model, torch.tensor([ids], device=self.device), positions)
+        dev = self.device
+        spans, ids_all, pos_all, pages_all, offs_all = [], [], [], [], []
+        at = 0
+        for slot, ids, start in chunks:
+            n = len(ids)
+            pages, offsets = self.cache.positions(slot, start, start + n)
+            spans.append((at, n, start, self.cache.host_row(slot)))
+            ids_all += ids
+            pos_all.append(torch.arange(start, start + n))
+            pages_all.append(pages)
+            offs_all.append(offsets)
+            at += n
+        pad = max(0, (width or at) - at)
+        ids_t = torch.tensor([ids_all + [0] * pad], device=dev)
+        positions = torch.cat(pos_all + [torch.zeros(pad, dtype=torch.long)]).to(dev)
+        pages, offsets = torch.cat(pages_all), torch.cat(offs_all)
+        h = embed(self.model, ids_t, positions)
         rope = rope_cos_sin(self.model, positions, h.dtype)
+        tables = [row.to(dev)[None] if start else None for _, _, start, row in spans]
 
         def attend(layer, x, q, k, v, extra):
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-            k_pool[pages, :, offsets] = k[0]
-            v_pool[pages, :, offsets] = v[0]
-            if start == 0:
-                return causal_attention(q, k, v)
-            keys, values = (gather_pages(p, row_table, start + n).transpose(1, 2)
-                            for p in (k_pool, v_pool))
-            return causal_attention(q, keys, values, past=start)
+            k_pool[pages, :, offsets] = k[0, :at]
+            v_pool[pages, :, offsets] = v[0, :at]
+            out = torch.zeros_like(q)
+            for (o, n, start, _), table in zip(spans, tables, strict=True):
+                qs = q[:, o:o + n]
+                if start == 0:
+                    out[:, o:o + n] = causal_attention(qs, k[:, o:o + n], v[:, o:o + n])
+                else:
+                    keys, values = (gather_pages(p, table, start + n).transpose(1, 2)
+                                    for p in (k_pool, v_pool))
+                    out[:, o:o + n] = causal_attention(qs, keys, values, past=start)
+            return out
 
         delta = torch.zeros_like(h)
         for layer in range(self.spec.n_layers):
             h, delta = decoder_layer(self.model, layer, h, delta, rope, attend)
-        self.cache.lengths[slot] = start + n
-        return final_logits(self.model, (h + delta)[0, -1])
+        last = h + delta
+        for slot, ids, start in chunks:
+            self.cache.lengths[slot] = start + len(ids)
+        return [final_logits(self.model, last[0, o + n - 1]) for o, n, _, _ in spans]
 
     # --------------------------------------------------------------------- decode step
 
