@@ -152,7 +152,8 @@ def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
             "meta_sha256": hashlib.sha256(json.dumps(calibration.meta, sort_keys=True)
                                           .encode()).hexdigest()},
         "random_routers": random_rt,
-        "tokenizer": {"kind": tok.kind, "eos_id": tok.eos_id, "bos_id": tok.bos_id},
+        "tokenizer": {"kind": tok.kind, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+                      "chat_template": tok.chat_template},
         "rope_attention_scaling": model.rope_attention_scaling,
     }
     return Engine(path=Path("<memory>"), manifest=manifest, model=model, k_per_layer=list(plan),

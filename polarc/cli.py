@@ -9,6 +9,7 @@ from polarc.commands.calibrate import calibrate_cmd, eval_cmd
 from polarc.commands.engine import build_cmd
 from polarc.commands.models import models_cmd
 from polarc.commands.run import run_cmd
+from polarc.commands.serve import serve_cmd
 
 app = typer.Typer(
     name="polarc",
@@ -23,6 +24,7 @@ app.command("calibrate")(calibrate_cmd)
 app.command("eval")(eval_cmd)
 app.command("build")(build_cmd)
 app.command("run")(run_cmd)
+app.command("serve")(serve_cmd)
 app.add_typer(bench_app, name="bench")
 
 

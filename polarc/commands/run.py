@@ -288,37 +288,51 @@ def _count(path: Path) -> int:
     return sum(1 for _, line in _text_lines(path) if line.strip())
 
 
+def make_scheduler(eng: Any, dev: Any, *, batch: int | None, dense: bool,
+                   prefill_chunk: int | None, page_size: int, detokenize: bool = False) -> Any:
+    """The runtime and its scheduler for `polarc run` and `polarc serve`: `batch` slots
+    (default: as many as memory holds at the engine's max sequence, up to its max batch),
+    pages for a full sequence in every slot where memory allows (fewer otherwise: requests
+    then wait for pages), prefill packs of `prefill_chunk` tokens (2048 on a GPU, 256 on a
+    CPU)."""
+    from polarc.runtime.kv_cache import check_fits, page_bytes, pages_for, pages_that_fit
+    from polarc.runtime.scheduler import Scheduler
+    from polarc.runtime.torch_runtime import Runtime
+
+    spec, max_seq = eng.model.spec, eng.limits["max_seq"]
+    per_row = pages_for(max_seq, page_size)
+    fits = pages_that_fit(spec, page_size, eng.model.dtype, dev)
+    slots = batch if batch is not None else max(1, min(eng.limits["max_batch"], fits // per_row))
+    if slots > eng.limits["max_batch"]:
+        raise PolarcError(f"--batch {slots} exceeds the engine's max batch "
+                          f"{eng.limits['max_batch']}", hint="rebuild with a larger --max-batch")
+    # Slots beyond what fits at the max sequence are fine (requests wait for pages), but
+    # each slot needs room for one page at least.
+    check_fits(spec, slots, page_size, eng.model.dtype, dev,
+               what=f"batch {slots} (a page of {page_size} positions per slot at least)",
+               hint=lambda n: f"the largest batch that fits is {n}")
+    pages = min(slots * per_row, fits)
+    if pages < 1:
+        need = page_bytes(spec, page_size, eng.model.dtype) / 2**20
+        raise PolarcError(f"no room for a KV cache on {dev.type}: one page of {page_size} "
+                          f"positions needs {need:.1f} MiB")
+    runtime = Runtime(eng, batch=slots, dense=dense, device=dev, page_size=page_size,
+                      pages=pages)
+    if prefill_chunk is None:
+        prefill_chunk = 2048 if dev.type == "cuda" else 256
+    return Scheduler(runtime, prefill_chunk=prefill_chunk, detokenize=detokenize)
+
+
 class _Job:
     """One `polarc run`: the runtime, its scheduler, and where results go."""
 
     def __init__(self, eng: Any, dev: Any, *, batch: int | None, dense: bool,
                  prefill_chunk: int | None, page_size: int, quiet: bool, fit_default: bool
                  ) -> None:
-        from polarc.runtime.kv_cache import check_fits, page_bytes, pages_for, pages_that_fit
-        from polarc.runtime.scheduler import Scheduler
-        from polarc.runtime.torch_runtime import Runtime
-
-        spec, max_seq = eng.model.spec, eng.limits["max_seq"]
-        per_row = pages_for(max_seq, page_size)
-        fits = pages_that_fit(spec, page_size, eng.model.dtype, dev)
-        slots = batch if batch is not None else max(1, min(eng.limits["max_batch"],
-                                                           fits // per_row))
-        # Slots beyond what fits at the max sequence are fine (requests wait for pages), but
-        # each slot needs room for one page at least.
-        check_fits(spec, slots, page_size, eng.model.dtype, dev,
-                   what=f"batch {slots} (a page of {page_size} positions per slot at least)",
-                   hint=lambda n: f"the largest batch that fits is {n}")
-        pages = min(slots * per_row, fits)
-        if pages < 1:
-            need = page_bytes(spec, page_size, eng.model.dtype) / 2**20
-            raise PolarcError(f"no room for a KV cache on {dev.type}: one page of {page_size} "
-                              f"positions needs {need:.1f} MiB")
         self.eng, self.dev, self.quiet = eng, dev, quiet
-        self.runtime = Runtime(eng, batch=slots, dense=dense, device=dev, page_size=page_size,
-                               pages=pages)
-        if prefill_chunk is None:
-            prefill_chunk = 2048 if dev.type == "cuda" else 256
-        self.scheduler = Scheduler(self.runtime, prefill_chunk=prefill_chunk)
+        self.scheduler = make_scheduler(eng, dev, batch=batch, dense=dense,
+                                        prefill_chunk=prefill_chunk, page_size=page_size)
+        self.runtime = self.scheduler.runtime
         self.dense = dense
         self.fit_default = fit_default  # the default max tokens: cut to what the prompt leaves
 

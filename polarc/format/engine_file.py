@@ -316,6 +316,8 @@ def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec:
     except Exception as exc:
         raise PolarcError(f"the engine's tokenizer cannot be read ({first_line(exc)})") from None
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+    if tk.get("chat_template"):
+        fast.chat_template = tk["chat_template"]
     return HFTokenizer(fast, eos_id=tk["eos_id"], bos_id=tk["bos_id"])
 
 

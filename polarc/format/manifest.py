@@ -90,6 +90,7 @@ class TokenizerRecord(Strict):
     kind: Literal["hf", "bytes"]
     eos_id: NonNegativeInt | None
     bos_id: NonNegativeInt | None
+    chat_template: str | None = None  # Jinja, as the model's tokenizer has it (chat requests)
 
 
 class CalibrationRef(Strict):

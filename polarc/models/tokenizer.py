@@ -21,6 +21,16 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tok, "chat_template", None) or None
+
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """The prompt of a conversation (its chat template, then the assistant's turn)."""
+        out = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)
+        return list(out["input_ids"])
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens (ids 3..258), for random-weight models that ship no tokenizer.
@@ -32,6 +42,7 @@ class ByteTokenizer:
     bos_id = 1
     eos_id = 2
     offset = 3
+    chat_template = None
 
     def __init__(self, vocab: int) -> None:
         if vocab < 256 + self.offset:
