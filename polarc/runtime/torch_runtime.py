@@ -192,9 +192,12 @@ class Runtime:
             v_pool[pages, :, offsets] = v[0, :at]
             out = torch.zeros_like(q)
             for (o, n, start, _), table in zip(spans, tables, strict=True):
-                qs = q[:, o:o + n]
+                # copies, not views: a view's alignment depends on where the chunk sits in
+                # the pack, and attention backends choose their kernel by alignment
+                qs = q[:, o:o + n].contiguous()
                 if start == 0:
-                    out[:, o:o + n] = causal_attention(qs, k[:, o:o + n], v[:, o:o + n])
+                    out[:, o:o + n] = causal_attention(qs, k[:, o:o + n].contiguous(),
+                                                       v[:, o:o + n].contiguous())
                 else:
                     keys, values = (gather_pages(p, table, start + n).transpose(1, 2)
                                     for p in (k_pool, v_pool))
