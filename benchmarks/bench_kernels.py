@@ -57,6 +57,14 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------- attention
 
 
+def _attention_sets(n: int, b: int, hq: int, hkv: int, s: int, d: int, device: torch.device,
+                    dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`n` random (q, K cache, V cache) sets of one shape, to rotate through L2."""
+    return [(torch.randn(b, hq, d, device=device, dtype=dtype),
+             torch.randn(b, hkv, s, d, device=device, dtype=dtype),
+             torch.randn(b, hkv, s, d, device=device, dtype=dtype)) for _ in range(n)]
+
+
 def _random_groups(b: int, hkv: int, k: int, device: torch.device, gen: torch.Generator):
     return torch.stack([torch.randperm(hkv, generator=gen)[:k] for _ in range(b)]).int().to(device)
 
@@ -89,12 +97,7 @@ def attention_cases(
             continue
         # enough sets that the sparsest case's reads, rotated, overflow L2
         n_sets = sets_to_rotate(int(kv_bytes * min(densities)))
-        sets = []
-        for _ in range(n_sets):
-            q = torch.randn(b, hq, d, device=device, dtype=dtype)
-            k = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
-            v = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
-            sets.append((q, k, v))
+        sets = _attention_sets(n_sets, b, hq, hkv, s, d, device, dtype)
         full = torch.full((b,), s, dtype=torch.int32, device=device)
         base = dict(op="attention", model=model, B=b, S=s, Hq=hq, Hkv=hkv, D=d, dtype="bf16")
         sdpa_ms = None
@@ -188,12 +191,7 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False) -> list
         d = HEAD_DIM
         kv_bytes = 2 * b * hkv * s * d * 2
         n_sets = sets_to_rotate(kv_bytes // 2, most=4)
-        sets = []
-        for _ in range(n_sets):
-            q = torch.randn(b, hq, d, device=device, dtype=dtype)
-            k = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
-            v = torch.randn(b, hkv, s, d, device=device, dtype=dtype)
-            sets.append((q, k, v))
+        sets = _attention_sets(n_sets, b, hq, hkv, s, d, device, dtype)
         seqlens = torch.full((b,), s, dtype=torch.int32, device=device)
         for rho in (0.5, 1.0):
             n_sel = max(1, round(rho * hkv))
