@@ -25,6 +25,7 @@ from polarc.commands.options import (
     resolve_device_memory,
 )
 from polarc.console import err, out, progress, user_errors
+from polarc.errors import PolarcError
 from polarc.format.plan import check_density
 from polarc.models import load_model
 from polarc.outputs import check_output, write_json
@@ -127,7 +128,14 @@ def _print_plan(meta: dict[str, Any]) -> None:
 
 
 def eval_cmd(
-    calibration: Annotated[Path, typer.Option(help="Folder written by polarc calibrate.")],
+    calibration: Annotated[Path | None, typer.Option(
+        help="Folder written by polarc calibrate: its plan and routers in the masked forward.")
+    ] = None,
+    engine: Annotated[Path | None, typer.Option(
+        help="An engine file: held-out text teacher-forced through its own decode path, "
+             "against the same engine with every KV group.")] = None,
+    prefix: Annotated[int, typer.Option(
+        help="With --engine: tokens of each sequence prefilled before the decode steps.")] = 64,
     model: ModelOpt = None,
     weights: WeightsOpt = None,
     random_weights: RandomOpt = False,
@@ -146,19 +154,29 @@ def eval_cmd(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Perplexity on held-out text with dense, router, oracle and random selection.
+    """Perplexity on held-out text: a calibration's plan with dense, router, oracle and random
+    selection (--calibration), or an engine through its own decode path (--engine).
 
     Examples:
 
       polarc eval --calibration runs/smollm2 --json runs/smollm2/eval.json
 
       polarc eval --calibration runs/no-code --domain code   # text it never saw
+
+      polarc eval --engine runs/smollm2.plan --json runs/engine-eval.json
     """
     from polarc.calibration.artifact import artifact_files
     from polarc.calibration.quality import evaluate_calibration
 
     with user_errors():
-        check_positive(tokens=tokens, batch_size=batch_size)
+        check_positive(tokens=tokens, batch_size=batch_size, prefix=prefix)
+        if (calibration is None) == (engine is None):
+            raise PolarcError("give --calibration or --engine (one of them)")
+        if engine is not None:
+            _eval_engine(engine, dataset=dataset, tokens=tokens, batch_size=batch_size,
+                         prefix=prefix, device=device, domains=tuple(domain or ()),
+                         json_out=json_out, force=force, quiet=quiet)
+            return
         inputs = (*artifact_files(calibration), *existing_inputs(dataset, model, weights))
         if json_out:
             check_output(json_out, force=force, inputs=inputs)
@@ -206,3 +224,57 @@ def _print_eval(res: dict[str, Any]) -> None:
         out.print(f"on text the calibration never saw ({where}): worst rise "
                   f"{check['worst_rise_pct']:+.2f}% {verdict} the plan's {check['budget_pct']:g}% "
                   "budget", markup=False, highlight=False)
+
+
+def _eval_engine(engine: Path, *, dataset: str | None, tokens: int, batch_size: int,
+                 prefix: int, device: str, domains: tuple[str, ...], json_out: Path | None,
+                 force: bool, quiet: bool) -> None:
+    """`polarc eval --engine`: held-out text through the engine's decode path (module
+    `polarc.runtime.forced`)."""
+    from polarc.calibration.data import PACKAGED, load_sequences
+    from polarc.format.engine_file import load_engine
+    from polarc.format.plan import kv_density
+    from polarc.runtime.forced import teacher_forced
+    from polarc.runtime.torch_runtime import Runtime
+
+    seq_len = 512
+    inputs = existing_inputs(engine, dataset)
+    if json_out:
+        check_output(json_out, force=force, inputs=inputs)
+    dev = resolve_device_memory(device, None)
+    eng = load_engine(engine, device=dev)
+    if eng.backend != "torch":
+        raise PolarcError("eval --engine runs torch engines", hint="build with --backend torch")
+    ds = dataset or "mix"
+    seq_len = min(seq_len, eng.limits["max_seq"])
+    if prefix >= seq_len:
+        raise PolarcError(f"--prefix {prefix} leaves no token to score in sequences of "
+                          f"{seq_len}")
+    _, held = load_sequences(ds, eng.model.tokenizer, seq_len=seq_len, calib_tokens=0,
+                             heldout_tokens=max(tokens, seq_len), split=ds in PACKAGED,
+                             domains=domains)
+    rows = min(batch_size, held.ids.shape[0], eng.limits["max_batch"])
+    engine_rt = Runtime(eng, batch=rows, max_seq=seq_len, device=dev)
+    reference_rt = Runtime(eng, batch=rows, max_seq=seq_len, device=dev, dense=True)
+    with progress(quiet) as bar:
+        task = bar.add_task("teacher-forced", total=held.ids.shape[0])
+        quality = teacher_forced(engine_rt, reference_rt, held.ids, prefix=prefix,
+                                 on_batch=lambda n: bar.advance(task, n))
+    res = quality.as_json()
+    spec = eng.model.spec
+    res.update(kv_bytes_ratio=kv_density(eng.k_per_layer, spec.n_kv_heads),
+               increase_pct=(res["ppl_engine"] / res["ppl_reference"] - 1) * 100,
+               engine=str(engine), model=spec.name, dataset=ds,
+               heldout="every 10th document" if ds in PACKAGED else "the whole dataset",
+               prefix=prefix, seq_len=seq_len, device=dev.type, dtype=eng.manifest["dtype"],
+               random_weights=eng.model.random_weights)
+    table = Table(title=f"{spec.name} engine on {res['tokens']} teacher-forced tokens of {ds}")
+    for col in ("engine", "reference (every group)", "rise", "top-1 agree", "KL",
+                "KV bytes"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{res['ppl_engine']:.3f}", f"{res['ppl_reference']:.3f}",
+                  f"{res['increase_pct']:+.2f}%", f"{res['top1_agreement']:.3f}",
+                  f"{res['kl']:.4f}", f"{res['kv_bytes_ratio']:.3f}")
+    out.print(table)
+    if json_out:
+        write_json(json_out, res, force=force, inputs=inputs)
