@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
@@ -28,6 +28,14 @@ META_FILE = "calibration.json"
 REPORT_FILE = "report.png"
 
 
+class KVAbsmax(BaseModel):
+    """The largest |K| and |V| of each KV group seen in calibration (FP8 KV scales)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    k: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]
+    v: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]]
+
+
 class LayerEntry(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     layer: NonNegativeInt
@@ -37,6 +45,7 @@ class LayerEntry(BaseModel):
     mlp_batch: NonNegativeInt | None = None
     mlp_union_recall: float | None = None
     mlp_recall: float | None = None
+    kv_absmax: KVAbsmax | None = None
 
 
 class DatasetRecord(BaseModel):
@@ -73,6 +82,9 @@ class CalibrationMeta(BaseModel):
         for e, k in zip(self.layers, self.plan.k_per_layer, strict=True):
             if e.k != k:
                 raise ValueError(f"layers[{e.layer}].k is {e.k}, the plan says {k}")
+            if e.kv_absmax is not None and not len(e.kv_absmax.k) == len(e.kv_absmax.v) \
+                    == arch.n_kv_heads:
+                raise ValueError(f"layers[{e.layer}].kv_absmax needs {arch.n_kv_heads} groups")
         return self
 
 

@@ -39,6 +39,7 @@ class LayerSamples:
     mlp_active: torch.Tensor | None  # [n, N] bool, ReLU models only
     mlp_in: torch.Tensor | None  # [n, d] MLP router input, ReLU models only
     domain: torch.Tensor | None = None  # [n] int: index of each position's domain
+    kv_absmax: torch.Tensor | None = None  # [2, Hkv]: largest |K|, |V| per group, every token
 
 
 def collect_layers(
@@ -73,7 +74,8 @@ def collect_layers(
     rope = rope_cos_sin(model, positions, model.dtype)
     task = progress.add_task("collect + train", total=model.spec.n_layers) if progress else None
     for layer in range(model.spec.n_layers):
-        parts: dict[str, list[torch.Tensor]] = {"x": [], "norms": [], "active": [], "mlp_in": []}
+        parts: dict[str, list[torch.Tensor]] = {"x": [], "norms": [], "active": [], "mlp_in": [],
+                                                "kv": []}
         with model.layer_weights(layer):  # once per layer, for every batch
             for i in range(len(batches)):
                 out = run_layer(model, layer, hidden[i].to(device, non_blocking=True), rope,
@@ -85,7 +87,8 @@ def collect_layers(
         on_layer(LayerSamples(layer, torch.cat(parts["x"]), torch.cat(parts["norms"]),
                               torch.cat(parts["active"]) if parts["active"] else None,
                               torch.cat(parts["mlp_in"]) if parts["mlp_in"] else None,
-                              sample_domain))
+                              sample_domain,
+                              torch.stack(parts["kv"]).amax(0).cpu() if parts["kv"] else None))
         if progress is not None:
             progress.advance(task)
     return int(sum(len(p) for p in picked))
@@ -99,6 +102,8 @@ def _keeper(parts: dict[str, list[torch.Tensor]], keep: torch.Tensor
         d = obs.attn_in.shape[-1]
         parts["x"].append(obs.attn_in.reshape(-1, d)[keep].float())
         parts["norms"].append(obs.group_norms.reshape(-1, obs.group_norms.shape[-1])[keep])
+        if obs.kv_absmax is not None:
+            parts["kv"].append(obs.kv_absmax)
         if obs.mlp_active is not None:
             parts["active"].append(obs.mlp_active.reshape(-1, obs.mlp_active.shape[-1])[keep])
             parts["mlp_in"].append(obs.mlp_in.reshape(-1, d)[keep].float())

@@ -54,6 +54,50 @@ class BuildConfig:
     inputs: tuple[Path, ...] = ()  # files the build reads, which the output must never replace
     backend: str = "torch"
     dense: bool = False  # onnx/tensorrt: export with every KV group selected
+    kv_dtype: str = "auto"  # auto: the KV cache in `dtype`; fp8: float8 e4m3 with scales
+
+
+KV_DTYPES = ("auto", "fp8")
+KV_SHORT_PASS_TOKENS = 4096  # text for the FP8 KV scales when a calibration has no statistics
+
+
+def kv_absmax_of(calibration: Calibration | None) -> torch.Tensor | None:
+    """[2, layers, Hkv]: the calibration's largest |K| and |V| per group, if it has them."""
+    if calibration is None:
+        return None
+    layers = calibration.meta["layers"]
+    if not all(e.get("kv_absmax") for e in layers):
+        return None
+    return torch.tensor([[e["kv_absmax"]["k"] for e in layers],
+                         [e["kv_absmax"]["v"] for e in layers]], dtype=torch.float32)
+
+
+@torch.no_grad()
+def measure_kv_absmax(model: Model, tokens: int = KV_SHORT_PASS_TOKENS) -> torch.Tensor:
+    """[2, layers, Hkv]: the largest |K| and |V| per group over `tokens` of the builtin mix
+    (the short pass a build makes when its calibration has no KV statistics)."""
+    from polarc.calibration.data import MIX, load_sequences
+
+    from polarc.models.forward import forward
+
+    seq_len = min(512, model.spec.max_positions)
+    seqs, _ = load_sequences(MIX, model.tokenizer, seq_len=seq_len, calib_tokens=tokens,
+                             heldout_tokens=0)
+    out = torch.zeros(2, model.spec.n_layers, model.spec.n_kv_heads)
+
+    def observe(obs) -> None:  # noqa: ANN001
+        out[:, obs.layer] = torch.maximum(out[:, obs.layer], obs.kv_absmax.cpu())
+
+    for batch in seqs.ids.split(4):
+        forward(model, batch, observe=observe)
+    return out
+
+
+def kv_scales(absmax: torch.Tensor) -> torch.Tensor:
+    """Per (K/V, layer, group) scales that put the largest value seen at float8's ±448."""
+    from polarc.plugins.reference import FP8_MAX
+
+    return absmax.clamp_min(1e-6) / FP8_MAX
 
 
 def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], dict[int, HeadRouter]]:
@@ -115,6 +159,9 @@ def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
     q/k/v weights in place (`attach_routers`): the model is the build's own."""
     if cfg.dtype not in DTYPES:
         raise PolarcError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.kv_dtype not in KV_DTYPES:
+        raise PolarcError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}, got "
+                          f"{cfg.kv_dtype!r}")
     spec = model.spec
     max_seq = cfg.max_seq if cfg.max_seq is not None else min(DEFAULT_MAX_SEQ, spec.max_positions)
     if cfg.max_batch <= 0 or max_seq <= 1:
@@ -156,15 +203,24 @@ def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
                       "chat_template": tok.chat_template},
         "rope_attention_scaling": model.rope_attention_scaling,
     }
+    scales = None
+    if cfg.kv_dtype == "fp8":
+        absmax = kv_absmax_of(calibration)
+        manifest["kv_scales_source"] = "calibration"
+        if absmax is None:
+            absmax = measure_kv_absmax(model)
+            manifest["kv_scales_source"] = f"short pass over {KV_SHORT_PASS_TOKENS} tokens of mix"
+        scales = kv_scales(absmax)
+        manifest["kv_dtype"] = "fp8_e4m3"
     return Engine(path=Path("<memory>"), manifest=manifest, model=model, k_per_layer=list(plan),
-                  head_routers=attach_routers(model, head), mlp_routers=mlp)
+                  head_routers=attach_routers(model, head), mlp_routers=mlp, kv_scales=scales)
 
 
 def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig,
                  calibration_path: Path | None = None) -> dict[str, Any]:
     """Write the torch-backend engine to `cfg.out` atomically; return its manifest."""
     engine = assemble(model, calibration, cfg, calibration_path)
-    tensors = engine_tensors(model, engine.mlp_routers, DTYPES[cfg.dtype])
+    tensors = engine_tensors(model, engine.mlp_routers, DTYPES[cfg.dtype], engine.kv_scales)
     write_container(tensors, engine.manifest, cfg.out, force=cfg.force, inputs=cfg.inputs)
     return engine.manifest
 
@@ -185,6 +241,10 @@ def build(model: str | None, *, weights: Path | None, random_weights: bool,
     that calibration and model belong together, and write the engine with `cfg.backend`."""
     if cfg.backend not in BACKENDS:
         raise PolarcError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
+    if cfg.kv_dtype == "fp8" and cfg.backend != "torch":
+        raise PolarcError(f"--kv-dtype fp8 builds torch engines only; --backend {cfg.backend} "
+                          "does not export FP8 KV caches yet", hint="drop --kv-dtype or build "
+                          "the torch engine")
     if cfg.dense and cfg.backend == "torch":
         raise PolarcError("--dense is for --backend onnx/tensorrt",
                           hint="a torch engine runs dense with polarc run --dense")

@@ -46,9 +46,13 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table,
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             positions: torch.Tensor, block_table: torch.Tensor | None = None) -> None:
+             positions: torch.Tensor, block_table: torch.Tensor | None = None,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Write ``k``, ``v`` [B, Hkv, D] at ``positions`` [B] of the caches, or of the rows' pages
-    with a ``block_table`` (module docstring)."""
+    with a ``block_table`` (module docstring). FP8 caches (scales given) are written by the
+    reference only, for now."""
+    if k_scale is not None or v_scale is not None:
+        raise ValueError("write_kv: FP8 caches are not supported by this kernel yet")
     b, hkv, d = k.shape
     paged = block_table is not None
     if v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.dim() != 4 or \

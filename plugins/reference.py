@@ -10,6 +10,9 @@ Layouts are the kernels' (see each kernel module's docstring):
   (each (page, group) one contiguous ``[P, D]`` stream) and ``block_table [B, M]`` int32 names
   each row's pages in order: position s of row b is ``pool[block_table[b, s // P], :, s % P]``
   (`gather_pages` turns that back into the contiguous layout, which defines it);
+- an FP8 cache (float8 e4m3) holds K / scale and V / scale, one scale per KV group (``k_scale``,
+  ``v_scale [Hkv]`` float32, per layer): written by `quantize_kv` (saturating at ±448), read
+  back times the scale; the math stays fp32;
 - top-k groups: ``scores [B, Hkv]`` → ``groups [B, k]`` int32, highest first, ties to the lower
   group;
 - KV append: ``k``, ``v [B, Hkv, D]`` written at ``positions [B]`` of the caches (or of the
@@ -25,10 +28,24 @@ import math
 
 import torch
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn
+
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """At least fp32 (fp64 stays fp64, for references computed in double)."""
     return t if t.dtype == torch.float64 else t.float()
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3 of x / scale: x ``[..., Hkv, D]``, scale ``[Hkv]`` (saturating)."""
+    s = scale.to(x.device, torch.float32)[:, None]
+    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 of a cache ``[B, Hkv, S, D]`` stored as float8: q times each group's scale."""
+    return q.float() * scale.to(q.device, torch.float32)[None, :, None, None]
 
 
 def gather_pages(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -49,16 +66,23 @@ def selective_attention_reference(
     groups: torch.Tensor,
     scale: float | None = None,
     block_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over each row's selected KV groups (module docstring for layouts),
-    over a contiguous cache or, with `block_table`, a paged one."""
+    over a contiguous cache or, with `block_table`, a paged one; a float8 cache is read back
+    times `k_scale` / `v_scale`."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     s = int(cache_seqlens.max().item()) if b else 0
     if block_table is not None:
         k_cache, v_cache = (gather_pages(c, block_table[:b], s) for c in (k_cache, v_cache))
-    k, v = _acc(k_cache[:b, :, :s]), _acc(v_cache[:b, :, :s])
+    if k_cache.dtype == FP8:
+        k = dequantize_kv(k_cache[:b, :, :s], k_scale)
+        v = dequantize_kv(v_cache[:b, :, :s], v_scale)
+    else:
+        k, v = _acc(k_cache[:b, :, :s]), _acc(v_cache[:b, :, :s])
     qg = _acc(q).view(b, hkv, hq // hkv, d)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale
     valid = torch.arange(s, device=q.device)[None, :] < cache_seqlens[:, None].to(q.device)
@@ -77,9 +101,13 @@ def topk_groups_reference(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, positions: torch.Tensor,
-                       block_table: torch.Tensor | None = None) -> None:
+                       block_table: torch.Tensor | None = None,
+                       k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
     """cache[b, :, positions[b]] = new[b] for K and V (in place); with a block table, the
-    row's page that holds the position."""
+    row's page that holds the position; a float8 cache gets them quantized by the scales."""
+    if k_cache.dtype == FP8:
+        k, v = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
     pos = positions.long()
     rows = torch.nonzero(pos >= 0)[:, 0]
     pos, k, v = pos[rows], k[rows], v[rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -255,14 +256,17 @@ def _eval_engine(engine: Path, *, dataset: str | None, tokens: int, batch_size: 
                              domains=domains)
     rows = min(batch_size, held.ids.shape[0], eng.limits["max_batch"])
     engine_rt = Runtime(eng, batch=rows, max_seq=seq_len, device=dev)
-    reference_rt = Runtime(eng, batch=rows, max_seq=seq_len, device=dev, dense=True)
+    reference_rt = Runtime(eng, batch=rows, max_seq=seq_len, device=dev, dense=True,
+                           quantized=False)
     with progress(quiet) as bar:
         task = bar.add_task("teacher-forced", total=held.ids.shape[0])
         quality = teacher_forced(engine_rt, reference_rt, held.ids, prefix=prefix,
                                  on_batch=lambda n: bar.advance(task, n))
     res = quality.as_json()
     spec = eng.model.spec
-    res.update(kv_bytes_ratio=kv_density(eng.k_per_layer, spec.n_kv_heads),
+    elem = torch.empty((), dtype=eng.model.dtype).element_size()
+    res.update(kv_bytes_ratio=kv_density(eng.k_per_layer, spec.n_kv_heads)
+               * (1 / elem if eng.kv_dtype else 1.0), kv_dtype=eng.kv_dtype or eng.manifest["dtype"],
                increase_pct=(res["ppl_engine"] / res["ppl_reference"] - 1) * 100,
                engine=str(engine), model=spec.name, dataset=ds,
                heldout="every 10th document" if ds in PACKAGED else "the whole dataset",

@@ -39,6 +39,10 @@ def build_cmd(
              "SelectiveHeadAttention custom op) or tensorrt (needs TensorRT >= 10.9).")] = "torch",
     dense: Annotated[bool, typer.Option(
         "--dense", help="onnx/tensorrt: export with every KV group selected.")] = False,
+    kv_dtype: Annotated[str, typer.Option(
+        help="auto (the KV cache in --dtype) or fp8 (float8 e4m3, a scale per layer and KV "
+             "group from the calibration's statistics, or a short pass when it has none).")
+    ] = "auto",
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing output (a regular file; never an input).")] = False,
 ) -> None:
@@ -68,7 +72,7 @@ def build_cmd(
             check_output(path, force=force, inputs=inputs)
         cfg = BuildConfig(out=output, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
                           density=density, force=force, inputs=inputs, backend=backend,
-                          dense=dense)
+                          dense=dense, kv_dtype=kv_dtype)
         built = build(model, weights=weights, random_weights=random_weights,
                       calibration=calibration, cfg=cfg)
         m, manifest = built.model, built.manifest
@@ -79,7 +83,9 @@ def build_cmd(
                 "tensorrt": "TensorRT engine (decode + prefill plans)"}[backend]
         marks = [s for s, on in (("random weights", m.random_weights),
                                  ("random routers", manifest["random_routers"])) if on]
+        kv = f", FP8 KV (scales from the {manifest['kv_scales_source']})" \
+            if manifest.get("kv_dtype") else ""
         out.print(f"wrote {', '.join(str(p) for p in built.paths)}: {m.spec.name} {kind} {what}, "
-                  f"{cfg.dtype}, max batch {limits['max_batch']}, max seq {limits['max_seq']}"
+                  f"{cfg.dtype}{kv}, max batch {limits['max_batch']}, max seq {limits['max_seq']}"
                   + (f" ({', '.join(marks)}: speed only)" if marks else ""),
                   soft_wrap=True, highlight=False, markup=False)

@@ -64,6 +64,12 @@ class Engine:
     head_routers: dict[int, HeadRouter]
     mlp_routers: dict[int, MLPRouter]
     plans: dict[str, bytes] | None = None  # TensorRT backend: serialized decode/prefill plans
+    kv_scales: torch.Tensor | None = None  # FP8 KV: [2 (K, V), layers, Hkv] float32
+
+    @property
+    def kv_dtype(self) -> str | None:
+        """'fp8_e4m3' for an FP8 KV cache; None: the engine's dtype."""
+        return self.manifest.get("kv_dtype")
 
     @property
     def backend(self) -> str:
@@ -109,9 +115,10 @@ def attach_routers(model: Model, head: dict[int, HeadRouter]) -> dict[int, HeadR
     return attached
 
 
-def engine_tensors(model: Model, mlp: dict[int, MLPRouter], dtype: torch.dtype
-                   ) -> dict[str, torch.Tensor]:
-    """The container's tensors for `model` (head routers attached) and its MLP routers."""
+def engine_tensors(model: Model, mlp: dict[int, MLPRouter], dtype: torch.dtype,
+                   kv_scales: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The container's tensors for `model` (head routers attached), its MLP routers and,
+    for an FP8 KV cache, the scales [2, layers, Hkv]."""
     spec = model.spec
     weights = {name: t.to(dtype) for name, t in stored_weights(model.weights, spec).items()}
     if spec.relu_mlp:
@@ -126,6 +133,8 @@ def engine_tensors(model: Model, mlp: dict[int, MLPRouter], dtype: torch.dtype
     tok = tokenizer_json(model.tokenizer)
     if tok is not None:
         tensors["tokenizer.json"] = _bytes_tensor(tok)
+    if kv_scales is not None:
+        tensors["kv.scales"] = kv_scales.float().contiguous()
     return tensors
 
 
@@ -215,6 +224,8 @@ def expected_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"weights.embed.weight": (v, d), "weights.norm.weight": (d,)}
     if not spec.tie_embeddings:
         shapes["weights.lm_head.weight"] = (v, d)
+    if manifest.get("kv_dtype") is not None:
+        shapes["kv.scales"] = (2, spec.n_layers, spec.n_kv_heads)
     if spec.rotary:
         shapes["rope.inv_freq"] = (spec.head_dim // 2,)
     else:
@@ -365,5 +376,9 @@ def load_engine(path: Path, device: str | torch.device = "cpu") -> Engine:
                                    b2=tensors[key + ".b2"].to(dtype),
                                    k=int(plan["mlp_k"][str(layer)]), batch=0,
                                    union_recall=float("nan"), recall=float("nan"))
+    scales = tensors.get("kv.scales")
+    if scales is not None and not bool(torch.isfinite(scales).all() and (scales > 0).all()):
+        raise PolarcError(f"{path}: its FP8 KV scales are not all finite and positive",
+                          hint="rebuild it with polarc build")
     return Engine(path=path, manifest=manifest, model=model, k_per_layer=list(plan["k_per_layer"]),
-                  head_routers=head, mlp_routers=mlp)
+                  head_routers=head, mlp_routers=mlp, kv_scales=scales)

@@ -41,6 +41,7 @@ class LayerObservation:
     group_norms: torch.Tensor  # [B, T, Hkv]: L2 norm of each group's heads' attention output
     mlp_active: torch.Tensor | None  # [B, T, N] bool: which ReLU neurons fire (OPT only)
     mlp_in: torch.Tensor | None  # [B, T, d]: MLP input after its norm (OPT only: router input)
+    kv_absmax: torch.Tensor | None = None  # [2, Hkv]: largest |K| and |V| per group (post-rope)
 
 
 Observer = Callable[[LayerObservation], None]
@@ -67,6 +68,9 @@ def run_layer(
         o = causal_attention(q, k, v).reshape(B, T, spec.n_kv_heads, spec.group_size,
                                                 spec.head_dim)
         seen["attn_in"], seen["norms"] = x, o.float().pow(2).sum(dim=(-1, -2)).sqrt()
+        if observe is not None:
+            seen["kv_absmax"] = torch.stack([k.abs().amax(dim=(0, 1, 3)),
+                                             v.abs().amax(dim=(0, 1, 3))]).float()
         keep = select(layer, x, seen["norms"]) if select is not None else None
         if keep is not None:
             o = o * keep.to(o.dtype)[..., None, None]
@@ -86,7 +90,7 @@ def run_layer(
                              mlp=relu_mlp if spec.relu_mlp else None)
     if observe is not None:
         observe(LayerObservation(layer, seen["attn_in"], seen["norms"], seen.get("active"),
-                                 seen.get("mlp_in")))
+                                 seen.get("mlp_in"), seen.get("kv_absmax")))
     return h + delta
 
 

@@ -36,10 +36,14 @@ class Kernels:
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cache_seqlens: torch.Tensor, groups: torch.Tensor,
-                  block_table: torch.Tensor) -> torch.Tensor:
+                  block_table: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
         if self.device.type != "cuda":
             return reference.selective_attention_reference(q, k_cache, v_cache, cache_seqlens,
-                                                           groups, self.scale, block_table)
+                                                           groups, self.scale, block_table,
+                                                           k_scale, v_scale)
+        if k_scale is not None or v_scale is not None:
+            raise ValueError("selective attention: the Triton kernel reads no FP8 cache yet")
         from polarc.plugins._triton_util import num_sms
         from polarc.plugins.selective_attention import (
             plan_selective_attention,

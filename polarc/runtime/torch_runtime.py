@@ -33,7 +33,7 @@ from polarc.models.layers import (
     rope_qk,
     swiglu,
 )
-from polarc.plugins.reference import gather_pages
+from polarc.plugins.reference import FP8, dequantize_kv, gather_pages, quantize_kv
 from polarc.runtime.kernels import kernels_for
 from polarc.runtime.kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache, check_fits, pages_for
 
@@ -52,6 +52,12 @@ def compiled_ops(device: torch.device) -> Ops:
                  for fn in (add_norm, rope_qk, swiglu)))
 
 
+def _dequantized(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
+                 ) -> torch.Tensor:
+    """A gathered cache [B, Hkv, S, D] in `dtype` (an FP8 one times its scales)."""
+    return dequantize_kv(cache, scale).to(dtype) if cache.dtype == FP8 else cache
+
+
 def batch_buckets(batch: int) -> list[int]:
     """Batch sizes a decode step is captured for: powers of two below `batch`, and `batch`."""
     return sorted({1 << i for i in range(batch.bit_length()) if 1 << i < batch} | {batch})
@@ -64,7 +70,8 @@ class Runtime:
 
     def __init__(self, engine: Engine, *, batch: int, max_seq: int | None = None,
                  dense: bool = False, device: str | torch.device = "cpu",
-                 page_size: int = DEFAULT_PAGE_SIZE, pages: int | None = None) -> None:
+                 page_size: int = DEFAULT_PAGE_SIZE, pages: int | None = None,
+                 quantized: bool = True) -> None:
         self.engine = engine
         self.model = engine.model
         self.spec = spec = engine.model.spec
@@ -75,15 +82,23 @@ class Runtime:
             raise PolarcError(f"batch {batch} exceeds the engine's --max-batch "
                               f"{limits['max_batch']}", hint="rebuild with a larger --max-batch")
         self.batch = batch
+        # An FP8 KV cache holds K / scale and V / scale, one scale per (layer, group).
+        fp8 = engine.kv_dtype == "fp8_e4m3" and quantized  # `quantized` False: a reference
+        self.kv_dtype = FP8 if fp8 else self.model.dtype
+        self.kv_scales = engine.kv_scales.to(self.device) if fp8 else None
+        if self.kv_dtype == FP8 and self.device.type == "cuda":
+            raise PolarcError("an FP8 KV cache runs through the CPU path for now: the GPU "
+                              "kernels that read it are not built yet",
+                              hint="run it with --device cpu, or build without --kv-dtype")
         per_row = pages_for(self.max_seq, page_size)
         pages = batch * per_row if pages is None else pages
-        check_fits(spec, pages, page_size, self.model.dtype, self.device,
+        check_fits(spec, pages, page_size, self.kv_dtype, self.device,
                    what=f"batch {batch} x {self.max_seq} positions" if pages == batch * per_row
                    else f"{pages} pages of {page_size} positions",
                    hint=lambda fits: f"the largest batch that fits is {fits // per_row}"
                    if pages == batch * per_row else f"at most {fits} pages fit")
         self.cache = PagedKVCache.allocate(spec, slots=batch, max_seq=self.max_seq, pages=pages,
-                                           page_size=page_size, dtype=self.model.dtype,
+                                           page_size=page_size, dtype=self.kv_dtype,
                                            device=self.device)
         self.kernels = kernels_for(self.device, spec.head_dim)
         self.ops = compiled_ops(self.device)
@@ -188,8 +203,13 @@ class Runtime:
 
         def attend(layer, x, q, k, v, extra):
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-            k_pool[pages, :, offsets] = k[0, :at]
-            v_pool[pages, :, offsets] = v[0, :at]
+            k_scale, v_scale = self.layer_kv_scales(layer)
+            if k_pool.dtype == FP8:
+                k_pool[pages, :, offsets] = quantize_kv(k[0, :at], k_scale)
+                v_pool[pages, :, offsets] = quantize_kv(v[0, :at], v_scale)
+            else:
+                k_pool[pages, :, offsets] = k[0, :at]
+                v_pool[pages, :, offsets] = v[0, :at]
             out = torch.zeros_like(q)
             for (o, n, start, _), table in zip(spans, tables, strict=True):
                 # copies, not views: a view's alignment depends on where the chunk sits in
@@ -199,8 +219,9 @@ class Runtime:
                     out[:, o:o + n] = causal_attention(qs, k[:, o:o + n].contiguous(),
                                                        v[:, o:o + n].contiguous())
                 else:
-                    keys, values = (gather_pages(p, table, start + n).transpose(1, 2)
-                                    for p in (k_pool, v_pool))
+                    keys, values = (_dequantized(gather_pages(p, table, start + n), s, q.dtype)
+                                    .transpose(1, 2) for p, s in ((k_pool, k_scale),
+                                                                  (v_pool, v_scale)))
                     out[:, o:o + n] = causal_attention(qs, keys, values, past=start)
             return out
 
@@ -213,6 +234,12 @@ class Runtime:
         return [final_logits(self.model, last[0, o + n - 1]) for o, n, _, _ in spans]
 
     # --------------------------------------------------------------------- decode step
+
+    def layer_kv_scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(K scales, V scales) [Hkv] of an FP8 cache's layer; (None, None) otherwise."""
+        if self.kv_scales is None:
+            return None, None
+        return self.kv_scales[0, layer], self.kv_scales[1, layer]
 
     def groups_for(self, layer: int, scores: torch.Tensor | None, rows: int) -> torch.Tensor:
         """Selected KV groups [rows, k] int32 from the router scores [rows, Hkv]."""
@@ -248,9 +275,11 @@ class Runtime:
 
         def attend(layer, x, q, k, v, extra):
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-            self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table)
+            scales = self.layer_kv_scales(layer)
+            self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales)
             groups = self.groups_for(layer, None if extra is None else extra[:, 0], B)
-            return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table)[:, None]
+            return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table,
+                                          *scales)[:, None]
 
         delta = torch.zeros_like(h)
         for layer in range(self.spec.n_layers):

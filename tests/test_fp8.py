@@ -1,0 +1,130 @@
+"""FP8 KV cache (float8 e4m3, one scale per layer and KV group): the quantize / dequantize
+references, the paged write and attention over an FP8 cache against unquantized ones, scales
+from calibration statistics or a short pass, and what is refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from polarc.calibration import artifact
+from polarc.exporters.engine import BuildConfig, build_engine
+from polarc.plugins.reference import (
+    FP8,
+    FP8_MAX,
+    dequantize_kv,
+    quantize_kv,
+    selective_attention_reference,
+    write_kv_reference,
+)
+
+from polarc.format.engine_file import load_engine
+from polarc.models import load_model
+from tests.conftest import one_line_error, run
+
+
+def test_quantize_round_trip() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 16, generator=g) * torch.tensor([0.1, 1.0, 30.0])[:, None]
+    scale = x.abs().amax(dim=(0, 2)) / FP8_MAX
+    q = quantize_kv(x, scale)
+    assert q.dtype == FP8
+    back = dequantize_kv(q.transpose(0, 1)[None], scale)[0].transpose(0, 1)
+    rel = ((back - x).norm(dim=(0, 2)) / x.norm(dim=(0, 2)))
+    assert (rel < 0.04).all()  # e4m3: 3 mantissa bits, about 2-3% of the norm
+    # values beyond the scale's range saturate instead of turning into NaN
+    assert torch.isfinite(quantize_kv(x * 10, scale).float()).all()
+
+
+def test_paged_fp8_write_and_attention_match_unquantized() -> None:
+    g = torch.Generator().manual_seed(1)
+    b, hq, hkv, d, page, pages = 3, 8, 2, 16, 16, 9
+    table = torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 8]], dtype=torch.int32)
+    exact = [torch.zeros(pages, hkv, page, d) for _ in range(2)]
+    fp8 = [torch.zeros(pages, hkv, page, d, dtype=FP8) for _ in range(2)]
+    k_scale, v_scale = torch.tensor([5.0, 6.0]) / FP8_MAX, torch.tensor([4.5, 5.0]) / FP8_MAX
+    lens = torch.tensor([40, 7, 33], dtype=torch.int32)
+    for pos in range(40):
+        k = torch.randn(b, hkv, d, generator=g).clamp(-4.5, 4.5)
+        v = torch.randn(b, hkv, d, generator=g).clamp(-4.5, 4.5)
+        at = torch.where(lens > pos, torch.tensor(pos, dtype=torch.int32), -1)
+        write_kv_reference(k, v, exact[0], exact[1], at, table)
+        write_kv_reference(k, v, fp8[0], fp8[1], at, table, k_scale, v_scale)
+    q = torch.randn(b, hq, d, generator=g)
+    groups = torch.tensor([[1], [0], [1]], dtype=torch.int32)
+    ref = selective_attention_reference(q, exact[0], exact[1], lens, groups, block_table=table)
+    got = selective_attention_reference(q, fp8[0], fp8[1], lens, groups, block_table=table,
+                                        k_scale=k_scale, v_scale=v_scale)
+    assert ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.fixture(scope="module")
+def fp8_engines(tiny_dirs: dict, calibrated: dict, tmp_path_factory: pytest.TempPathFactory
+                ) -> dict:
+    root = tmp_path_factory.mktemp("fp8")
+    out = {}
+    cal = artifact.read_calibration(calibrated["llama-gqa"])
+    for name, c in (("calibrated", cal), ("short_pass", None)):
+        out[name] = root / f"{name}.plan"
+        build_engine(load_model(str(tiny_dirs["llama-gqa"])), c,
+                     BuildConfig(out=out[name], dtype="fp32", max_batch=8, max_seq=128,
+                                 kv_dtype="fp8"))
+    return out
+
+
+def test_scales_come_from_the_calibration_or_a_short_pass(fp8_engines: dict,
+                                                          calibrated: dict) -> None:
+    meta = json.loads((calibrated["llama-gqa"] / "calibration.json").read_text())
+    absmax = torch.tensor([[e["kv_absmax"]["k"] for e in meta["layers"]],
+                           [e["kv_absmax"]["v"] for e in meta["layers"]]])
+    eng = load_engine(fp8_engines["calibrated"])
+    assert eng.kv_dtype == "fp8_e4m3" and eng.manifest["kv_scales_source"] == "calibration"
+    torch.testing.assert_close(eng.kv_scales, absmax / FP8_MAX)
+    short = load_engine(fp8_engines["short_pass"])
+    assert short.manifest["kv_scales_source"].startswith("short pass over 4096 tokens")
+    assert (short.kv_scales > 0).all()
+
+
+def test_fp8_engine_runs_and_stays_close(fp8_engines: dict, tmp_path: Path) -> None:
+    out = tmp_path / "e.json"
+    code, _, stderr = run("eval", "--engine", fp8_engines["calibrated"], "--tokens", "1024",
+                          "--batch-size", "4", "--prefix", "16", "--json", out, "--quiet")
+    assert code == 0, stderr
+    res = json.loads(out.read_text())
+    assert res["kv_dtype"] == "fp8_e4m3"
+    assert abs(res["ppl_engine"] / res["ppl_reference"] - 1) < 0.05
+    assert res["kv_bytes_ratio"] < 0.25 + 1e-9  # a quarter of fp32's bytes, at most
+    code, stdout, stderr = run("run", fp8_engines["calibrated"], "--prompt", "hello",
+                               "--max-new-tokens", "4", "--device", "cpu", "--quiet")
+    assert code == 0, stderr
+
+
+def test_fp8_bad_input(tiny_dirs: dict, tmp_path: Path, fp8_engines: dict) -> None:
+    code, _, stderr = run("build", "-m", tiny_dirs["llama-gqa"], "-o", tmp_path / "x.plan",
+                          "--kv-dtype", "int4")
+    one_line_error(code, stderr, "--kv-dtype must be one of auto, fp8")
+    code, _, stderr = run("build", "-m", tiny_dirs["llama-gqa"], "-o", tmp_path / "x.onnx",
+                          "--kv-dtype", "fp8", "--backend", "onnx")
+    one_line_error(code, stderr, "--kv-dtype fp8 builds torch engines only")
+    assert not any(tmp_path.iterdir())
+
+
+def test_non_finite_scales_are_refused(tiny_dirs: dict, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from polarc.exporters import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "kv_scales", lambda absmax: absmax * float("nan"))
+    path = tmp_path / "nan.plan"
+    build_engine(load_model(str(tiny_dirs["llama-gqa"])), None,
+                 BuildConfig(out=path, dtype="fp32", max_batch=2, max_seq=64, kv_dtype="fp8"))
+    code, _, stderr = run("run", path, "--prompt", "x", "--device", "cpu")
+    one_line_error(code, stderr, "FP8 KV scales are not all finite and positive")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_on_cuda_says_what_is_missing(fp8_engines: dict) -> None:
+    code, _, stderr = run("run", fp8_engines["calibrated"], "--prompt", "x", "--device", "cuda")
+    one_line_error(code, stderr, "an FP8 KV cache runs through the CPU path for now")
