@@ -55,6 +55,7 @@ class BuildConfig:
     backend: str = "torch"
     dense: bool = False  # onnx/tensorrt: export with every KV group selected
     kv_dtype: str = "auto"  # auto: the KV cache in `dtype`; fp8: float8 e4m3 with scales
+    weight_dtype: str = "auto"  # auto: `dtype`; fp8: the linear layers' weights in float8
 
 
 KV_DTYPES = ("auto", "fp8")
@@ -159,6 +160,9 @@ def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
     q/k/v weights in place (`attach_routers`): the model is the build's own."""
     if cfg.dtype not in DTYPES:
         raise PolarcError(f"--dtype must be one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.weight_dtype not in KV_DTYPES:
+        raise PolarcError(f"--weight-dtype must be one of {', '.join(KV_DTYPES)}, got "
+                          f"{cfg.weight_dtype!r}")
     if cfg.kv_dtype not in KV_DTYPES:
         raise PolarcError(f"--kv-dtype must be one of {', '.join(KV_DTYPES)}, got "
                           f"{cfg.kv_dtype!r}")
@@ -212,6 +216,8 @@ def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
             manifest["kv_scales_source"] = f"short pass over {KV_SHORT_PASS_TOKENS} tokens of mix"
         scales = kv_scales(absmax)
         manifest["kv_dtype"] = "fp8_e4m3"
+    if cfg.weight_dtype == "fp8":
+        manifest["weight_dtype"] = "fp8_e4m3"
     return Engine(path=Path("<memory>"), manifest=manifest, model=model, k_per_layer=list(plan),
                   head_routers=attach_routers(model, head), mlp_routers=mlp, kv_scales=scales)
 
@@ -220,7 +226,8 @@ def build_engine(model: Model, calibration: Calibration | None, cfg: BuildConfig
                  calibration_path: Path | None = None) -> dict[str, Any]:
     """Write the torch-backend engine to `cfg.out` atomically; return its manifest."""
     engine = assemble(model, calibration, cfg, calibration_path)
-    tensors = engine_tensors(model, engine.mlp_routers, DTYPES[cfg.dtype], engine.kv_scales)
+    tensors = engine_tensors(model, engine.mlp_routers, DTYPES[cfg.dtype], engine.kv_scales,
+                             fp8_weights=cfg.weight_dtype == "fp8")
     write_container(tensors, engine.manifest, cfg.out, force=cfg.force, inputs=cfg.inputs)
     return engine.manifest
 
@@ -241,10 +248,10 @@ def build(model: str | None, *, weights: Path | None, random_weights: bool,
     that calibration and model belong together, and write the engine with `cfg.backend`."""
     if cfg.backend not in BACKENDS:
         raise PolarcError(f"--backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
-    if cfg.kv_dtype == "fp8" and cfg.backend != "torch":
-        raise PolarcError(f"--kv-dtype fp8 builds torch engines only; --backend {cfg.backend} "
-                          "does not export FP8 KV caches yet", hint="drop --kv-dtype or build "
-                          "the torch engine")
+    if "fp8" in (cfg.kv_dtype, cfg.weight_dtype) and cfg.backend != "torch":
+        raise PolarcError(f"--kv-dtype / --weight-dtype fp8 build torch engines only; --backend "
+                          f"{cfg.backend} does not export FP8 yet", hint="drop the fp8 option "
+                          "or build the torch engine")
     if cfg.dense and cfg.backend == "torch":
         raise PolarcError("--dense is for --backend onnx/tensorrt",
                           hint="a torch engine runs dense with polarc run --dense")

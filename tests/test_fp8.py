@@ -107,7 +107,7 @@ def test_fp8_bad_input(tiny_dirs: dict, tmp_path: Path, fp8_engines: dict) -> No
     one_line_error(code, stderr, "--kv-dtype must be one of auto, fp8")
     code, _, stderr = run("build", "-m", tiny_dirs["llama-gqa"], "-o", tmp_path / "x.onnx",
                           "--kv-dtype", "fp8", "--backend", "onnx")
-    one_line_error(code, stderr, "--kv-dtype fp8 builds torch engines only")
+    one_line_error(code, stderr, "--kv-dtype / --weight-dtype fp8 build torch engines only")
     assert not any(tmp_path.iterdir())
 
 
@@ -127,4 +127,34 @@ def test_non_finite_scales_are_refused(tiny_dirs: dict, tmp_path: Path,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fp8_on_cuda_says_what_is_missing(fp8_engines: dict) -> None:
     code, _, stderr = run("run", fp8_engines["calibrated"], "--prompt", "x", "--device", "cuda")
-    one_line_error(code, stderr, "an FP8 KV cache runs through the CPU path for now")
+    one_line_error(code, stderr, "FP8 engines run through the CPU path for now")
+
+
+def test_fp8_weights(tiny_dirs: dict, tmp_path: Path) -> None:
+    """Every linear layer's weight stored as float8 with a scale per row; embeddings and norms
+    as they were; the CPU path dequantizes them once, close to the originals."""
+    from safetensors import safe_open
+
+    model = load_model(str(tiny_dirs["llama-gqa"]))
+    path = tmp_path / "w8.plan"
+    build_engine(load_model(str(tiny_dirs["llama-gqa"])), None,
+                 BuildConfig(out=path, dtype="fp32", max_batch=4, max_seq=64, kv_dtype="fp8",
+                             weight_dtype="fp8"))
+    with safe_open(str(path), "pt") as f:
+        dtypes = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes["weights.layers.0.qkv.weight"] == "F8_E4M3"
+    assert dtypes["weights.layers.1.gate_up.weight"] == "F8_E4M3"
+    assert dtypes["weights.embed.weight"] == "F32" and dtypes["weights.norm.weight"] == "F32"
+    assert dtypes["weight_scales.layers.0.o.weight"] == "F32"
+    eng = load_engine(path)
+    assert eng.manifest["weight_dtype"] == "fp8_e4m3"
+    for name in ("layers.0.qkv.weight", "layers.2.down.weight"):
+        a, b = eng.model.weights[name], model.weights[name]
+        assert a.dtype == torch.float32
+        assert ((a - b).norm() / b.norm()).item() < 0.05
+    code, _, stderr = run("run", path, "--prompt", "hi", "--max-new-tokens", "3", "--device",
+                          "cpu", "--quiet")
+    assert code == 0, stderr
+    code, _, stderr = run("build", "-m", tiny_dirs["llama-gqa"], "-o", tmp_path / "x.plan",
+                          "--weight-dtype", "int8")
+    one_line_error(code, stderr, "--weight-dtype must be one of auto, fp8")

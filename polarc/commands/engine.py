@@ -43,6 +43,9 @@ def build_cmd(
         help="auto (the KV cache in --dtype) or fp8 (float8 e4m3, a scale per layer and KV "
              "group from the calibration's statistics, or a short pass when it has none).")
     ] = "auto",
+    weight_dtype: Annotated[str, typer.Option(
+        help="auto (--dtype) or fp8 (the linear layers' weights in float8 e4m3, a scale per "
+             "output channel; embeddings and norms stay in --dtype).")] = "auto",
     force: Annotated[bool, typer.Option(
         "--force", help="Replace an existing output (a regular file; never an input).")] = False,
 ) -> None:
@@ -72,7 +75,7 @@ def build_cmd(
             check_output(path, force=force, inputs=inputs)
         cfg = BuildConfig(out=output, dtype=dtype, max_batch=max_batch, max_seq=max_seq,
                           density=density, force=force, inputs=inputs, backend=backend,
-                          dense=dense, kv_dtype=kv_dtype)
+                          dense=dense, kv_dtype=kv_dtype, weight_dtype=weight_dtype)
         built = build(model, weights=weights, random_weights=random_weights,
                       calibration=calibration, cfg=cfg)
         m, manifest = built.model, built.manifest
@@ -85,6 +88,7 @@ def build_cmd(
                                  ("random routers", manifest["random_routers"])) if on]
         kv = f", FP8 KV (scales from the {manifest['kv_scales_source']})" \
             if manifest.get("kv_dtype") else ""
+        kv += ", FP8 weights" if manifest.get("weight_dtype") else ""
         out.print(f"wrote {', '.join(str(p) for p in built.paths)}: {m.spec.name} {kind} {what}, "
                   f"{cfg.dtype}{kv}, max batch {limits['max_batch']}, max seq {limits['max_seq']}"
                   + (f" ({', '.join(marks)}: speed only)" if marks else ""),

@@ -10,6 +10,10 @@ Tensor layout (format version 2):
   the decode step gets q, k, v and the router scores from one GEMM. ReLU models (OPT) store
   ``down.weight`` neuron-major (``[F, d]``, the transpose), the layout the selective GEMM
   streams; dense GEMMs read it through a transposed view.
+- FP8 weights (``weight_dtype`` fp8_e4m3 in the manifest): every linear layer's weight
+  (``qkv``, ``o``, ``gate_up``, ``down``, ``up``, an untied ``lm_head``) is float8 e4m3 with
+  ``weight_scales.<name>`` (fp32, a scale per stored row); embeddings and norms stay in the
+  engine's dtype. FP8 KV (``kv_dtype``): ``kv.scales [2, layers, Hkv]`` fp32.
 - ``rope.inv_freq`` (fp32, rotary models); ``routers.layers.{i}.mlp.w1|w2|b2`` (MLP routers,
   see `routers.py`); ``tokenizer.json`` (uint8 bytes of a Hugging Face tokenizer.json, absent
   for byte tokenizers); TensorRT backend: ``tensorrt.decode`` / ``tensorrt.prefill`` (uint8
@@ -115,10 +119,29 @@ def attach_routers(model: Model, head: dict[int, HeadRouter]) -> dict[int, HeadR
     return attached
 
 
+FP8_LINEARS = (".qkv.weight", ".o.weight", ".gate_up.weight", ".down.weight", ".up.weight")
+FP8_WEIGHT_MAX = 448.0  # float8 e4m3's largest finite value (plugins' FP8_MAX; they import nothing)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight matrix ``[rows, cols]`` as float8 e4m3 with a scale per row (its largest
+    value maps to ±448): (q, scale [rows] float32); ``q.float() * scale[:, None]`` is w."""
+    scale = w.float().abs().amax(1).clamp_min(1e-12) / FP8_WEIGHT_MAX
+    return (w.float() / scale[:, None]).clamp(-FP8_WEIGHT_MAX, FP8_WEIGHT_MAX).to(
+        torch.float8_e4m3fn), scale
+
+
+def fp8_weight_names(names: Any) -> list[str]:
+    """Of stored weight names, the linear layers' that FP8 weights quantize."""
+    return sorted(n for n in names if n.endswith(FP8_LINEARS) or n == "lm_head.weight")
+
+
 def engine_tensors(model: Model, mlp: dict[int, MLPRouter], dtype: torch.dtype,
-                   kv_scales: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   kv_scales: torch.Tensor | None = None, fp8_weights: bool = False
+                   ) -> dict[str, torch.Tensor]:
     """The container's tensors for `model` (head routers attached), its MLP routers and,
-    for an FP8 KV cache, the scales [2, layers, Hkv]."""
+    for an FP8 KV cache, the scales [2, layers, Hkv]; with `fp8_weights`, the linear layers'
+    weights in float8 with a scale per row."""
     spec = model.spec
     weights = {name: t.to(dtype) for name, t in stored_weights(model.weights, spec).items()}
     if spec.relu_mlp:
@@ -126,6 +149,10 @@ def engine_tensors(model: Model, mlp: dict[int, MLPRouter], dtype: torch.dtype,
             name = f"layers.{layer}.down.weight"
             weights[name] = weights[name].T
     tensors = {"weights." + name: t.contiguous() for name, t in weights.items()}
+    if fp8_weights:
+        for name in fp8_weight_names(weights):
+            q, scale = quantize_rows(weights[name])
+            tensors["weights." + name], tensors["weight_scales." + name] = q, scale
     if model.rope_inv_freq is not None:
         tensors["rope.inv_freq"] = model.rope_inv_freq.float().contiguous()
     for name, t in mlp_router_tensors(mlp).items():
@@ -244,6 +271,10 @@ def expected_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
                            p + "down.bias": (d,)})
         else:
             shapes.update({p + "gate_up.weight": (2 * f, d), p + "down.weight": (d, f)})
+    if manifest.get("weight_dtype") is not None:
+        for name in fp8_weight_names([n[len("weights."):] for n in shapes
+                                      if n.startswith("weights.")]):
+            shapes["weight_scales." + name] = (shapes["weights." + name][0],)
     return shapes
 
 
@@ -305,7 +336,10 @@ def _check_shapes(path: Path, manifest: dict[str, Any], tensors: dict[str, torch
         if tuple(t.shape) != shape:
             raise PolarcError(f"{path}: tensor {name} has shape {tuple(t.shape)}, its "
                               f"architecture needs {shape}")
-        if name.startswith("weights.") and t.dtype != dtype:
+        want_dtype = dtype
+        if "weight_scales." + name[len("weights."):] in tensors:
+            want_dtype = torch.float8_e4m3fn
+        if name.startswith("weights.") and t.dtype != want_dtype:
             raise PolarcError(f"{path}: tensor {name} is {t.dtype}, the manifest says "
                               f"{manifest['dtype']}")
     if want:
@@ -352,6 +386,14 @@ def load_engine(path: Path, device: str | torch.device = "cpu") -> Engine:
                       k_per_layer=list(plan["k_per_layer"]), head_routers={},
                       mlp_routers={}, plans=plans)
     weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
+    compute = DTYPES[manifest["dtype"]]
+    for key in [k for k in tensors if k.startswith("weight_scales.")]:
+        name, scale = key[len("weight_scales."):], tensors[key]
+        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise PolarcError(f"{path}: the FP8 weight scales of {name} are not all finite "
+                              "and positive", hint="rebuild it with polarc build")
+        # the CPU path computes with the weights it dequantizes here, once
+        weights[name] = (weights[name].float() * scale[:, None]).to(compute)
     weights["lm_head.weight"] = weights.get("lm_head.weight", weights["embed.weight"])
     if spec.relu_mlp:
         for layer in range(spec.n_layers):

@@ -127,6 +127,7 @@ class Manifest(Strict):
     tensorrt_version: str | None = None
     kv_dtype: Literal["fp8_e4m3"] | None = None  # None: the KV cache is in `dtype`
     kv_scales_source: str | None = None  # what the FP8 KV scales were measured on
+    weight_dtype: Literal["fp8_e4m3"] | None = None  # None: the linear weights in `dtype`
 
     @model_validator(mode="after")
     def _fits(self) -> Manifest:

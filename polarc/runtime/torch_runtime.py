@@ -86,10 +86,11 @@ class Runtime:
         fp8 = engine.kv_dtype == "fp8_e4m3" and quantized  # `quantized` False: a reference
         self.kv_dtype = FP8 if fp8 else self.model.dtype
         self.kv_scales = engine.kv_scales.to(self.device) if fp8 else None
-        if self.kv_dtype == FP8 and self.device.type == "cuda":
-            raise PolarcError("an FP8 KV cache runs through the CPU path for now: the GPU "
-                              "kernels that read it are not built yet",
-                              hint="run it with --device cpu, or build without --kv-dtype")
+        if self.device.type == "cuda" and (self.kv_dtype == FP8 or
+                                           engine.manifest.get("weight_dtype")):
+            raise PolarcError("FP8 engines run through the CPU path for now: the GPU kernels "
+                              "that read FP8 caches and weights are not built yet",
+                              hint="run it with --device cpu, or build without the fp8 options")
         per_row = pages_for(self.max_seq, page_size)
         pages = batch * per_row if pages is None else pages
         check_fits(spec, pages, page_size, self.kv_dtype, self.device,
