@@ -7,12 +7,15 @@ routers; the paged KV cache is filled with random values at the case's length, e
 pages scattered over the pool (prefill is excluded). A step is the runtime's decode step for
 the whole batch, captured in a CUDA graph and timed by `timing.time_graph` (median of
 replays). The floor of a step is (weight bytes +
-KV bytes read) ÷ the copy bandwidth measured in the same run.
+KV bytes read) ÷ the copy bandwidth measured in the same run. `--kv-dtypes bf16,fp8` runs each
+case with the cache in bf16 and in float8 e4m3 (the same engine with per-group scales: one
+byte a value read and written by the Triton kernels, the math in fp32).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import random
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
 from polarc.exporters.engine import BuildConfig, assemble
+from polarc.plugins.reference import FP8_MAX
 
 from polarc.format.engine_file import Engine
 from polarc.models.layers import stored_weights
@@ -72,16 +76,27 @@ def router_ms(rt: Runtime, bw: float) -> float:
     return ms + rows_bytes / bw * 1e3
 
 
-def run_case(name: str, batch: int, seqlen: int, bw: float, density: float) -> list[dict[str, Any]]:
+def as_fp8_kv(engine: Engine) -> Engine:
+    """The same engine with a float8 KV cache (scales for unit-variance K and V)."""
+    spec = engine.model.spec
+    scales = torch.full((2, spec.n_layers, spec.n_kv_heads), 4.0 / FP8_MAX)
+    return dataclasses.replace(engine, manifest={**engine.manifest, "kv_dtype": "fp8_e4m3"},
+                               kv_scales=scales)
+
+
+def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
+             kv_dtype: str = "bf16", engine: Engine | None = None) -> list[dict[str, Any]]:
     device = torch.device("cuda")
     # max_seq = seqlen: the step writes position seqlen - 1 and attends over seqlen positions
-    engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=density,
-                                     device=device)
+    engine = engine or sparse_engine_in_memory(name, batch=batch, max_seq=seqlen,
+                                               density=density, device=device)
+    if kv_dtype == "fp8":
+        engine = as_fp8_kv(engine)
     spec = engine.model.spec
     rt = Runtime(engine, batch=batch, device=device)
     for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
-        kc.normal_()
-        vc.normal_()
+        for c in (kc, vc):  # normal values (float8 has no normal_)
+            c.copy_(torch.randn(c.shape, device=device, dtype=torch.bfloat16))
     # each row's pages scattered over the pool, as a server's would be after a while
     random.Random(0).shuffle(rt.cache.free_pages)
     for b in range(batch):
@@ -95,9 +110,9 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float) -> l
         ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
                         reps=STEP_REPS)
         ks = rt.k_per_layer
-        kv = sum(ks) * batch * seqlen * spec.head_dim * 2 * 2  # K and V, 2 bytes each
+        kv = sum(ks) * batch * seqlen * spec.head_dim * 2 * rt.cache.k[0].element_size()
         floor_ms = (wbytes + kv) / bw * 1000
-        rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode,
+        rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode, "kv_dtype": kv_dtype,
                "density": sum(ks) / (spec.n_kv_heads * spec.n_layers), "step_ms": ms,
                "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
                "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9, "kv_gb": kv / 1e9}
@@ -138,24 +153,26 @@ def hf_generate_tokens_per_s(name: str, batch: int, seqlen: int, new_tokens: int
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| model | B | S | mode | density | step ms | floor ms | x floor | tok/s | "
-             "speedup (floor ratio) | router share |", "|" + "---|" * 11]
+    lines = ["| model | B | S | KV | mode | density | step ms | floor ms | x floor | tok/s | "
+             "speedup (floor ratio) | router share |", "|" + "---|" * 12]
     for r in records:
         if r["mode"] == "hf_generate":
             tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else r.get("error", "")
             lines.append(f"| {r['model']} | {r.get('batch', '')} | {r.get('seqlen', '')} | "
-                         f"transformers generate | 1.0 | | | | {tps} | | |")
+                         f"bf16 | transformers generate | 1.0 | | | | {tps} | | |")
             continue
         sp = f"{r['speedup']:.2f} ({r['floor_ratio']:.2f})" if "speedup" in r else ""
         rs = f"{r['router_share'] * 100:.1f}%" if "router_share" in r else ""
-        lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | {r['mode']} | "
+        lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | "
+                     f"{r.get('kv_dtype', 'bf16')} | {r['mode']} | "
                      f"{r['density']:.3f} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
                      f"{r['ratio_to_floor']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {rs} |")
     return "\n".join(lines)
 
 
 def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
-                       with_hf: bool = True, cases: list | None = None) -> list[dict[str, Any]]:
+                       with_hf: bool = True, cases: list | None = None,
+                       kv_dtypes: tuple[str, ...] = ("bf16",)) -> list[dict[str, Any]]:
     """Run §3 on the current CUDA device; print the table; write JSON if asked."""
     device = torch.device("cuda", torch.cuda.current_device())
     cases = cases or CASES
@@ -164,7 +181,15 @@ def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
     print(f"{env['device']}, torch {env['torch']}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     records: list[dict[str, Any]] = []
     for name, batch, seqlen in cases:
-        records += run_case(name, batch, seqlen, bw, density)
+        engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=density,
+                                         device=device)
+        for kv_dtype in kv_dtypes:
+            records += run_case(name, batch, seqlen, bw, density, kv_dtype, engine)
+            gc.collect()  # the last runtime's cache goes before the next one's is made
+            torch.cuda.empty_cache()
+            if json_path is not None:  # what is measured survives a run cut short
+                write_json(json_path, {"environment": env, "records": records}, force=True)
+        del engine
         gc.collect()
         torch.cuda.empty_cache()
     if with_hf:
@@ -185,10 +210,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None, help="write the records to this file")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--kv-dtypes", default="bf16", help="comma-separated: bf16, fp8")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated model:B:S, e.g. llama3-8b:32:8192 (default: §3's)")
     args = ap.parse_args()
+    kv_dtypes = tuple(args.kv_dtypes.split(","))
+    if not set(kv_dtypes) <= {"bf16", "fp8"}:
+        sys.exit(f"Error: --kv-dtypes takes bf16 and fp8, got {args.kv_dtypes!r}")
+    cases = None
+    if args.cases:
+        cases = [(m, int(b), int(s)) for m, b, s in (c.split(":") for c in args.cases.split(","))]
     if not torch.cuda.is_available():
         sys.exit("Error: end-to-end benchmarks need a CUDA GPU (none is visible here).")
-    run_e2e_benchmarks(args.json, with_hf=not args.no_hf)
+    run_e2e_benchmarks(args.json, with_hf=not args.no_hf, cases=cases, kv_dtypes=kv_dtypes)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from polarc.benchmarks.timing import (
     time_graph,
 )
 from polarc.plugins._triton_util import num_sms
+from polarc.plugins.reference import FP8
 from polarc.plugins.selective_attention import (
     plan_selective_attention,
     selective_attention,
@@ -179,10 +180,42 @@ PAGED_SHAPES = [("llama3-8b", 16, 4096), ("llama3-8b", 64, 1024), ("llama3-8b", 
 PAGE_SIZES = (16, 64, 128, 256)
 
 
+def _shuffled_pools(k: torch.Tensor, v: torch.Tensor, page: int, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous caches [B, Hkv, S, D] as page pools in a shuffled order, and the table."""
+    b, hkv, s, d = k.shape
+    per_row = s // page
+    order = torch.randperm(b * per_row, generator=gen).view(b, per_row)
+    pools = []
+    for c in (k, v):
+        pool = torch.empty(b * per_row, hkv, page, d, device=c.device, dtype=c.dtype)
+        pool[order.to(c.device)] = c.view(b, hkv, per_row, page, d).transpose(1, 2)
+        pools.append(pool)
+    return pools[0], pools[1], order.int().to(k.device)
+
+
+def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Generator,
+                  scales: torch.Tensor | None = None) -> list:
+    """One planned, workspace-holding selective_attention call per input set (paged when
+    `pages` is given; a float8 cache when `scales` is)."""
+    fns = []
+    for (q, k, v), g in zip(sets, groups, strict=True):
+        table = None
+        if pages is not None:
+            k, v, table = _shuffled_pools(k, v, pages, gen)
+        ws = selective_attention_workspace(q, k, g.shape[1], plan, block_table=table)
+        out = torch.empty_like(q)
+        fns.append(lambda q=q, k=k, v=v, g=g, ws=ws, out=out, t=table: selective_attention(
+            q, k, v, seqlens, g, out=out, workspace=ws, plan=plan, check_indices=False,
+            block_table=t, k_scale=scales, v_scale=scales))
+    return fns
+
+
 def paged_cases(*, bw: float, device: torch.device, quick: bool = False) -> list[dict]:
     """The selective kernel over page pools (pages of each row in a shuffled order, as a
     long-running server's would be) against the same kernel over contiguous rows, same data,
-    same groups, rows of full length; densities 0.5 and 1."""
+    same groups, rows of full length; densities 0.5 and 1. Then the same over float8 caches
+    (contiguous and P=64): bytes read halve; the target is >= 85% of copy bandwidth on them."""
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(2)
     records: list[dict] = []
@@ -193,6 +226,8 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False) -> list
         n_sets = sets_to_rotate(kv_bytes // 2, most=4)
         sets = _attention_sets(n_sets, b, hq, hkv, s, d, device, dtype)
         seqlens = torch.full((b,), s, dtype=torch.int32, device=device)
+        sets8 = [(q, k.to(FP8), v.to(FP8)) for q, k, v in sets]
+        ones = torch.ones(hkv, device=device)
         for rho in (0.5, 1.0):
             n_sel = max(1, round(rho * hkv))
             groups = [_random_groups(b, hkv, n_sel, device, gen) for _ in sets]
@@ -200,50 +235,35 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False) -> list
                         dtype="bf16", density=n_sel / hkv)
             need = 2 * b * s * n_sel * d * 2
             plan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device))
-            fns = []
-            for (q, k, v), g in zip(sets, groups, strict=True):
-                ws = selective_attention_workspace(q, k, n_sel, plan)
-                out = torch.empty_like(q)
-                fns.append(lambda q=q, k=k, v=v, g=g, ws=ws, out=out, p=plan, sl=seqlens:
-                           selective_attention(q, k, v, sl, g, out=out, workspace=ws, plan=p,
-                                               check_indices=False))
-            contiguous_ms = time_graph(fns)
+            contiguous_ms = time_graph(_kernel_calls(sets, groups, seqlens, plan, None, gen))
             records.append(dict(base, kernel="contiguous", page=None, ms=contiguous_ms,
                                 bw_frac=need / (contiguous_ms * 1e-3) / bw))
             for page in PAGE_SIZES:
-                per_row = s // page
-                fns = []
-                for (q, k, v), g in zip(sets, groups, strict=True):
-                    order = torch.randperm(b * per_row, generator=gen).view(b, per_row)
-                    pools = []
-                    for c in (k, v):
-                        pool = torch.empty(b * per_row, hkv, page, d, device=device, dtype=dtype)
-                        pool[order.to(device)] = c.view(b, hkv, per_row, page, d).transpose(1, 2)
-                        pools.append(pool)
-                    table = order.int().to(device)
-                    pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d,
-                                                     sms=num_sms(device), page_size=page)
-                    ws = selective_attention_workspace(q, pools[0], n_sel, pplan, block_table=table)
-                    out = torch.empty_like(q)
-                    fns.append(lambda q=q, kp=pools[0], vp=pools[1], g=g, ws=ws, out=out, p=pplan,
-                               t=table, sl=seqlens: selective_attention(
-                                   q, kp, vp, sl, g, out=out, workspace=ws, plan=p,
-                                   check_indices=False, block_table=t))
-                ms = time_graph(fns)
+                pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device),
+                                                 page_size=page)
+                ms = time_graph(_kernel_calls(sets, groups, seqlens, pplan, page, gen))
                 records.append(dict(base, kernel="paged", page=page, ms=ms,
                                     vs_contiguous=ms / contiguous_ms,
                                     bw_frac=need / (ms * 1e-3) / bw,
                                     meets_target=ms / contiguous_ms <= 1.05 if page >= 64
                                     else None))
-                del fns
-            torch.cuda.empty_cache()
-        del sets
+                torch.cuda.empty_cache()
+            for page in (None, 64):  # FP8: half the bytes, same kernel
+                pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device),
+                                                 page_size=page)
+                ms = time_graph(_kernel_calls(sets8, groups, seqlens, pplan, page, gen, ones))
+                frac = need / 2 / (ms * 1e-3) / bw
+                records.append(dict(base, kernel="fp8", dtype="bf16/fp8", page=page, ms=ms,
+                                    vs_bf16=ms / contiguous_ms, bw_frac=frac,
+                                    meets_bw_target=frac >= 0.85 if b * s >= 32768 else None))
+                torch.cuda.empty_cache()
+        del sets, sets8
         _log(f"done paged {model} B={b} S={s}")
     return records
 
 
 def format_paged(records: list[dict]) -> str:
-    paged = [r for r in records if r["op"] == "paged_attention"]
+    paged = [r for r in records if r["op"] == "paged_attention" and r["kernel"] != "fp8"]
     if not paged:
         return ""
     lines = ["", "paged selective attention (bf16, D=128, shuffled pages): ms; x = paged / "
@@ -260,6 +280,20 @@ def format_paged(records: list[dict]) -> str:
             cells.append(f"{r['ms']:>8.3f} {r['vs_contiguous']:>5.2f}x{miss}" if r else f"{'-':>16}")
         lines.append(f"{key[0]:<10}{key[1]:>4}{key[2]:>6}{key[3]:>5.2f}{c['ms']:>8.3f}"
                      + "".join(cells))
+    fp8 = [r for r in records if r["op"] == "paged_attention" and r["kernel"] == "fp8"]
+    if fp8:
+        lines += ["", "selective attention over a float8 cache: ms, x = / bf16 contiguous, % of "
+                      "copy bandwidth on the float8 bytes; target >= 85% at B*S >= 32k; ! = missed",
+                  f"{'model':<10}{'B':>4}{'S':>6}{'rho':>5}{'contiguous':>22}{'P=64':>22}"]
+        for key in sorted({(r["model"], r["B"], r["S"], r["density"]) for r in fp8}):
+            cells = []
+            for page in (None, 64):
+                r = next(r for r in fp8 if (r["model"], r["B"], r["S"], r["density"]) == key
+                         and r["page"] == page)
+                miss = "!" if r["meets_bw_target"] is False else " "
+                cells.append(f"{r['ms']:>8.3f} {r['vs_bf16']:>5.2f}x {r['bw_frac'] * 100:>4.0f}%"
+                             f"{miss}")
+            lines.append(f"{key[0]:<10}{key[1]:>4}{key[2]:>6}{key[3]:>5.2f}" + "".join(cells))
     return "\n".join(lines)
 
 

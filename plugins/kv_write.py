@@ -8,7 +8,9 @@ fused projection output work); ``k_cache``, ``v_cache`` ``[B', Hkv, S_max, D]`` 
 (the first B rows are written), same strides; ``positions [B]`` int32, each < S_max (a
 negative position writes nothing: a slot that holds no sequence). Paged
 (``block_table [B, M]`` int32 given): the caches are page pools ``[N, Hkv, P, D]`` and
-position s of row b lands in page ``block_table[b, s // P]`` at ``s % P``.
+position s of row b lands in page ``block_table[b, s // P]`` at ``s % P``. A float8 e4m3
+cache (``k_scale``, ``v_scale [Hkv]`` float32 given) stores K / k_scale and V / v_scale,
+saturated at ±448 and rounded to nearest even, exactly as `reference.quantize_kv` does.
 """
 
 from __future__ import annotations
@@ -18,16 +20,30 @@ import triton
 import triton.language as tl
 
 from ._triton_util import check_launchable, next_pow2
-from .reference import write_kv_reference
+from .reference import FP8, write_kv_reference
 
 __all__ = ["write_kv", "write_kv_reference"]
 
 
 @triton.jit
-def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table,
+def _round_to_e4m3(x):
+    """x (fp32, |x| <= 448) rounded to the nearest float8 e4m3 value, ties to even, in fp32
+    arithmetic: the conversion that follows is then exact everywhere (Triton's interpreter
+    truncates instead of rounding, and hardware and torch agree with this)."""
+    bits = x.to(tl.int32, bitcast=True)
+    biased = (bits >> 23) & 0xFF
+    # the spacing of e4m3 values around x: 3 mantissa bits; subnormal below 2**-6
+    step = ((tl.maximum(biased - 127, -6) - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    big = step * 12582912.0  # 1.5 * 2**23 * step: adding it rounds to a multiple of step
+    mag = (tl.abs(x) + big) - big
+    return (mag.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_Scale,
                      stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_cs,
                      stride_tb, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PAGE: tl.constexpr):
+                     PAGE: tl.constexpr, KV_FP8: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
     pos = tl.load(Positions + row).to(tl.int64)
@@ -40,6 +56,11 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table,
         pos = pos % PAGE
     k = tl.load(K + row * stride_kb + group * stride_kh + offs, mask=mask)
     v = tl.load(V + row * stride_vb + group * stride_vh + offs, mask=mask)
+    if KV_FP8:  # correctly rounded division, as torch's: the reference's bits exactly
+        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), tl.load(K_Scale + group)), -448.0, 448.0)
+        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), tl.load(V_Scale + group)), -448.0, 448.0)
+        k = _round_to_e4m3(k).to(K_Cache.dtype.element_ty)
+        v = _round_to_e4m3(v).to(V_Cache.dtype.element_ty)
     dst = dst_row * stride_cb + group * stride_ch + pos * stride_cs + offs
     tl.store(K_Cache + dst, k, mask=mask)
     tl.store(V_Cache + dst, v, mask=mask)
@@ -49,10 +70,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
              positions: torch.Tensor, block_table: torch.Tensor | None = None,
              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
     """Write ``k``, ``v`` [B, Hkv, D] at ``positions`` [B] of the caches, or of the rows' pages
-    with a ``block_table`` (module docstring). FP8 caches (scales given) are written by the
-    reference only, for now."""
-    if k_scale is not None or v_scale is not None:
-        raise ValueError("write_kv: FP8 caches are not supported by this kernel yet")
+    with a ``block_table``; a float8 cache quantized by ``k_scale``, ``v_scale`` [Hkv] float32
+    (module docstring)."""
     b, hkv, d = k.shape
     paged = block_table is not None
     if v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.dim() != 4 or \
@@ -63,8 +82,14 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or k.stride(-1) != 1 \
             or v.stride(-1) != 1:
         raise ValueError("write_kv: caches must share strides; all last axes contiguous")
-    if k.dtype != k_cache.dtype or v.dtype != k_cache.dtype:
+    fp8 = k_cache.dtype == FP8
+    if k.dtype != v.dtype or v_cache.dtype != k_cache.dtype or k_cache.dtype not in (k.dtype, FP8):
         raise ValueError(f"write_kv: dtypes differ: {k.dtype}, {v.dtype}, cache {k_cache.dtype}")
+    if fp8 != (k_scale is not None) or fp8 != (v_scale is not None) or (fp8 and any(
+            t.dtype != torch.float32 or tuple(t.shape) != (hkv,) or t.stride(0) != 1
+            for t in (k_scale, v_scale))):
+        raise ValueError(f"write_kv: a float8 cache needs k_scale and v_scale, contiguous "
+                         f"float32 [{hkv}]; other caches take none")
     if positions.dtype != torch.int32 or tuple(positions.shape) != (b,):
         raise ValueError(f"write_kv: positions must be int32 [{b}]")
     if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2
@@ -73,7 +98,8 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     check_launchable(_write_kv_kernel, k.device, "write_kv")
     _write_kv_kernel[(b, hkv)](
         k, v, k_cache, v_cache, positions, block_table if paged else positions,
+        k_scale if fp8 else k, v_scale if fp8 else k,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_table.stride(0) if paged else 0,
-        HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE=k_cache.shape[2] if paged else 0, num_warps=1)
+        HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE=k_cache.shape[2] if paged else 0, KV_FP8=fp8, num_warps=1)

@@ -78,12 +78,12 @@ def selective_attention_reference(
     s = int(cache_seqlens.max().item()) if b else 0
     if block_table is not None:
         k_cache, v_cache = (gather_pages(c, block_table[:b], s) for c in (k_cache, v_cache))
+    qg = _acc(q).view(b, hkv, hq // hkv, d)
     if k_cache.dtype == FP8:
-        k = dequantize_kv(k_cache[:b, :, :s], k_scale)
-        v = dequantize_kv(v_cache[:b, :, :s], v_scale)
+        k = dequantize_kv(k_cache[:b, :, :s], k_scale).to(qg.dtype)
+        v = dequantize_kv(v_cache[:b, :, :s], v_scale).to(qg.dtype)
     else:
         k, v = _acc(k_cache[:b, :, :s]), _acc(v_cache[:b, :, :s])
-    qg = _acc(q).view(b, hkv, hq // hkv, d)
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale
     valid = torch.arange(s, device=q.device)[None, :] < cache_seqlens[:, None].to(q.device)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

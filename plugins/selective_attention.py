@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
-from .reference import selective_attention_reference
+from .reference import FP8, selective_attention_reference
 
 __all__ = [
     "AttentionPlan",
@@ -69,7 +69,7 @@ DOT_MIN_GROUP = 1
 
 @triton.jit
 def _selective_attention_kernel(
-    Q, K_Cache, V_Cache, Seqlens, Groups, Partials, Out, Block_Table,
+    Q, K_Cache, V_Cache, Seqlens, Groups, Partials, Out, Block_Table, K_Scale, V_Scale,
     qk_scale_log2, num_splits, n_sel, n_kv,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
@@ -80,6 +80,7 @@ def _selective_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr,
+    KV_FP8: tl.constexpr = False,
 ):
     """Stage 1: one program per (split, selected group j, row b), grid (splits, k, B).
 
@@ -93,7 +94,14 @@ def _selective_attention_kernel(
     `Partials` is not touched.
 
     PAGE > 0: the caches are page pools (stride_kb / stride_vb step over pages) and each
-    block of positions reads its page from `Block_Table`; PAGE == 0: contiguous rows.
+    block of positions reads its page from `Block_Table` (the next block's page is fetched
+    while the current block streams in, so the K/V loads never wait on the table); PAGE == 0:
+    contiguous rows.
+
+    KV_FP8: the caches hold float8 e4m3 K / k_scale and V / v_scale (`K_Scale`, `V_Scale`
+    [Hkv] fp32). The bytes read halve; each block is widened to the query's dtype in
+    registers and the group's scales are applied once, K's to the logits' scale and V's to
+    the output (both are per group, so they factor out of the dot products).
     """
     pid_s = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -118,8 +126,13 @@ def _selective_attention_kernel(
     if not USE_DOT:
         q = q.to(tl.float32)
 
+    if KV_FP8:
+        qk_scale_log2 = qk_scale_log2 * tl.load(K_Scale + grp)
     k_base = K_Cache + pid_b * stride_kb + grp * stride_kh
     v_base = V_Cache + pid_b * stride_vb + grp * stride_vh
+    if PAGE > 0:
+        page = tl.load(Block_Table + pid_b * stride_tb + lo // PAGE, mask=lo < hi,
+                       other=0).to(tl.int64)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
@@ -129,10 +142,12 @@ def _selective_attention_kernel(
         mask_n = offs_n < hi
         mask_kv = mask_n[:, None] & mask_d[None, :]
         if PAGE > 0:
-            page = tl.load(Block_Table + pid_b * stride_tb + start // PAGE).to(tl.int64)
             k_blk = K_Cache + page * stride_kb + grp * stride_kh
             v_blk = V_Cache + page * stride_vb + grp * stride_vh
             offs_r = start % PAGE + tl.arange(0, BLOCK_N)
+            # the next block's page (the last one again at the end: always a page in use)
+            nxt = tl.minimum(start + BLOCK_N, hi - 1) // PAGE
+            page = tl.load(Block_Table + pid_b * stride_tb + nxt).to(tl.int64)
         else:
             k_blk = k_base
             v_blk = v_base
@@ -141,6 +156,9 @@ def _selective_attention_kernel(
                     other=0.0)
         v = tl.load(v_blk + offs_r[:, None] * stride_vs + offs_d[None, :], mask=mask_kv,
                     other=0.0)
+        if KV_FP8:
+            k = k.to(Q.dtype.element_ty)
+            v = v.to(Q.dtype.element_ty)
         if USE_DOT:
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
@@ -159,6 +177,8 @@ def _selective_attention_kernel(
 
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if KV_FP8:
+        o = o * tl.load(V_Scale + grp)
     if ONE_LAUNCH:
         out_row = Out + pid_b * stride_outb
         tl.store(out_row + heads[:, None] * stride_outh + offs_d[None, :],
@@ -362,11 +382,12 @@ def _default_plan(q: torch.Tensor, k_cache: torch.Tensor, groups: torch.Tensor,
 # --------------------------------------------------------------------------- checks
 
 
-def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table=None) -> None:
+def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table=None, k_scale=None,
+                  v_scale=None) -> None:
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                ("cache_seqlens", cache_seqlens), ("groups", groups)]
-    if block_table is not None:
-        tensors.append(("block_table", block_table))
+    tensors += [(name, t) for name, t in (("block_table", block_table), ("k_scale", k_scale),
+                                          ("v_scale", v_scale)) if t is not None]
     for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"selective_attention: {name} must be a torch.Tensor, got {type(t)}")
@@ -393,9 +414,19 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table=None) 
     if s_max < 1 or d < 1 or b < 1:
         raise ValueError(f"selective_attention: empty shapes q {tuple(q.shape)}, "
                          f"cache {tuple(k_cache.shape)}")
-    if q.dtype not in _DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError("selective_attention: q, k_cache, v_cache must share one dtype of "
-                         f"bf16/fp16/fp32, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    fp8 = k_cache.dtype == FP8
+    if q.dtype not in _DTYPES or v_cache.dtype != k_cache.dtype or k_cache.dtype not in (q.dtype, FP8):
+        raise ValueError("selective_attention: q must be bf16/fp16/fp32 and k_cache, v_cache "
+                         "share its dtype or are both float8_e4m3fn, got "
+                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if fp8 != (k_scale is not None) or fp8 != (v_scale is not None):
+        raise ValueError("selective_attention: k_scale and v_scale go with a float8 cache, "
+                         "and only with one")
+    if fp8 and any(t.dtype != torch.float32 or tuple(t.shape) != (hkv,) or t.stride(0) != 1
+                   for t in (k_scale, v_scale)):
+        raise ValueError(f"selective_attention: k_scale and v_scale must be contiguous float32 "
+                         f"[Hkv={hkv}], got {k_scale.dtype} {tuple(k_scale.shape)} and "
+                         f"{v_scale.dtype} {tuple(v_scale.shape)}")
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (b,):
         raise ValueError(f"selective_attention: cache_seqlens must be int32 [{b}], got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
@@ -446,12 +477,12 @@ def _check_indices(
 
 @functools.lru_cache(maxsize=256)
 def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32: bool,
-                      page: int) -> dict[str, object]:
+                      page: int, kv_fp8: bool) -> dict[str, object]:
     return dict(GROUP=group, GROUP_PAD=max(16, next_pow2(group)) if plan.use_dot else next_pow2(group),
                 HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_N=plan.block_n,
                 USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if fp32 else "tf32",
                 ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), PAGE=page,
-                num_warps=plan.num_warps,
+                KV_FP8=kv_fp8, num_warps=plan.num_warps,
                 num_stages=plan.num_stages)
 
 
@@ -463,7 +494,7 @@ def _reduce_constants(num_splits: int, group: int, d: int, n_sel: int) -> dict[s
 
 
 def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan,
-            block_table=None):
+            block_table=None, k_scale=None, v_scale=None):
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -495,15 +526,17 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
     # Positional arguments and cached constants: an eager call's host time is mostly this
     # launch (a few microseconds less per call than keywords built afresh).
     paged = block_table is not None
-    # a contiguous call never reads the table: any pointer stands in
+    fp8 = k_scale is not None
+    # a contiguous call never reads the table, nor an unquantized one the scales: any pointer
+    # stands in
     _selective_attention_kernel[(plan.num_splits, n_sel, b)](
         q, k_cache, v_cache, cache_seqlens, groups, partials, out,
-        block_table if paged else cache_seqlens,
+        block_table if paged else cache_seqlens, k_scale if fp8 else q, v_scale if fp8 else q,
         float(scale) * _LOG2E, plan.num_splits, n_sel, hkv, *q.stride()[:2],
         *k_cache.stride()[:3], *v_cache.stride()[:3], groups.stride(0),
         block_table.stride(0) if paged else 0, *out.stride()[:2],
         **_stage1_constants(plan, group, d, n_sel, q.dtype == torch.float32,
-                            k_cache.shape[2] if paged else 0))
+                            k_cache.shape[2] if paged else 0, fp8))
     if not one_launch:
         _selective_attention_reduce_kernel[(hq, b)](
             out, partials, groups, plan.num_splits, n_sel, *out.stride()[:2], groups.stride(0),
@@ -524,13 +557,16 @@ def selective_attention(
     plan: AttentionPlan | None = None,
     check_indices: bool = True,
     block_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over the selected KV groups of each row (layouts: module docstring).
 
     Args:
         q: ``[B, Hq, D]`` bf16/fp16/fp32.
-        k_cache, v_cache: ``[B, Hkv, S_max, D]``, same dtype, last axis contiguous; with
-            ``block_table``, page pools ``[N, Hkv, P, D]`` (P a multiple of 16).
+        k_cache, v_cache: ``[B, Hkv, S_max, D]``, q's dtype or both float8_e4m3fn, last axis
+            contiguous; with ``block_table``, page pools ``[N, Hkv, P, D]`` (P a multiple of
+            16).
         cache_seqlens: ``[B]`` int32, each in ``[0, S_max]`` (paged: S_max = pages x P).
         groups: ``[B, k]`` int32, ``1 <= k <= Hkv``, values in ``[0, Hkv)``, any order.
         scale: softmax scale, default ``1/sqrt(D)``.
@@ -541,6 +577,8 @@ def selective_attention(
         check_indices: check values of ``groups``, ``cache_seqlens`` and the pages in use
             (one device sync); turn off in the decode hot path and under CUDA-graph capture.
         block_table: ``[B, M]`` int32, each row's pages in order (paged caches only).
+        k_scale, v_scale: ``[Hkv]`` float32, a float8 cache's scales (it holds K / k_scale
+            and V / v_scale); given exactly when the cache is float8.
 
     Returns ``[B, Hq, D]``: heads of unselected groups are exact zeros.
 
@@ -551,8 +589,9 @@ def selective_attention(
     if torch.compiler.is_compiling():  # traced: go through the registered custom op
         return torch.ops.polarc.selective_attention(
             q, k_cache, v_cache, cache_seqlens, groups,
-            float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]), block_table)
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table)
+            float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]), block_table,
+            k_scale, v_scale)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table, k_scale, v_scale)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                             or out.stride(-1) != 1):
         raise ValueError(f"selective_attention: out must be {q.dtype} {tuple(q.shape)} on "
@@ -566,7 +605,7 @@ def selective_attention(
         raise ValueError(f"selective_attention: page size {k_cache.shape[2]} is not a multiple "
                          f"of the plan's block of {plan.block_n} positions")
     return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan,
-                   block_table)
+                   block_table, k_scale, v_scale)
 
 
 # --------------------------------------------------------------------------- torch.library
@@ -581,12 +620,15 @@ def _selective_attention_op(
     groups: torch.Tensor,
     scale: float,
     block_table: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table, k_scale, v_scale)
     return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, None, None,
-                   _default_plan(q, k_cache, groups, block_table), block_table)
+                   _default_plan(q, k_cache, groups, block_table), block_table, k_scale, v_scale)
 
 
 @_selective_attention_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, groups, scale, block_table=None):
+def _(q, k_cache, v_cache, cache_seqlens, groups, scale, block_table=None, k_scale=None,
+      v_scale=None):
     return torch.empty_like(q)

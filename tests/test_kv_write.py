@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from polarc.plugins.kv_write import write_kv, write_kv_reference
+from polarc.plugins.reference import FP8, FP8_MAX
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -55,3 +56,49 @@ def test_paged_write_lands_in_the_rows_pages(dtype) -> None:
     changed = [(pool != before).flatten(1).any(1).nonzero()[:, 0].tolist()
                for pool, before in zip(pools, originals, strict=True)]
     assert changed == [[1, 3], [1, 3]]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_write_is_the_reference_quantization(paged, dtype) -> None:
+    """Into a float8 cache the kernel writes the reference's bytes exactly (correctly
+    rounded K / scale, saturated at ±448), contiguous and paged."""
+    g = torch.Generator().manual_seed(2)
+    b, hkv, d, page, pages = 4, 3, 32, 16, 9
+    k = (torch.randn(b, hkv, d, generator=g) * 4).to(DEVICE, dtype)
+    v = (torch.randn(b, hkv, d, generator=g) * 4).to(DEVICE, dtype)
+    k[0, 0, :3] = torch.tensor([1e4, -1e4, 0.0])  # beyond ±448 after scaling: saturates
+    k_scale = torch.tensor([0.01, 0.02, 0.05], device=DEVICE)
+    v_scale = torch.tensor([0.03, 0.01, 0.02], device=DEVICE)
+    shape = (pages, hkv, page, d) if paged else (b, hkv, page, d)
+    caches = [torch.zeros(shape, device=DEVICE).to(FP8) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    table = torch.tensor([[4, 1], [2, 6], [5, 0], [3, 7]], dtype=torch.int32, device=DEVICE) \
+        if paged else None
+    pos = torch.tensor([17, 3, -1, 30] if paged else [5, 3, -1, 15], dtype=torch.int32,
+                       device=DEVICE)
+    write_kv(k, v, caches[0], caches[1], pos, table, k_scale, v_scale)
+    write_kv_reference(k, v, expected[0], expected[1], pos, table, k_scale, v_scale)
+    for got, want in zip(caches, expected, strict=True):
+        assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert caches[0].float().abs().max() == FP8_MAX
+    with pytest.raises(ValueError, match="needs k_scale and v_scale"):
+        write_kv(k, v, caches[0], caches[1], pos, table)
+
+
+def test_fp8_rounding_over_every_e4m3_interval() -> None:
+    """Every float8 e4m3 value, the midpoints between neighbours (ties go to even) and points
+    just beside them, subnormals included: the kernel's quantization is torch's, bit for bit."""
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[torch.isfinite(grid)].unique()  # sorted, -448 .. 448
+    mids = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, mids, mids.nextafter(torch.tensor(1e9)),
+                   mids.nextafter(torch.tensor(-1e9)), torch.tensor([500.0, -1e6])])
+    n = x.numel()
+    k = x.view(n, 1, 1).expand(n, 1, 16).contiguous().to(DEVICE)
+    caches = [torch.zeros(n, 1, 1, 16, device=DEVICE).to(FP8) for _ in range(2)]
+    one = torch.ones(1, device=DEVICE)
+    write_kv(k, k, caches[0], caches[1], torch.zeros(n, dtype=torch.int32, device=DEVICE),
+             None, one, one)
+    want = x.clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
+    assert torch.equal(caches[0][:, 0, 0, 0].view(torch.uint8).cpu(), want)

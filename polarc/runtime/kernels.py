@@ -42,8 +42,6 @@ class Kernels:
             return reference.selective_attention_reference(q, k_cache, v_cache, cache_seqlens,
                                                            groups, self.scale, block_table,
                                                            k_scale, v_scale)
-        if k_scale is not None or v_scale is not None:
-            raise ValueError("selective attention: the Triton kernel reads no FP8 cache yet")
         from polarc.plugins._triton_util import num_sms
         from polarc.plugins.selective_attention import (
             plan_selective_attention,
@@ -67,7 +65,7 @@ class Kernels:
                 q, k_cache, block_table=block_table)
         return selective_attention(q, k_cache, v_cache, cache_seqlens, groups, self.scale,
                                    plan=plan, workspace=workspace, check_indices=False,
-                                   block_table=block_table)
+                                   block_table=block_table, k_scale=k_scale, v_scale=v_scale)
 
 
 def kernels_for(device: torch.device, head_dim: int) -> Kernels:

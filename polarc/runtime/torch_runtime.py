@@ -58,6 +58,20 @@ def _dequantized(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.d
     return dequantize_kv(cache, scale).to(dtype) if cache.dtype == FP8 else cache
 
 
+def check_fp8_gpu(device: torch.device, *, kv: bool, weights: bool) -> None:
+    """Refuse, in one line, what this GPU cannot run of an FP8 engine."""
+    if weights:
+        raise PolarcError("FP8 weights run through the CPU path for now: the GPU GEMMs that "
+                          "read them are not built yet",
+                          hint="run it with --device cpu, or build without --weight-dtype fp8")
+    major, minor = torch.cuda.get_device_capability(device)
+    if kv and (major, minor) < (8, 9):
+        raise PolarcError(f"an FP8 KV cache on the GPU needs compute capability 8.9 or newer "
+                          f"(Ada, Hopper); {torch.cuda.get_device_name(device)} is "
+                          f"{major}.{minor}",
+                          hint="run it with --device cpu, or build without --kv-dtype fp8")
+
+
 def batch_buckets(batch: int) -> list[int]:
     """Batch sizes a decode step is captured for: powers of two below `batch`, and `batch`."""
     return sorted({1 << i for i in range(batch.bit_length()) if 1 << i < batch} | {batch})
@@ -86,11 +100,8 @@ class Runtime:
         fp8 = engine.kv_dtype == "fp8_e4m3" and quantized  # `quantized` False: a reference
         self.kv_dtype = FP8 if fp8 else self.model.dtype
         self.kv_scales = engine.kv_scales.to(self.device) if fp8 else None
-        if self.device.type == "cuda" and (self.kv_dtype == FP8 or
-                                           engine.manifest.get("weight_dtype")):
-            raise PolarcError("FP8 engines run through the CPU path for now: the GPU kernels "
-                              "that read FP8 caches and weights are not built yet",
-                              hint="run it with --device cpu, or build without the fp8 options")
+        if self.device.type == "cuda":
+            check_fp8_gpu(self.device, kv=fp8, weights=bool(engine.manifest.get("weight_dtype")))
         per_row = pages_for(self.max_seq, page_size)
         pages = batch * per_row if pages is None else pages
         check_fits(spec, pages, page_size, self.kv_dtype, self.device,
