@@ -1,8 +1,9 @@
 """benchmarks/README.md §1–2: selective attention and the selective GEMM pair against torch SDPA and
 cuBLAS, in one process on a CUDA GPU; and selective attention over a paged cache against the
-same kernel over the contiguous one (`--paged`: that table alone).
+same kernel over the contiguous one (`--paged`: that table alone), and over float8 caches
+(`--fp8`: that table alone).
 
-    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick] [--paged]
+    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick] [--paged | --fp8]
 
 Random data, outputs and workspaces allocated once; every call (ours, SDPA with
 ``enable_gqa=True``, cuBLAS ``addmm`` + ``relu_`` and ``mm``) timed by `timing.time_graph`
@@ -211,11 +212,16 @@ def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Gen
     return fns
 
 
-def paged_cases(*, bw: float, device: torch.device, quick: bool = False) -> list[dict]:
+FP8_VARIANTS = ((None, None), (64, None), (None, 128), (128, 128))  # (page, block of positions)
+
+
+def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
+                fp8_only: bool = False) -> list[dict]:
     """The selective kernel over page pools (pages of each row in a shuffled order, as a
     long-running server's would be) against the same kernel over contiguous rows, same data,
     same groups, rows of full length; densities 0.5 and 1. Then the same over float8 caches
-    (contiguous and P=64): bytes read halve; the target is >= 85% of copy bandwidth on them."""
+    (contiguous and paged, blocks of 64 and 128 positions): bytes read halve; the target is
+    >= 85% of copy bandwidth on them. `fp8_only`: the float8 rows and their bf16 baseline."""
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(2)
     records: list[dict] = []
@@ -238,7 +244,7 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False) -> list
             contiguous_ms = time_graph(_kernel_calls(sets, groups, seqlens, plan, None, gen))
             records.append(dict(base, kernel="contiguous", page=None, ms=contiguous_ms,
                                 bw_frac=need / (contiguous_ms * 1e-3) / bw))
-            for page in PAGE_SIZES:
+            for page in () if fp8_only else PAGE_SIZES:
                 pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device),
                                                  page_size=page)
                 ms = time_graph(_kernel_calls(sets, groups, seqlens, pplan, page, gen))
@@ -248,12 +254,17 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False) -> list
                                     meets_target=ms / contiguous_ms <= 1.05 if page >= 64
                                     else None))
                 torch.cuda.empty_cache()
-            for page in (None, 64):  # FP8: half the bytes, same kernel
+            for page, block in FP8_VARIANTS:  # FP8: half the bytes, same kernel
                 pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device),
-                                                 page_size=page)
-                ms = time_graph(_kernel_calls(sets8, groups, seqlens, pplan, page, gen, ones))
+                                                 page_size=page, block_n=block)
+                try:
+                    ms = time_graph(_kernel_calls(sets8, groups, seqlens, pplan, page, gen, ones))
+                except Exception as exc:  # a variant that does not fit must not lose the table
+                    _log(f"fp8 variant page={page} block={block}: {str(exc)[:200]}")
+                    ms = float("nan")
                 frac = need / 2 / (ms * 1e-3) / bw
-                records.append(dict(base, kernel="fp8", dtype="bf16/fp8", page=page, ms=ms,
+                records.append(dict(base, kernel="fp8", dtype="bf16/fp8", page=page,
+                                    block_n=pplan.block_n, ms=ms,
                                     vs_bf16=ms / contiguous_ms, bw_frac=frac,
                                     meets_bw_target=frac >= 0.85 if b * s >= 32768 else None))
                 torch.cuda.empty_cache()
@@ -284,12 +295,14 @@ def format_paged(records: list[dict]) -> str:
     if fp8:
         lines += ["", "selective attention over a float8 cache: ms, x = / bf16 contiguous, % of "
                       "copy bandwidth on the float8 bytes; target >= 85% at B*S >= 32k; ! = missed",
-                  f"{'model':<10}{'B':>4}{'S':>6}{'rho':>5}{'contiguous':>22}{'P=64':>22}"]
+                  f"{'model':<10}{'B':>4}{'S':>6}{'rho':>5}"
+                  + "".join(f"{('P=' + str(p) if p else 'contiguous') + (f' N={n}' if n else ''):>22}"
+                            for p, n in FP8_VARIANTS)]
         for key in sorted({(r["model"], r["B"], r["S"], r["density"]) for r in fp8}):
             cells = []
-            for page in (None, 64):
+            for page, block in FP8_VARIANTS:
                 r = next(r for r in fp8 if (r["model"], r["B"], r["S"], r["density"]) == key
-                         and r["page"] == page)
+                         and r["page"] == page and (block is None or r["block_n"] == block))
                 miss = "!" if r["meets_bw_target"] is False else " "
                 cells.append(f"{r['ms']:>8.3f} {r['vs_bf16']:>5.2f}x {r['bw_frac'] * 100:>4.0f}%"
                              f"{miss}")
@@ -463,7 +476,7 @@ def format_table(records: list[dict], env: dict) -> str:
 
 def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           *, attention: bool = True, gemm: bool = True,
-                          paged: bool = True) -> list[dict]:
+                          paged: bool = True, fp8_only: bool = False) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -484,7 +497,7 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
     if gemm:
         records += gemm_cases(quick=quick, bw=bw, device=device)
     if paged:
-        records += paged_cases(bw=bw, device=device, quick=quick)
+        records += paged_cases(bw=bw, device=device, quick=quick, fp8_only=fp8_only)
     print(format_table(records, env) + format_paged(records))
     if json_path is not None:
         write_json(json_path, {"environment": env, "records": records}, force=True)
@@ -498,11 +511,13 @@ def main() -> None:
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--no-gemm", action="store_true")
     ap.add_argument("--paged", action="store_true", help="only the paged table")
+    ap.add_argument("--fp8", action="store_true", help="only the float8-cache table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: kernel benchmarks need a CUDA GPU (none is visible here).")
-    run_kernel_benchmarks(args.json, args.quick, attention=not (args.no_attention or args.paged),
-                          gemm=not (args.no_gemm or args.paged))
+    only = args.paged or args.fp8
+    run_kernel_benchmarks(args.json, args.quick, attention=not (args.no_attention or only),
+                          gemm=not (args.no_gemm or only), fp8_only=args.fp8)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def run_cmd(
         help="Prompt tokens prefilled per iteration, in one forward of several prompts' "
              "chunks (longer prompts take several). Default: 2048 on a GPU, 256 on a CPU.")
     ] = None,
-    page_size: Annotated[int, typer.Option(help="KV cache page, in positions.")] = 64,
+    page_size: Annotated[int | None, typer.Option(
+        help="KV cache page, in positions. Default: 64, 128 for an FP8 cache.")] = None,
     on_bad_line: Annotated[str, typer.Option(
         help="A prompts-file line that is not a request: stop (the results so far stay) or "
              "skip (say so and go on).")] = "stop",
@@ -289,31 +290,41 @@ def _count(path: Path) -> int:
 
 
 def make_scheduler(eng: Any, dev: Any, *, batch: int | None, dense: bool,
-                   prefill_chunk: int | None, page_size: int, detokenize: bool = False) -> Any:
+                   prefill_chunk: int | None, page_size: int | None, detokenize: bool = False
+                   ) -> Any:
     """The runtime and its scheduler for `polarc run` and `polarc serve`: `batch` slots
     (default: as many as memory holds at the engine's max sequence, up to its max batch),
     pages for a full sequence in every slot where memory allows (fewer otherwise: requests
     then wait for pages), prefill packs of `prefill_chunk` tokens (2048 on a GPU, 256 on a
-    CPU)."""
-    from polarc.runtime.kv_cache import check_fits, page_bytes, pages_for, pages_that_fit
+    CPU), pages of `page_size` positions (default: `kv_cache.default_page_size`)."""
+    from polarc.plugins.reference import FP8
+    from polarc.runtime.kv_cache import (
+        check_fits,
+        default_page_size,
+        page_bytes,
+        pages_for,
+        pages_that_fit,
+    )
     from polarc.runtime.scheduler import Scheduler
     from polarc.runtime.torch_runtime import Runtime
 
     spec, max_seq = eng.model.spec, eng.limits["max_seq"]
+    kv_dtype = FP8 if eng.kv_dtype == "fp8_e4m3" else eng.model.dtype
+    page_size = page_size or default_page_size(kv_dtype)
     per_row = pages_for(max_seq, page_size)
-    fits = pages_that_fit(spec, page_size, eng.model.dtype, dev)
+    fits = pages_that_fit(spec, page_size, kv_dtype, dev)
     slots = batch if batch is not None else max(1, min(eng.limits["max_batch"], fits // per_row))
     if slots > eng.limits["max_batch"]:
         raise PolarcError(f"--batch {slots} exceeds the engine's max batch "
                           f"{eng.limits['max_batch']}", hint="rebuild with a larger --max-batch")
     # Slots beyond what fits at the max sequence are fine (requests wait for pages), but
     # each slot needs room for one page at least.
-    check_fits(spec, slots, page_size, eng.model.dtype, dev,
+    check_fits(spec, slots, page_size, kv_dtype, dev,
                what=f"batch {slots} (a page of {page_size} positions per slot at least)",
                hint=lambda n: f"the largest batch that fits is {n}")
     pages = min(slots * per_row, fits)
     if pages < 1:
-        need = page_bytes(spec, page_size, eng.model.dtype) / 2**20
+        need = page_bytes(spec, page_size, kv_dtype) / 2**20
         raise PolarcError(f"no room for a KV cache on {dev.type}: one page of {page_size} "
                           f"positions needs {need:.1f} MiB")
     runtime = Runtime(eng, batch=slots, dense=dense, device=dev, page_size=page_size,
@@ -327,7 +338,8 @@ class _Job:
     """One `polarc run`: the runtime, its scheduler, and where results go."""
 
     def __init__(self, eng: Any, dev: Any, *, batch: int | None, dense: bool,
-                 prefill_chunk: int | None, page_size: int, quiet: bool, fit_default: bool
+                 prefill_chunk: int | None, page_size: int | None, quiet: bool,
+                 fit_default: bool
                  ) -> None:
         self.eng, self.dev, self.quiet = eng, dev, quiet
         self.scheduler = make_scheduler(eng, dev, batch=batch, dense=dense,

@@ -33,7 +33,8 @@ def serve_cmd(
     prefill_chunk: Annotated[int | None, typer.Option(
         help="Prompt tokens prefilled per iteration. Default: 2048 on a GPU, 256 on a CPU.")
     ] = None,
-    page_size: Annotated[int, typer.Option(help="KV cache page, in positions.")] = 64,
+    page_size: Annotated[int | None, typer.Option(
+        help="KV cache page, in positions. Default: 64, 128 for an FP8 cache.")] = None,
     dense: Annotated[bool, typer.Option("--dense", help="Every KV group selected.")] = False,
     device: DeviceOpt = "auto",
 ) -> None:

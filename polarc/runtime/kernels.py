@@ -56,8 +56,8 @@ class Kernels:
         key = (b, k, hq // n_kv, s_max, d)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = plan_selective_attention(*key, sms=num_sms(q.device),
-                                                               page_size=page)
+            plan = self._plans[key] = plan_selective_attention(
+                *key, sms=num_sms(q.device), page_size=page, kv_fp8=k_scale is not None)
         ws_key = (b, hq, n_kv, s_max, d)
         workspace = self._workspaces.get(ws_key)
         if workspace is None:

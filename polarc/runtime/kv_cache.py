@@ -31,6 +31,13 @@ MEMORY_SHARE = 0.95
 DEFAULT_PAGE_SIZE = 64
 
 
+def default_page_size(kv_dtype: torch.dtype) -> int:
+    """Positions a page holds by default: 64, or 128 for a one-byte (float8) cache, so a page
+    is the same bytes either way and the attention kernel reads a float8 page in one block of
+    128 positions (measured faster than two of 64, benchmarks/RESULTS.md)."""
+    return 2 * DEFAULT_PAGE_SIZE if kv_dtype.itemsize == 1 else DEFAULT_PAGE_SIZE
+
+
 def page_bytes(spec: ModelSpec, page_size: int, dtype: torch.dtype) -> int:
     """Bytes of one page position range across all layers, K and V."""
     return 2 * spec.n_layers * spec.n_kv_heads * page_size * spec.head_dim * \

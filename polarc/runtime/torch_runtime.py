@@ -35,7 +35,7 @@ from polarc.models.layers import (
 )
 from polarc.plugins.reference import FP8, dequantize_kv, gather_pages, quantize_kv
 from polarc.runtime.kernels import kernels_for
-from polarc.runtime.kv_cache import DEFAULT_PAGE_SIZE, PagedKVCache, check_fits, pages_for
+from polarc.runtime.kv_cache import PagedKVCache, check_fits, default_page_size, pages_for
 
 
 def compiled_ops(device: torch.device) -> Ops:
@@ -84,7 +84,7 @@ class Runtime:
 
     def __init__(self, engine: Engine, *, batch: int, max_seq: int | None = None,
                  dense: bool = False, device: str | torch.device = "cpu",
-                 page_size: int = DEFAULT_PAGE_SIZE, pages: int | None = None,
+                 page_size: int | None = None, pages: int | None = None,
                  quantized: bool = True) -> None:
         self.engine = engine
         self.model = engine.model
@@ -102,6 +102,7 @@ class Runtime:
         self.kv_scales = engine.kv_scales.to(self.device) if fp8 else None
         if self.device.type == "cuda":
             check_fp8_gpu(self.device, kv=fp8, weights=bool(engine.manifest.get("weight_dtype")))
+        page_size = page_size or default_page_size(self.kv_dtype)
         per_row = pages_for(self.max_seq, page_size)
         pages = batch * per_row if pages is None else pages
         check_fits(spec, pages, page_size, self.kv_dtype, self.device,
@@ -224,12 +225,13 @@ class Runtime:
                 v_pool[pages, :, offsets] = v[0, :at]
             out = torch.zeros_like(q)
             for (o, n, start, _), table in zip(spans, tables, strict=True):
-                # copies, not views: a view's alignment depends on where the chunk sits in
-                # the pack, and attention backends choose their kernel by alignment
-                qs = q[:, o:o + n].contiguous()
+                # copies, not views: a view's address depends on where the chunk sits in the
+                # pack, and attention backends choose their kernel by alignment (or fault: a
+                # one-token view counts as contiguous, so .contiguous() would not copy it)
+                qs = q[:, o:o + n].clone()
                 if start == 0:
-                    out[:, o:o + n] = causal_attention(qs, k[:, o:o + n].contiguous(),
-                                                       v[:, o:o + n].contiguous())
+                    out[:, o:o + n] = causal_attention(qs, k[:, o:o + n].clone(),
+                                                       v[:, o:o + n].clone())
                 else:
                     keys, values = (_dequantized(gather_pages(p, table, start + n), s, q.dtype)
                                     .transpose(1, 2) for p, s in ((k_pool, k_scale),
