@@ -3,7 +3,7 @@ cuBLAS, in one process on a CUDA GPU; and selective attention over a paged cache
 same kernel over the contiguous one (`--paged`: that table alone), and over float8 caches
 (`--fp8`: that table alone).
 
-    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick] [--paged | --fp8]
+    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick] [--paged | --fp8 | --fp8-linear]
 
 Random data, outputs and workspaces allocated once; every call (ours, SDPA with
 ``enable_gqa=True``, cuBLAS ``addmm`` + ``relu_`` and ``mm``) timed by `timing.time_graph`
@@ -310,6 +310,77 @@ def format_paged(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- FP8 linear
+
+# Llama-3-8B's decode GEMMs (N, K): fused q/k/v, o, fused gate/up, down, the LM head
+LINEAR_SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
+                 ("down", 4096, 14336), ("lm_head", 128256, 4096)]
+LINEAR_ROWS = (1, 16, 64, 256)
+
+
+def _linear_case(name: str, m: int, w16: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
+                 bw: float) -> dict:
+    """One (GEMM, rows) case of `linear_cases`."""
+    from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
+
+    n, k = w16.shape
+    x = torch.randn(m, k, device=w16.device, dtype=torch.bfloat16)
+    out = torch.empty(m, n, device=w16.device, dtype=torch.bfloat16)
+    plan = plan_fp8_linear(m, n, k, sms=num_sms(w16.device))
+    floor8 = (n * k + 2 * m * k + 2 * m * n) / bw * 1e3
+    floor16 = (2 * n * k + 2 * m * k + 2 * m * n) / bw * 1e3
+    ms16 = time_graph([lambda: torch.mm(x, w16.T, out=out)])
+    ms8 = time_graph([lambda: fp8_linear(x, w8, scale, out=out, plan=plan)])
+    rec = dict(op="fp8_linear", name=name, M=m, N=n, K=k, bf16_ms=ms16,
+               bf16_x_floor=ms16 / floor16, fp8_ms=ms8, fp8_x_floor=ms8 / floor8,
+               floor8_ms=floor8, fp8_vs_bf16=ms8 / ms16, block_n=plan.block_n)
+    rows = max(16, -(-m // 16) * 16)  # _scaled_mm wants rows in multiples of 16
+
+    def scaled() -> torch.Tensor:
+        xp = torch.nn.functional.pad(x, (0, 0, 0, rows - m))
+        sx = xp.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 448.0
+        x8 = (xp / sx).to(FP8)
+        return torch._scaled_mm(x8, w8.T, scale_a=sx, scale_b=scale[None, :],
+                                out_dtype=torch.bfloat16)
+    try:
+        rec["scaled_mm_ms"] = time_graph([scaled])
+        rec["scaled_mm_x_floor"] = rec["scaled_mm_ms"] / floor8
+    except Exception as exc:  # a torch without rowwise scaling: keep the table
+        rec["scaled_mm_error"] = str(exc)[:200]
+    return rec
+
+
+def linear_cases(*, bw: float, device: torch.device) -> list[dict]:
+    """FP8 weights for the decode GEMMs: the weight-only Triton kernel (`fp8_linear`) and
+    `torch._scaled_mm` with the rows quantized per token (the quantization timed with it)
+    against bf16 cuBLAS; floor = (weight bytes + x and y bytes) / copy bandwidth."""
+    from polarc.format.engine_file import quantize_rows
+
+    gen = torch.Generator().manual_seed(4)
+    records = []
+    for name, n, k in LINEAR_SHAPES:
+        w16 = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(device, torch.bfloat16)
+        w8, scale = (t.to(device) for t in quantize_rows(w16.float()))
+        records += [_linear_case(name, m, w16, w8, scale, bw) for m in LINEAR_ROWS]
+        _log(f"done fp8 linear {name}")
+    return records
+
+
+def format_linear(records: list[dict]) -> str:
+    rows = [r for r in records if r["op"] == "fp8_linear"]
+    if not rows:
+        return ""
+    lines = ["", "FP8 weights for Llama-3-8B's decode GEMMs: ms (x its byte floor); fp8_linear = "
+                 "weight-only Triton, scaled_mm = torch._scaled_mm with rows quantized per token",
+             f"{'gemm':<9}{'M':>5}{'bf16 cuBLAS':>18}{'fp8_linear':>18}{'scaled_mm':>18}"]
+    for r in rows:
+        sm = (f"{r['scaled_mm_ms']:>9.3f} ({r['scaled_mm_x_floor']:.2f}x)"
+              if "scaled_mm_ms" in r else f"{'error':>18}")
+        lines.append(f"{r['name']:<9}{r['M']:>5}{r['bf16_ms']:>9.3f} ({r['bf16_x_floor']:.2f}x)"
+                     f"{r['fp8_ms']:>9.3f} ({r['fp8_x_floor']:.2f}x){sm}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- GEMM
 
 
@@ -476,7 +547,8 @@ def format_table(records: list[dict], env: dict) -> str:
 
 def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           *, attention: bool = True, gemm: bool = True,
-                          paged: bool = True, fp8_only: bool = False) -> list[dict]:
+                          paged: bool = True, fp8_only: bool = False,
+                          linear: bool = False) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -498,7 +570,9 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
         records += gemm_cases(quick=quick, bw=bw, device=device)
     if paged:
         records += paged_cases(bw=bw, device=device, quick=quick, fp8_only=fp8_only)
-    print(format_table(records, env) + format_paged(records))
+    if linear:
+        records += linear_cases(bw=bw, device=device)
+    print(format_table(records, env) + format_paged(records) + format_linear(records))
     if json_path is not None:
         write_json(json_path, {"environment": env, "records": records}, force=True)
     return records
@@ -512,12 +586,15 @@ def main() -> None:
     ap.add_argument("--no-gemm", action="store_true")
     ap.add_argument("--paged", action="store_true", help="only the paged table")
     ap.add_argument("--fp8", action="store_true", help="only the float8-cache table")
+    ap.add_argument("--fp8-linear", action="store_true",
+                    help="only the FP8-weight GEMM table")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: kernel benchmarks need a CUDA GPU (none is visible here).")
-    only = args.paged or args.fp8
+    only = args.paged or args.fp8 or args.fp8_linear
     run_kernel_benchmarks(args.json, args.quick, attention=not (args.no_attention or only),
-                          gemm=not (args.no_gemm or only), fp8_only=args.fp8)
+                          gemm=not (args.no_gemm or only), paged=not args.fp8_linear,
+                          fp8_only=args.fp8, linear=args.fp8_linear)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,11 @@ for what in "$@"; do
              tests/test_calibrate_device.py tests/test_streaming.py 2>&1 | tee $OUT/tests.log | tail -15 ;;
     sched) timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_runtime_gpu.py tests/test_scheduler.py -k "${SCHED_K:-not nothing}" 2>&1 | tee $OUT/sched-tests.log | tail -25 ;;
     fp8-kernels) timeout 200 python3 -m polarc.benchmarks.bench_kernels --fp8 --json $OUT/fp8-kernels.json 2>&1 | tee $OUT/fp8-kernels.log | tail -16 ;;
+    fp8-linear) timeout 200 python3 -m polarc.benchmarks.bench_kernels --fp8-linear --json $OUT/fp8-linear.json 2>&1 | tee $OUT/fp8-linear.log | tail -24 ;;
     paged) timeout 240 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;
     stream) timeout ${STREAM_TIMEOUT:-590} python3 -m polarc.benchmarks.bench_stream ${STREAM_ARGS:-} --json $OUT/stream.json 2>&1 | tee $OUT/stream.log | tail -16 ;;
     fp8-tests) timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
-                 tests/test_kv_write.py tests/test_selective_attention.py -k "fp8 or gpu_paged or paged_write" \
+                 tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py -k "fp8 or gpu_paged or paged_write or gpu_llama" \
                  2>&1 | tee $OUT/fp8-tests.log | tail -15 ;;
     e2e-fp8) timeout 200 python3 -m polarc.benchmarks.bench_e2e --no-hf --kv-dtypes bf16,fp8 ${E2E_CASES:+--cases $E2E_CASES} \
                --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | tail -10 ;;

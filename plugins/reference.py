@@ -17,7 +17,8 @@ Layouts are the kernels' (see each kernel module's docstring):
   group;
 - KV append: ``k``, ``v [B, Hkv, D]`` written at ``positions [B]`` of the caches (or of the
   rows' pages, with a block table); a negative position writes nothing;
-- selective GEMM pair: ``relu(x @ w1[idx].T + b1[idx])`` and ``h @ w2t[idx]``.
+- selective GEMM pair: ``relu(x @ w1[idx].T + b1[idx])`` and ``h @ w2t[idx]``;
+- FP8 linear: ``x [M, K] @ (w [N, K] float8 * scale [N]).T + bias`` → ``[M, N]``.
 
 Math is fp32 (fp64 for fp64 inputs); results come back in the input dtype.
 """
@@ -46,6 +47,16 @@ def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """fp32 of a cache ``[B, Hkv, S, D]`` stored as float8: q times each group's scale."""
     return q.float() * scale.to(q.device, torch.float32)[None, :, None, None]
+
+
+def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T + bias`` for a float8 weight ``w [N, K]`` with a scale per
+    output channel ``scale [N]`` (fp32 math, x's dtype out)."""
+    y = _acc(x) @ (w.to(_acc(x).dtype) * scale.to(_acc(x).dtype)[:, None]).T
+    if bias is not None:
+        y = y + _acc(bias)
+    return y.to(x.dtype)
 
 
 def gather_pages(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
