@@ -7,9 +7,11 @@ routers; the paged KV cache is filled with random values at the case's length, e
 pages scattered over the pool (prefill is excluded). A step is the runtime's decode step for
 the whole batch, captured in a CUDA graph and timed by `timing.time_graph` (median of
 replays). The floor of a step is (weight bytes +
-KV bytes read) ÷ the copy bandwidth measured in the same run. `--kv-dtypes bf16,fp8` runs each
-case with the cache in bf16 and in float8 e4m3 (the same engine with per-group scales: one
-byte a value read and written by the Triton kernels, the math in fp32).
+KV bytes read) ÷ the copy bandwidth measured in the same run. `--variants bf16,fp8-kv,fp8-all`
+runs each case with the cache in bf16, with the cache in float8 e4m3 (the same engine with
+per-group scales: one byte a value read and written by the Triton kernels), and with the
+linear layers' weights in float8 too (a scale per output channel, read by the FP8 linear
+kernel; embeddings and norms stay bf16).
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
 from polarc.exporters.engine import BuildConfig, assemble
 from polarc.plugins.reference import FP8_MAX
 
-from polarc.format.engine_file import Engine
-from polarc.models.layers import stored_weights
+from polarc.format.engine_file import Engine, fp8_weight_names, quantize_rows
+from polarc.models.layers import add_part_views, stored_weights
 from polarc.models.load import Model, random_identity, random_weights, rope_parameters
 from polarc.models.presets import get_preset, hf_config
 from polarc.models.tokenizer import ByteTokenizer
@@ -76,22 +78,33 @@ def router_ms(rt: Runtime, bw: float) -> float:
     return ms + rows_bytes / bw * 1e3
 
 
-def as_fp8_kv(engine: Engine) -> Engine:
-    """The same engine with a float8 KV cache (scales for unit-variance K and V)."""
+VARIANTS = ("bf16", "fp8-kv", "fp8-all")
+
+
+def as_fp8(engine: Engine, *, weights: bool) -> Engine:
+    """The same engine with a float8 KV cache (scales for unit-variance K and V) and, with
+    `weights`, its linear layers' weights in float8 as `load_engine` keeps them on a GPU."""
     spec = engine.model.spec
     scales = torch.full((2, spec.n_layers, spec.n_kv_heads), 4.0 / FP8_MAX)
-    return dataclasses.replace(engine, manifest={**engine.manifest, "kv_dtype": "fp8_e4m3"},
-                               kv_scales=scales)
+    model = engine.model
+    if weights:
+        w = dict(model.weights)
+        for name in fp8_weight_names(stored_weights(w, spec)):
+            w[name], w[name + "_scale"] = quantize_rows(w[name])
+        add_part_views(w, spec)
+        model = dataclasses.replace(model, weights=w)
+    return dataclasses.replace(engine, model=model, kv_scales=scales,
+                               manifest={**engine.manifest, "kv_dtype": "fp8_e4m3"})
 
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
-             kv_dtype: str = "bf16", engine: Engine | None = None) -> list[dict[str, Any]]:
+             variant: str = "bf16", engine: Engine | None = None) -> list[dict[str, Any]]:
     device = torch.device("cuda")
     # max_seq = seqlen: the step writes position seqlen - 1 and attends over seqlen positions
     engine = engine or sparse_engine_in_memory(name, batch=batch, max_seq=seqlen,
                                                density=density, device=device)
-    if kv_dtype == "fp8":
-        engine = as_fp8_kv(engine)
+    if variant != "bf16":
+        engine = as_fp8(engine, weights=variant == "fp8-all")
     spec = engine.model.spec
     rt = Runtime(engine, batch=batch, device=device)
     for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
@@ -112,7 +125,7 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
         ks = rt.k_per_layer
         kv = sum(ks) * batch * seqlen * spec.head_dim * 2 * rt.cache.k[0].element_size()
         floor_ms = (wbytes + kv) / bw * 1000
-        rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode, "kv_dtype": kv_dtype,
+        rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode, "variant": variant,
                "density": sum(ks) / (spec.n_kv_heads * spec.n_layers), "step_ms": ms,
                "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
                "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9, "kv_gb": kv / 1e9}
@@ -153,7 +166,7 @@ def hf_generate_tokens_per_s(name: str, batch: int, seqlen: int, new_tokens: int
 
 
 def format_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| model | B | S | KV | mode | density | step ms | floor ms | x floor | tok/s | "
+    lines = ["| model | B | S | dtypes | mode | density | step ms | floor ms | x floor | tok/s | "
              "speedup (floor ratio) | router share |", "|" + "---|" * 12]
     for r in records:
         if r["mode"] == "hf_generate":
@@ -164,7 +177,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
         sp = f"{r['speedup']:.2f} ({r['floor_ratio']:.2f})" if "speedup" in r else ""
         rs = f"{r['router_share'] * 100:.1f}%" if "router_share" in r else ""
         lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | "
-                     f"{r.get('kv_dtype', 'bf16')} | {r['mode']} | "
+                     f"{r.get('variant', 'bf16')} | {r['mode']} | "
                      f"{r['density']:.3f} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
                      f"{r['ratio_to_floor']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {rs} |")
     return "\n".join(lines)
@@ -172,7 +185,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
                        with_hf: bool = True, cases: list | None = None,
-                       kv_dtypes: tuple[str, ...] = ("bf16",)) -> list[dict[str, Any]]:
+                       variants: tuple[str, ...] = ("bf16",)) -> list[dict[str, Any]]:
     """Run §3 on the current CUDA device; print the table; write JSON if asked."""
     device = torch.device("cuda", torch.cuda.current_device())
     cases = cases or CASES
@@ -183,8 +196,8 @@ def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
     for name, batch, seqlen in cases:
         engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=density,
                                          device=device)
-        for kv_dtype in kv_dtypes:
-            records += run_case(name, batch, seqlen, bw, density, kv_dtype, engine)
+        for variant in variants:
+            records += run_case(name, batch, seqlen, bw, density, variant, engine)
             gc.collect()  # the last runtime's cache goes before the next one's is made
             torch.cuda.empty_cache()
             if json_path is not None:  # what is measured survives a run cut short
@@ -210,19 +223,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None, help="write the records to this file")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--kv-dtypes", default="bf16", help="comma-separated: bf16, fp8")
+    ap.add_argument("--variants", default="bf16", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--cases", default=None,
                     help="comma-separated model:B:S, e.g. llama3-8b:32:8192 (default: §3's)")
     args = ap.parse_args()
-    kv_dtypes = tuple(args.kv_dtypes.split(","))
-    if not set(kv_dtypes) <= {"bf16", "fp8"}:
-        sys.exit(f"Error: --kv-dtypes takes bf16 and fp8, got {args.kv_dtypes!r}")
+    variants = tuple(args.variants.split(","))
+    if not set(variants) <= set(VARIANTS):
+        sys.exit(f"Error: --variants takes {', '.join(VARIANTS)}, got {args.variants!r}")
     cases = None
     if args.cases:
         cases = [(m, int(b), int(s)) for m, b, s in (c.split(":") for c in args.cases.split(","))]
     if not torch.cuda.is_available():
         sys.exit("Error: end-to-end benchmarks need a CUDA GPU (none is visible here).")
-    run_e2e_benchmarks(args.json, with_hf=not args.no_hf, cases=cases, kv_dtypes=kv_dtypes)
+    run_e2e_benchmarks(args.json, with_hf=not args.no_hf, cases=cases, variants=variants)
 
 
 if __name__ == "__main__":

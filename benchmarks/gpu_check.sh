@@ -29,7 +29,7 @@ for what in "$@"; do
     fp8-tests) timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
                  tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py -k "fp8 or gpu_paged or paged_write or gpu_llama" \
                  2>&1 | tee $OUT/fp8-tests.log | tail -15 ;;
-    e2e-fp8) timeout 200 python3 -m polarc.benchmarks.bench_e2e --no-hf --kv-dtypes bf16,fp8 ${E2E_CASES:+--cases $E2E_CASES} \
+    e2e-fp8) timeout 200 python3 -m polarc.benchmarks.bench_e2e --no-hf --variants bf16,fp8-kv,fp8-all ${E2E_CASES:+--cases $E2E_CASES} \
                --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | tail -10 ;;
     e2e) timeout 170 python3 -m polarc.benchmarks.bench_e2e --no-hf --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
     step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;

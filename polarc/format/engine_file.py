@@ -121,6 +121,7 @@ def attach_routers(model: Model, head: dict[int, HeadRouter]) -> dict[int, HeadR
 
 FP8_LINEARS = (".qkv.weight", ".o.weight", ".gate_up.weight", ".down.weight", ".up.weight")
 FP8_WEIGHT_MAX = 448.0  # float8 e4m3's largest finite value (plugins' FP8_MAX; they import nothing)
+FP8_WEIGHT_DTYPE = torch.float8_e4m3fn
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,7 +129,7 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     value maps to ±448): (q, scale [rows] float32); ``q.float() * scale[:, None]`` is w."""
     scale = w.float().abs().amax(1).clamp_min(1e-12) / FP8_WEIGHT_MAX
     return (w.float() / scale[:, None]).clamp(-FP8_WEIGHT_MAX, FP8_WEIGHT_MAX).to(
-        torch.float8_e4m3fn), scale
+        FP8_WEIGHT_DTYPE), scale
 
 
 def fp8_weight_names(names: Any) -> list[str]:
@@ -338,7 +339,7 @@ def _check_shapes(path: Path, manifest: dict[str, Any], tensors: dict[str, torch
                               f"architecture needs {shape}")
         want_dtype = dtype
         if "weight_scales." + name[len("weights."):] in tensors:
-            want_dtype = torch.float8_e4m3fn
+            want_dtype = FP8_WEIGHT_DTYPE
         if name.startswith("weights.") and t.dtype != want_dtype:
             raise PolarcError(f"{path}: tensor {name} is {t.dtype}, the manifest says "
                               f"{manifest['dtype']}")
@@ -366,9 +367,16 @@ def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec:
     return HFTokenizer(fast, eos_id=tk["eos_id"], bos_id=tk["bos_id"])
 
 
-def load_engine(path: Path, device: str | torch.device = "cpu") -> Engine:
+def load_engine(path: Path, device: str | torch.device = "cpu",
+                keep_fp8_weights: bool | None = None) -> Engine:
     """Load an engine file, every tensor checked against the manifest's checksums; a
-    TensorRT-backend one comes back with its plans and no weights."""
+    TensorRT-backend one comes back with its plans and no weights.
+
+    FP8 weights stay float8, each with its row scales as ``<name>_scale`` (for
+    ``layers.0.qkv.weight``: ``layers.0.qkv.weight_scale``), where `keep_fp8_weights` says
+    so: by default on CUDA for SwiGLU models, whose runtime reads them through the FP8 linear
+    kernel. Otherwise they are dequantized here, once, to the engine's dtype (the CPU path,
+    and ReLU MLPs, whose selective GEMMs read rows of the weights in the compute dtype)."""
     manifest = read_manifest(path)
     trt = manifest["backend"] == "tensorrt"
     tensors = _read_checked(path, manifest, torch.device("cpu" if trt else device))
@@ -387,13 +395,17 @@ def load_engine(path: Path, device: str | torch.device = "cpu") -> Engine:
                       mlp_routers={}, plans=plans)
     weights = {k[len("weights."):]: v for k, v in tensors.items() if k.startswith("weights.")}
     compute = DTYPES[manifest["dtype"]]
+    if keep_fp8_weights is None:
+        keep_fp8_weights = torch.device(device).type == "cuda" and not spec.relu_mlp
     for key in [k for k in tensors if k.startswith("weight_scales.")]:
         name, scale = key[len("weight_scales."):], tensors[key]
         if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
             raise PolarcError(f"{path}: the FP8 weight scales of {name} are not all finite "
                               "and positive", hint="rebuild it with polarc build")
-        # the CPU path computes with the weights it dequantizes here, once
-        weights[name] = (weights[name].float() * scale[:, None]).to(compute)
+        if keep_fp8_weights:
+            weights[name + "_scale"] = scale.float()
+        else:
+            weights[name] = (weights[name].float() * scale[:, None]).to(compute)
     weights["lm_head.weight"] = weights.get("lm_head.weight", weights["embed.weight"])
     if spec.relu_mlp:
         for layer in range(spec.n_layers):
@@ -409,7 +421,11 @@ def load_engine(path: Path, device: str | torch.device = "cpu") -> Engine:
     for layer, k in enumerate(plan["k_per_layer"]):
         qkv_w, qkv_b = weights[f"layers.{layer}.qkv.weight"], weights.get(f"layers.{layer}.qkv.bias")
         if qkv_w.shape[0] > rows:  # the head router's rows (module docstring)
-            head[layer] = HeadRouter(weight=qkv_w[rows:], bias=qkv_b[rows:], k=k,
+            router_w = qkv_w[rows:]
+            if router_w.dtype == FP8_WEIGHT_DTYPE:  # its own calls read it in the compute dtype
+                scale = weights[f"layers.{layer}.qkv.weight_scale"][rows:, None]
+                router_w = (router_w.float() * scale).to(compute)
+            head[layer] = HeadRouter(weight=router_w, bias=qkv_b[rows:], k=k,
                                      recall=float("nan"))
         key = f"routers.layers.{layer}.mlp"
         if key + ".w1" in tensors:

@@ -80,20 +80,22 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate_up[..., :f]) * gate_up[..., f:]
 
 
+def linear(model: Model, x: torch.Tensor, name: str) -> torch.Tensor:
+    return F.linear(x, model.weights[name + ".weight"], model.weights.get(name + ".bias"))
+
+
 @dataclass(frozen=True)
 class Ops:
-    """The element-wise stages of a layer (eager here; the decode step compiles them)."""
+    """The stages of a layer that a runtime may swap: the element-wise ones (eager here; the
+    decode step compiles them) and the linear layers (the runtime's reads float8 weights)."""
 
     add_norm: Callable = add_norm
     rope_qk: Callable = rope_qk
     swiglu: Callable = swiglu
+    linear: Callable = linear
 
 
 EAGER = Ops()
-
-
-def linear(model: Model, x: torch.Tensor, name: str) -> torch.Tensor:
-    return F.linear(x, model.weights[name + ".weight"], model.weights.get(name + ".bias"))
 
 
 def embed(model: Model, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -147,8 +149,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
 def dense_mlp(model: Model, layer: int, x: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
     p = f"layers.{layer}."
     if model.spec.relu_mlp:
-        return linear(model, F.relu(linear(model, x, p + "up")), p + "down")
-    return linear(model, ops.swiglu(linear(model, x, p + "gate_up")), p + "down")
+        return ops.linear(model, F.relu(ops.linear(model, x, p + "up")), p + "down")
+    return ops.linear(model, ops.swiglu(ops.linear(model, x, p + "gate_up")), p + "down")
 
 
 def decoder_layer(
@@ -166,21 +168,21 @@ def decoder_layer(
     spec, w, p = model.spec, model.weights, f"layers.{layer}."
     h, x = ops.add_norm(h, delta, w[p + "attn_norm.weight"], w.get(p + "attn_norm.bias"),
                         spec.norm_eps)
-    q, k, v, extra = split_qkv(spec, linear(model, x, p + "qkv"))
+    q, k, v, extra = split_qkv(spec, ops.linear(model, x, p + "qkv"))
     if rope is not None:
         q, k = ops.rope_qk(q, k, *rope)
     o = attend(layer, x, q, k, v, extra)
-    attn_out = linear(model, o.flatten(-2), p + "o")
+    attn_out = ops.linear(model, o.flatten(-2), p + "o")
     h, x = ops.add_norm(h, attn_out, w[p + "mlp_norm.weight"], w.get(p + "mlp_norm.bias"),
                         spec.norm_eps)
     return h, (mlp(layer, x) if mlp is not None else dense_mlp(model, layer, x, ops))
 
 
-def final_logits(model: Model, h: torch.Tensor) -> torch.Tensor:
+def final_logits(model: Model, h: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
     """Next-token logits from the last layer's output (h + delta)."""
     w = model.weights
-    return F.linear(norm(h, w["norm.weight"], w.get("norm.bias"), model.spec.norm_eps),
-                    w["lm_head.weight"])
+    return ops.linear(model, norm(h, w["norm.weight"], w.get("norm.bias"), model.spec.norm_eps),
+                      "lm_head")
 
 
 # ------------------------------------------------------------------------ weight layout
@@ -215,11 +217,13 @@ def fuse_weights(out: dict[str, torch.Tensor], spec: ModelSpec,
 def add_part_views(weights: dict[str, torch.Tensor], spec: ModelSpec,
                    layers: range | list[int] | None = None) -> None:
     """Add q/k/v (and gate/up) as views into the fused tensors (rows past them, such as an
-    engine's router, are left out). Biases get views only where the model has them."""
+    engine's router, are left out), and into float8 weights' row scales. Biases get views
+    only where the model has them."""
     for i in range(spec.n_layers) if layers is None else layers:
         p = f"layers.{i}."
         for fused, parts in _fused_parts(spec).items():
-            kinds = ("weight", "bias") if fused != "qkv" or spec.qkv_bias else ("weight",)
+            kinds = ("weight", "weight_scale", "bias") if fused != "qkv" or spec.qkv_bias \
+                else ("weight", "weight_scale")
             for kind in kinds:
                 if f"{p}{fused}.{kind}" not in weights:
                     continue

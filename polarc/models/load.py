@@ -57,7 +57,8 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.weights["lm_head.weight"].dtype
+        """The compute dtype (the embedding's: float8 weights keep it for their activations)."""
+        return self.weights["embed.weight"].dtype
 
     @property
     def device(self) -> torch.device:

@@ -12,10 +12,16 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from polarc.plugins import reference
+
+# Rows up to which a float8-weight GEMM runs the FP8 linear kernel (decode: bound by the
+# weight bytes); beyond, a prefill, the weight is widened for cuBLAS (bound by arithmetic).
+FP8_KERNEL_ROWS = 256
 
 
 @dataclass
@@ -33,6 +39,26 @@ class Kernels:
     gemm_down: Callable
     _plans: dict = field(default_factory=dict)
     _workspaces: dict = field(default_factory=dict)
+
+    def linear(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor:
+        """`model`'s linear layer `name` on x [..., K] (`layers.linear`'s contract); float8
+        weights (with `<name>.weight_scale` rows) through the FP8 linear kernel on CUDA, its
+        reference elsewhere."""
+        w = model.weights[name + ".weight"]
+        bias = model.weights.get(name + ".bias")
+        if w.dtype != reference.FP8:
+            return F.linear(x, w, bias)
+        scale = model.weights[name + ".weight_scale"]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.device.type != "cuda":
+            y = reference.fp8_linear_reference(x2, w, scale, bias)
+        elif x2.shape[0] > FP8_KERNEL_ROWS:
+            y = F.linear(x2, (w.float() * scale[:, None]).to(x.dtype), bias)
+        else:
+            from polarc.plugins.fp8_linear import fp8_linear
+
+            y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, scale, bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cache_seqlens: torch.Tensor, groups: torch.Tensor,

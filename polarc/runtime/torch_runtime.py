@@ -14,6 +14,7 @@ anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -59,17 +60,14 @@ def _dequantized(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.d
 
 
 def check_fp8_gpu(device: torch.device, *, kv: bool, weights: bool) -> None:
-    """Refuse, in one line, what this GPU cannot run of an FP8 engine."""
-    if weights:
-        raise PolarcError("FP8 weights run through the CPU path for now: the GPU GEMMs that "
-                          "read them are not built yet",
-                          hint="run it with --device cpu, or build without --weight-dtype fp8")
+    """Refuse, in one line, what this GPU cannot run of an FP8 engine (its kernels widen
+    float8 with an instruction that Ada and Hopper have)."""
     major, minor = torch.cuda.get_device_capability(device)
-    if kv and (major, minor) < (8, 9):
-        raise PolarcError(f"an FP8 KV cache on the GPU needs compute capability 8.9 or newer "
-                          f"(Ada, Hopper); {torch.cuda.get_device_name(device)} is "
-                          f"{major}.{minor}",
-                          hint="run it with --device cpu, or build without --kv-dtype fp8")
+    if (kv or weights) and (major, minor) < (8, 9):
+        what = "an FP8 KV cache" if kv else "FP8 weights"
+        raise PolarcError(f"{what} on the GPU needs compute capability 8.9 or newer (Ada, "
+                          f"Hopper); {torch.cuda.get_device_name(device)} is {major}.{minor}",
+                          hint="run it with --device cpu, or build without the fp8 options")
 
 
 def batch_buckets(batch: int) -> list[int]:
@@ -101,7 +99,8 @@ class Runtime:
         self.kv_dtype = FP8 if fp8 else self.model.dtype
         self.kv_scales = engine.kv_scales.to(self.device) if fp8 else None
         if self.device.type == "cuda":
-            check_fp8_gpu(self.device, kv=fp8, weights=bool(engine.manifest.get("weight_dtype")))
+            check_fp8_gpu(self.device, kv=fp8,
+                          weights=any(t.dtype == FP8 for t in self.model.weights.values()))
         page_size = page_size or default_page_size(self.kv_dtype)
         per_row = pages_for(self.max_seq, page_size)
         pages = batch * per_row if pages is None else pages
@@ -114,7 +113,9 @@ class Runtime:
                                            page_size=page_size, dtype=self.kv_dtype,
                                            device=self.device)
         self.kernels = kernels_for(self.device, spec.head_dim)
-        self.ops = compiled_ops(self.device)
+        # float8 weights go through the kernels' linear, in prefill and in the step
+        self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear)
+        self.prefill_ops = dataclasses.replace(EAGER, linear=self.kernels.linear)
         self.all_groups = torch.arange(spec.n_kv_heads, dtype=torch.int32, device=self.device
                                        ).expand(batch, -1).contiguous()
         # One captured decode step per batch-size bucket: when rows finish, the live ones are
@@ -241,11 +242,13 @@ class Runtime:
 
         delta = torch.zeros_like(h)
         for layer in range(self.spec.n_layers):
-            h, delta = decoder_layer(self.model, layer, h, delta, rope, attend)
+            h, delta = decoder_layer(self.model, layer, h, delta, rope, attend,
+                                     ops=self.prefill_ops)
         last = h + delta
         for slot, ids, start in chunks:
             self.cache.lengths[slot] = start + len(ids)
-        return [final_logits(self.model, last[0, o + n - 1]) for o, n, _, _ in spans]
+        return [final_logits(self.model, last[0, o + n - 1], self.prefill_ops)
+                for o, n, _, _ in spans]
 
     # --------------------------------------------------------------------- decode step
 
@@ -301,7 +304,7 @@ class Runtime:
             h, delta = decoder_layer(self.model, layer, h, delta, rope, attend, mlp=mlp,
                                      ops=self.ops)
         seqlens.copy_(lens)
-        return final_logits(self.model, h + delta)[:, 0]
+        return final_logits(self.model, h + delta, self.ops)[:, 0]
 
     # ---------------------------------------------------------------------- CUDA graphs
 
