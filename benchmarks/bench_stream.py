@@ -120,6 +120,41 @@ def profile_prefill(engine: Any, device: torch.device) -> None:
     _release(device)
 
 
+def first_pass_cost(engine: Any, device: torch.device, *, seed: int, n_packs: int = 24
+                    ) -> dict[str, float]:
+    """Seconds for `n_packs` prefill packs of chunk lengths this process has not seen (drawn
+    with `seed`), then for the same packs again: a first pass much slower than the second
+    means per-shape set-up work (an attention plan per new length, say) in prefill."""
+    rt = Runtime(engine, batch=8, device=device, page_size=PAGE_SIZE, max_seq=PREFILL_CHUNK)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, engine.model.spec.vocab, (PREFILL_CHUNK,), generator=g).tolist()
+    packs = []
+    for _ in range(n_packs):
+        lens, room = [], PREFILL_CHUNK
+        while room > 0 and len(lens) < rt.batch:
+            lens.append(int(torch.randint(1, room + 1, (1,), generator=g)))
+            room -= lens[-1]
+        packs.append(lens)
+
+    def run(rt: Runtime) -> float:
+        _sync(device)
+        t0 = time.perf_counter()
+        for lens in packs:
+            for slot, n in enumerate(lens):
+                rt.cache.grow(slot, n)
+            rt.prefill_pack([(slot, ids[:n], 0) for slot, n in enumerate(lens)],
+                            width=PREFILL_CHUNK)
+            for slot in range(len(lens)):
+                rt.cache.free(slot)
+        _sync(device)
+        return time.perf_counter() - t0
+
+    first, second = run(rt), run(rt)
+    del rt
+    _release(device)
+    return {"first_s": first, "second_s": second, "ratio": first / second}
+
+
 def run_scheduler(engine: Any, requests: list[tuple[list[int], int]], *, slots: int, pages: int,
                   dense: bool, device: torch.device) -> dict[str, Any]:
     rt = Runtime(engine, batch=slots, dense=dense, device=device, page_size=PAGE_SIZE,
@@ -197,6 +232,9 @@ def main() -> None:
     ap.add_argument("--max-slots", type=int, default=256)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="the top CUDA kernels of prefill")
+    ap.add_argument("--first-pass", action="store_true",
+                    help="time packs of new chunk lengths twice, with and without cuDNN "
+                         "attention (why a process's first pass of prefill is slower)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: the stream benchmark needs a CUDA GPU (none is visible here).")
@@ -227,12 +265,20 @@ def main() -> None:
     print("prefill", json.dumps(prefill), flush=True)
     if args.profile:
         profile_prefill(engine, device)
+    first: dict[str, Any] = {}
+    if args.first_pass:
+        first = {"default": first_pass_cost(engine, device, seed=11)}
+        cudnn = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        first["no_cudnn_attention"] = first_pass_cost(engine, device, seed=12)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        print("first pass", json.dumps(first), flush=True)
     records: dict[str, Any] = {"environment": env, "slots": slots, "pages": pages,
-                               "prefill": prefill,
+                               "prefill": prefill, "first_pass": first,
                                "workload": {"requests": len(reqs),
                                             "prompt_tokens": sum(len(p) for p, _ in reqs),
                                             "output_tokens": sum(m for _, m in reqs)}}
-    for mode in args.modes.split(","):
+    for mode in filter(None, args.modes.split(",")):
         dense = mode == "dense"
         full = run_scheduler(engine, reqs, slots=slots, pages=pages, dense=dense, device=device)
         full["prefill_matmul_share"] = 2 * params * full["prefill_tokens_per_s"] / peak

@@ -31,6 +31,23 @@ for what in "$@"; do
                  2>&1 | tee $OUT/fp8-tests.log | tail -15 ;;
     e2e-fp8) timeout 200 python3 -m polarc.benchmarks.bench_e2e --no-hf --variants bf16,fp8-kv,fp8-all ${E2E_CASES:+--cases $E2E_CASES} \
                --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | tail -10 ;;
+    first-pass) timeout 300 python3 -m polarc.benchmarks.bench_stream --requests 0 --modes '' --first-pass \
+                  --json $OUT/first-pass.json 2>&1 | tee $OUT/first-pass.log | grep -E "first pass|Error" ;;
+    # §5 through the server (issue 12): SERVE_REQUESTS at saturation, then SERVE_RATES (each
+    # with SERVE_RATE_REQUESTS), for the sparse engine, or every group with SERVE_DENSE=1.
+    serve) [ -f /tmp/l3.plan ] || polarc build -m llama3-8b --random-weights --density 0.5 --max-seq 8192 \
+             --max-batch 256 -o /tmp/l3.plan --force 2>&1 | tail -1
+           polarc serve /tmp/l3.plan --port 8011 --max-waiting 4096 ${SERVE_DENSE:+--dense} > $OUT/serve.log 2>&1 &
+           spid=$!
+           for _ in $(seq 120); do curl -sf localhost:8011/health >/dev/null && break; sleep 2; done
+           m=${SERVE_DENSE:+dense}; m=${m:-sparse}
+           python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 --requests ${SERVE_REQUESTS:-2000} \
+             --rate inf --json $OUT/serve-$m-saturation.json 2>&1 | tail -12
+           for r in ${SERVE_RATES:-4 8}; do
+             python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 --requests ${SERVE_RATE_REQUESTS:-300} \
+               --rate $r --json $OUT/serve-$m-rate$r.json 2>&1 | tail -6
+           done
+           kill -TERM $spid; wait $spid; echo "server exit $?" ;;
     e2e) timeout 170 python3 -m polarc.benchmarks.bench_e2e --no-hf --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
     step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;
     kernels) python3 -m polarc.benchmarks.bench_kernels --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log | tail -80 ;;
