@@ -39,7 +39,8 @@ for what in "$@"; do
              --max-batch 256 -o /tmp/l3.plan --force 2>&1 | tail -1
            polarc serve /tmp/l3.plan --port 8011 --max-waiting 4096 ${SERVE_DENSE:+--dense} > $OUT/serve.log 2>&1 &
            spid=$!
-           for _ in $(seq 120); do curl -sf localhost:8011/health >/dev/null && break; sleep 2; done
+           for _ in $(seq 120); do python3 -c "import httpx; httpx.get('http://127.0.0.1:8011/health').raise_for_status()" \
+             2>/dev/null && break; sleep 2; done
            m=${SERVE_DENSE:+dense}; m=${m:-sparse}
            python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 --requests ${SERVE_REQUESTS:-2000} \
              --rate inf --json $OUT/serve-$m-saturation.json 2>&1 | tail -12
