@@ -225,3 +225,20 @@ def test_fp8_weights(tiny_dirs: dict, tmp_path: Path) -> None:
     code, _, stderr = run("build", "-m", tiny_dirs["llama-gqa"], "-o", tmp_path / "x.plan",
                           "--weight-dtype", "int8")
     one_line_error(code, stderr, "--weight-dtype must be one of auto, fp8")
+
+
+def test_fp8_on_a_gpu_older_than_ada_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels widen float8 with an sm_89 instruction: an A100 (8.0) gets one line naming
+    the capability needed; an H100 (9.0) passes."""
+    from polarc.errors import PolarcError
+    from polarc.runtime.torch_runtime import check_fp8_gpu
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    for kv, weights, what in ((True, False, "an FP8 KV cache"), (False, True, "FP8 weights")):
+        with pytest.raises(PolarcError, match=f"{what} on the GPU needs compute capability "
+                                              r"8.9 or newer .*NVIDIA A100 is 8.0"):
+            check_fp8_gpu(torch.device("cuda"), kv=kv, weights=weights)
+    check_fp8_gpu(torch.device("cuda"), kv=False, weights=False)  # nothing FP8: no check
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    check_fp8_gpu(torch.device("cuda"), kv=True, weights=True)
