@@ -314,8 +314,11 @@ def test_run_interrupted_keeps_what_finished(sparse_engine: Path, tmp_path: Path
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
+    # Ctrl-C's default action even where the test runs as a background job (which starts
+    # with SIGINT ignored, and children inherit that)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                      signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 5):
         time.sleep(0.2)
