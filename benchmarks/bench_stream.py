@@ -76,10 +76,13 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * 8192**3 / (ms * 1e-3)
 
 
-def prefill_speed(engine: Any, device: torch.device, *, prompts: int = 16, length: int = 2048
-                  ) -> dict[str, float]:
-    """Prompt tokens/s of the runtime's prefill, one chunk of `length` tokens per prompt."""
+def prefill_speed(engine: Any, device: torch.device, *, prompts: int = 16, length: int = 2048,
+                  torch_choice: bool = False) -> dict[str, float]:
+    """Prompt tokens/s of the runtime's prefill, one chunk of `length` tokens per prompt
+    (`torch_choice`: any SDPA backend for its attention, as `first_pass_cost`)."""
     rt = Runtime(engine, batch=1, device=device, page_size=PAGE_SIZE, max_seq=max(length, 64) * 2)
+    if torch_choice:
+        rt.prefill_sdpa = None
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(3, engine.model.spec.vocab, (length,), generator=g).tolist()
            for _ in range(prompts + 2)]
@@ -120,12 +123,16 @@ def profile_prefill(engine: Any, device: torch.device) -> None:
     _release(device)
 
 
-def first_pass_cost(engine: Any, device: torch.device, *, seed: int, n_packs: int = 24
-                    ) -> dict[str, float]:
+def first_pass_cost(engine: Any, device: torch.device, *, seed: int, n_packs: int = 24,
+                    torch_choice: bool = False) -> dict[str, float]:
     """Seconds for `n_packs` prefill packs of chunk lengths this process has not seen (drawn
     with `seed`), then for the same packs again: a first pass much slower than the second
-    means per-shape set-up work (an attention plan per new length, say) in prefill."""
+    means per-shape set-up work (an attention graph per new length, say) in prefill. With
+    `torch_choice` prefill attention may use any SDPA backend (cuDNN's too), else the
+    runtime's (`PREFILL_SDPA`)."""
     rt = Runtime(engine, batch=8, device=device, page_size=PAGE_SIZE, max_seq=PREFILL_CHUNK)
+    if torch_choice:
+        rt.prefill_sdpa = None
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, engine.model.spec.vocab, (PREFILL_CHUNK,), generator=g).tolist()
     packs = []
@@ -233,8 +240,8 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="the top CUDA kernels of prefill")
     ap.add_argument("--first-pass", action="store_true",
-                    help="time packs of new chunk lengths twice, with and without cuDNN "
-                         "attention (why a process's first pass of prefill is slower)")
+                    help="time packs of new chunk lengths twice, with torch's choice of "
+                         "attention backend and with the runtime's (no cuDNN)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: the stream benchmark needs a CUDA GPU (none is visible here).")
@@ -267,11 +274,9 @@ def main() -> None:
         profile_prefill(engine, device)
     first: dict[str, Any] = {}
     if args.first_pass:
-        first = {"default": first_pass_cost(engine, device, seed=11)}
-        cudnn = torch.backends.cuda.cudnn_sdp_enabled()
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        first["no_cudnn_attention"] = first_pass_cost(engine, device, seed=12)
-        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+        first = {"torch_choice": first_pass_cost(engine, device, seed=11, torch_choice=True),
+                 "runtime_default": first_pass_cost(engine, device, seed=12),
+                 "prefill_2048_torch_choice": prefill_speed(engine, device, torch_choice=True)}
         print("first pass", json.dumps(first), flush=True)
     records: dict[str, Any] = {"environment": env, "slots": slots, "pages": pages,
                                "prefill": prefill, "first_pass": first,

@@ -14,6 +14,7 @@ anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -37,6 +38,9 @@ from polarc.models.layers import (
 from polarc.plugins.reference import FP8, dequantize_kv, gather_pages, quantize_kv
 from polarc.runtime.kernels import kernels_for
 from polarc.runtime.kv_cache import PagedKVCache, check_fits, default_page_size, pages_for
+
+# SDPA backends for prefill on CUDA (names of torch.nn.attention.SDPBackend): not cuDNN's
+PREFILL_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
 def compiled_ops(device: torch.device) -> Ops:
@@ -116,6 +120,7 @@ class Runtime:
         # float8 weights go through the kernels' linear, in prefill and in the step
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear)
         self.prefill_ops = dataclasses.replace(EAGER, linear=self.kernels.linear)
+        self.prefill_sdpa: tuple[str, ...] | None = PREFILL_SDPA
         self.all_groups = torch.arange(spec.n_kv_heads, dtype=torch.int32, device=self.device
                                        ).expand(batch, -1).contiguous()
         # One captured decode step per batch-size bucket: when rows finish, the live ones are
@@ -241,14 +246,26 @@ class Runtime:
             return out
 
         delta = torch.zeros_like(h)
-        for layer in range(self.spec.n_layers):
-            h, delta = decoder_layer(self.model, layer, h, delta, rope, attend,
-                                     ops=self.prefill_ops)
+        with self._prefill_attention():
+            for layer in range(self.spec.n_layers):
+                h, delta = decoder_layer(self.model, layer, h, delta, rope, attend,
+                                         ops=self.prefill_ops)
         last = h + delta
         for slot, ids, start in chunks:
             self.cache.lengths[slot] = start + len(ids)
         return [final_logits(self.model, last[0, o + n - 1], self.prefill_ops)
                 for o, n, _, _ in spans]
+
+    def _prefill_attention(self) -> contextlib.AbstractContextManager:
+        """The attention backends prefill may use: on CUDA, `PREFILL_SDPA` (flash and
+        memory-efficient attention, not cuDNN's, which builds a graph for every new (query
+        length, key length) and a stream of requests keeps making new ones); None: torch's
+        choice."""
+        if self.device.type != "cuda" or self.prefill_sdpa is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([getattr(SDPBackend, name) for name in self.prefill_sdpa])
 
     # --------------------------------------------------------------------- decode step
 
