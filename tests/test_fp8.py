@@ -129,17 +129,10 @@ def test_non_finite_scales_are_refused(tiny_dirs: dict, tmp_path: Path,
 def test_fp8_kv_on_cuda_matches_cpu(fp8_engines: dict) -> None:
     """The Triton write (quantizing) and attention (reading float8) in the CUDA-graph step
     against the CPU path's references, teacher-forced on the CPU's tokens."""
-    prompts = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51]]
-    runs = {}
-    for device in ("cpu", "cuda"):
-        rt = Runtime(load_engine(fp8_engines["calibrated"], device=device), batch=3,
-                     device=device)
-        assert rt.cache.k[0].dtype == torch.float8_e4m3fn
-        logits = [rt.prefill(prompts).float().cpu()]
-        for step in range(12):
-            tokens = (runs["cpu"][step] if device == "cuda" else logits[-1]).argmax(-1)
-            logits.append(rt.step(tokens.to(device)).float().cpu())
-        runs[device] = logits
+    runtimes = {device: Runtime(load_engine(fp8_engines["calibrated"], device=device), batch=3,
+                                device=device) for device in ("cpu", "cuda")}
+    assert all(rt.cache.k[0].dtype == torch.float8_e4m3fn for rt in runtimes.values())
+    runs = _teacher_forced(runtimes, steps=12)
     for a, b in zip(runs["cuda"], runs["cpu"], strict=True):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
