@@ -297,8 +297,8 @@ def make_scheduler(eng: Any, dev: Any, *, batch: int | None, dense: bool,
     pages for a full sequence in every slot where memory allows (fewer otherwise: requests
     then wait for pages), prefill packs of `prefill_chunk` tokens (2048 on a GPU, 256 on a
     CPU), pages of `page_size` positions (default: `kv_cache.default_page_size`)."""
-    from polarc.plugins.reference import FP8
     from polarc.runtime.kv_cache import (
+        cache_dtype,
         check_fits,
         default_page_size,
         page_bytes,
@@ -309,7 +309,7 @@ def make_scheduler(eng: Any, dev: Any, *, batch: int | None, dense: bool,
     from polarc.runtime.torch_runtime import Runtime
 
     spec, max_seq = eng.model.spec, eng.limits["max_seq"]
-    kv_dtype = FP8 if eng.kv_dtype == "fp8_e4m3" else eng.model.dtype
+    kv_dtype = cache_dtype(eng)
     page_size = page_size or default_page_size(kv_dtype)
     per_row = pages_for(max_seq, page_size)
     fits = pages_that_fit(spec, page_size, kv_dtype, dev)

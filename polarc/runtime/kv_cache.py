@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -29,6 +30,12 @@ from polarc.models.presets import ModelSpec
 # Share of the free memory a cache may take (the rest: activations, graphs, the allocator).
 MEMORY_SHARE = 0.95
 DEFAULT_PAGE_SIZE = 64
+
+
+def cache_dtype(engine: Any) -> torch.dtype:
+    """The dtype an engine's KV cache holds: float8 e4m3 for an FP8 cache (K / scale and
+    V / scale, one scale per layer and group), else the engine's compute dtype."""
+    return torch.float8_e4m3fn if engine.kv_dtype == "fp8_e4m3" else engine.model.dtype
 
 
 def default_page_size(kv_dtype: torch.dtype) -> int:

@@ -37,7 +37,13 @@ from polarc.models.layers import (
 )
 from polarc.plugins.reference import FP8, dequantize_kv, gather_pages, quantize_kv
 from polarc.runtime.kernels import kernels_for
-from polarc.runtime.kv_cache import PagedKVCache, check_fits, default_page_size, pages_for
+from polarc.runtime.kv_cache import (
+    PagedKVCache,
+    cache_dtype,
+    check_fits,
+    default_page_size,
+    pages_for,
+)
 
 # SDPA backends for prefill on CUDA (names of torch.nn.attention.SDPBackend): not cuDNN's
 PREFILL_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
@@ -98,9 +104,9 @@ class Runtime:
             raise PolarcError(f"batch {batch} exceeds the engine's --max-batch "
                               f"{limits['max_batch']}", hint="rebuild with a larger --max-batch")
         self.batch = batch
-        # An FP8 KV cache holds K / scale and V / scale, one scale per (layer, group).
-        fp8 = engine.kv_dtype == "fp8_e4m3" and quantized  # `quantized` False: a reference
-        self.kv_dtype = FP8 if fp8 else self.model.dtype
+        # `quantized` False: a reference, the cache in the compute dtype whatever the engine's
+        self.kv_dtype = cache_dtype(engine) if quantized else self.model.dtype
+        fp8 = self.kv_dtype == FP8
         self.kv_scales = engine.kv_scales.to(self.device) if fp8 else None
         if self.device.type == "cuda":
             check_fp8_gpu(self.device, kv=fp8,
