@@ -304,7 +304,8 @@ class Scheduler:
         self.stats.prefill_s += time.perf_counter() - t0
 
     def _decode(self, events: list[Event]) -> None:
-        rows = [r for r in self.slots if r is not None and r.decoding]
+        by_slot = [r if r is not None and r.decoding else None for r in self.slots]
+        rows = [r for r in by_slot if r is not None]  # in slot order (slots[i].slot == i)
         if not rows:
             return
         t0 = time.perf_counter()
@@ -313,16 +314,14 @@ class Scheduler:
             self._grow(run, self.cache.lengths[run.slot] + 1)
             tokens[run.slot] = run.tokens[-1]
         logits = self.runtime.step(tokens.to(self.runtime.device))
-        order = sorted(rows, key=lambda r: r.slot)
-        nxt = self._sample(logits, [r if r is not None and r.decoding else None
-                                    for r in self.slots])
+        nxt = self._sample(logits, by_slot)
         self.stats.steps += 1
         self.stats.rows += len(rows)
         self.stats.context += sum(self.cache.lengths[r.slot] for r in rows)
         if self.waiting:
             self.stats.busy_steps += 1
             self.stats.busy_rows += len(rows)
-        for run in order:
+        for run in rows:
             self._emit(run, int(nxt[run.slot]), events)
         took = time.perf_counter() - t0
         self.stats.decode_s += took
