@@ -3,7 +3,12 @@ cuBLAS, in one process on a CUDA GPU; and selective attention over a paged cache
 same kernel over the contiguous one (`--paged`: that table alone), and over float8 caches
 (`--fp8`: that table alone).
 
-    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick] [--paged | --fp8 | --fp8-linear]
+    python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick]
+        [--paged | --fp8 | --fp8-linear | --fp8-linear-sweep]
+
+`--fp8-linear-sweep`: for each FP8-weight decode GEMM and row count, `fp8_linear` under a grid
+of plans (tiles, split-K, warps, stages) beside the planner's own; prints the planner's and the
+best plan per row, every timing in --json.
 
 Random data, outputs and workspaces allocated once; every call (ours, SDPA with
 ``enable_gqa=True``, cuBLAS ``addmm`` + ``relu_`` and ``mm``) timed by `timing.time_graph`
@@ -13,9 +18,12 @@ over rotated input sets in one run. Floor = bytes a case must read ÷ the run's 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -316,6 +324,12 @@ def format_paged(records: list[dict]) -> str:
 LINEAR_SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
                  ("down", 4096, 14336), ("lm_head", 128256, 4096)]
 LINEAR_ROWS = (1, 16, 64, 256)
+SWEEP_ROWS = (1, 8, 16, 32, 64, 128, 256)
+
+
+def _fp8_floor_ms(m: int, n: int, k: int, bw: float) -> float:
+    """Bytes an fp8-weight GEMM must move (the weight, x and y in bf16) / copy bandwidth."""
+    return (n * k + 2 * m * k + 2 * m * n) / bw * 1e3
 
 
 def _linear_case(name: str, m: int, w16: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
@@ -327,13 +341,14 @@ def _linear_case(name: str, m: int, w16: torch.Tensor, w8: torch.Tensor, scale: 
     x = torch.randn(m, k, device=w16.device, dtype=torch.bfloat16)
     out = torch.empty(m, n, device=w16.device, dtype=torch.bfloat16)
     plan = plan_fp8_linear(m, n, k, sms=num_sms(w16.device))
-    floor8 = (n * k + 2 * m * k + 2 * m * n) / bw * 1e3
+    floor8 = _fp8_floor_ms(m, n, k, bw)
     floor16 = (2 * n * k + 2 * m * k + 2 * m * n) / bw * 1e3
     ms16 = time_graph([lambda: torch.mm(x, w16.T, out=out)])
     ms8 = time_graph([lambda: fp8_linear(x, w8, scale, out=out, plan=plan)])
     rec = dict(op="fp8_linear", name=name, M=m, N=n, K=k, bf16_ms=ms16,
                bf16_x_floor=ms16 / floor16, fp8_ms=ms8, fp8_x_floor=ms8 / floor8,
-               floor8_ms=floor8, fp8_vs_bf16=ms8 / ms16, block_n=plan.block_n)
+               floor8_ms=floor8, fp8_vs_bf16=ms8 / ms16, block_n=plan.block_n,
+               split_k=plan.split_k)
     rows = max(16, -(-m // 16) * 16)  # _scaled_mm wants rows in multiples of 16
 
     def scaled() -> torch.Tensor:
@@ -378,6 +393,103 @@ def format_linear(records: list[dict]) -> str:
               if "scaled_mm_ms" in r else f"{'error':>18}")
         lines.append(f"{r['name']:<9}{r['M']:>5}{r['bf16_ms']:>9.3f} ({r['bf16_x_floor']:.2f}x)"
                      f"{r['fp8_ms']:>9.3f} ({r['fp8_x_floor']:.2f}x){sm}")
+    return "\n".join(lines)
+
+
+def _sweep_plans(m: int, chosen: Any) -> list[Any]:
+    """The planner's plan, then a fixed grid per row regime (BLOCK_M 16, 32 or 64): M is not
+    specialized by the kernel, so each grid entry compiles once per regime and is reused by
+    every GEMM and row count in it (about 90 compiles for the whole sweep)."""
+    from polarc.plugins.fp8_linear import Fp8LinearPlan
+
+    if m <= 32:  # weight streaming: tile shape x split-K; (block_n, block_k, warps, stages)
+        block_m, splits = (16 if m <= 16 else 32), (1, 2, 4, 8)
+        tiles = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (32, 256, 4, 4),
+                 (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 4, 4)]
+    else:
+        block_m, splits = 64, (1, 2, 4)
+        tiles = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4),
+                 (128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
+    grid = [Fp8LinearPlan(block_m, bn, bk, num_warps=w, num_stages=st, split_k=s)
+            for bn, bk, w, st in tiles for s in splits]
+    return [chosen] + [p for p in grid if p != chosen]
+
+
+def _plan_label(p: Any) -> str:
+    return f"{p.block_m}x{p.block_n}x{p.block_k} s{p.split_k} w{p.num_warps} st{p.num_stages}"
+
+
+def _fp8_calls(x: torch.Tensor, weights: list[torch.Tensor], scale: torch.Tensor,
+               out: torch.Tensor, plan: Any) -> list:
+    """One `fp8_linear` call per weight copy (time_graph rotates them)."""
+    from polarc.plugins.fp8_linear import fp8_linear
+
+    return [lambda w=w: fp8_linear(x, w, scale, out=out, plan=plan) for w in weights]
+
+
+def linear_sweep_cases(*, bw: float, device: torch.device) -> list[dict]:
+    """`fp8_linear` under every plan of `_sweep_plans` for each decode GEMM of `LINEAR_SHAPES`
+    and each row count of `SWEEP_ROWS`: one record per (GEMM, rows, plan). The weight is
+    rotated over copies that together exceed L2, so that every plan streams it from HBM as
+    the byte floor assumes (the smaller GEMMs' fp8 weights would otherwise stay in L2)."""
+    from polarc.plugins.fp8_linear import plan_fp8_linear
+
+    from polarc.format.engine_file import quantize_rows
+
+    sms = num_sms(device)
+    records = []
+    for name, n, k in LINEAR_SHAPES:
+        w8, scale = quantize_rows(torch.randn(n, k, device=device) / math.sqrt(k))
+        weights = [w8] + [w8.clone() for _ in range(sets_to_rotate(n * k) - 1)]
+        w_ref = (w8.float() * scale[:, None]).to(torch.bfloat16)
+        for m in SWEEP_ROWS:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
+            ref = (x @ w_ref.T).float()
+            floor = _fp8_floor_ms(m, n, k, bw)
+            chosen = plan_fp8_linear(m, n, k, sms=sms)
+            for plan in _sweep_plans(m, chosen):
+                rec = dict(op="fp8_linear_sweep", name=name, M=m, N=n, K=k, floor8_ms=floor,
+                           planner=plan == chosen, **dataclasses.asdict(plan))
+                try:
+                    out.fill_(float("nan"))
+                    ms = time_graph(_fp8_calls(x, weights, scale, out, plan))
+                    err = ((out.float() - ref).norm() / ref.norm()).item()  # the last replay's
+                    rec.update(ms=ms, x_floor=ms / floor, rel_err=err)
+                    if not err < 2e-2:  # NaN included: a split that never finished
+                        _log(f"fp8 linear sweep {name} M={m} {_plan_label(plan)}: WRONG, "
+                             f"relative error {err:.3g}")
+                except Exception as exc:  # e.g. a tile over the shared memory: keep sweeping
+                    _log(f"fp8 linear sweep {name} M={m} {_plan_label(plan)}: {str(exc)[:200]}")
+                    rec["error"] = str(exc)[:200]
+                records.append(rec)
+        del w8, weights, w_ref
+        torch.cuda.empty_cache()
+        _log(f"done fp8 linear sweep {name}")
+    return records
+
+
+def format_linear_sweep(records: list[dict]) -> str:
+    """Per (GEMM, rows): the planner's plan and the fastest correct one (wrong plans are
+    logged by linear_sweep_cases and left out)."""
+    rows = [r for r in records if r["op"] == "fp8_linear_sweep" and r.get("rel_err", 1) < 2e-2]
+    if not rows:
+        return ""
+    lines = ["", "fp8_linear plan sweep, Llama-3-8B decode GEMMs: ms (x byte floor); plan = "
+                 "BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages",
+             f"{'gemm':<9}{'M':>5}  {'planner':<24}{'ms':>16}  {'best':<24}{'ms':>16}{'plans':>7}"]
+    for key in dict.fromkeys((r["name"], r["M"]) for r in rows):
+        case = [r for r in rows if (r["name"], r["M"]) == key]
+        best = min(case, key=lambda r: r["ms"])
+        ours = next((r for r in case if r["planner"]), None)
+        cells = []
+        for r in (ours, best):
+            if r is None:
+                cells.append(f"{'error':<24}{'':>16}")
+                continue
+            plan = _plan_label(SimpleNamespace(**r))
+            cells.append(f"{plan:<24}{r['ms']:>7.4f} ({r['x_floor']:>5.2f}x)")
+        lines.append(f"{key[0]:<9}{key[1]:>5}  {cells[0]}  {cells[1]}{len(case):>7}")
     return "\n".join(lines)
 
 
@@ -548,7 +660,7 @@ def format_table(records: list[dict], env: dict) -> str:
 def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           *, attention: bool = True, gemm: bool = True,
                           paged: bool = True, fp8_only: bool = False,
-                          linear: bool = False) -> list[dict]:
+                          linear: bool = False, linear_sweep: bool = False) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -572,7 +684,10 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
         records += paged_cases(bw=bw, device=device, quick=quick, fp8_only=fp8_only)
     if linear:
         records += linear_cases(bw=bw, device=device)
-    print(format_table(records, env) + format_paged(records) + format_linear(records))
+    if linear_sweep:
+        records += linear_sweep_cases(bw=bw, device=device)
+    print(format_table(records, env) + format_paged(records) + format_linear(records)
+          + format_linear_sweep(records))
     if json_path is not None:
         write_json(json_path, {"environment": env, "records": records}, force=True)
     return records
@@ -588,13 +703,17 @@ def main() -> None:
     ap.add_argument("--fp8", action="store_true", help="only the float8-cache table")
     ap.add_argument("--fp8-linear", action="store_true",
                     help="only the FP8-weight GEMM table")
+    ap.add_argument("--fp8-linear-sweep", action="store_true",
+                    help="only the FP8-weight GEMM plan sweep (planner's plan vs the best found)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: kernel benchmarks need a CUDA GPU (none is visible here).")
-    only = args.paged or args.fp8 or args.fp8_linear
+    only = args.paged or args.fp8 or args.fp8_linear or args.fp8_linear_sweep
     run_kernel_benchmarks(args.json, args.quick, attention=not (args.no_attention or only),
-                          gemm=not (args.no_gemm or only), paged=not args.fp8_linear,
-                          fp8_only=args.fp8, linear=args.fp8_linear)
+                          gemm=not (args.no_gemm or only),
+                          paged=not (args.fp8_linear or args.fp8_linear_sweep),
+                          fp8_only=args.fp8, linear=args.fp8_linear,
+                          linear_sweep=args.fp8_linear_sweep)
 
 
 if __name__ == "__main__":

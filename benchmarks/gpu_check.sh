@@ -24,6 +24,7 @@ for what in "$@"; do
     sched) timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_runtime_gpu.py tests/test_scheduler.py -k "${SCHED_K:-not nothing}" 2>&1 | tee $OUT/sched-tests.log | tail -25 ;;
     fp8-kernels) timeout 200 python3 -m polarc.benchmarks.bench_kernels --fp8 --json $OUT/fp8-kernels.json 2>&1 | tee $OUT/fp8-kernels.log | tail -16 ;;
     fp8-linear) timeout 200 python3 -m polarc.benchmarks.bench_kernels --fp8-linear --json $OUT/fp8-linear.json 2>&1 | tee $OUT/fp8-linear.log | tail -24 ;;
+    fp8-sweep) timeout ${SWEEP_TIMEOUT:-200} python3 -m polarc.benchmarks.bench_kernels --fp8-linear-sweep --json $OUT/fp8-sweep.json 2>&1 | tee $OUT/fp8-sweep.log | tail -40 ;;
     paged) timeout 240 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;
     stream) timeout ${STREAM_TIMEOUT:-590} python3 -m polarc.benchmarks.bench_stream ${STREAM_ARGS:-} --json $OUT/stream.json 2>&1 | tee $OUT/stream.log | tail -16 ;;
     fp8-tests) timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
@@ -40,7 +41,8 @@ for what in "$@"; do
            polarc serve /tmp/l3.plan --port 8011 --max-waiting 4096 ${SERVE_DENSE:+--dense} > $OUT/serve.log 2>&1 &
            spid=$!
            for _ in $(seq 120); do python3 -c "import httpx; httpx.get('http://127.0.0.1:8011/health').raise_for_status()" \
-             2>/dev/null && break; sleep 2; done
+             2>/dev/null && break; kill -0 $spid 2>/dev/null || break; sleep 2; done
+           kill -0 $spid 2>/dev/null || { echo "server died:"; tail -3 $OUT/serve.log; continue; }
            m=${SERVE_DENSE:+dense}; m=${m:-sparse}
            python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 --requests ${SERVE_REQUESTS:-2000} \
              --rate inf --json $OUT/serve-$m-saturation.json 2>&1 | tail -12

@@ -13,15 +13,26 @@ Layouts:
 - ``bias``   ``[N]`` x's dtype, or None.
 - out        ``[M, N]`` x's dtype.
 
-Algorithm: one program per (block of BLOCK_N output channels, block of BLOCK_M rows); it
-streams its weight rows once over K in blocks of BLOCK_K, widens each float8 block to fp16
-(one conversion instruction per two values on sm_89+; bf16 would take three) and accumulates
-``x_block @ w_block.T`` in fp32 on the tensor cores with the rows of x cast to fp16 (fp32 x:
-fp32 math throughout). The scale, the bias and the cast to x's dtype are the epilogue.
-BLOCK_N shrinks until the output blocks fill the GPU (two programs per SM), so a decode-size
-GEMM still keeps every SM streaming. The plan depends on shapes only (CUDA-graph safe).
-fp16 holds every e4m3 value exactly; activations must stay within fp16's range (|x| < 65504),
-true of the normalised inputs and MLP products of the models polarc builds.
+Algorithm: one program per (block of BLOCK_N output channels, block of BLOCK_M rows, split of
+K); it streams its weight rows over its K range in blocks of BLOCK_K, widens each float8 block
+to fp16 (one conversion instruction per two values on sm_89+; bf16 would take three) and
+accumulates ``x_block @ w_block.T`` in fp32 on the tensor cores with the rows of x cast to fp16
+(fp32 x: fp32 math throughout). The scale, the bias and the cast to x's dtype are the epilogue.
+
+Split-K (``plan.split_k > 1``): a decode GEMM with few output blocks would otherwise leave SMs
+idle and run a long serial K loop per program, so K is cut into ``split_k`` equal ranges (a
+whole number of BLOCK_K each). Each split stores its fp32 partial to a workspace
+``[split_k, M, N]`` and bumps its output tile's int32 counter (acq_rel atomic); the split that
+sees ``split_k - 1`` adds the partials in split order (deterministic whichever finishes last),
+runs the epilogue and resets the counter to 0. One launch, no host sync, no memset:
+CUDA-graph safe. The partials are allocated per call (caching allocator, no launch); the
+counters once per device, zeroed, and kept zero by the kernel (`_tile_counters`). So split
+calls on one device must not run concurrently on two streams (they would share counters);
+calls in sequence on one stream, graphs included, are fine.
+
+The plan depends on shapes only (CUDA-graph safe). fp16 holds every e4m3 value exactly;
+activations must stay within fp16's range (|x| < 65504), true of the normalised inputs and MLP
+products of the models polarc builds.
 """
 
 from __future__ import annotations
@@ -41,35 +52,9 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _fp8_linear_kernel(
-    X, W, Scale, Bias, Y,
-    M, N, K,
-    stride_xm, stride_ym,
-    HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M)): one output block per program."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-    w_ptrs = W + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if DOT_FP16:
-            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
-        else:
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
-                         input_precision="ieee")
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+def _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, offs_n, mask_m, mask_n, stride_ym,
+                       HAS_BIAS: tl.constexpr):
+    """Epilogue: per-channel scale, bias, cast to y's dtype, store."""
     acc = acc * tl.load(Scale + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -77,26 +62,122 @@ def _fp8_linear_kernel(
              acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+# M varies call to call (batch size): not specializing it (M == 1, M % 16) keeps one compile
+# per plan instead of three; the row mask is all M feeds.
+@triton.jit(do_not_specialize=["M"])
+def _fp8_linear_kernel(
+    X, W, Scale, Bias, Y, Part, Counters,
+    M, N, K, k_per_split,
+    stride_xm, stride_ym, stride_pk,
+    HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+):
+    """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
+    (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
+    no block needs a K mask."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    w_ptrs = W + offs_n[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+        else:
+            mask_k = (k0 + offs_k) < K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        if DOT_FP16:
+            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+        else:
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
+                         input_precision="ieee")
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if SPLIT_K == 1:
+        _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, offs_n, mask_m, mask_n, stride_ym,
+                           HAS_BIAS)
+    else:
+        mask = mask_m[:, None] & mask_n[None, :]
+        part = Part + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(part + pid_k.to(tl.int64) * stride_pk, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial stores precede the release below
+        tile = pid_m * tl.num_programs(0) + pid_n
+        done = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:  # the last split of this tile: the others' partials are visible
+            total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for _ in tl.static_range(SPLIT_K):  # split order, not arrival order: deterministic
+                total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # skip L1
+                part += stride_pk
+            _fp8_linear_finish(total, Scale, Bias, Y, offs_m, offs_n, mask_m, mask_n, stride_ym,
+                               HAS_BIAS)
+            tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")  # zero for next call
+
+
 @dataclass(frozen=True)
 class Fp8LinearPlan:
-    """Tiles of one fp8_linear call; a pure function of the shapes."""
+    """Tiles and split-K of one fp8_linear call; a pure function of the shapes."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int = 1
+
+
+_DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
+_PROGRAMS_PER_SM = 1.5
 
 
 def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
-    """Rows in blocks of 16-64 (the MMA's smallest M is 16), BLOCK_K 128, and the largest
-    BLOCK_N of 128, 64, 32, 16 whose output blocks make at least two programs per SM (the
-    smallest when none does), so a few-row GEMM still spreads its weight over every SM."""
+    """Tiles and split-K for an ``[m, k] x [k, n]`` product on `sms` SMs.
+
+    Fitted to a sweep of 21-32 plans for each of Llama-3-8B's five decode GEMMs at 1-256 rows
+    on the H200 (`bench_kernels --fp8-linear-sweep`, RESULTS.md): one rule came within 1.05x
+    of each point's best plan on geometric mean (worst 1.2x). Weight tiles of 128 channels
+    (16 KB per stage at BLOCK_K 128) keep enough bytes in flight; what a small-N GEMM lacks
+    is programs, and 2 KB tiles or a long serial K loop ran at 3x the floor. So K is split
+    into the fewest of 1, 2, 4, 8 equal ranges that give 1.5 programs per SM; above 32 rows
+    BLOCK_K drops to 64 (the MMA work per byte grows, and more stages fit) and splits stop
+    at 4. BLOCK_M is the MMA's 16, else the rows' next power of two up to 64.
+    """
     block_m = min(64, max(16, next_pow2(m)))
-    row_blocks = cdiv(m, block_m)
-    block_n = next((bn for bn in (128, 64, 32) if cdiv(n, bn) * row_blocks >= 2 * sms), 16)
-    return Fp8LinearPlan(block_m=block_m, block_n=block_n, block_k=128, num_warps=4,
-                         num_stages=4)
+    decode = m <= _DECODE_ROWS
+    block_k = 128 if decode else 64
+    tiles = cdiv(m, block_m) * cdiv(n, 128)
+    k_blocks = cdiv(k, block_k)
+    splits = [s for s in ((1, 2, 4, 8) if decode else (1, 2, 4)) if s <= k_blocks]
+    split = next((s for s in splits if tiles * s >= _PROGRAMS_PER_SM * sms), splits[-1])
+    return Fp8LinearPlan(block_m, 128, block_k, num_warps=4, num_stages=4, split_k=split)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """At least `tiles` int32 split-K counters on `device`, all zero (the kernel resets each
+    one it uses). Allocated once per device and grown when needed: a per-call torch.zeros
+    would cost a memset launch per call. Under CUDA-graph capture a too-small cache is not
+    replaced (the new buffer would live in the graph's private pool and its memset runs only
+    on replay): that graph gets its own zeroed buffer, its memset captured with it."""
+    have = _COUNTERS.get(device)
+    if have is not None and have.numel() >= tiles:
+        return have
+    fresh = torch.zeros(max(1024, next_pow2(tiles)), dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _COUNTERS[device] = fresh
+    return fresh
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
@@ -141,9 +222,21 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     if m == 0:
         return out
     plan = plan or plan_fp8_linear(m, n, k, sms=num_sms(x.device))
-    _fp8_linear_kernel[(cdiv(n, plan.block_n), cdiv(m, plan.block_m))](
-        x, w, scale, bias if bias is not None else scale, out, m, n, k, x.stride(0),
-        out.stride(0), HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
-        BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    split = plan.split_k
+    if not isinstance(split, int) or split < 1:
+        raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
+    grid = (cdiv(n, plan.block_n), cdiv(m, plan.block_m), split)
+    k_per_split = cdiv(cdiv(k, split), plan.block_k) * plan.block_k
+    if split > 1:
+        part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        counters = _tile_counters(x.device, grid[0] * grid[1])
+    else:  # single pass: no workspace (any tensor serves as the unused pointers)
+        part = counters = scale
+    _fp8_linear_kernel[grid](
+        x, w, scale, bias if bias is not None else scale, out, part, counters,
+        m, n, k, k_per_split, x.stride(0), out.stride(0), m * n,
+        HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
+        EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+        BLOCK_K=plan.block_k, SPLIT_K=split, num_warps=plan.num_warps,
+        num_stages=plan.num_stages)
     return out

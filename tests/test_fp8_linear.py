@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from polarc.plugins._triton_util import cdiv, next_pow2
 from polarc.plugins.fp8_linear import (
+    Fp8LinearPlan,
     _fp8_linear_kernel,
+    _tile_counters,
     fp8_linear,
     fp8_linear_reference,
     plan_fp8_linear,
@@ -60,12 +63,86 @@ def test_quantized_weights_stay_close_to_the_originals():
     assert _rel(got, x @ w_full.to(DEVICE).T) < 0.06  # e4m3 keeps 3 mantissa bits
 
 
-def test_plan_fills_the_gpu_with_few_rows():
-    assert plan_fp8_linear(1, 4096, 4096, sms=132).block_n == 16  # 256 programs
-    assert plan_fp8_linear(1, 28672, 4096, sms=132).block_n == 64
-    assert plan_fp8_linear(256, 28672, 4096, sms=132) == plan_fp8_linear(
-        256, 28672, 4096, sms=132)  # deterministic
+@needs_kernel
+@pytest.mark.parametrize("split", [1, 2, 4])
+@pytest.mark.parametrize("m, n, k, bias", [
+    (5, 40, 200, True),     # K = 7 blocks of 32 (not whole): ranges 128+72, 64x3+8
+    (33, 20, 256, False),   # rows over three blocks, N over two; K whole blocks (no K mask)
+    (1, 24, 64, True),      # two K blocks: split 4 leaves two ranges empty (zero partials)
+])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_split_k_matches_reference(split, m, n, k, bias, dtype, tol):
+    """Every split writes its partial; the last of each tile adds them and runs the epilogue."""
+    x, w, scale, b = _inputs(m, n, k, dtype, bias=bias, seed=split)
+    plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
+                         split_k=split)
+    out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
+    fp8_linear(x, w, scale, b, out=out, plan=plan)
+    assert not torch.isnan(out).any()
+    assert _rel(out, fp8_linear_reference(x.double(), w, scale, b)) < tol
+
+
+@needs_kernel
+def test_split_k_counters_reset_so_calls_repeat_exactly():
+    """The last split of each tile resets its counter: a second call (same cached counters)
+    gives the same bits, and the counters are all zero afterwards."""
+    x, w, scale, b = _inputs(20, 48, 160, torch.float16, bias=True, seed=5)
+    plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
+                         split_k=4)
+    first = fp8_linear(x, w, scale, b, plan=plan)
+    second = fp8_linear(x, w, scale, b, plan=plan)
+    assert torch.equal(first, second)
+    assert (_tile_counters(x.device, 1) == 0).all()
+
+
+@needs_kernel
+def test_planned_split_matches_reference():
+    """A few rows over a long K on 4 (CPU) SMs: the planner's own plan splits K."""
+    x, w, scale, _ = _inputs(2, 64, 2048, torch.float16, seed=6)
+    plan = plan_fp8_linear(2, 64, 2048, sms=4)
+    assert plan.split_k > 1
+    assert _rel(fp8_linear(x, w, scale), fp8_linear_reference(x.double(), w, scale)) < 2e-3
+
+
+def test_tile_counters_grow_and_start_at_zero():
+    small = _tile_counters(torch.device("cpu"), 3)
+    big = _tile_counters(torch.device("cpu"), small.numel() + 1)
+    assert big.numel() > small.numel() and big.dtype == torch.int32 and (big == 0).all()
+    assert _tile_counters(torch.device("cpu"), 3) is big  # cached
+
+
+LLAMA_DECODE = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+
+
+@pytest.mark.parametrize("n, k", LLAMA_DECODE)
+@pytest.mark.parametrize("m", [1, 8, 16, 32])
+def test_plan_decode_keeps_every_sm_streaming(m, n, k):
+    """Llama-3-8B decode GEMMs on an H200 (132 SMs): 1.5 programs per SM (the rule in
+    plan_fp8_linear's docstring), with the fewest K splits that reach it."""
+    p = plan_fp8_linear(m, n, k, sms=132)
+    tiles = cdiv(n, p.block_n) * cdiv(m, p.block_m)
+    assert tiles * p.split_k >= 1.5 * 132
+    assert p.split_k == 1 or tiles * (p.split_k // 2) < 1.5 * 132
+
+
+def test_plan_splits_decode_but_not_large_batches():
+    assert plan_fp8_linear(1, 4096, 4096, sms=132).split_k > 1
+    assert plan_fp8_linear(256, 28672, 4096, sms=132).split_k == 1
     assert plan_fp8_linear(256, 28672, 4096, sms=132).block_m == 64
+
+
+def test_plans_are_valid_for_many_shapes():
+    """Pure function of the shapes; tiles the kernel takes; no split beyond K's blocks."""
+    for sms in (4, 108, 132):
+        for m in (1, 2, 7, 16, 17, 32, 33, 64, 100, 256, 1000):
+            for n in (16, 40, 4096, 28672, 128256):
+                for k in (16, 64, 200, 4096, 14336):
+                    p = plan_fp8_linear(m, n, k, sms=sms)
+                    assert p == plan_fp8_linear(m, n, k, sms=sms)
+                    assert p.block_m == min(64, max(16, next_pow2(m)))
+                    assert p.block_n == 128 and p.block_k == (128 if m <= 32 else 64)
+                    assert p.split_k in ((1, 2, 4, 8) if m <= 32 else (1, 2, 4))
+                    assert p.split_k == 1 or p.split_k <= cdiv(k, p.block_k)
 
 
 @needs_kernel
@@ -92,3 +169,27 @@ def test_gpu_llama_shapes_bf16(m, n, k):
     x, w, scale, _ = _inputs(m, n, k, torch.bfloat16)
     got = fp8_linear(x, w, scale)
     assert _rel(got, fp8_linear_reference(x.double(), w, scale)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_split_k_graph_replays_match_eager_bitwise():
+    """Split-K in a CUDA graph: counters stay zero across replays, the sum order is fixed."""
+    x, w, scale, b = _inputs(16, 4096, 4096, torch.bfloat16, bias=True)
+    plan = Fp8LinearPlan(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4,
+                         split_k=8)
+    eager = fp8_linear(x, w, scale, b, plan=plan)
+    out = torch.empty_like(eager)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fp8_linear(x, w, scale, b, out=out, plan=plan)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fp8_linear(x, w, scale, b, out=out, plan=plan)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
