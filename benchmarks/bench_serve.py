@@ -62,7 +62,8 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, prompt: list[int
                     return out
                 if chunk.get("usage"):
                     out.output_tokens = chunk["usage"]["completion_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices"):  # a token (its text may be empty: random weights'
+                    # byte tokenizer gives text for few ids)
                     now = time.perf_counter()
                     if last is None:
                         out.ttft = now - t0

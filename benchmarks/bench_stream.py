@@ -163,10 +163,11 @@ def first_pass_cost(engine: Any, device: torch.device, *, seed: int, n_packs: in
 
 
 def run_scheduler(engine: Any, requests: list[tuple[list[int], int]], *, slots: int, pages: int,
-                  dense: bool, device: torch.device) -> dict[str, Any]:
+                  dense: bool, device: torch.device, detokenize: bool = False
+                  ) -> dict[str, Any]:
     rt = Runtime(engine, batch=slots, dense=dense, device=device, page_size=PAGE_SIZE,
                  pages=pages)
-    sched = Scheduler(rt, prefill_chunk=PREFILL_CHUNK)
+    sched = Scheduler(rt, prefill_chunk=PREFILL_CHUNK, detokenize=detokenize)
     # warm-up, not timed: the step's CUDA graph, compiled kernels, the prefill's GEMM choices
     for _ in drive(sched, iter([Request(p[:64], 4, id=-1 - i, ignore_eos=True)
                                 for i, (p, _) in enumerate(requests[:slots])]),
@@ -237,6 +238,9 @@ def main() -> None:
     ap.add_argument("--modes", default="sparse,dense")
     ap.add_argument("--baseline-modes", default="sparse")
     ap.add_argument("--max-slots", type=int, default=256)
+    ap.add_argument("--detokenize", action="store_true",
+                    help="make each token's text as `polarc run` and the server do (the "
+                         "like-for-like baseline for bench_serve)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--profile", action="store_true", help="the top CUDA kernels of prefill")
     ap.add_argument("--first-pass", action="store_true",
@@ -285,7 +289,8 @@ def main() -> None:
                                             "output_tokens": sum(m for _, m in reqs)}}
     for mode in filter(None, args.modes.split(",")):
         dense = mode == "dense"
-        full = run_scheduler(engine, reqs, slots=slots, pages=pages, dense=dense, device=device)
+        full = run_scheduler(engine, reqs, slots=slots, pages=pages, dense=dense, device=device,
+                             detokenize=args.detokenize)
         full["prefill_matmul_share"] = 2 * params * full["prefill_tokens_per_s"] / peak
         full.update(step_floor_ratio(engine, full["mean_live_batch"], full["mean_context"], bw))
         records[f"scheduler_{mode}"] = full

@@ -104,10 +104,13 @@ def test_openai_client_gets_what_polarc_run_gives(tiny_engine: Path, tmp_path: P
             assert r.choices[0].text == want
             assert r.usage.completion_tokens <= 12 and r.usage.prompt_tokens == len(prompt)
             assert r.choices[0].finish_reason in ("stop", "length")
-            chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12,
-                                                    temperature=0, stream=True))
-            assert "".join(c.choices[0].text for c in chunks) == want
-            assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+            chunks = list(client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                stream_options={"include_usage": True}))
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+            assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+            # one chunk per token, text or not (what latency benchmarks time)
+            assert sum(1 for c in chunks if c.choices) == chunks[-1].usage.completion_tokens
         models = client.models.list()
         assert [m.id for m in models.data] == ["tiny"]
         assert httpx.get(url + "/health").json() == {"status": "ok"}
@@ -156,6 +159,42 @@ def test_a_client_that_goes_away_frees_its_slot(tiny_engine: Path) -> None:
         assert loop.scheduler.running == 0 and loop.scheduler.cache.pages_used == 0
         metrics = httpx.get(url + "/metrics").text
         assert 'polarc_requests_total{finish_reason="cancelled"} 1.0' in metrics
+        # a whole (not streamed) response whose client gives up waiting: steps slowed to
+        # 50 ms, so its 60 tokens outlast the client's 0.5 s
+        step = loop.scheduler.step
+        loop.scheduler.step = lambda: (time.sleep(0.05), step())[1]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", timeout=httpx.Timeout(60, read=0.5), json={
+                "model": "tiny", "prompt": "a long one", "max_tokens": 60, "ignore_eos": True})
+        deadline = time.time() + 20
+        while loop.scheduler.running and time.time() < deadline:
+            time.sleep(0.05)
+        assert loop.scheduler.running == 0 and loop.scheduler.cache.pages_used == 0
+        metrics = httpx.get(url + "/metrics").text
+        assert 'polarc_requests_total{finish_reason="cancelled"} 2.0' in metrics
+
+
+def _until(condition, seconds: float = 20) -> bool:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def test_a_stream_that_goes_away_while_queued_leaves_the_queue(tiny_engine: Path) -> None:
+    """One slot, steps slowed to 50 ms: the second stream waits; its client leaves; it is gone
+    from the queue and the first runs on."""
+    body = {"model": "tiny", "prompt": "a long one", "max_tokens": 100, "ignore_eos": True,
+            "stream": True}
+    with serving(tiny_engine, slots=1) as (url, loop):
+        step = loop.scheduler.step
+        loop.scheduler.step = lambda: (time.sleep(0.05), step())[1]
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json=body) as first:
+            assert next(first.iter_lines()).startswith("data: ")
+            with httpx.stream("POST", url + "/v1/completions", timeout=60, json=body):
+                assert _until(lambda: len(loop.scheduler.waiting) == 1)
+            assert _until(lambda: not loop.scheduler.waiting)
+            assert loop.scheduler.running == 1
 
 
 def test_api_key(tiny_engine: Path) -> None:

@@ -179,6 +179,32 @@ class Server:
                    ignore_eos=getattr(body, "ignore_eos", False))
 
 
+class ApiKeyCheck:
+    """401 for a /v1/ request without `Authorization: Bearer KEY`. Plain ASGI: Starlette's
+    BaseHTTPMiddleware (`@app.middleware`) relays every streamed chunk through a memory stream
+    of its own and made each disconnect check cost a task group, a hot path here."""
+
+    def __init__(self, app: Any, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(given, self.expected):
+                response = _error(401, "a valid API key is required (Authorization: Bearer "
+                                  "KEY)", "authentication_error", code="invalid_api_key")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body was read: what comes next is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def make_app(server: Server) -> FastAPI:
     app = FastAPI(title="polarc", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -195,14 +221,8 @@ def make_app(server: Server) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), "invalid_request_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):  # noqa: ANN202
-        if server.api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
-                return _error(401, "a valid API key is required (Authorization: Bearer KEY)",
-                              "authentication_error", code="invalid_api_key")
-        return await call_next(request)
+    if server.api_key is not None:
+        app.add_middleware(ApiKeyCheck, key=server.api_key)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -279,9 +299,9 @@ def make_app(server: Server) -> FastAPI:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         text, last = "", None
-        async for ev in _events(request, stream):
-            text += ev.text
-            last = ev
+        async for batch in _events(request, stream, watch=True):
+            text += "".join(ev.text for ev in batch)
+            last = batch[-1]
         if last is None:  # the client went away
             return _error(499, "the client closed the request", "server_error")
         if last.finish_reason == "error":
@@ -302,22 +322,36 @@ def make_app(server: Server) -> FastAPI:
         return JSONResponse({"id": rid, "object": obj, "created": created,
                              "model": server.model_name, "choices": [choice], "usage": usage})
 
-    async def _events(request: Request, stream: Any) -> AsyncIterator[Event]:
-        """The request's events until its last; cancels it if the client goes away."""
-        done = False
+    async def _events(request: Request, stream: Any, *, watch: bool
+                      ) -> AsyncIterator[list[Event]]:
+        """The request's events, in batches of what has arrived, until its last; cancels the
+        request if the client goes away. `watch`: wait for the disconnect here (a whole
+        response); a streamed one hears of it from StreamingResponse, which cancels this
+        generator."""
+        queue, done = stream.events, False
+        gone = asyncio.ensure_future(_client_gone(request)) if watch else None
         try:
             while True:
-                try:
-                    ev = await asyncio.wait_for(stream.events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
-                yield ev
-                if ev.finish_reason is not None:
+                batch = []
+                if queue.empty():
+                    if gone is None:
+                        batch.append(await queue.get())
+                    else:
+                        getter = asyncio.ensure_future(queue.get())
+                        await asyncio.wait({getter, gone}, return_when=asyncio.FIRST_COMPLETED)
+                        if not getter.done():
+                            getter.cancel()
+                            return
+                        batch.append(getter.result())
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                yield batch
+                if batch[-1].finish_reason is not None:
                     done = True
                     return
         finally:
+            if gone is not None:
+                gone.cancel()
             if not done:
                 server.loop.cancel(stream.request)
 
@@ -340,24 +374,30 @@ def make_app(server: Server) -> FastAPI:
 
         if chat:
             yield chunk(None, None, first=True)
-        async for ev in _events(request, stream):
-            if ev.finish_reason == "error":
-                yield "data: " + json.dumps({"error": {"message": ev.error,
-                                                       "type": "server_error"}}) + "\n\n"
-                break
-            if ev.finish_reason is None:
-                if ev.text:
-                    yield chunk(ev.text, None)
-                continue
-            yield chunk(ev.text or None, "stop" if ev.finish_reason == "stop" else "length")
-            if usage:
-                n = len(ev.tokens or [])
-                yield "data: " + json.dumps({
-                    "id": rid, "object": obj, "created": created, "model": server.model_name,
-                    "choices": [], "usage": {"prompt_tokens": len(stream.request.prompt),
-                                             "completion_tokens": n,
-                                             "total_tokens": len(stream.request.prompt) + n}}) \
-                    + "\n\n"
+        # A chunk per token, as OpenAI's API and vLLM stream (its text may be empty: a token
+        # that ends inside a character, or one a stop string holds back); the chunks that
+        # arrived together go out in one write.
+        async for batch in _events(request, stream, watch=False):
+            out = []
+            for ev in batch:
+                if ev.finish_reason == "error":
+                    out.append("data: " + json.dumps({"error": {"message": ev.error,
+                                                                "type": "server_error"}}) + "\n\n")
+                    break
+                if ev.finish_reason is None:
+                    out.append(chunk(ev.text, None))
+                    continue
+                out.append(chunk(ev.text or None, "stop" if ev.finish_reason == "stop"
+                                 else "length"))
+                if usage:
+                    n = len(ev.tokens or [])
+                    out.append("data: " + json.dumps({
+                        "id": rid, "object": obj, "created": created,
+                        "model": server.model_name, "choices": [],
+                        "usage": {"prompt_tokens": len(stream.request.prompt),
+                                  "completion_tokens": n,
+                                  "total_tokens": len(stream.request.prompt) + n}}) + "\n\n")
+            yield "".join(out)
         yield "data: [DONE]\n\n"
 
     return app

@@ -11,6 +11,7 @@ as it goes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -83,7 +84,8 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._draining = False
         self._stop = threading.Event()
-        self._recent: list[tuple[float, int]] = []  # (time, tokens) of recent steps
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
+        self._recent_tokens = 0  # summed over _recent
         self.thread = threading.Thread(target=self._run, name="polarc-engine", daemon=True)
         self.error: BaseException | None = None
 
@@ -170,6 +172,9 @@ class EngineLoop:
     def _deliver(self, events: list[Event]) -> None:
         now = time.perf_counter()
         tokens = 0
+        # One wake-up of each handlers' loop per step, not one per event: with a hundred rows
+        # a step, per-event wake-ups kept the loop thread (and the GIL) busy.
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}
         for ev in events:
             entry = self._streams.get(id(ev.request))
             if entry is None:
@@ -185,9 +190,12 @@ class EngineLoop:
             if ev.finish_reason is not None:
                 self.metrics.requests.labels(ev.finish_reason).inc()
                 del self._streams[id(ev.request)]
-            loop.call_soon_threadsafe(stream.events.put_nowait, ev)
+            batches.setdefault(loop, []).append((stream.events, ev))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_each, batch)
         self.metrics.output_tokens.inc(tokens)
         self._recent.append((now, tokens))
+        self._recent_tokens += tokens
 
     def _refresh(self) -> None:
         sched, m = self.scheduler, self.metrics
@@ -196,10 +204,16 @@ class EngineLoop:
         m.occupancy.set(sched.running / len(sched.slots))
         m.kv_pages.set(sched.cache.pages_used)
         now = time.perf_counter()
-        self._recent = [(t, n) for t, n in self._recent if now - t <= 10.0]
+        while self._recent and now - self._recent[0][0] > 10.0:  # steps of the last 10 s
+            self._recent_tokens -= self._recent.popleft()[1]
         span = now - self._recent[0][0] if self._recent else 0.0
-        m.tokens_per_s.set(sum(n for _, n in self._recent) / span if span > 0 else 0.0)
+        m.tokens_per_s.set(self._recent_tokens / span if span > 0 else 0.0)
         new_prompt = sched.stats.prompt_tokens - getattr(self, "_prompt_seen", 0)
         if new_prompt:
             m.prompt_tokens.inc(new_prompt)
             self._prompt_seen = sched.stats.prompt_tokens
+
+
+def _put_each(batch: list[tuple[asyncio.Queue, Event]]) -> None:
+    for events, ev in batch:
+        events.put_nowait(ev)
