@@ -77,3 +77,17 @@ def test_engine_greedy_equals_transformers(tmp_path: Path, smollm2) -> None:
         ref = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False,
                           min_new_tokens=32)[0, len(prompt_ids):].tolist()
         assert ours == ref
+
+
+def test_tokenizer_decode_equals_transformers(smollm2) -> None:
+    """The streaming fast path (the Rust decode called directly) gives transformers' text,
+    special tokens skipped, on windows of every size, partial characters included."""
+    tok = smollm2.tokenizer
+    assert tok._backend is not None
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, tok.tok.vocab_size, (400,), generator=g).tolist()
+    ids[::37] = [tok.eos_id] * len(ids[::37])
+    for start in range(0, 380, 7):
+        for width in (1, 2, 3, 5, 20):
+            window = ids[start:start + width]
+            assert tok.decode(window) == tok.tok.decode(window, skip_special_tokens=True)
