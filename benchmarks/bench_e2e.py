@@ -82,10 +82,12 @@ VARIANTS = ("bf16", "fp8-kv", "fp8-all")
 
 
 def as_fp8(engine: Engine, *, weights: bool) -> Engine:
-    """The same engine with a float8 KV cache (scales for unit-variance K and V) and, with
-    `weights`, its linear layers' weights in float8 as `load_engine` keeps them on a GPU."""
+    """The same engine with a float8 KV cache (scales for unit-variance K and V, keys rotated
+    as `polarc build` stores them) and, with `weights`, its linear layers' weights in float8
+    as `load_engine` keeps them on a GPU."""
     spec = engine.model.spec
     scales = torch.full((2, spec.n_layers, spec.n_kv_heads), 4.0 / FP8_MAX)
+    scales[0] *= spec.head_dim ** 0.5  # rotated keys, as `polarc build` makes them
     model = engine.model
     if weights:
         w = dict(model.weights)
@@ -94,7 +96,8 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
         add_part_views(w, spec)
         model = dataclasses.replace(model, weights=w)
     return dataclasses.replace(engine, model=model, kv_scales=scales,
-                               manifest={**engine.manifest, "kv_dtype": "fp8_e4m3"})
+                               manifest={**engine.manifest, "kv_dtype": "fp8_e4m3",
+                                         "kv_key_rotation": "hadamard"})
 
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,

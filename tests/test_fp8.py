@@ -4,6 +4,7 @@ from calibration statistics or a short pass, and what is refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from polarc.plugins.reference import (
     FP8,
     FP8_MAX,
     dequantize_kv,
+    hadamard,
     quantize_kv,
     selective_attention_reference,
     write_kv_reference,
@@ -82,7 +84,10 @@ def test_scales_come_from_the_calibration_or_a_short_pass(fp8_engines: dict,
                            [e["kv_absmax"]["v"] for e in meta["layers"]]])
     eng = load_engine(fp8_engines["calibrated"])
     assert eng.kv_dtype == "fp8_e4m3" and eng.manifest["kv_scales_source"] == "calibration"
-    torch.testing.assert_close(eng.kv_scales, absmax / FP8_MAX)
+    # keys are stored rotated (`hadamard`): their scale is sqrt(D) wider, never saturating
+    assert eng.key_rotation == "hadamard"
+    widen = torch.tensor([eng.model.spec.head_dim ** 0.5, 1.0])[:, None, None]
+    torch.testing.assert_close(eng.kv_scales, absmax / FP8_MAX * widen)
     short = load_engine(fp8_engines["short_pass"])
     assert short.manifest["kv_scales_source"].startswith("short pass over 4096 tokens")
     assert (short.kv_scales > 0).all()
@@ -100,6 +105,44 @@ def test_fp8_engine_runs_and_stays_close(fp8_engines: dict, tmp_path: Path) -> N
     code, stdout, stderr = run("run", fp8_engines["calibrated"], "--prompt", "hello",
                                "--max-new-tokens", "4", "--device", "cpu", "--quiet")
     assert code == 0, stderr
+
+
+def test_hadamard_is_orthonormal() -> None:
+    for n in (1, 2, 16, 128):
+        h = hadamard(n, torch.float64)
+        torch.testing.assert_close(h @ h.T, torch.eye(n, dtype=torch.float64))
+        torch.testing.assert_close(h.abs(), torch.full((n, n), n ** -0.5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(48)
+
+
+def test_an_fp8_cache_holds_rotated_keys(fp8_engines: dict) -> None:
+    """The cache of an engine built now holds K times the Hadamard matrix (queries rotated
+    alike); an engine without the flag (built before) keeps plain keys, and both stay close to
+    the unquantized engine."""
+    eng = load_engine(fp8_engines["calibrated"])
+    d = eng.model.spec.head_dim
+    plain = dataclasses.replace(
+        eng, manifest={k: v for k, v in eng.manifest.items() if k != "kv_key_rotation"},
+        kv_scales=eng.kv_scales / torch.tensor([d ** 0.5, 1.0])[:, None, None])
+    ids = list(range(5, 45))
+    keys, logits = {}, {}
+    for name, e, quantized in (("rotated", eng, True), ("plain", plain, True),
+                               ("exact", eng, False)):
+        rt = Runtime(e, batch=1, device="cpu", quantized=quantized)
+        assert (rt.key_rotation is not None) == (name == "rotated")
+        rt.cache.grow(0, len(ids))
+        logits[name] = rt.prefill_pack([(0, ids[:30], 0)])[0]
+        logits[name] = rt.prefill_pack([(0, ids[30:], 30)])[0]  # attends to the cache
+        pages, offsets = rt.cache.positions(0, 0, len(ids))
+        scale = rt.layer_kv_scales(1)[0]
+        stored = rt.cache.k[1][pages, :, offsets].float()
+        keys[name] = stored * scale[:, None] if scale is not None else stored
+    rotated_back = keys["rotated"] @ hadamard(d).T
+    assert (rotated_back - keys["plain"]).norm() < 0.1 * keys["plain"].norm()
+    assert (keys["rotated"] - keys["plain"]).norm() > 0.5 * keys["plain"].norm()
+    for name in ("rotated", "plain"):
+        assert (logits[name] - logits["exact"]).norm() < 0.1 * logits["exact"].norm()
 
 
 def test_fp8_bad_input(tiny_dirs: dict, tmp_path: Path, fp8_engines: dict) -> None:

@@ -76,6 +76,11 @@ class Engine:
         return self.manifest.get("kv_dtype")
 
     @property
+    def key_rotation(self) -> str | None:
+        """'hadamard' when an FP8 cache stores rotated keys (`reference.hadamard`)."""
+        return self.manifest.get("kv_key_rotation")
+
+    @property
     def backend(self) -> str:
         return self.manifest.get("backend", "torch")
 

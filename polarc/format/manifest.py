@@ -127,6 +127,9 @@ class Manifest(Strict):
     tensorrt_version: str | None = None
     kv_dtype: Literal["fp8_e4m3"] | None = None  # None: the KV cache is in `dtype`
     kv_scales_source: str | None = None  # what the FP8 KV scales were measured on
+    # "hadamard": an FP8 cache holds keys times the orthonormal Hadamard matrix (queries are
+    # rotated alike, so q.k is unchanged); None: keys as they are
+    kv_key_rotation: Literal["hadamard"] | None = None
     weight_dtype: Literal["fp8_e4m3"] | None = None  # None: the linear weights in `dtype`
 
     @model_validator(mode="after")

@@ -35,7 +35,7 @@ from polarc.models.layers import (
     rope_qk,
     swiglu,
 )
-from polarc.plugins.reference import FP8, dequantize_kv, gather_pages, quantize_kv
+from polarc.plugins.reference import FP8, dequantize_kv, gather_pages, hadamard, quantize_kv
 from polarc.runtime.kernels import kernels_for
 from polarc.runtime.kv_cache import (
     PagedKVCache,
@@ -108,6 +108,10 @@ class Runtime:
         self.kv_dtype = cache_dtype(engine) if quantized else self.model.dtype
         fp8 = self.kv_dtype == FP8
         self.kv_scales = engine.kv_scales.to(self.device) if fp8 else None
+        # rotated keys (and queries) for an FP8 cache built so; a quantized=False reference
+        # keeps its keys as they are (the rotation leaves q.k unchanged, up to rounding)
+        self.key_rotation = hadamard(spec.head_dim, self.model.dtype, self.device) \
+            if fp8 and engine.key_rotation == "hadamard" else None
         if self.device.type == "cuda":
             check_fp8_gpu(self.device, kv=fp8,
                           weights=any(t.dtype == FP8 for t in self.model.weights.values()))
@@ -227,6 +231,7 @@ class Runtime:
         tables = [row.to(dev)[None] if start else None for _, _, start, row in spans]
 
         def attend(layer, x, q, k, v, extra):
+            q, k = self.rotate_keys(q, k)
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             k_scale, v_scale = self.layer_kv_scales(layer)
             if k_pool.dtype == FP8:
@@ -275,6 +280,12 @@ class Runtime:
 
     # --------------------------------------------------------------------- decode step
 
+    def rotate_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys ``[..., D]`` in the cache's key basis (`key_rotation`)."""
+        if self.key_rotation is None:
+            return q, k
+        return q @ self.key_rotation, k @ self.key_rotation
+
     def layer_kv_scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(K scales, V scales) [Hkv] of an FP8 cache's layer; (None, None) otherwise."""
         if self.kv_scales is None:
@@ -314,6 +325,7 @@ class Runtime:
         rope = rope_cos_sin(self.model, positions, h.dtype)
 
         def attend(layer, x, q, k, v, extra):
+            q, k = self.rotate_keys(q, k)
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             scales = self.layer_kv_scales(layer)
             self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales)
