@@ -62,6 +62,7 @@ for what in "$@"; do
     cal-8b) cal c8 -m llama3-8b --random-weights
             /usr/bin/time -v polarc eval --calibration /tmp/c8 --tokens 16384 --json $OUT/eval-c8.json --force 2>&1 \
               | grep -vE "^\s+(Average|Exit|Socket|Signals|Swaps|File|Page size|Volun|Invol|Major|Minor|Percent|System time|User time)" | tail -25 ;;
-    cal-70b) cal c70 -m llama3-70b --random-weights --tokens 16384 ;;
+    # --gpu-memory 80: what an H100 gives (the target is for one), on whichever GPU is lent
+    cal-70b) cal c70 -m llama3-70b --random-weights --tokens 16384 --gpu-memory 80 ;;
   esac
 done
