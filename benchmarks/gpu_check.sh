@@ -50,6 +50,8 @@ for what in "$@"; do
              python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 --requests ${SERVE_RATE_REQUESTS:-300} \
                --rate $r --json $OUT/serve-$m-rate$r.json 2>&1 | tail -6
            done
+           python3 -c "import httpx; print(httpx.get('http://127.0.0.1:8011/metrics').text)" \
+             > $OUT/serve-$m-metrics.txt 2>&1  # the server's own view (Prometheus text)
            kill -TERM $spid; wait $spid; echo "server exit $?" ;;
     e2e) timeout 170 python3 -m polarc.benchmarks.bench_e2e --no-hf --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
     step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;
