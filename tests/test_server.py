@@ -146,6 +146,19 @@ def test_64_concurrent_requests_complete(tiny_engine: Path) -> None:
         assert "polarc_inter_token_latency_seconds_count" in metrics
 
 
+def _until(condition, seconds: float = 20) -> bool:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+def _slow_steps(loop: EngineLoop) -> None:
+    """Each engine step 50 ms longer, so requests outlast what a test does meanwhile."""
+    step = loop.scheduler.step
+    loop.scheduler.step = lambda: (time.sleep(0.05), step())[1]
+
+
 def test_a_client_that_goes_away_frees_its_slot(tiny_engine: Path) -> None:
     with serving(tiny_engine, slots=2) as (url, loop):
         with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
@@ -153,32 +166,20 @@ def test_a_client_that_goes_away_frees_its_slot(tiny_engine: Path) -> None:
             first = next(r.iter_lines())
             assert first.startswith("data: ")
             assert loop.scheduler.running == 1
-        deadline = time.time() + 20
-        while loop.scheduler.running and time.time() < deadline:
-            time.sleep(0.05)
+        _until(lambda: not loop.scheduler.running)
         assert loop.scheduler.running == 0 and loop.scheduler.cache.pages_used == 0
         metrics = httpx.get(url + "/metrics").text
         assert 'polarc_requests_total{finish_reason="cancelled"} 1.0' in metrics
         # a whole (not streamed) response whose client gives up waiting: steps slowed to
         # 50 ms, so its 60 tokens outlast the client's 0.5 s
-        step = loop.scheduler.step
-        loop.scheduler.step = lambda: (time.sleep(0.05), step())[1]
+        _slow_steps(loop)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/completions", timeout=httpx.Timeout(60, read=0.5), json={
                 "model": "tiny", "prompt": "a long one", "max_tokens": 60, "ignore_eos": True})
-        deadline = time.time() + 20
-        while loop.scheduler.running and time.time() < deadline:
-            time.sleep(0.05)
+        _until(lambda: not loop.scheduler.running)
         assert loop.scheduler.running == 0 and loop.scheduler.cache.pages_used == 0
         metrics = httpx.get(url + "/metrics").text
         assert 'polarc_requests_total{finish_reason="cancelled"} 2.0' in metrics
-
-
-def _until(condition, seconds: float = 20) -> bool:
-    deadline = time.time() + seconds
-    while not condition() and time.time() < deadline:
-        time.sleep(0.02)
-    return condition()
 
 
 def test_a_stream_that_goes_away_while_queued_leaves_the_queue(tiny_engine: Path) -> None:
@@ -187,8 +188,7 @@ def test_a_stream_that_goes_away_while_queued_leaves_the_queue(tiny_engine: Path
     body = {"model": "tiny", "prompt": "a long one", "max_tokens": 100, "ignore_eos": True,
             "stream": True}
     with serving(tiny_engine, slots=1) as (url, loop):
-        step = loop.scheduler.step
-        loop.scheduler.step = lambda: (time.sleep(0.05), step())[1]
+        _slow_steps(loop)
         with httpx.stream("POST", url + "/v1/completions", timeout=60, json=body) as first:
             assert next(first.iter_lines()).startswith("data: ")
             with httpx.stream("POST", url + "/v1/completions", timeout=60, json=body):
