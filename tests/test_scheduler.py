@@ -14,15 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from polarc.calibration import artifact
 from polarc.exporters.engine import BuildConfig, build_engine
 
 from polarc.format.engine_file import load_engine
 from polarc.models import load_model
 from polarc.models.load import embedded_gguf_path
+from polarc.models.tokenizer import ByteTokenizer
 from polarc.runtime.generate import generate
 from polarc.runtime.kv_cache import pages_for
-from polarc.runtime.scheduler import Request, RequestError, Scheduler, drive
+from polarc.runtime.scheduler import Request, RequestError, Scheduler, _Detokenizer, drive
 from polarc.runtime.torch_runtime import Runtime
 from tests.conftest import one_line_error, run
 
@@ -372,3 +375,31 @@ def test_run_refuses_a_results_file_it_did_not_make(sparse_engine: Path, tmp_pat
     assert out.read_text() == "my own notes\n"
     code, _, stderr = run("run", sparse_engine, "--prompt", "hi", "--output", "/proc/x.jsonl")
     assert code == 1 and "Error:" in stderr
+
+
+class _CountingBytes(ByteTokenizer):
+    """The byte tokenizer, remembering the longest window it was asked to decode."""
+
+    longest = 0
+
+    def decode(self, ids: list[int]) -> str:
+        self.longest = max(self.longest, len(ids))
+        return super().decode(ids)
+
+
+@given(st.lists(st.one_of(st.integers(0, 600), st.sampled_from([3 + 0xE2, 3 + 0x82, 3 + 0xAC])),
+                max_size=400))
+@settings(max_examples=200, deadline=None)
+def test_streamed_text_joins_to_the_whole_and_windows_stay_short(ids: list[int]) -> None:
+    """Per-token text joins to the whole decode whatever the ids (bytes that are no character,
+    ids with no byte, pieces of multi-byte characters), and a run of ids without text does not
+    widen the decoded window: a random engine's outputs are mostly such ids, and the window
+    once grew with each, a decode of the whole output per token."""
+    tok = _CountingBytes(600)
+    detok = _Detokenizer(tok)
+    streamed = "".join(detok.add(t) for t in ids)
+    # a window spans at most the last text and the bytes of characters not yet whole
+    assert tok.longest <= 2 + sum(1 for t in ids if 3 + 0x80 <= t < 259)
+    assert streamed == detok.text
+    whole = tok.decode(ids)  # a character not yet whole at the end is held back
+    assert streamed == whole or (whole.endswith("\ufffd") and whole.startswith(streamed))

@@ -23,6 +23,7 @@ import pytest
 import torch
 import uvicorn
 from polarc.exporters.engine import BuildConfig, build_engine
+from prometheus_client.parser import text_string_to_metric_families
 
 from polarc.commands.run import make_scheduler
 from polarc.format.engine_file import load_engine
@@ -144,6 +145,13 @@ def test_64_concurrent_requests_complete(tiny_engine: Path) -> None:
         assert 'polarc_requests_total{finish_reason="length"}' in metrics
         assert "polarc_time_to_first_token_seconds_bucket" in metrics
         assert "polarc_inter_token_latency_seconds_count" in metrics
+        value = {s.name: s.value for f in text_string_to_metric_families(metrics)
+                 for s in f.samples}
+        stats = loop.scheduler.stats
+        assert value["polarc_decode_steps_total"] == stats.steps > 0
+        assert stats.decode_s > 0 and stats.prefill_s > 0
+        assert value["polarc_decode_seconds_total"] == pytest.approx(stats.decode_s)
+        assert value["polarc_prefill_seconds_total"] == pytest.approx(stats.prefill_s)
 
 
 def _until(condition, seconds: float = 20) -> bool:

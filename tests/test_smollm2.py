@@ -91,3 +91,16 @@ def test_tokenizer_decode_equals_transformers(smollm2) -> None:
         for width in (1, 2, 3, 5, 20):
             window = ids[start:start + width]
             assert tok.decode(window) == tok.tok.decode(window, skip_special_tokens=True)
+
+
+def test_streamed_text_is_the_whole_text(smollm2) -> None:
+    """The scheduler's per-token text, joined, is the decode of the whole output: real text
+    (spaces the tokenizer marks on the next token, multi-byte characters) with special tokens
+    between (they add no text and leave the window)."""
+    from polarc.runtime.scheduler import _Detokenizer
+
+    tok = smollm2.tokenizer
+    ids = tok.encode("Grüße aus Köln — naïve café, 東京 and emoji 🙂🙂; x = f(y)\n\tdone.")
+    ids = [t for i in ids for t in ([i, tok.eos_id] if i % 3 == 0 else [i])]
+    detok = _Detokenizer(tok)
+    assert "".join(detok.add(t) for t in ids) == tok.decode(ids) == detok.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -119,6 +120,11 @@ def serve(scheduler, *, name: str, host: str, port: int, api_key: str | None,  #
     # down; ignored then, so a graceful stop exits 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    started = time.perf_counter()
     server.run()
     loop.stop()
-    err.print("stopped", markup=False, highlight=False)
+    st = scheduler.stats
+    err.print(f"stopped after {time.perf_counter() - started:.1f} s: {st.finished} requests, "
+              f"{st.output_tokens} tokens; the engine prefilled for {st.prefill_s:.1f} s and "
+              f"ran {st.steps} decode steps in {st.decode_s:.1f} s", markup=False, soft_wrap=True,
+              highlight=False)

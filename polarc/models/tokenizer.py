@@ -16,6 +16,8 @@ class HFTokenizer:
         self.bos_id: int | None = bos_id if bos_id is not None else tok.bos_token_id
         cleans = getattr(tok, "clean_up_tokenization_spaces", True)
         self._backend = None if cleans else getattr(tok, "_tokenizer", None)
+        self._skipped = frozenset(tok.all_special_ids)
+        self._size = len(tok)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -27,6 +29,11 @@ class HFTokenizer:
         if self._backend is not None:
             return self._backend.decode(ids, skip_special_tokens=True)
         return self.tok.decode(ids, skip_special_tokens=True)
+
+    def adds_text(self, token: int) -> bool:
+        """False for ids `decode` drops whatever surrounds them (special tokens, and ids
+        beyond the vocabulary a model may pad its embedding to)."""
+        return token not in self._skipped and 0 <= token < self._size
 
     @property
     def chat_template(self) -> str | None:
@@ -57,6 +64,10 @@ class ByteTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8")]
+
+    def adds_text(self, token: int) -> bool:
+        """False for ids with no byte (`decode` drops them)."""
+        return self.offset <= token < 256 + self.offset
 
     def decode(self, ids: list[int]) -> str:
         data = bytes(i - self.offset for i in ids if self.offset <= i < 256 + self.offset)

@@ -89,6 +89,11 @@ class _Detokenizer:
         self.text = ""
 
     def add(self, token: int) -> str:
+        if not self.tokenizer.adds_text(token):
+            # Not in the window: a random engine's outputs are mostly ids its byte tokenizer
+            # has no byte for, and a window that grew with each made every decode cost the
+            # whole output (decode drops such ids, so leaving them out changes no text).
+            return ""
         self.tokens.append(token)
         before = self.tokenizer.decode(self.tokens[self.prefix:self.read])
         now = self.tokenizer.decode(self.tokens[self.prefix:])

@@ -60,6 +60,13 @@ class Metrics:
                                      registry=r)
         self.prompt_tokens = Counter("polarc_prompt_tokens", "Prompt tokens prefilled",
                                      registry=r)
+        # Where the engine thread's time goes: next to the wall time these tell a slow
+        # server (steps slower than offline) from a starved one (the thread waiting for work).
+        self.prefill_seconds = Counter("polarc_prefill_seconds", "Time spent prefilling",
+                                       registry=r)
+        self.decode_seconds = Counter("polarc_decode_seconds", "Time spent in decode steps",
+                                      registry=r)
+        self.decode_steps = Counter("polarc_decode_steps", "Decode steps run", registry=r)
         self.requests = Counter("polarc_requests", "Requests that ended, by how",
                                 ["finish_reason"], registry=r)
         self.rejected = Counter("polarc_requests_rejected", "Requests refused, by why",
@@ -86,6 +93,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
         self._recent_tokens = 0  # summed over _recent
+        self._seen: dict[Counter, float] = {}  # scheduler totals already counted
         self.thread = threading.Thread(target=self._run, name="polarc-engine", daemon=True)
         self.error: BaseException | None = None
 
@@ -139,8 +147,8 @@ class EngineLoop:
                     self._refresh()
                     continue
                 events = sched.step()
+                self._refresh()  # first: a client that got its last token sees it counted
                 self._deliver(events)
-                self._refresh()
         except BaseException as exc:  # the loop died: every open stream hears of it
             self.error = exc
             for stream, loop in list(self._streams.values()):
@@ -191,11 +199,11 @@ class EngineLoop:
                 self.metrics.requests.labels(ev.finish_reason).inc()
                 del self._streams[id(ev.request)]
             batches.setdefault(loop, []).append((stream.events, ev))
-        for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_put_each, batch)
         self.metrics.output_tokens.inc(tokens)
         self._recent.append((now, tokens))
         self._recent_tokens += tokens
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_each, batch)
 
     def _refresh(self) -> None:
         sched, m = self.scheduler, self.metrics
@@ -208,10 +216,14 @@ class EngineLoop:
             self._recent_tokens -= self._recent.popleft()[1]
         span = now - self._recent[0][0] if self._recent else 0.0
         m.tokens_per_s.set(self._recent_tokens / span if span > 0 else 0.0)
-        new_prompt = sched.stats.prompt_tokens - getattr(self, "_prompt_seen", 0)
-        if new_prompt:
-            m.prompt_tokens.inc(new_prompt)
-            self._prompt_seen = sched.stats.prompt_tokens
+        st = sched.stats
+        for counter, total in ((m.prompt_tokens, st.prompt_tokens), (m.prefill_seconds,
+                               st.prefill_s), (m.decode_seconds, st.decode_s),
+                               (m.decode_steps, st.steps)):
+            seen = self._seen.get(counter, 0)
+            if total > seen:
+                counter.inc(total - seen)
+                self._seen[counter] = total
 
 
 def _put_each(batch: list[tuple[asyncio.Queue, Event]]) -> None:
