@@ -35,10 +35,11 @@ for what in "$@"; do
     first-pass) timeout 300 python3 -m polarc.benchmarks.bench_stream --requests 0 --modes '' --first-pass \
                   --json $OUT/first-pass.json 2>&1 | tee $OUT/first-pass.log | grep -E "first pass|Error" ;;
     # §5 through the server (issue 12): SERVE_REQUESTS at saturation, then SERVE_RATES (each
-    # with SERVE_RATE_REQUESTS), for the sparse engine, or every group with SERVE_DENSE=1.
+    # with SERVE_RATE_REQUESTS), for the sparse engine, or every group with SERVE_DENSE=1;
+    # SERVE_SLOTS=103 matches the offline stream's slots (it measures free memory later).
     serve) [ -f /tmp/l3.plan ] || polarc build -m llama3-8b --random-weights --density 0.5 --max-seq 8192 \
              --max-batch 256 -o /tmp/l3.plan --force 2>&1 | tail -1
-           polarc serve /tmp/l3.plan --port 8011 --max-waiting 4096 ${SERVE_DENSE:+--dense} > $OUT/serve.log 2>&1 &
+           polarc serve /tmp/l3.plan --port 8011 --max-waiting 4096 ${SERVE_DENSE:+--dense} ${SERVE_SLOTS:+--slots $SERVE_SLOTS} > $OUT/serve.log 2>&1 &
            spid=$!
            for _ in $(seq 120); do python3 -c "import httpx; httpx.get('http://127.0.0.1:8011/health').raise_for_status()" \
              2>/dev/null && break; kill -0 $spid 2>/dev/null || break; sleep 2; done
@@ -52,7 +53,8 @@ for what in "$@"; do
            done
            python3 -c "import httpx; print(httpx.get('http://127.0.0.1:8011/metrics').text)" \
              > $OUT/serve-$m-metrics.txt 2>&1  # the server's own view (Prometheus text)
-           kill -TERM $spid; wait $spid; echo "server exit $?" ;;
+           kill -TERM $spid; wait $spid; echo "server exit $?"
+           tail -1 $OUT/serve.log ;;  # the engine thread's prefill and decode seconds
     e2e) timeout 170 python3 -m polarc.benchmarks.bench_e2e --no-hf --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
     step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;
     kernels) python3 -m polarc.benchmarks.bench_kernels --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log | tail -80 ;;

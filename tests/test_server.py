@@ -154,6 +154,32 @@ def test_64_concurrent_requests_complete(tiny_engine: Path) -> None:
         assert value["polarc_prefill_seconds_total"] == pytest.approx(stats.prefill_s)
 
 
+def test_tokens_go_out_while_the_device_runs_the_next_step(tiny_engine: Path) -> None:
+    """A step's tokens are handed to the HTTP side from within the next step's wait for the
+    device (the interpreter lock is free then), not between steps, where the handlers' work
+    would hold up the host work that prepares each launch; the last step's go out at once."""
+    with serving(tiny_engine) as (url, loop):
+        sched, waits, deliveries = loop.scheduler, [], []
+        sample, deliver = sched._sample, loop._deliver
+
+        def waiting_sample(*args):  # noqa: ANN002, ANN202
+            waits.append(True)
+            try:
+                return sample(*args)
+            finally:
+                waits.pop()
+
+        sched._sample = waiting_sample
+        loop._deliver = lambda events: (deliveries.append((bool(waits), len(events))),
+                                        deliver(events))
+        r = _client(url).completions.create(model="tiny", prompt="tell me", max_tokens=12,
+                                            temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 12
+        assert sum(n for _, n in deliveries) == 12
+        assert len(deliveries) > 2
+        assert all(in_wait for in_wait, _ in deliveries[:-1]) and not deliveries[-1][0]
+
+
 def _until(condition, seconds: float = 20) -> bool:
     deadline = time.time() + seconds
     while not condition() and time.time() < deadline:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -177,6 +177,11 @@ class Scheduler:
         self.cancelled: set[int] = set()  # id() of requests to drop at the next step
         self.stats = SchedulerStats()
         self._order: list[_Running] = []  # running requests, oldest first
+        # Called when the host is about to wait for the device's results (the device is busy
+        # with this step): a server hands out the last step's tokens then, so that its HTTP
+        # work, which shares the interpreter lock, runs in the device's time and not in the
+        # host work that prepares the next step.
+        self.before_wait: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ requests
 
@@ -334,6 +339,8 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor, runs: list[_Running | None]) -> list[int]:
         """Next tokens for `runs` (row i of logits is run i's; None: an idle row)."""
+        if self.before_wait is not None:
+            self.before_wait()
         dev = logits.device
         temp = [r.request.temperature if r is not None else 0.0 for r in runs]
         if not any(temp):

@@ -94,6 +94,7 @@ class EngineLoop:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens)
         self._recent_tokens = 0  # summed over _recent
         self._seen: dict[Counter, float] = {}  # scheduler totals already counted
+        self._held: list[Event] = []  # the last step's events, not yet handed out
         self.thread = threading.Thread(target=self._run, name="polarc-engine", daemon=True)
         self.error: BaseException | None = None
 
@@ -140,6 +141,9 @@ class EngineLoop:
 
     def _run(self) -> None:
         sched = self.scheduler
+        # A step's events go out while the device runs the next step (`before_wait`): the
+        # handlers' work then overlaps the device's, not the host work before each launch.
+        sched.before_wait = self._hand_out
         try:
             while not self._stop.is_set():
                 self._take_commands(block=sched.idle)
@@ -147,8 +151,12 @@ class EngineLoop:
                     self._refresh()
                     continue
                 events = sched.step()
-                self._refresh()  # first: a client that got its last token sees it counted
-                self._deliver(events)
+                self._hand_out()  # the last step's, where this one never waited on the device
+                self._refresh()  # before its events go out: a client sees its tokens counted
+                self._held = events
+                if sched.idle:
+                    self._hand_out()
+            self._hand_out()
         except BaseException as exc:  # the loop died: every open stream hears of it
             self.error = exc
             for stream, loop in list(self._streams.values()):
@@ -176,6 +184,11 @@ class EngineLoop:
                 self._streams[id(item.request)] = (item, loop)
             elif kind == "cancel":
                 self.scheduler.cancel(item)
+
+    def _hand_out(self) -> None:
+        if self._held:
+            events, self._held = self._held, []
+            self._deliver(events)
 
     def _deliver(self, events: list[Event]) -> None:
         now = time.perf_counter()
