@@ -319,11 +319,11 @@ class Scheduler:
         if not rows:
             return
         t0 = time.perf_counter()
-        tokens = torch.zeros(len(self.slots), dtype=torch.long)
-        for run in rows:
+        tokens = [0] * len(self.slots)  # a list, one tensor made of it: per-row tensor
+        for run in rows:  # writes cost more than the rest of this loop together
             self._grow(run, self.cache.lengths[run.slot] + 1)
             tokens[run.slot] = run.tokens[-1]
-        logits = self.runtime.step(tokens.to(self.runtime.device))
+        logits = self.runtime.step(torch.tensor(tokens, device=self.runtime.device))
         nxt = self._sample(logits, by_slot)
         self.stats.steps += 1
         self.stats.rows += len(rows)
