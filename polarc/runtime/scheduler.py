@@ -311,6 +311,12 @@ class Scheduler:
                 self.cache.set_length(run.slot, len(run.request.prompt))
                 self._emit(run, token, events)
         self._sync()
+        if not ready and self.runtime.device.type == "cuda":
+            # A pack that completes no prompt samples nothing, so nothing waited for it: the
+            # next decode step would (and its time would count prefill work as decoding).
+            if self.before_wait is not None:
+                self.before_wait()
+            torch.cuda.synchronize(self.runtime.device)
         self.stats.prefill_s += time.perf_counter() - t0
 
     def _decode(self, events: list[Event]) -> None:
