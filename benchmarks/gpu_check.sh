@@ -45,6 +45,10 @@ for what in "$@"; do
              2>/dev/null && break; kill -0 $spid 2>/dev/null || break; sleep 2; done
            kill -0 $spid 2>/dev/null || { echo "server died:"; tail -3 $OUT/serve.log; continue; }
            m=${SERVE_DENSE:+dense}; m=${m:-sparse}
+           # SERVE_PYSPY=S: which thread holds the interpreter lock, S seconds into saturation
+           # (py-spy from the carried wheels; needs ptrace in the container)
+           [ -n "${SERVE_PYSPY:-}" ] && (sleep 20; py-spy record --gil --threads --nonblocking -r 100 \
+             -d $SERVE_PYSPY --format raw -o $OUT/serve-$m-pyspy.txt --pid $spid > $OUT/pyspy.log 2>&1) &
            python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 --requests ${SERVE_REQUESTS:-2000} \
              --rate inf --json $OUT/serve-$m-saturation.json 2>&1 | tail -12
            for r in ${SERVE_RATES:-4 8}; do
