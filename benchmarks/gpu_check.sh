@@ -39,6 +39,9 @@ for what in "$@"; do
     # SERVE_SLOTS=103 matches the offline stream's slots (it measures free memory later).
     serve) [ -f /tmp/l3.plan ] || polarc build -m llama3-8b --random-weights --density 0.5 --max-seq 8192 \
              --max-batch 256 -o /tmp/l3.plan --force 2>&1 | tail -1
+           # SERVE_FAST=1: uvloop and httptools (carried in .devcarry/fast), which uvicorn then
+           # picks by itself, as a production deployment would (`uvicorn[standard]`)
+           [ -n "${SERVE_FAST:-}" ] && python3 -m pip install -q --no-index --no-deps .devcarry/fast/*.whl
            polarc serve /tmp/l3.plan --port 8011 --max-waiting 4096 ${SERVE_DENSE:+--dense} ${SERVE_SLOTS:+--slots $SERVE_SLOTS} > $OUT/serve.log 2>&1 &
            spid=$!
            for _ in $(seq 120); do python3 -c "import httpx; httpx.get('http://127.0.0.1:8011/health').raise_for_status()" \
