@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
-from polarc.exporters.engine import BuildConfig, assemble
-from polarc.plugins.reference import FP8_MAX
+from polarc.exporters.engine import BuildConfig, assemble, kv_scales
 
 from polarc.format.engine_file import Engine, fp8_weight_names, quantize_rows
 from polarc.models.layers import add_part_views, stored_weights
@@ -86,8 +85,8 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
     as `polarc build` stores them) and, with `weights`, its linear layers' weights in float8
     as `load_engine` keeps them on a GPU."""
     spec = engine.model.spec
-    scales = torch.full((2, spec.n_layers, spec.n_kv_heads), 4.0 / FP8_MAX)
-    scales[0] *= spec.head_dim ** 0.5  # rotated keys, as `polarc build` makes them
+    scales, rotation = kv_scales(torch.full((2, spec.n_layers, spec.n_kv_heads), 4.0),
+                                 spec.head_dim)
     model = engine.model
     if weights:
         w = dict(model.weights)
@@ -97,7 +96,7 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
         model = dataclasses.replace(model, weights=w)
     return dataclasses.replace(engine, model=model, kv_scales=scales,
                                manifest={**engine.manifest, "kv_dtype": "fp8_e4m3",
-                                         "kv_key_rotation": "hadamard"})
+                                         "kv_key_rotation": rotation})
 
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,

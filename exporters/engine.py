@@ -94,11 +94,22 @@ def measure_kv_absmax(model: Model, tokens: int = KV_SHORT_PASS_TOKENS) -> torch
     return out
 
 
-def kv_scales(absmax: torch.Tensor) -> torch.Tensor:
-    """Per (K/V, layer, group) scales that put the largest value seen at float8's ±448."""
+def kv_scales(absmax: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, str | None]:
+    """Per (K/V, layer, group) scales that put the largest value seen at float8's ±448, and
+    the key basis the cache stores: "hadamard" (`reference.hadamard`) where the head dim is a
+    power of two, else None (keys as they are).
+
+    A rotated key's entries are at most its norm, at most sqrt(D) times its largest entry,
+    so K's scale grows by sqrt(D) and never saturates; the headroom costs nothing that
+    matters (float8 keeps its relative precision over 2^15 of range, see RESULTS: margins of
+    2x and 4x measured as noise)."""
     from polarc.plugins.reference import FP8_MAX
 
-    return absmax.clamp_min(1e-6) / FP8_MAX
+    scales = absmax.clamp_min(1e-6) / FP8_MAX
+    if head_dim & (head_dim - 1):
+        return scales, None
+    scales[0] *= head_dim ** 0.5
+    return scales, "hadamard"
 
 
 def random_routers(model: Model, density: float, seed: int) -> tuple[list[int], dict[int, HeadRouter]]:
@@ -214,15 +225,9 @@ def assemble(model: Model, calibration: Calibration | None, cfg: BuildConfig,
         if absmax is None:
             absmax = measure_kv_absmax(model)
             manifest["kv_scales_source"] = f"short pass over {KV_SHORT_PASS_TOKENS} tokens of mix"
-        scales = kv_scales(absmax)
-        head_dim = model.spec.head_dim
-        if head_dim & (head_dim - 1) == 0:
-            # rotated keys (`reference.hadamard`): a rotated key's entries are at most its
-            # norm, at most sqrt(D) times its largest entry, so this scale never saturates;
-            # the headroom costs nothing that matters (float8 keeps its relative precision
-            # over 2^15 of range, see RESULTS: margins of 2x and 4x measured as noise)
-            scales[0] *= head_dim ** 0.5
-            manifest["kv_key_rotation"] = "hadamard"
+        scales, rotation = kv_scales(absmax, model.spec.head_dim)
+        if rotation is not None:
+            manifest["kv_key_rotation"] = rotation
         manifest["kv_dtype"] = "fp8_e4m3"
     if cfg.weight_dtype == "fp8":
         manifest["weight_dtype"] = "fp8_e4m3"

@@ -159,7 +159,7 @@ def test_non_finite_scales_are_refused(tiny_dirs: dict, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from polarc.exporters import engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "kv_scales", lambda absmax: absmax * float("nan"))
+    monkeypatch.setattr(engine_mod, "kv_scales", lambda absmax, head_dim: (absmax * float("nan"), None))
     path = tmp_path / "nan.plan"
     build_engine(load_model(str(tiny_dirs["llama-gqa"])), None,
                  BuildConfig(out=path, dtype="fp32", max_batch=2, max_seq=64, kv_dtype="fp8"))
