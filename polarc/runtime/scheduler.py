@@ -181,7 +181,7 @@ class Scheduler:
         # with this step): a server hands out the last step's tokens then, so that its HTTP
         # work, which shares the interpreter lock, runs in the device's time and not in the
         # host work that prepares the next step.
-        self.before_wait: Callable[[], None] | None = None
+        self.before_wait: Callable[[], None] = _nothing
 
     # ------------------------------------------------------------------ requests
 
@@ -314,8 +314,7 @@ class Scheduler:
         if not ready and self.runtime.device.type == "cuda":
             # A pack that completes no prompt samples nothing, so nothing waited for it: the
             # next decode step would (and its time would count prefill work as decoding).
-            if self.before_wait is not None:
-                self.before_wait()
+            self.before_wait()
             torch.cuda.synchronize(self.runtime.device)
         self.stats.prefill_s += time.perf_counter() - t0
 
@@ -345,8 +344,7 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor, runs: list[_Running | None]) -> list[int]:
         """Next tokens for `runs` (row i of logits is run i's; None: an idle row)."""
-        if self.before_wait is not None:
-            self.before_wait()
+        self.before_wait()
         dev = logits.device
         temp = [r.request.temperature if r is not None else 0.0 for r in runs]
         if not any(temp):
@@ -419,6 +417,10 @@ class Scheduler:
 
     def _sync(self) -> None:
         self.cache.sync()
+
+
+def _nothing() -> None:
+    pass
 
 
 def drive(scheduler: Scheduler, requests: Iterator[Request], *, max_waiting: int
