@@ -42,18 +42,19 @@ for what in "$@"; do
            # SERVE_FAST=1: uvloop and httptools (carried in .devcarry/fast), which uvicorn then
            # picks by itself, as a production deployment would (`uvicorn[standard]`)
            [ -n "${SERVE_FAST:-}" ] && python3 -m pip install -q --no-index --no-deps .devcarry/fast/*.whl
-           polarc serve /tmp/l3.plan --port 8011 --max-waiting 4096 ${SERVE_DENSE:+--dense} ${SERVE_SLOTS:+--slots $SERVE_SLOTS} > $OUT/serve.log 2>&1 &
+           m=${SERVE_DENSE:+dense}; m=${m:-sparse}
+           polarc serve /tmp/l3.plan --port 8011 --max-waiting 4096 ${SERVE_DENSE:+--dense} ${SERVE_SLOTS:+--slots $SERVE_SLOTS} > $OUT/serve-$m.log 2>&1 &
            spid=$!
            for _ in $(seq 120); do python3 -c "import httpx; httpx.get('http://127.0.0.1:8011/health').raise_for_status()" \
              2>/dev/null && break; kill -0 $spid 2>/dev/null || break; sleep 2; done
-           kill -0 $spid 2>/dev/null || { echo "server died:"; tail -3 $OUT/serve.log; continue; }
-           m=${SERVE_DENSE:+dense}; m=${m:-sparse}
+           kill -0 $spid 2>/dev/null || { echo "server died:"; tail -3 $OUT/serve-$m.log; continue; }
            # SERVE_PYSPY=S: which thread holds the interpreter lock, S seconds into saturation
            # (py-spy from the carried wheels; needs ptrace in the container)
            [ -n "${SERVE_PYSPY:-}" ] && (sleep 20; py-spy record --gil --threads --nonblocking -r 100 \
              -d $SERVE_PYSPY --format raw -o $OUT/serve-$m-pyspy.txt --pid $spid > $OUT/pyspy.log 2>&1) &
-           python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 --requests ${SERVE_REQUESTS:-2000} \
-             --rate inf --json $OUT/serve-$m-saturation.json 2>&1 | tail -12
+           # SERVE_REQUESTS=0: no saturation run (only the rates)
+           [ "${SERVE_REQUESTS:-2000}" != 0 ] && python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 \
+             --requests ${SERVE_REQUESTS:-2000} --rate inf --json $OUT/serve-$m-saturation.json 2>&1 | tail -12
            for r in ${SERVE_RATES:-4 8}; do
              python3 -m polarc.benchmarks.bench_serve --url http://127.0.0.1:8011 --requests ${SERVE_RATE_REQUESTS:-300} \
                --rate $r --json $OUT/serve-$m-rate$r.json 2>&1 | tail -6
@@ -61,7 +62,7 @@ for what in "$@"; do
            python3 -c "import httpx; print(httpx.get('http://127.0.0.1:8011/metrics').text)" \
              > $OUT/serve-$m-metrics.txt 2>&1  # the server's own view (Prometheus text)
            kill -TERM $spid; wait $spid; echo "server exit $?"
-           tail -1 $OUT/serve.log ;;  # the engine thread's prefill and decode seconds
+           tail -1 $OUT/serve-$m.log ;;  # the engine thread's prefill and decode seconds
     e2e) timeout 170 python3 -m polarc.benchmarks.bench_e2e --no-hf --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
     step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;
     kernels) python3 -m polarc.benchmarks.bench_kernels --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log | tail -80 ;;

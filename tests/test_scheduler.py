@@ -117,6 +117,22 @@ def test_chunked_prefill_matches_one_pass(sparse_engine: Path) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_warm_up_leaves_nothing_behind(sparse_engine: Path) -> None:
+    """A server warms its scheduler up before the first request: afterwards the cache is
+    empty, nothing is counted, and requests give what they give on a cold scheduler (the
+    warm-up's K/V sit only in pages that are free again)."""
+    reqs = [Request(p, 12, id=i) for i, p in enumerate(_prompts(10, 5, lo=20, hi=90))]
+    cold = _run_all(_scheduler(sparse_engine, slots=4, chunk=32), reqs)
+    warm = _scheduler(sparse_engine, slots=4, pages=24, chunk=32)
+    warm.warm_up()
+    assert warm.cache.pages_used == 0 and warm.cache.pages_free == 24
+    assert warm.cache.lengths == [0] * 4 and warm.stats.prompt_tokens == 0
+    assert _run_all(warm, reqs) == cold
+    warm.submit(reqs[0])
+    with pytest.raises(RuntimeError, match="before any request"):
+        warm.warm_up()
+
+
 def test_admission_waits_for_pages(sparse_engine: Path) -> None:
     """A cache of 12 pages of 16 positions for 8 slots: requests wait until pages are free,
     every one completes, and the pages in use never exceed the cache."""
@@ -253,7 +269,10 @@ def test_gpu_scheduler_alone_equals_crowd(dtype: str, tiny_dirs: dict, calibrate
     crowd = [Request(p, 1 + i % 30, id=i, temperature=(i % 3) * 0.5, seed=i)
              for i, p in enumerate(_prompts(150, 2, hi=95))]
     alone = _run_all(scheduler("cuda"), target)
-    together = _run_all(scheduler("cuda"), crowd[:70] + target[:1] + crowd[70:] + target[1:])
+    warm = scheduler("cuda")
+    warm.warm_up()  # as the server does
+    assert 16 in warm.runtime.graphs
+    together = _run_all(warm, crowd[:70] + target[:1] + crowd[70:] + target[1:])
     for req in target:
         assert together[req.id] == alone[req.id], req.id
     if dtype == "fp32":

@@ -67,6 +67,8 @@ def serve_cmd(
         scheduler = make_scheduler(eng, dev, batch=batch, dense=dense,
                                    prefill_chunk=prefill_chunk, page_size=page_size,
                                    detokenize=True)
+        with err.status("warming up (decode graph, prefill)"):
+            scheduler.warm_up()
         name = model_name or engine.stem
         serve(scheduler, name=name, host=host, port=port, api_key=api_key,
               max_waiting=max_waiting or 8 * scheduler.runtime.batch, grace=grace)

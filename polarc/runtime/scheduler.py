@@ -223,6 +223,28 @@ class Scheduler:
     def idle(self) -> bool:
         return not self.waiting and not self._order
 
+    @torch.no_grad()
+    def warm_up(self) -> None:
+        """Pay now what the first requests would otherwise wait for: the decode step's
+        capture (kernels compiled and loaded, a CUDA graph) and a prefill pack of each kind
+        (a prompt's first chunk, and a later chunk that reads earlier pages). Only before any
+        request; the cache is left empty and nothing is counted."""
+        if not self.idle:
+            raise RuntimeError("warm_up runs before any request")
+        self.runtime.capture()
+        room = (self.cache.pages_free - self.promised) * self.cache.page_size
+        n = min(self.prefill_chunk, self.runtime.max_seq, room) - 1
+        if n < 1:
+            return
+        try:
+            self.cache.grow(0, n + 1)
+            self.runtime.prefill_pack([(0, [self.eos] * n, 0)], width=self.prefill_chunk)
+            self.runtime.prefill_pack([(0, [self.eos], n)], width=self.prefill_chunk)
+            if self.runtime.device.type == "cuda":
+                torch.cuda.synchronize(self.runtime.device)
+        finally:
+            self.cache.free(0)
+
     # ------------------------------------------------------------------ one iteration
 
     @torch.no_grad()
