@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
-from polarc.exporters.engine import BuildConfig, assemble, kv_scales
+from polarc.exporters.engine import BuildConfig, KVStats, assemble, fp8_cache_layout
 
 from polarc.format.engine_file import Engine, fp8_weight_names, quantize_rows
 from polarc.models.layers import add_part_views, stored_weights
@@ -82,11 +82,12 @@ VARIANTS = ("bf16", "fp8-kv", "fp8-all")
 
 def as_fp8(engine: Engine, *, weights: bool) -> Engine:
     """The same engine with a float8 KV cache (scales for unit-variance K and V, keys rotated
-    as `polarc build` stores them) and, with `weights`, its linear layers' weights in float8
-    as `load_engine` keeps them on a GPU."""
+    and offset as `polarc build` stores them) and, with `weights`, its linear layers' weights
+    in float8 as `load_engine` keeps them on a GPU."""
     spec = engine.model.spec
-    scales, rotation = kv_scales(torch.full((2, spec.n_layers, spec.n_kv_heads), 4.0),
-                                 spec.head_dim)
+    layout = fp8_cache_layout(KVStats(torch.full((2, spec.n_layers, spec.n_kv_heads), 4.0),
+                                      torch.zeros(spec.n_layers, spec.n_kv_heads, spec.head_dim)),
+                              spec.head_dim)
     model = engine.model
     if weights:
         w = dict(model.weights)
@@ -94,9 +95,11 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
             w[name], w[name + "_scale"] = quantize_rows(w[name])
         add_part_views(w, spec)
         model = dataclasses.replace(model, weights=w)
-    return dataclasses.replace(engine, model=model, kv_scales=scales,
+    return dataclasses.replace(engine, model=model, kv_scales=layout.scales,
+                               kv_key_offset=layout.key_offset,
                                manifest={**engine.manifest, "kv_dtype": "fp8_e4m3",
-                                         "kv_key_rotation": rotation})
+                                         "kv_key_rotation": layout.key_rotation,
+                                         "kv_key_offset": True})
 
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,

@@ -93,6 +93,8 @@ class Calibration:
     meta: dict[str, Any]
     head_routers: dict[int, HeadRouter]
     mlp_routers: dict[int, MLPRouter]
+    # per layer, the mean post-rope K of each group [Hkv, D] (an FP8 cache's key offsets)
+    key_means: dict[int, torch.Tensor] | None = None
 
     @property
     def k_per_layer(self) -> list[int]:
@@ -118,8 +120,11 @@ def _sha256(path: Path) -> str:
 
 
 def write(tmp: Path, meta: dict[str, Any], head: dict[int, HeadRouter],
-          mlp: dict[int, MLPRouter]) -> None:
-    save_file(router_tensors(head, mlp), str(tmp / ROUTERS_FILE),
+          mlp: dict[int, MLPRouter], key_means: dict[int, torch.Tensor] | None = None) -> None:
+    tensors = router_tensors(head, mlp)
+    for layer, mean in (key_means or {}).items():
+        tensors[f"layers.{layer}.kv.key_mean"] = mean.float().contiguous()
+    save_file(tensors, str(tmp / ROUTERS_FILE),
               metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "polarc_version": __version__,
             "routers_sha256": _sha256(tmp / ROUTERS_FILE), **meta}
@@ -155,8 +160,12 @@ def read_calibration(path: Path) -> Calibration:
     arch = checked.model.identity.architecture
     head: dict[int, HeadRouter] = {}
     mlp: dict[int, MLPRouter] = {}
+    key_means: dict[int, torch.Tensor] = {}
     for entry in checked.layers:
         p = f"layers.{entry.layer}."
+        if p + "kv.key_mean" in tensors:  # calibrations before key offsets lack them
+            key_means[entry.layer] = _take(tensors, p + "kv.key_mean",
+                                           (arch.n_kv_heads, arch.head_dim), routers_path)
         if entry.k < arch.n_kv_heads:
             w, b = _take(tensors, p + "head.weight", (arch.n_kv_heads, arch.hidden), routers_path), \
                 _take(tensors, p + "head.bias", (arch.n_kv_heads,), routers_path)
@@ -175,7 +184,8 @@ def read_calibration(path: Path) -> Calibration:
     if tensors:
         raise PolarcError(f"{routers_path} holds tensors its calibration.json does not use: "
                           f"{', '.join(sorted(tensors)[:3])}")
-    return Calibration(meta=meta, head_routers=head, mlp_routers=mlp)
+    return Calibration(meta=meta, head_routers=head, mlp_routers=mlp,
+                       key_means=key_means if len(key_means) == arch.n_layers else None)
 
 
 def _take(tensors: dict[str, torch.Tensor], name: str, shape: tuple[int, ...] | None,

@@ -96,14 +96,15 @@ class _Clock:
 def fit_routers(model: Model, train_ids: torch.Tensor, ks: list[int], *, batch_size: int,
                 max_samples: int, epochs: int, seed: int, mlp_batch: int = 32,
                 mlp_recall: float = 0.99, domains: list[str] | None = None,
-                kv_absmax: dict[int, torch.Tensor] | None = None,
+                kv_stats: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
                 progress: Progress | None = None
                 ) -> tuple[dict[int, dict[int, HeadRouter]], dict[int, MLPRouter], int]:
     """Collect layer by layer and train each layer's routers as its samples arrive:
     `routers[k][layer]`, one per k the plan may use, for every layer but the first; MLP
     routers for ReLU models; and the positions kept per layer. With each row's domain
-    (`domains`), the head routers' recall is also measured per domain; `kv_absmax`, when
-    given, receives each layer's largest |K| and |V| per group [2, Hkv] (FP8 KV scales)."""
+    (`domains`), the head routers' recall is also measured per domain; `kv_stats`, when
+    given, receives each layer's largest |K| and |V| per group [2, Hkv] and mean K per group
+    [Hkv, D] (an FP8 cache's scales and key offsets)."""
     names = sorted(set(domains)) if domains else None
     row_domain = (torch.tensor([names.index(d) for d in domains])
                   if domains and names else None)
@@ -112,8 +113,8 @@ def fit_routers(model: Model, train_ids: torch.Tensor, ks: list[int], *, batch_s
 
     def train(samples: LayerSamples) -> None:
         layer = samples.layer
-        if kv_absmax is not None and samples.kv_absmax is not None:
-            kv_absmax[layer] = samples.kv_absmax
+        if kv_stats is not None and samples.kv_absmax is not None:
+            kv_stats[layer] = (samples.kv_absmax, samples.key_mean)
         if layer > 0 and ks:
             trained = train_head_routers(samples.attn_in, samples.group_norms, ks,
                                          epochs=epochs, seed=seed, domain=samples.domain,
@@ -162,11 +163,11 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
     n_kv = spec.n_kv_heads
     ks = [groups_for_density(cfg.density, n_kv)] if cfg.density is not None else candidate_ks(n_kv)
     ks = [k for k in ks if k < n_kv]
-    kv_absmax: dict[int, torch.Tensor] = {}
+    kv_stats: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     routers_by_k, mlp_routers, n_samples = fit_routers(
         model, train_ids, ks, batch_size=cfg.batch_size, max_samples=cfg.max_samples,
         epochs=cfg.epochs, seed=cfg.seed, mlp_batch=cfg.mlp_batch, mlp_recall=cfg.mlp_recall,
-        domains=train.domains, kv_absmax=kv_absmax, progress=progress)
+        domains=train.domains, kv_stats=kv_stats, progress=progress)
     clock.lap("collect_and_train")
     search = None
     if cfg.density is not None or not ks:
@@ -206,9 +207,9 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
                                  if layer in head_routers else 1.0}
         if layer in head_routers and head_routers[layer].recall_by_domain:
             entry["router_recall_by_domain"] = head_routers[layer].recall_by_domain
-        if layer in kv_absmax:
-            entry["kv_absmax"] = {"k": kv_absmax[layer][0].tolist(),
-                                  "v": kv_absmax[layer][1].tolist()}
+        if layer in kv_stats:
+            entry["kv_absmax"] = {"k": kv_stats[layer][0][0].tolist(),
+                                  "v": kv_stats[layer][0][1].tolist()}
         if layer in mlp_routers:
             m = mlp_routers[layer]
             entry.update(mlp_k=m.k, mlp_density=m.k / spec.intermediate, mlp_batch=m.batch,
@@ -246,7 +247,8 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
     }
     with writing(cfg.out, force=cfg.force, folder=True, ours=artifact.is_calibration_folder,
                  inputs=cfg.inputs) as tmp:
-        artifact.write(tmp, meta, head_routers, mlp_routers)
+        artifact.write(tmp, meta, head_routers, mlp_routers,
+                       key_means={layer: mean for layer, (_, mean) in kv_stats.items()})
         plot_report(meta, tmp / artifact.REPORT_FILE)
     return meta
 

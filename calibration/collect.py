@@ -40,6 +40,7 @@ class LayerSamples:
     mlp_in: torch.Tensor | None  # [n, d] MLP router input, ReLU models only
     domain: torch.Tensor | None = None  # [n] int: index of each position's domain
     kv_absmax: torch.Tensor | None = None  # [2, Hkv]: largest |K|, |V| per group, every token
+    key_mean: torch.Tensor | None = None  # [Hkv, D] float32: mean K per group, every token
 
 
 def collect_layers(
@@ -75,7 +76,7 @@ def collect_layers(
     task = progress.add_task("collect + train", total=model.spec.n_layers) if progress else None
     for layer in range(model.spec.n_layers):
         parts: dict[str, list[torch.Tensor]] = {"x": [], "norms": [], "active": [], "mlp_in": [],
-                                                "kv": []}
+                                                "kv": [], "key_sum": []}
         with model.layer_weights(layer):  # once per layer, for every batch
             for i in range(len(batches)):
                 out = run_layer(model, layer, hidden[i].to(device, non_blocking=True), rope,
@@ -88,7 +89,9 @@ def collect_layers(
                               torch.cat(parts["active"]) if parts["active"] else None,
                               torch.cat(parts["mlp_in"]) if parts["mlp_in"] else None,
                               sample_domain,
-                              torch.stack(parts["kv"]).amax(0).cpu() if parts["kv"] else None))
+                              torch.stack(parts["kv"]).amax(0).cpu() if parts["kv"] else None,
+                              (torch.stack(parts["key_sum"]).sum(0) / seqs.numel()).float().cpu()
+                              if parts["key_sum"] else None))
         if progress is not None:
             progress.advance(task)
     return int(sum(len(p) for p in picked))
@@ -104,6 +107,7 @@ def _keeper(parts: dict[str, list[torch.Tensor]], keep: torch.Tensor
         parts["norms"].append(obs.group_norms.reshape(-1, obs.group_norms.shape[-1])[keep])
         if obs.kv_absmax is not None:
             parts["kv"].append(obs.kv_absmax)
+            parts["key_sum"].append(obs.key_sum)
         if obs.mlp_active is not None:
             parts["active"].append(obs.mlp_active.reshape(-1, obs.mlp_active.shape[-1])[keep])
             parts["mlp_in"].append(obs.mlp_in.reshape(-1, d)[keep].float())

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from polarc.calibration import artifact
-from polarc.exporters.engine import BuildConfig, build_engine
+from polarc.exporters.engine import BuildConfig, KVStats, build_engine, fp8_cache_layout
 from polarc.plugins.reference import (
     FP8,
     FP8_MAX,
@@ -84,13 +84,19 @@ def test_scales_come_from_the_calibration_or_a_short_pass(fp8_engines: dict,
                            [e["kv_absmax"]["v"] for e in meta["layers"]]])
     eng = load_engine(fp8_engines["calibrated"])
     assert eng.kv_dtype == "fp8_e4m3" and eng.manifest["kv_scales_source"] == "calibration"
-    # keys are stored rotated (`hadamard`): their scale is sqrt(D) wider, never saturating
+    # keys are stored rotated (`hadamard`) and less their group's mean key, in that basis:
+    # K's scale is 2 sqrt(D) wider, so that it never saturates
     assert eng.key_rotation == "hadamard"
-    widen = torch.tensor([eng.model.spec.head_dim ** 0.5, 1.0])[:, None, None]
+    d = eng.model.spec.head_dim
+    widen = torch.tensor([2 * d ** 0.5, 1.0])[:, None, None]
     torch.testing.assert_close(eng.kv_scales, absmax / FP8_MAX * widen)
+    means = artifact.read_calibration(calibrated["llama-gqa"]).key_means
+    assert means is not None and len(means) == eng.model.spec.n_layers
+    torch.testing.assert_close(eng.kv_key_offset,
+                               torch.stack([means[i] for i in range(len(means))]) @ hadamard(d))
     short = load_engine(fp8_engines["short_pass"])
     assert short.manifest["kv_scales_source"].startswith("short pass over 4096 tokens")
-    assert (short.kv_scales > 0).all()
+    assert (short.kv_scales > 0).all() and short.kv_key_offset.abs().sum() > 0
 
 
 def test_fp8_engine_runs_and_stays_close(fp8_engines: dict, tmp_path: Path) -> None:
@@ -116,21 +122,28 @@ def test_hadamard_is_orthonormal() -> None:
         hadamard(48)
 
 
-def test_an_fp8_cache_holds_rotated_keys(fp8_engines: dict) -> None:
-    """The cache of an engine built now holds K times the Hadamard matrix (queries rotated
-    alike); an engine without the flag (built before) keeps plain keys, and both stay close to
-    the unquantized engine."""
+def test_an_fp8_cache_holds_rotated_keys_less_their_offset(fp8_engines: dict) -> None:
+    """The cache of an engine built now holds K times the Hadamard matrix less the group's
+    key offset (queries rotated alike); an engine without rotation and offset (built before)
+    keeps plain keys; one whose offset is far from the keys' mean (a large vector) still
+    gives what the exact engine gives, since softmax ignores a shift common to all keys; all
+    stay close to the unquantized engine."""
     eng = load_engine(fp8_engines["calibrated"])
     d = eng.model.spec.head_dim
     plain = dataclasses.replace(
         eng, manifest={k: v for k, v in eng.manifest.items() if k != "kv_key_rotation"},
-        kv_scales=eng.kv_scales / torch.tensor([d ** 0.5, 1.0])[:, None, None])
+        kv_scales=eng.kv_scales / torch.tensor([2 * d ** 0.5, 1.0])[:, None, None],
+        kv_key_offset=None)
+    shift = 0.5 * torch.randn(eng.kv_key_offset.shape, generator=torch.Generator().manual_seed(0))
+    shifted = dataclasses.replace(eng, kv_key_offset=eng.kv_key_offset + shift,
+                                  kv_scales=eng.kv_scales * torch.tensor([4.0, 1.0])[:, None, None])
     ids = list(range(5, 45))
     keys, logits = {}, {}
     for name, e, quantized in (("rotated", eng, True), ("plain", plain, True),
-                               ("exact", eng, False)):
+                               ("shifted", shifted, True), ("exact", eng, False)):
         rt = Runtime(e, batch=1, device="cpu", quantized=quantized)
-        assert (rt.key_rotation is not None) == (name == "rotated")
+        assert (rt.key_rotation is not None) == (name in ("rotated", "shifted"))
+        assert (rt.key_offset is not None) == (name in ("rotated", "shifted"))
         rt.cache.grow(0, len(ids))
         logits[name] = rt.prefill_pack([(0, ids[:30], 0)])[0]
         logits[name] = rt.prefill_pack([(0, ids[30:], 30)])[0]  # attends to the cache
@@ -138,11 +151,37 @@ def test_an_fp8_cache_holds_rotated_keys(fp8_engines: dict) -> None:
         scale = rt.layer_kv_scales(1)[0]
         stored = rt.cache.k[1][pages, :, offsets].float()
         keys[name] = stored * scale[:, None] if scale is not None else stored
-    rotated_back = keys["rotated"] @ hadamard(d).T
+    rotated_back = (keys["rotated"] + eng.kv_key_offset[1]) @ hadamard(d).T
     assert (rotated_back - keys["plain"]).norm() < 0.1 * keys["plain"].norm()
     assert (keys["rotated"] - keys["plain"]).norm() > 0.5 * keys["plain"].norm()
-    for name in ("rotated", "plain"):
-        assert (logits[name] - logits["exact"]).norm() < 0.1 * logits["exact"].norm()
+    assert (keys["shifted"] - keys["rotated"] + shift[1]).norm() < 0.1 * keys["plain"].norm()
+    for name in ("rotated", "plain", "shifted"):
+        assert (logits[name] - logits["exact"]).norm() < 0.1 * logits["exact"].norm(), name
+
+
+def test_key_offset_takes_the_shared_part_out_of_the_rounding() -> None:
+    """Keys with a large part common to every position (as real models' keys have): stored
+    less their mean (`fp8_cache_layout`), attention over the float8 cache is several times
+    closer to exact attention than with keys stored as they are."""
+    g = torch.Generator().manual_seed(0)
+    S, H, D = 512, 2, 64
+    k = torch.randn(S, H, D, generator=g) + 6 * torch.randn(H, D, generator=g)
+    v = torch.randn(S, H, D, generator=g)
+    q = torch.randn(1, H, D, generator=g) / D ** 0.5
+    exact = torch.softmax(torch.einsum("qhd,shd->hs", q, k), -1)
+    err = {}
+    for name, mean in (("offset", k.mean(0)), ("none", None)):
+        stats = KVStats(torch.stack([k.abs().amax((0, 2)), v.abs().amax((0, 2))])[:, None],
+                        None if mean is None else mean[None])
+        layout = fp8_cache_layout(stats, D)
+        rot = hadamard(D)
+        stored = k @ rot - (layout.key_offset[0] if mean is not None else 0)
+        scale = layout.scales[0, 0]
+        assert (stored.abs() / scale[:, None]).amax() <= FP8_MAX  # never saturates
+        back = dequantize_kv(quantize_kv(stored, scale).permute(1, 0, 2)[None], scale)[0]
+        p = torch.softmax(torch.einsum("qhd,hsd->hs", q @ rot, back), -1)
+        err[name] = ((p - exact).norm() / exact.norm()).item()
+    assert err["offset"] < err["none"] / 3, err
 
 
 def test_fp8_bad_input(tiny_dirs: dict, tmp_path: Path, fp8_engines: dict) -> None:
@@ -155,16 +194,25 @@ def test_fp8_bad_input(tiny_dirs: dict, tmp_path: Path, fp8_engines: dict) -> No
     assert not any(tmp_path.iterdir())
 
 
-def test_non_finite_scales_are_refused(tiny_dirs: dict, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("what", ["scales", "key offsets"])
+def test_non_finite_scales_or_offsets_are_refused(what: str, tiny_dirs: dict, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from polarc.exporters import engine as engine_mod
 
-    monkeypatch.setattr(engine_mod, "kv_scales", lambda absmax, head_dim: (absmax * float("nan"), None))
+    def broken(stats: KVStats, head_dim: int):  # noqa: ANN202
+        layout = fp8_cache_layout(stats, head_dim)
+        if what == "scales":
+            return dataclasses.replace(layout, scales=layout.scales * float("nan"))
+        return dataclasses.replace(layout, key_offset=layout.key_offset * float("inf"))
+
+    monkeypatch.setattr(engine_mod, "fp8_cache_layout", broken)
     path = tmp_path / "nan.plan"
     build_engine(load_model(str(tiny_dirs["llama-gqa"])), None,
                  BuildConfig(out=path, dtype="fp32", max_batch=2, max_seq=64, kv_dtype="fp8"))
     code, _, stderr = run("run", path, "--prompt", "x", "--device", "cpu")
-    one_line_error(code, stderr, "FP8 KV scales are not all finite and positive")
+    expected = "FP8 KV scales are not all finite and positive" if what == "scales" \
+        else "FP8 key offsets are not all finite"
+    one_line_error(code, stderr, expected)
 
 
 @pytest.mark.gpu

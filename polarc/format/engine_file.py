@@ -69,6 +69,8 @@ class Engine:
     mlp_routers: dict[int, MLPRouter]
     plans: dict[str, bytes] | None = None  # TensorRT backend: serialized decode/prefill plans
     kv_scales: torch.Tensor | None = None  # FP8 KV: [2 (K, V), layers, Hkv] float32
+    # FP8 KV: [layers, Hkv, D] float32, subtracted from every stored key (in the key basis)
+    kv_key_offset: torch.Tensor | None = None
 
     @property
     def kv_dtype(self) -> str | None:
@@ -143,11 +145,12 @@ def fp8_weight_names(names: Any) -> list[str]:
 
 
 def engine_tensors(model: Model, mlp: dict[int, MLPRouter], dtype: torch.dtype,
-                   kv_scales: torch.Tensor | None = None, fp8_weights: bool = False
+                   kv_scales: torch.Tensor | None = None,
+                   kv_key_offset: torch.Tensor | None = None, fp8_weights: bool = False
                    ) -> dict[str, torch.Tensor]:
     """The container's tensors for `model` (head routers attached), its MLP routers and,
-    for an FP8 KV cache, the scales [2, layers, Hkv]; with `fp8_weights`, the linear layers'
-    weights in float8 with a scale per row."""
+    for an FP8 KV cache, the scales [2, layers, Hkv] and key offsets [layers, Hkv, D]; with
+    `fp8_weights`, the linear layers' weights in float8 with a scale per row."""
     spec = model.spec
     weights = {name: t.to(dtype) for name, t in stored_weights(model.weights, spec).items()}
     if spec.relu_mlp:
@@ -168,6 +171,8 @@ def engine_tensors(model: Model, mlp: dict[int, MLPRouter], dtype: torch.dtype,
         tensors["tokenizer.json"] = _bytes_tensor(tok)
     if kv_scales is not None:
         tensors["kv.scales"] = kv_scales.float().contiguous()
+    if kv_key_offset is not None:
+        tensors["kv.key_offset"] = kv_key_offset.float().contiguous()
     return tensors
 
 
@@ -259,6 +264,8 @@ def expected_shapes(manifest: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         shapes["weights.lm_head.weight"] = (v, d)
     if manifest.get("kv_dtype") is not None:
         shapes["kv.scales"] = (2, spec.n_layers, spec.n_kv_heads)
+    if manifest.get("kv_key_offset"):
+        shapes["kv.key_offset"] = (spec.n_layers, spec.n_kv_heads, spec.head_dim)
     if spec.rotary:
         shapes["rope.inv_freq"] = (spec.head_dim // 2,)
     else:
@@ -443,5 +450,9 @@ def load_engine(path: Path, device: str | torch.device = "cpu",
     if scales is not None and not bool(torch.isfinite(scales).all() and (scales > 0).all()):
         raise PolarcError(f"{path}: its FP8 KV scales are not all finite and positive",
                           hint="rebuild it with polarc build")
+    offset = tensors.get("kv.key_offset")
+    if offset is not None and not bool(torch.isfinite(offset).all()):
+        raise PolarcError(f"{path}: its FP8 key offsets are not all finite",
+                          hint="rebuild it with polarc build")
     return Engine(path=path, manifest=manifest, model=model, k_per_layer=list(plan["k_per_layer"]),
-                  head_routers=head, mlp_routers=mlp, kv_scales=scales)
+                  head_routers=head, mlp_routers=mlp, kv_scales=scales, kv_key_offset=offset)

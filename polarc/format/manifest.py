@@ -130,6 +130,9 @@ class Manifest(Strict):
     # "hadamard": an FP8 cache holds keys times the orthonormal Hadamard matrix (queries are
     # rotated alike, so q.k is unchanged); None: keys as they are
     kv_key_rotation: Literal["hadamard"] | None = None
+    # True: it stores keys less their group's mean key (`kv.key_offset`, in the key basis;
+    # softmax ignores a shift common to every key)
+    kv_key_offset: bool = False
     weight_dtype: Literal["fp8_e4m3"] | None = None  # None: the linear weights in `dtype`
 
     @model_validator(mode="after")

@@ -42,6 +42,7 @@ class LayerObservation:
     mlp_active: torch.Tensor | None  # [B, T, N] bool: which ReLU neurons fire (OPT only)
     mlp_in: torch.Tensor | None  # [B, T, d]: MLP input after its norm (OPT only: router input)
     kv_absmax: torch.Tensor | None = None  # [2, Hkv]: largest |K| and |V| per group (post-rope)
+    key_sum: torch.Tensor | None = None  # [Hkv, D] float64: K summed over the positions (post-rope)
 
 
 Observer = Callable[[LayerObservation], None]
@@ -71,6 +72,7 @@ def run_layer(
         if observe is not None:
             seen["kv_absmax"] = torch.stack([k.abs().amax(dim=(0, 1, 3)),
                                              v.abs().amax(dim=(0, 1, 3))]).float()
+            seen["key_sum"] = k.double().sum(dim=(0, 1))
         keep = select(layer, x, seen["norms"]) if select is not None else None
         if keep is not None:
             o = o * keep.to(o.dtype)[..., None, None]
@@ -90,7 +92,7 @@ def run_layer(
                              mlp=relu_mlp if spec.relu_mlp else None)
     if observe is not None:
         observe(LayerObservation(layer, seen["attn_in"], seen["norms"], seen.get("active"),
-                                 seen.get("mlp_in"), seen.get("kv_absmax")))
+                                 seen.get("mlp_in"), seen.get("kv_absmax"), seen.get("key_sum")))
     return h + delta
 
 

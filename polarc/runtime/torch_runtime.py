@@ -112,6 +112,9 @@ class Runtime:
         # keeps its keys as they are (the rotation leaves q.k unchanged, up to rounding)
         self.key_rotation = hadamard(spec.head_dim, self.model.dtype, self.device) \
             if fp8 and engine.key_rotation == "hadamard" else None
+        # ... less their group's mean key (`fp8_cache_layout`: softmax ignores the shift)
+        self.key_offset = engine.kv_key_offset.to(self.device, self.model.dtype) \
+            if fp8 and engine.kv_key_offset is not None else None
         if self.device.type == "cuda":
             check_fp8_gpu(self.device, kv=fp8,
                           weights=any(t.dtype == FP8 for t in self.model.weights.values()))
@@ -231,7 +234,7 @@ class Runtime:
         tables = [row.to(dev)[None] if start else None for _, _, start, row in spans]
 
         def attend(layer, x, q, k, v, extra):
-            q, k = self.rotate_keys(q, k)
+            q, k = self.cache_basis(layer, q, k)
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             k_scale, v_scale = self.layer_kv_scales(layer)
             if k_pool.dtype == FP8:
@@ -280,11 +283,15 @@ class Runtime:
 
     # --------------------------------------------------------------------- decode step
 
-    def rotate_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Queries and keys ``[..., D]`` in the cache's key basis (`key_rotation`)."""
-        if self.key_rotation is None:
-            return q, k
-        return q @ self.key_rotation, k @ self.key_rotation
+    def cache_basis(self, layer: int, q: torch.Tensor, k: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys ``[..., Hq or Hkv, D]`` as the cache holds them: rotated
+        (`key_rotation`), keys less the layer's `key_offset` [Hkv, D]."""
+        if self.key_rotation is not None:
+            q, k = q @ self.key_rotation, k @ self.key_rotation
+        if self.key_offset is not None:
+            k = k - self.key_offset[layer]
+        return q, k
 
     def layer_kv_scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(K scales, V scales) [Hkv] of an FP8 cache's layer; (None, None) otherwise."""
@@ -325,7 +332,7 @@ class Runtime:
         rope = rope_cos_sin(self.model, positions, h.dtype)
 
         def attend(layer, x, q, k, v, extra):
-            q, k = self.rotate_keys(q, k)
+            q, k = self.cache_basis(layer, q, k)
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             scales = self.layer_kv_scales(layer)
             self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales)
