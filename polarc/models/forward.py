@@ -72,7 +72,7 @@ def run_layer(
         if observe is not None:
             seen["kv_absmax"] = torch.stack([k.abs().amax(dim=(0, 1, 3)),
                                              v.abs().amax(dim=(0, 1, 3))]).float()
-            seen["key_sum"] = k.double().sum(dim=(0, 1))
+            seen["key_sum"] = k.sum(dim=(0, 1), dtype=torch.float64)
         keep = select(layer, x, seen["norms"]) if select is not None else None
         if keep is not None:
             o = o * keep.to(o.dtype)[..., None, None]

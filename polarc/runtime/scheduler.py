@@ -232,7 +232,7 @@ class Scheduler:
         if not self.idle:
             raise RuntimeError("warm_up runs before any request")
         self.runtime.capture()
-        room = (self.cache.pages_free - self.promised) * self.cache.page_size
+        room = self.cache.pages_free * self.cache.page_size  # idle: nothing promised
         n = min(self.prefill_chunk, self.runtime.max_seq, room) - 1
         if n < 1:
             return
