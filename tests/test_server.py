@@ -195,8 +195,12 @@ def _slow_steps(loop: EngineLoop) -> None:
 
 def test_a_client_that_goes_away_frees_its_slot(tiny_engine: Path) -> None:
     with serving(tiny_engine, slots=2) as (url, loop):
+        # steps slowed to 50 ms and EOS ignored, so the stream is still running when checked
+        # (a fast machine made all 200 tokens before the test looked)
+        _slow_steps(loop)
         with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
-                "model": "tiny", "prompt": "a long one", "max_tokens": 200, "stream": True}) as r:
+                "model": "tiny", "prompt": "a long one", "max_tokens": 200, "ignore_eos": True,
+                "stream": True}) as r:
             first = next(r.iter_lines())
             assert first.startswith("data: ")
             assert loop.scheduler.running == 1
@@ -204,9 +208,8 @@ def test_a_client_that_goes_away_frees_its_slot(tiny_engine: Path) -> None:
         assert loop.scheduler.running == 0 and loop.scheduler.cache.pages_used == 0
         metrics = httpx.get(url + "/metrics").text
         assert 'polarc_requests_total{finish_reason="cancelled"} 1.0' in metrics
-        # a whole (not streamed) response whose client gives up waiting: steps slowed to
-        # 50 ms, so its 60 tokens outlast the client's 0.5 s
-        _slow_steps(loop)
+        # a whole (not streamed) response whose client gives up waiting: its 60 slowed steps
+        # outlast the client's 0.5 s
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url + "/v1/completions", timeout=httpx.Timeout(60, read=0.5), json={
                 "model": "tiny", "prompt": "a long one", "max_tokens": 60, "ignore_eos": True})
