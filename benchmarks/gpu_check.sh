@@ -17,7 +17,7 @@ cal() {  # cal NAME ARGS: a timed calibration to /tmp/NAME; its calibration.json
 }
 for what in "$@"; do
   case $what in
-    tests) timeout 270 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_gpu.py tests/test_selective_attention.py \
+    tests) timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_gpu.py tests/test_selective_attention.py \
              tests/test_selective_gemm.py tests/test_topk_groups.py tests/test_kv_write.py \
              tests/test_tensorrt_plugin.py tests/test_runtime.py tests/test_scheduler.py \
              tests/test_calibrate_device.py tests/test_streaming.py 2>&1 | tee $OUT/tests.log | tail -15 ;;

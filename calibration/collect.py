@@ -35,7 +35,7 @@ class LayerSamples:
 
     layer: int
     attn_in: torch.Tensor  # [n, d] router input, float32
-    group_norms: torch.Tensor  # [n, Hkv] label source: each KV group's attention output norm
+    group_norms: torch.Tensor  # [n, Hkv] label source: norm of each group's part of the attention output
     mlp_active: torch.Tensor | None  # [n, N] bool, ReLU models only
     mlp_in: torch.Tensor | None  # [n, d] MLP router input, ReLU models only
     domain: torch.Tensor | None = None  # [n] int: index of each position's domain

@@ -1,7 +1,8 @@
 """Quality of a density plan under four selections, in the plain-torch masked forward.
 
-dense: every group. sparse: the routers' top-k. oracle: the true top-k groups by attention
-output norm, per token. random: k random groups per token. The same per-layer k throughout.
+dense: every group. sparse: the routers' top-k. oracle: the true top-k groups by the norm
+of their part of the attention output (after W_o), per token. random: k random groups per
+token. The same per-layer k throughout.
 """
 
 from __future__ import annotations

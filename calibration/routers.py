@@ -2,8 +2,8 @@
 routers (what they are: `polarc.format.routers`).
 
 A head router is trained for exactly the k it will select: labels are each token's top-k
-groups by attention output norm, so what it was trained for and what it selects are the same
-thing.
+groups by the norm of their part of the attention output (`group_output_norms`), so what it
+was trained for and what it selects are the same thing.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ import torch
 
 from polarc.errors import PolarcError
 from polarc.models import PRESETS, load_model
-from polarc.models.forward import forward
+from polarc.models.forward import forward, group_output_norms
 from polarc.models.load import random_identity
 from polarc.models.presets import hf_config, spec_from_hf_config
 from polarc.models.weights import hf_names
@@ -21,6 +21,23 @@ def test_reference_forward_matches_transformers(kind: str, tiny_dirs: dict[str, 
         ref = hf(ids).logits
     out = forward(model, ids)
     assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_group_output_norms_are_what_dropping_a_group_removes() -> None:
+    """Each group's label is the norm of the change in the attention block's output when that
+    group's query heads are zeroed before W_o (the Gram-matrix form against the product)."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, hkv, g, d, hidden = 2, 5, 3, 4, 8, 24
+    o = torch.randn(B, T, hkv, g, d, generator=gen)
+    w_o = torch.randn(hidden, hkv * g * d, generator=gen) * torch.rand(hkv * g * d, generator=gen)
+    full = o.flatten(2) @ w_o.T
+    for group in range(hkv):
+        keep = torch.ones(hkv)
+        keep[group] = 0
+        without = (o * keep[:, None, None]).flatten(2) @ w_o.T
+        removed = (full - without).norm(dim=-1)
+        torch.testing.assert_close(group_output_norms(o, w_o)[..., group], removed,
+                                   rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", list(TINY))
