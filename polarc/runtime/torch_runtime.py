@@ -47,11 +47,16 @@ from polarc.runtime.kv_cache import (
 
 # SDPA backends for prefill on CUDA (names of torch.nn.attention.SDPBackend): not cuDNN's
 PREFILL_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+# Prefill forwards of at least this many tokens (pack width included) run compiled
+# element-wise stages; shorter ones eager (see Runtime.prefill_ops)
+COMPILED_PREFILL_TOKENS = 512
 
 
-def compiled_ops(device: torch.device) -> Ops:
-    """The decode step's element-wise stages; on CUDA each is compiled into one kernel
-    (dozens of tiny launches per layer otherwise add up to milliseconds per step)."""
+def compiled_ops(device: torch.device, *, dynamic: bool = False) -> Ops:
+    """A layer's element-wise stages; on CUDA each is compiled into one kernel (dozens of
+    tiny launches per layer otherwise add up to milliseconds per step). `dynamic`: one kernel
+    for every token count (prefill's chunks and packs vary), else one per shape (the decode
+    step's batch buckets)."""
     if device.type != "cuda" or os.environ.get("POLARC_NO_COMPILE") == "1":
         return EAGER
     # One compiled kernel per batch bucket (and per runtime in a process that opens several):
@@ -59,7 +64,7 @@ def compiled_ops(device: torch.device) -> Ops:
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 256))
-    return Ops(*(torch.compile(fn, fullgraph=True, dynamic=False)
+    return Ops(*(torch.compile(fn, fullgraph=True, dynamic=dynamic)
                  for fn in (add_norm, rope_qk, swiglu)))
 
 
@@ -132,7 +137,13 @@ class Runtime:
         self.kernels = kernels_for(self.device, spec.head_dim)
         # float8 weights go through the kernels' linear, in prefill and in the step
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear)
-        self.prefill_ops = dataclasses.replace(EAGER, linear=self.kernels.linear)
+        # Prefill compiles them too from COMPILED_PREFILL_TOKENS on: eager element-wise stages
+        # made a 2,048-token prefill 16% slower on the H200 (66.6 against 57.5 ms), while the
+        # compiled ones' per-call host cost made 64- and 256-token prompts slower (RESULTS.md,
+        # 2026-12-04). The scheduler's packs are 2,048 wide, so they always take these.
+        self.prefill_ops = dataclasses.replace(compiled_ops(self.device, dynamic=True),
+                                               linear=self.kernels.linear)
+        self.short_prefill_ops = dataclasses.replace(EAGER, linear=self.kernels.linear)
         self.prefill_sdpa: tuple[str, ...] | None = PREFILL_SDPA
         self.all_groups = torch.arange(spec.n_kv_heads, dtype=torch.int32, device=self.device
                                        ).expand(batch, -1).contiguous()
@@ -232,6 +243,7 @@ class Runtime:
         h = embed(self.model, ids_t, positions)
         rope = rope_cos_sin(self.model, positions, h.dtype)
         tables = [row.to(dev)[None] if start else None for _, _, start, row in spans]
+        ops = self.prefill_ops if at + pad >= COMPILED_PREFILL_TOKENS else self.short_prefill_ops
 
         def attend(layer, x, q, k, v, extra):
             q, k = self.cache_basis(layer, q, k)
@@ -263,11 +275,11 @@ class Runtime:
         with self._prefill_attention():
             for layer in range(self.spec.n_layers):
                 h, delta = decoder_layer(self.model, layer, h, delta, rope, attend,
-                                         ops=self.prefill_ops)
+                                         ops=ops)
         last = h + delta
         for slot, ids, start in chunks:
             self.cache.lengths[slot] = start + len(ids)
-        return [final_logits(self.model, last[0, o + n - 1], self.prefill_ops)
+        return [final_logits(self.model, last[0, o + n - 1], ops)
                 for o, n, _, _ in spans]
 
     def _prefill_attention(self) -> contextlib.AbstractContextManager:
