@@ -3,7 +3,9 @@ routers (what they are: `polarc.format.routers`).
 
 A head router is trained for exactly the k it will select: labels are each token's top-k
 groups by the norm of their part of the attention output (`group_output_norms`), so what it
-was trained for and what it selects are the same thing.
+was trained for and what it selects are the same thing. Its loss weighs each wrong call by
+the group's distance from the top-k boundary, so it spends its capacity where a miss costs
+perplexity rather than on near ties.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from polarc.format.routers import HeadRouter, MLPRouter
+
+# The largest weight a (token, group) term of the head routers' loss takes, in median norms
+MAX_MARGIN = 10.0
 
 
 def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -49,7 +54,8 @@ def train_head_routers(
     domain_names: list[str] | None = None,
 ) -> dict[int, HeadRouter]:
     """Fit one `Linear(d, Hkv)` per k in `ks` for one layer (x [n, d], group_norms [n, Hkv]),
-    all at once (one batched step trains every k), with class-weighted BCE on top-k labels;
+    all at once (one batched step trains every k), with class-weighted BCE on top-k labels,
+    each term weighted by the group's margin from the top-k boundary (`margins`);
     keep each router's best validation recall (the epoch whose router best reproduces the
     true top-k on unseen tokens), and, with each sample's `domain` [n] (indices into
     `domain_names`), that router's validation recall per domain."""
@@ -75,6 +81,19 @@ def train_head_routers(
     def labels(idx: torch.Tensor) -> torch.Tensor:
         return torch.stack([topk_mask(group_norms[idx], k) for k in ks]).float()
 
+    unit = group_norms[train].float().median().clamp(min=1e-12)
+
+    def margins(idx: torch.Tensor) -> torch.Tensor:
+        """[n_k, b, Hkv]: each group's distance from its token's top-k boundary (midway
+        between the k-th and the (k+1)-th norm), in units of the median norm, at most
+        MAX_MARGIN. Wrong on a group far from the boundary costs what dropping it removes;
+        near it, almost nothing. The cap keeps a few very loud tokens from taking the fit."""
+        g = group_norms[idx].float()
+        ranked = g.sort(-1, descending=True).values
+        out = [((g - (ranked[:, k - 1:k] + ranked[:, k:k + 1]) / 2).abs() / unit)
+               .clamp(max=MAX_MARGIN) if k < hkv else torch.ones_like(g) for k in ks]
+        return torch.stack(out)
+
     val_labels = labels(val).bool()
     best_recall = torch.full((n_k,), -1.0, device=dev)
     best_w, best_b = weight.detach().clone(), bias.detach().clone()
@@ -82,7 +101,8 @@ def train_head_routers(
         order = train[torch.randperm(len(train), generator=gen).to(dev)]
         for s in range(0, len(order), batch):
             b = order[s:s + batch]
-            loss = F.binary_cross_entropy_with_logits(logits(b), labels(b), pos_weight=pos_weight)
+            loss = (F.binary_cross_entropy_with_logits(logits(b), labels(b), pos_weight=pos_weight,
+                                                       reduction="none") * margins(b)).mean()
             opt.zero_grad()
             (loss * n_k).backward()  # the routers are independent: sum their losses
             opt.step()
