@@ -78,31 +78,27 @@ def train_head_routers(
     def logits(idx: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bd,khd->kbh", (x[idx] - mean) / std, weight) + bias
 
-    def labels(idx: torch.Tensor) -> torch.Tensor:
-        return torch.stack([topk_mask(group_norms[idx], k) for k in ks]).float()
-
-    unit = group_norms[train].float().median().clamp(min=1e-12)
-
-    def margins(idx: torch.Tensor) -> torch.Tensor:
-        """[n_k, b, Hkv]: each group's distance from its token's top-k boundary (midway
-        between the k-th and the (k+1)-th norm), in units of the median norm, at most
-        MAX_MARGIN. Wrong on a group far from the boundary costs what dropping it removes;
-        near it, almost nothing. The cap keeps a few very loud tokens from taking the fit."""
-        g = group_norms[idx].float()
-        ranked = g.sort(-1, descending=True).values
-        out = [((g - (ranked[:, k - 1:k] + ranked[:, k:k + 1]) / 2).abs() / unit)
-               .clamp(max=MAX_MARGIN) if k < hkv else torch.ones_like(g) for k in ks]
-        return torch.stack(out)
-
-    val_labels = labels(val).bool()
+    # Every sample's top-k labels and loss weights [n_k, n, Hkv], made once: a group's weight
+    # is its distance from its token's top-k boundary (midway between the k-th and the
+    # (k+1)-th norm) in median norms, at most MAX_MARGIN. A wrong call far from the boundary
+    # costs what dropping that group removes; near it, almost nothing. The cap keeps a few
+    # very loud tokens from taking the fit.
+    norms = group_norms.float()
+    targets = torch.stack([topk_mask(norms, k) for k in ks]).float()
+    ranked = norms.sort(-1, descending=True).values
+    unit = norms[train].median().clamp(min=1e-12)
+    margins = torch.stack([((norms - (ranked[:, k - 1:k] + ranked[:, k:k + 1]) / 2).abs() / unit)
+                           .clamp(max=MAX_MARGIN) if k < hkv else torch.ones_like(norms)
+                           for k in ks])
+    val_labels = targets[:, val].bool()
     best_recall = torch.full((n_k,), -1.0, device=dev)
     best_w, best_b = weight.detach().clone(), bias.detach().clone()
     for _ in range(epochs):
         order = train[torch.randperm(len(train), generator=gen).to(dev)]
         for s in range(0, len(order), batch):
             b = order[s:s + batch]
-            loss = (F.binary_cross_entropy_with_logits(logits(b), labels(b), pos_weight=pos_weight,
-                                                       reduction="none") * margins(b)).mean()
+            loss = (F.binary_cross_entropy_with_logits(logits(b), targets[:, b], pos_weight=pos_weight,
+                                                       reduction="none") * margins[:, b]).mean()
             opt.zero_grad()
             (loss * n_k).backward()  # the routers are independent: sum their losses
             opt.step()
