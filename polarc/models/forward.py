@@ -85,7 +85,8 @@ def run_layer(
         o = causal_attention(q, k, v).reshape(B, T, spec.n_kv_heads, spec.group_size,
                                                 spec.head_dim)
         seen["attn_in"] = x
-        seen["norms"] = group_output_norms(o, model.weights[f"layers.{layer}.o.weight"])
+        if observe is not None or select is not None:  # a dense pass needs no labels
+            seen["norms"] = group_output_norms(o, model.weights[f"layers.{layer}.o.weight"])
         if observe is not None:
             seen["kv_absmax"] = torch.stack([k.abs().amax(dim=(0, 1, 3)),
                                              v.abs().amax(dim=(0, 1, 3))]).float()
