@@ -47,15 +47,17 @@ def train_head_routers(
     epochs: int = 16,
     lr: float = 1e-2,
     batch: int = 512,
-    weight_decay: float = 0.01,
+    weight_decay: float = 0.1,
     val_frac: float = 0.1,
     seed: int = 0,
     domain: torch.Tensor | None = None,
     domain_names: list[str] | None = None,
 ) -> dict[int, HeadRouter]:
     """Fit one `Linear(d, Hkv)` per k in `ks` for one layer (x [n, d], group_norms [n, Hkv]),
-    all at once (one batched step trains every k), with class-weighted BCE on top-k labels,
-    each term weighted by the group's margin from the top-k boundary (`margins`);
+    all at once (one batched step trains every k), with BCE on top-k labels, each term
+    weighted by the group's margin from the top-k boundary (`margins`; no class weights:
+    the margins already decide what counts, and class weights on top of them cost held-out
+    perplexity);
     keep each router's best validation recall (the epoch whose router best reproduces the
     true top-k on unseen tokens), and, with each sample's `domain` [n] (indices into
     `domain_names`), that router's validation recall per domain."""
@@ -70,8 +72,6 @@ def train_head_routers(
     weight = torch.nn.Parameter((torch.randn(n_k, hkv, d, generator=gen) / d**0.5).to(dev))
     bias = torch.nn.Parameter(torch.zeros(n_k, 1, hkv, device=dev))
     opt = torch.optim.AdamW([weight, bias], lr=lr, weight_decay=weight_decay)
-    pos_weight = torch.tensor([[(hkv - k) / k if k < hkv else 1.0] for k in ks],
-                              device=dev)[:, None, :].expand(n_k, 1, hkv)
     steps = epochs * math.ceil(len(train) / batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
@@ -97,8 +97,8 @@ def train_head_routers(
         order = train[torch.randperm(len(train), generator=gen).to(dev)]
         for s in range(0, len(order), batch):
             b = order[s:s + batch]
-            loss = (F.binary_cross_entropy_with_logits(logits(b), targets[:, b], pos_weight=pos_weight,
-                                                       reduction="none") * margins[:, b]).mean()
+            loss = (F.binary_cross_entropy_with_logits(logits(b), targets[:, b], reduction="none")
+                    * margins[:, b]).mean()
             opt.zero_grad()
             (loss * n_k).backward()  # the routers are independent: sum their losses
             opt.step()
