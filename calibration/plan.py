@@ -10,11 +10,7 @@ fits, then lowers single layers greedily while the measured plan still fits.
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +23,7 @@ from polarc.format.routers import HeadRouter
 from polarc.models.forward import run_layer
 from polarc.models.layers import embed, final_logits, rope_cos_sin
 from polarc.models.load import Model
-from polarc.models.memory import free_memory
+from polarc.models.memory import free_memory, freed_memory_returned
 
 DENSITY_GRID = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 # A (layer, k) measured as free or helpful alone still costs something in company (costs do
@@ -389,35 +385,6 @@ def search_plan(
             plan = candidate
             measure.accept(plan)
     return plan, tries
-
-
-# glibc's mallopt parameter: the size from which an allocation is mapped on its own
-M_MMAP_THRESHOLD = -3
-DEFAULT_MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling for its own moving threshold (64-bit)
-
-
-@contextmanager
-def freed_memory_returned() -> Iterator[None]:
-    """Within: host buffers of 1 MiB and more go back to the system when freed (glibc only).
-
-    By default glibc raises this threshold after each large free (up to 32 MiB), so the plan
-    search's many 1-32 MiB tensors are carved from the heap, which fragments and keeps what
-    was freed: the default SmolLM2 search peaked at 3.60 GiB of RSS that way, 2.52 GiB with
-    the threshold fixed, for the same work. It costs a page fault per fresh page, so only the
-    search (the calibration's peak) runs so; afterwards the threshold is glibc's ceiling. A
-    user's own MALLOC_MMAP_THRESHOLD_ wins."""
-    libc = None
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-        except (OSError, AttributeError):
-            libc = None  # not glibc: its allocator has its own policy
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD_MAX)
 
 
 def budget_plan(

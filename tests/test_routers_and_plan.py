@@ -1,3 +1,6 @@
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -117,3 +120,31 @@ def test_search_shrinks_the_budget_when_costs_understate(monkeypatch: pytest.Mon
     plan, tries = _search_with_true_rise(monkeypatch, costs, 12, 3, 3.0, 3.0)
     assert tries[0]["increase_pct"] > 3 * TUNE_SHARE
     assert sum(plan) < 3 * 12
+
+
+HEAP_CHURN = """
+import sys, torch
+from polarc.models.memory import freed_memory_returned
+def rss():
+    return int(open('/proc/self/statm').read().split()[1]) * 4096
+ctx = freed_memory_returned() if sys.argv[1] == 'call' else None
+if ctx: ctx.__enter__()
+big = torch.ones(30 << 18)  # 30 MiB: its free lifts glibc's default threshold to 30 MiB
+del big
+before = rss()
+parts = [torch.ones(1 << 19) for _ in range(24)]  # 2 MiB each
+del parts[:-1]  # the last one pins the top of the heap: the others cannot be trimmed
+print((rss() - before) >> 20)
+if ctx: ctx.__exit__(None, None, None)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="needs Linux /proc")
+def test_freed_host_memory_goes_back_to_the_system() -> None:
+    """The plan search's peak RSS depends on it; control run without it."""
+    kept = {mode: int(subprocess.run([sys.executable, "-c", HEAP_CHURN, mode], check=True,
+                                     capture_output=True, text=True).stdout.split()[-1])
+            for mode in ("call", "control")}
+    if kept["control"] < 16:
+        pytest.skip(f"this allocator returns freed memory anyway (kept {kept['control']} MiB)")
+    assert kept["call"] <= 4, kept
