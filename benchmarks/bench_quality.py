@@ -58,7 +58,7 @@ def main() -> None:
     plans = {"uniform 2/3": uniform_plan(n_layers, n_kv, 2 / 3),
              "uniform 1/3": uniform_plan(n_layers, n_kv, 1 / 3)}
     for budget in args.budgets:
-        plan, _ = search_plan(model, tune, costs, routers_by_k, budget)
+        plan, _, _ = search_plan(model, tune, costs, routers_by_k, budget)
         plans[f"budget {budget:g}%"] = plan
     rows = []
     for name, plan in plans.items():

@@ -181,14 +181,19 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
         mode = "budget"
     head_routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < n_kv}
 
-    # Quality on the tuning split: dense, the chosen plan and, for the report, uniform plans,
-    # all in one pass over the layers.
+    # Quality on the tuning split: dense and the chosen plan (the search measured both on the
+    # same text) and, for the report, uniform plans, all in one pass over the layers.
     clock.lap("plan")
     uniform = {k: [n_kv] + [k] * (spec.n_layers - 1) for k in ks}
-    runs = [PlanRun([n_kv] * spec.n_layers, {}), PlanRun(plan, head_routers)] + [
-        PlanRun(uplan, routers_by_k[k]) for k, uplan in uniform.items()]
+    runs = [PlanRun(uplan, routers_by_k[k]) for k, uplan in uniform.items()]
+    if search is None or search.ppl_plan is None:
+        runs = [PlanRun([n_kv] * spec.n_layers, {}), PlanRun(plan, head_routers)] + runs
     tune = TuneSet.of(model, tune_ids, tune_rows.domains, cfg.batch_size)
-    ppl_dense, ppl_plan, *ppl_uniform = run_plans(model, tune, runs, progress, "measuring plans")
+    measured = run_plans(model, tune, runs, progress, "measuring plans")
+    if search is None or search.ppl_plan is None:
+        ppl_dense, ppl_plan, *ppl_uniform = measured
+    else:
+        ppl_dense, ppl_plan, ppl_uniform = search.ppl_dense, search.ppl_plan, measured
     curve = [{"k": k, "kv_density": kv_density(uplan, n_kv), "ppl": ppl.overall,
               "increase_pct": ppl.overall_rise(ppl_dense),
               "worst_domain_increase_pct": ppl.rise(ppl_dense)}

@@ -64,6 +64,7 @@ class PlanSearch:
 
     ppl_dense: Perplexity
     layer_costs: dict[str, dict[str, float]] = field(default_factory=dict)  # layer -> k -> %
+    ppl_plan: Perplexity | None = None  # the chosen plan's, on the whole tuning text
     tries: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -274,6 +275,7 @@ class _Measurer:
     tune: TuneSet
     routers_by_k: dict[int, dict[int, HeadRouter]]
     measured: dict[tuple[int, ...], float] = field(default_factory=dict)
+    ppls: dict[tuple[int, ...], Perplexity] = field(default_factory=dict)
     base: PlanRun | None = None
     last: PlanRun | None = None
 
@@ -306,6 +308,7 @@ class _Measurer:
         ppl = run_plans(self.model, self.tune, [run])[0]
         run.recorded.update({i: earlier[i] for i in range(start)})
         self.last = run
+        self.ppls[tuple(plan)] = ppl
         return ppl.rise(self.tune.ppl_dense)
 
 
@@ -319,9 +322,9 @@ def search_plan(
     max_tries: int = 10,
     refine_tries: int = 8,
     progress: Progress | None = None,
-) -> tuple[list[int], list[dict[str, float]]]:
+) -> tuple[list[int], list[dict[str, float]], Perplexity | None]:
     """The cheapest plan (fewest KV groups) whose measured rise on `tune` is within
-    TUNE_SHARE of the budget.
+    TUNE_SHARE of the budget, the search's tries, and that plan's perplexity on `tune`.
 
     Two stages: the knapsack on per-layer costs with a bisected internal budget (costs do not
     add up, so the budget that fits is found by measuring), then greedy refinement: lower one
@@ -384,7 +387,7 @@ def search_plan(
         if rise <= target:
             plan = candidate
             measure.accept(plan)
-    return plan, tries
+    return plan, tries, measure.ppls.get(tuple(plan))
 
 
 def budget_plan(
@@ -417,8 +420,9 @@ def budget_plan(
         n_rows = (tune_ids.shape[0] if cost_tokens is None
                   else math.ceil(cost_tokens / tune_ids.shape[1]))
         costs = measure_layer_costs(model, spread_rows(model, tune, n_rows), routers_by_k, progress)
-        plan, tries = search_plan(model, tune, costs, routers_by_k, budget_pct, progress=progress)
-        search = PlanSearch(
-            ppl_dense=tune.ppl_dense, tries=tries,
-            layer_costs={str(layer): {str(k): c for k, c in v.items()} for layer, v in costs.items()})
+        plan, tries, ppl_plan = search_plan(model, tune, costs, routers_by_k, budget_pct,
+                                            progress=progress)
+        search = PlanSearch(ppl_dense=tune.ppl_dense, tries=tries, ppl_plan=ppl_plan,
+                            layer_costs={str(layer): {str(k): c for k, c in v.items()}
+                                         for layer, v in costs.items()})
     return plan, search

@@ -67,6 +67,13 @@ def test_budget_plan_holds_the_budget_on_every_domain(tiny_dirs: dict) -> None:
         dense = tune_perplexity(model, alone, [4] * model.spec.n_layers, {})
         rises[d] = tune_perplexity(model, alone, plan, routers).rise(dense)
     assert max(rises.values()) <= budget * TUNE_SHARE + 1e-6
+    # what calibrate reports without measuring again: the search's own measurement of the
+    # chosen plan, equal to a fresh run over the whole tuning text
+    whole = TuneSet.of(model, ids, domains, 3)
+    fresh = tune_perplexity(model, whole, plan, routers)
+    assert search.ppl_plan is not None
+    assert search.ppl_plan.overall == pytest.approx(fresh.overall, rel=1e-5)
+    assert search.ppl_plan.by_domain == pytest.approx(fresh.by_domain, rel=1e-5)
     # the search measured the worst domain, not the average, for the plan it chose
     if plan != [4] * model.spec.n_layers:
         seen = [t["increase_pct"] for t in search.tries if t["kv_density"] ==

@@ -100,7 +100,7 @@ def _search_with_true_rise(monkeypatch: pytest.MonkeyPatch, costs: dict, n_layer
     monkeypatch.setattr(plan_mod._Measurer, "rise", lambda self, plan: true_rise(plan))
     monkeypatch.setattr(plan_mod._Measurer, "accept", lambda self, plan: None)
     model = SimpleNamespace(spec=SimpleNamespace(n_kv_heads=n_kv, n_layers=n_layers))
-    plan, tries = search_plan(model, None, costs, {}, budget)
+    plan, tries, _ = search_plan(model, None, costs, {}, budget)
     assert true_rise(plan) <= budget * TUNE_SHARE
     return plan, tries
 
