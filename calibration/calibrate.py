@@ -240,6 +240,10 @@ def calibrate(model: Model, cfg: CalibrateConfig, progress: Progress) -> dict[st
             "budget_rule": "every domain of the tuning text within the budget (worst domain)",
             "curve": curve,
             "layer_costs_pct": search.layer_costs if search else None,
+            "oracle_layer_costs_pct": search.oracle_layer_costs if search else None,
+            "move_rule": "routers' cost; moves to the fewest groups add the routers' excess "
+                         "over the oracle's (twice the routers' cost where the oracle did "
+                         "not run)" if search else None,
             "search_tries": search.tries if search else None,
         },
         "timings_s": clock.laps,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,19 +74,20 @@ def make_selector(
         return None
     gen = torch.Generator().manual_seed(seed)
 
-    def select(layer: int, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor | None:
+    def select(layer: int, x: torch.Tensor, norms: Callable[[], torch.Tensor]
+               ) -> torch.Tensor | None:
         k = k_per_layer[layer]
         if k >= n_kv:
             return None
         if kind == "oracle":
-            return topk_mask(norms, k)
+            return topk_mask(norms(), k)
         if kind == "random":
-            return topk_mask(torch.rand(norms.shape, generator=gen).to(norms.device), k)
+            return topk_mask(torch.rand((*x.shape[:-1], n_kv), generator=gen).to(x.device), k)
         if routers is None or layer not in routers:
             raise ValueError(f"no router for layer {layer}")
         keep = topk_mask(routers[layer].scores(x), k)
         if recall is not None:
-            recall.add((keep & topk_mask(norms, k)).flatten(1).sum(1), norms.shape[1] * k)
+            recall.add((keep & topk_mask(norms(), k)).flatten(1).sum(1), x.shape[1] * k)
         return keep
 
     return select

@@ -13,12 +13,17 @@ from polarc.calibration.plan import (
     TUNE_SHARE,
     Perplexity,
     TuneSet,
+    _Measurer,
     budget_plan,
     candidate_ks,
+    measure_layer_costs,
     prepare_tune,
+    risk_costs,
+    risky_moves,
     spread_rows,
     tune_perplexity,
 )
+from polarc.calibration.quality import make_selector
 from polarc.calibration.routers import train_head_routers
 
 from polarc.format.routers import HeadRouter
@@ -74,11 +79,68 @@ def test_budget_plan_holds_the_budget_on_every_domain(tiny_dirs: dict) -> None:
     assert search.ppl_plan is not None
     assert search.ppl_plan.overall == pytest.approx(fresh.overall, rel=1e-5)
     assert search.ppl_plan.by_domain == pytest.approx(fresh.by_domain, rel=1e-5)
+    # the oracle ran only for moves to the fewest groups
+    assert search.oracle_layer_costs
+    assert {k for kc in search.oracle_layer_costs.values() for k in kc} == {"1"}
     # the search measured the worst domain, not the average, for the plan it chose
     if plan != [4] * model.spec.n_layers:
         seen = [t["increase_pct"] for t in search.tries if t["kv_density"] ==
                 pytest.approx(sum(plan) / (4 * len(plan)))]
         assert any(s == pytest.approx(max(rises.values()), rel=1e-4) for s in seen)
+
+
+def test_plans_measured_from_an_earlier_plans_inputs_equal_fresh_runs(tiny_dirs: dict) -> None:
+    """The search re-runs only the layers from the first one where a plan differs from the
+    last plan tried (knapsack stage) or the accepted base (greedy stage)."""
+    model = load_model(str(tiny_dirs["llama-mha"]))
+    ids = torch.randint(0, 320, (6, 32), generator=torch.Generator().manual_seed(2))
+    tune = prepare_tune(model, ids, list("aabbcc"), 4)
+    routers_by_k = _random_routers(model)
+    measure = _Measurer(model, tune, routers_by_k)
+    for plan, accept, start in (([4, 2, 4], False, 1), ([4, 2, 1], True, 2),
+                                ([4, 2, 3], False, 2), ([4, 1, 1], False, 1)):
+        routers = {layer: routers_by_k[k][layer] for layer, k in enumerate(plan) if k < 4}
+        fresh = tune_perplexity(model, tune, plan, routers).rise(tune.ppl_dense)
+        assert measure.rise(plan) == pytest.approx(fresh, rel=1e-5, abs=1e-6)
+        assert measure.last.start == start
+        if accept:
+            measure.accept(plan)
+
+
+def test_risk_costs_add_the_routers_excess_on_moves_to_the_fewest_groups() -> None:
+    costs = {1: {1: 0.5, 2: 0.1}, 2: {1: 3.0, 2: 0.2}, 3: {1: -0.1, 2: 0.0}, 4: {1: 0.4, 2: 0.3}}
+    target = 2.0
+    # k = 1 is the fewest; (2, 1) costs more than half the target: no oracle run for it
+    assert risky_moves(costs, target) == [(1, 1), (3, 1), (4, 1)]
+    oracle = {1: {1: 0.2}, 3: {1: -0.3}, 4: {1: 0.9}}
+    ranked = risk_costs(costs, oracle, target)
+    assert ranked[1][1] == pytest.approx(0.5 + 0.3)  # the routers lose 0.3 more than the oracle
+    assert ranked[3][1] == pytest.approx(-0.1 + 0.2)
+    assert ranked[4][1] == pytest.approx(0.4)  # the routers did better: no excess
+    assert ranked[2][1] == pytest.approx(6.0)  # not measured: as if the oracle lost nothing
+    assert {layer: kc[2] for layer, kc in ranked.items()} == {1: 0.1, 2: 0.2, 3: 0.0, 4: 0.3}
+
+
+def test_oracle_costs_equal_the_reference_forward_with_the_oracle(tiny_dirs: dict) -> None:
+    model = load_model(str(tiny_dirs["llama-gqa"]))
+    n_kv, n_layers = model.spec.n_kv_heads, model.spec.n_layers
+    ids = torch.randint(0, 320, (5, 24), generator=torch.Generator().manual_seed(3))
+    tune = prepare_tune(model, ids, ["x"] * 5, 2)
+    moves = [(1, 1), (2, 1)]
+    got = measure_layer_costs(model, tune, _random_routers(model), kind="oracle", moves=moves)
+    assert sorted((layer, k) for layer, kc in got.items() for k in kc) == moves
+
+    def ppl(select) -> float:
+        logits = forward(model, ids, select=select).float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        return float(nll.exp())
+
+    dense = ppl(None)
+    for layer, k in moves:
+        plan = [n_kv] * n_layers
+        plan[layer] = k
+        want = (ppl(make_selector("oracle", plan, n_kv)) / dense - 1) * 100
+        assert got[layer][k] == pytest.approx(want, rel=1e-3, abs=2e-4)  # fp32 sums
 
 
 def test_costs_run_on_rows_spread_over_the_tuning_text(tiny_dirs: dict) -> None:

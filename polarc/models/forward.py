@@ -28,8 +28,10 @@ from polarc.models.layers import (
 )
 from polarc.models.load import Model
 
-# select(layer, attn_in [B,T,d], group_norms [B,T,Hkv]) -> keep mask [B,T,Hkv] or None (dense)
-Selector = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+# select(layer, attn_in [B,T,d], group_norms) -> keep mask [B,T,Hkv] or None (dense), where
+# group_norms() gives [B,T,Hkv], made on the first call only: a router's selection never
+# asks, and they cost a few percent of a layer on the CPU
+Selector = Callable[[int, torch.Tensor, Callable[[], torch.Tensor]], "torch.Tensor | None"]
 # mlp_select(layer, mlp_in [B,T,d]) -> keep mask [B,T,N] of ReLU neurons or None (dense)
 NeuronSelector = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
@@ -85,13 +87,18 @@ def run_layer(
         o = causal_attention(q, k, v).reshape(B, T, spec.n_kv_heads, spec.group_size,
                                                 spec.head_dim)
         seen["attn_in"] = x
-        if observe is not None or select is not None:  # a dense pass needs no labels
-            seen["norms"] = group_output_norms(o, model.weights[f"layers.{layer}.o.weight"])
+
+        def norms(o: torch.Tensor = o) -> torch.Tensor:
+            if "norms" not in seen:
+                seen["norms"] = group_output_norms(o, model.weights[f"layers.{layer}.o.weight"])
+            return seen["norms"]
+
         if observe is not None:
+            norms()
             seen["kv_absmax"] = torch.stack([k.abs().amax(dim=(0, 1, 3)),
                                              v.abs().amax(dim=(0, 1, 3))]).float()
             seen["key_sum"] = k.sum(dim=(0, 1), dtype=torch.float64)
-        keep = select(layer, x, seen["norms"]) if select is not None else None
+        keep = select(layer, x, norms) if select is not None else None
         if keep is not None:
             o = o * keep.to(o.dtype)[..., None, None]
         return o.reshape(B, T, spec.n_heads, spec.head_dim)

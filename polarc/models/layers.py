@@ -178,11 +178,15 @@ def decoder_layer(
     return h, (mlp(layer, x) if mlp is not None else dense_mlp(model, layer, x, ops))
 
 
+def final_norm(model: Model, h: torch.Tensor) -> torch.Tensor:
+    """The last layer's output (h + delta) normalised: the LM head's input."""
+    w = model.weights
+    return norm(h, w["norm.weight"], w.get("norm.bias"), model.spec.norm_eps)
+
+
 def final_logits(model: Model, h: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
     """Next-token logits from the last layer's output (h + delta)."""
-    w = model.weights
-    return ops.linear(model, norm(h, w["norm.weight"], w.get("norm.bias"), model.spec.norm_eps),
-                      "lm_head")
+    return ops.linear(model, final_norm(model, h), "lm_head")
 
 
 # ------------------------------------------------------------------------ weight layout
