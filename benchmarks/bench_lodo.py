@@ -8,6 +8,7 @@ mix's own held-out text (the in-domain targets).
 
     python -m polarc.benchmarks.bench_lodo --json out/lodo.json
     python -m polarc.benchmarks.bench_lodo --model /path/SmolLM2.gguf --device cuda --dtype fp32
+    python -m polarc.benchmarks.bench_lodo --domains code narrative none --json out/part1.json
 """
 
 from __future__ import annotations
@@ -65,22 +66,26 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per fold")
-    ap.add_argument("--domains", nargs="*", default=None, help="folds (default: every domain)")
+    ap.add_argument("--domains", nargs="*", default=None,
+                    help="folds to run, 'none' for the in-domain row (default: every domain, "
+                         "then none); split a long run over several calls this way")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     model = load_model(args.model, dtype=dtype, device=args.device, stream=True)
     cfg = CalibrateConfig(out=Path("unused"))
-    folds = args.domains if args.domains is not None else sorted(
-        {d for d, _ in iter_tagged(MIX)})
+    folds = ([None if d == "none" else d for d in args.domains] if args.domains is not None
+             else [*sorted({d for d, _ in iter_tagged(MIX)}), None])
     rows = []
-    for left_out in [*folds, None]:
+    for left_out in folds:
         t0 = time.time()
         row = one_fold(model, left_out, cfg, args.eval_tokens)
         row["seconds"] = round(time.time() - t0, 1)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "k_per_layer"}), flush=True)
+        if args.json is not None:  # each fold as it ends: a run cut short keeps what it did
+            write_json(args.json, rows, force=True)
     lines = ["| left out | plan KV density | plan: routers rise | plan: oracle rise | "
              "uniform 2/3: routers / oracle rise | ratio | recall (2/3) |", "|" + "---|" * 7]
     for r in rows:
@@ -90,8 +95,6 @@ def main() -> None:
                      f"{p['oracle_rise_pct']:+.2f}% | {u['routers_rise_pct']:+.2f}% / "
                      f"{u['oracle_rise_pct']:+.2f}% | {ratio:.2f} | {u['router_recall']:.3f} |")
     print("\n".join(lines))
-    if args.json is not None:
-        write_json(args.json, rows, force=True)
 
 
 if __name__ == "__main__":
