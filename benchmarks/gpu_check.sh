@@ -63,6 +63,11 @@ for what in "$@"; do
              > $OUT/serve-$m-metrics.txt 2>&1  # the server's own view (Prometheus text)
            kill -TERM $spid; wait $spid; echo "server exit $?"
            tail -1 $OUT/serve-$m.log ;;  # the engine thread's prefill and decode seconds
+    # Leave one domain out on SmolLM2 (issue 15): the GGUF from the two carried parts;
+    # LODO_DOMAINS picks folds ('none' = in domain), about 2 minutes each on an H200.
+    lodo) timeout ${LODO_TIMEOUT:-590} python3 -m polarc.benchmarks.bench_lodo --model ${LODO_MODEL:-/root/smollm2.gguf} \
+            --device cuda --domains ${LODO_DOMAINS:-code narrative none} --json $OUT/lodo.json 2>&1 \
+            | tee $OUT/lodo.log | grep -v '^{' | tail -12 ;;
     e2e) timeout 170 python3 -m polarc.benchmarks.bench_e2e --no-hf --json $OUT/e2e.json 2>&1 | tee $OUT/e2e.log | tail -14 ;;
     step) python3 -m polarc.benchmarks.bench_step_kernels --json $OUT/step.json 2>&1 | tail -8 ;;
     kernels) python3 -m polarc.benchmarks.bench_kernels --json $OUT/kernels.json 2>&1 | tee $OUT/kernels.log | tail -80 ;;
