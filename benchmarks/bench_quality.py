@@ -69,8 +69,7 @@ def main() -> None:
         risky = set(risky_moves(costs, target))
         mine = {layer: {k: c for k, c in kc.items() if (layer, k) in risky}
                 for layer, kc in oracle.items()}
-        plan, _, _ = search_plan(model, tune, risk_costs(costs, mine, target), routers_by_k,
-                                 budget)
+        plan, _, _ = search_plan(model, tune, risk_costs(costs, mine), routers_by_k, budget)
         plans[f"budget {budget:g}%"] = plan
     rows = []
     for name, plan in plans.items():

@@ -296,17 +296,21 @@ def measure_layer_costs(
     return costs
 
 
+def _fewest_groups(costs: dict[int, dict[int, float]]) -> int | None:
+    return min((k for kc in costs.values() for k in kc), default=None)
+
+
 def risky_moves(costs: dict[int, dict[int, float]], target_pct: float) -> list[tuple[int, int]]:
     """The moves whose router error `risk_costs` prices, so the ones the oracle runs for: to
     the fewest groups any router keeps, and cheap enough by the routers' cost (at most half
     the target) that the search may take them."""
-    k_min = min(k for kc in costs.values() for k in kc)
+    k_min = _fewest_groups(costs)
     return [(layer, k) for layer, kc in sorted(costs.items()) for k, c in kc.items()
             if k == k_min and c <= target_pct / 2]
 
 
-def risk_costs(costs: dict[int, dict[int, float]], oracle: dict[int, dict[int, float]],
-               target_pct: float) -> dict[int, dict[int, float]]:
+def risk_costs(costs: dict[int, dict[int, float]], oracle: dict[int, dict[int, float]]
+               ) -> dict[int, dict[int, float]]:
     """What the search ranks moves by: the routers' cost, and for moves to the fewest groups
     that cost plus the routers' excess over the oracle's (`oracle`, measured for
     `risky_moves`); where the oracle did not run, as if it lost nothing (twice the routers'
@@ -315,7 +319,7 @@ def risk_costs(costs: dict[int, dict[int, float]], oracle: dict[int, dict[int, f
     because the routers happen to do well on the tuning text is a risk elsewhere. (Pricing
     the excess on every move, an oracle run each, moved the other left-out domains' rises
     both ways, all within the budget as with this rule: RESULTS.md, 2026-12-04.)"""
-    k_min = min(k for kc in costs.values() for k in kc)
+    k_min = _fewest_groups(costs)
     out: dict[int, dict[int, float]] = {}
     for layer, kc in costs.items():
         for k, c in kc.items():
@@ -501,12 +505,11 @@ def budget_plan(
                   else math.ceil(cost_tokens / tune_ids.shape[1]))
         cost_tune = spread_rows(model, tune, n_rows)
         costs = measure_layer_costs(model, cost_tune, routers_by_k, progress)
-        target = budget_pct * TUNE_SHARE
+        risky = risky_moves(costs, budget_pct * TUNE_SHARE)
         oracle = measure_layer_costs(model, cost_tune, routers_by_k, progress, kind="oracle",
-                                     moves=risky_moves(costs, target)) if costs else {}
-        plan, tries, ppl_plan = search_plan(model, tune, risk_costs(costs, oracle, target)
-                                            if costs else costs, routers_by_k, budget_pct,
-                                            progress=progress)
+                                     moves=risky) if risky else {}
+        plan, tries, ppl_plan = search_plan(model, tune, risk_costs(costs, oracle),
+                                            routers_by_k, budget_pct, progress=progress)
         search = PlanSearch(ppl_dense=tune.ppl_dense, tries=tries, ppl_plan=ppl_plan,
                             layer_costs=_str_keys(costs), oracle_layer_costs=_str_keys(oracle))
     return plan, search

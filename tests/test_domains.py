@@ -113,7 +113,7 @@ def test_risk_costs_add_the_routers_excess_on_moves_to_the_fewest_groups() -> No
     # k = 1 is the fewest; (2, 1) costs more than half the target: no oracle run for it
     assert risky_moves(costs, target) == [(1, 1), (3, 1), (4, 1)]
     oracle = {1: {1: 0.2}, 3: {1: -0.3}, 4: {1: 0.9}}
-    ranked = risk_costs(costs, oracle, target)
+    ranked = risk_costs(costs, oracle)
     assert ranked[1][1] == pytest.approx(0.5 + 0.3)  # the routers lose 0.3 more than the oracle
     assert ranked[3][1] == pytest.approx(-0.1 + 0.2)
     assert ranked[4][1] == pytest.approx(0.4)  # the routers did better: no excess
