@@ -12,7 +12,11 @@ Layouts are the kernels' (see each kernel module's docstring):
   (`gather_pages` turns that back into the contiguous layout, which defines it);
 - an FP8 cache (float8 e4m3) holds K / scale and V / scale, one scale per KV group (``k_scale``,
   ``v_scale [Hkv]`` float32, per layer): written by `quantize_kv` (saturating at ±448), read
-  back times the scale; the math stays fp32;
+  back times the scale; the math stays fp32. Its **sinks** ``k_sink``, ``v_sink [N, Hkv, D]``
+  (the compute dtype) hold each sequence's position 0 unquantized, indexed like the cache's
+  first axis (the page that holds position 0, or the row of a contiguous cache): the
+  attention sink most heads put much of their weight on, whose rounding would move every
+  later query's softmax. Appends write them too; attention reads position 0 from them;
 - top-k groups: ``scores [B, Hkv]`` → ``groups [B, k]`` int32, highest first, ties to the lower
   group;
 - KV append: ``k``, ``v [B, Hkv, D]`` written at ``positions [B]`` of the caches (or of the
@@ -85,6 +89,35 @@ def gather_pages(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> 
     return rows.permute(0, 2, 1, 3, 4).reshape(b, hkv, n * page, d)[:, :, :length]
 
 
+def sink_rows(b: int, block_table: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """Where rows 0..b-1 keep position 0 in the cache's first axis: their first page, or
+    themselves in a contiguous cache."""
+    if block_table is not None:
+        return block_table[:b, 0].long()
+    return torch.arange(b, device=device)
+
+
+def read_cache(cache: torch.Tensor, scale: torch.Tensor | None, sink: torch.Tensor | None,
+               length: int, block_table: torch.Tensor | None = None, rows: int | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The first `length` positions of the first `rows` rows of a cache (contiguous, or pages
+    with a block table) as ``[rows, Hkv, length, D]`` in `dtype` (default: at least fp32): a
+    float8 one times its scales, its position 0 from `sink` when given."""
+    rows = cache.shape[0] if rows is None else rows
+    if block_table is not None:
+        x = gather_pages(cache, block_table[:rows], length)
+    else:
+        x = cache[:rows, :, :length]
+    if x.dtype == FP8:
+        x = dequantize_kv(x, scale).to(dtype or torch.float32)
+    else:
+        x = x.to(dtype or _acc(x).dtype)
+    if sink is not None and length > 0:
+        x = x if cache.dtype == FP8 else x.clone()  # not a view of the cache: written below
+        x[:, :, 0] = sink[sink_rows(rows, block_table, cache.device)].to(x.dtype)
+    return x
+
+
 def selective_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -95,22 +128,19 @@ def selective_attention_reference(
     block_table: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_sink: torch.Tensor | None = None,
+    v_sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over each row's selected KV groups (module docstring for layouts),
     over a contiguous cache or, with `block_table`, a paged one; a float8 cache is read back
-    times `k_scale` / `v_scale`."""
+    times `k_scale` / `v_scale`, position 0 from its sinks when given."""
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d)
     s = int(cache_seqlens.max().item()) if b else 0
-    if block_table is not None:
-        k_cache, v_cache = (gather_pages(c, block_table[:b], s) for c in (k_cache, v_cache))
     qg = _acc(q).view(b, hkv, hq // hkv, d)
-    if k_cache.dtype == FP8:
-        k = dequantize_kv(k_cache[:b, :, :s], k_scale).to(qg.dtype)
-        v = dequantize_kv(v_cache[:b, :, :s], v_scale).to(qg.dtype)
-    else:
-        k, v = _acc(k_cache[:b, :, :s]), _acc(v_cache[:b, :, :s])
+    k, v = (read_cache(c, sc, sink, s, block_table, b, qg.dtype)
+            for c, sc, sink in ((k_cache, k_scale, k_sink), (v_cache, v_scale, v_sink)))
     scores = torch.einsum("bhgd,bhsd->bhgs", qg, k) * scale
     valid = torch.arange(s, device=q.device)[None, :] < cache_seqlens[:, None].to(q.device)
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
@@ -130,17 +160,24 @@ def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, positions: torch.Tensor,
                        block_table: torch.Tensor | None = None,
                        k_scale: torch.Tensor | None = None,
-                       v_scale: torch.Tensor | None = None) -> None:
+                       v_scale: torch.Tensor | None = None,
+                       k_sink: torch.Tensor | None = None,
+                       v_sink: torch.Tensor | None = None) -> None:
     """cache[b, :, positions[b]] = new[b] for K and V (in place); with a block table, the
-    row's page that holds the position; a float8 cache gets them quantized by the scales."""
-    if k_cache.dtype == FP8:
-        k, v = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
+    row's page that holds the position; a float8 cache gets them quantized by the scales,
+    and a position 0 also goes unquantized to the sinks when given."""
     pos = positions.long()
     rows = torch.nonzero(pos >= 0)[:, 0]
     pos, k, v = pos[rows], k[rows], v[rows]
+    first = pos == 0
     if block_table is not None:
         page = k_cache.shape[2]
         rows, pos = block_table[rows, pos // page].long(), pos % page
+    if k_sink is not None:
+        k_sink[rows[first]] = k[first].to(k_sink.dtype)
+        v_sink[rows[first]] = v[first].to(v_sink.dtype)
+    if k_cache.dtype == FP8:
+        k, v = quantize_kv(k, k_scale), quantize_kv(v, v_scale)
     k_cache[rows, :, pos] = k
     v_cache[rows, :, pos] = v
 

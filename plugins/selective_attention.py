@@ -70,17 +70,18 @@ DOT_MIN_GROUP = 1
 @triton.jit
 def _selective_attention_kernel(
     Q, K_Cache, V_Cache, Seqlens, Groups, Partials, Out, Block_Table, K_Scale, V_Scale,
+    K_Sink, V_Sink,
     qk_scale_log2, num_splits, n_sel, n_kv,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
-    stride_gb, stride_tb,
+    stride_gb, stride_tb, stride_sb, stride_sh,
     stride_outb, stride_outh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr,
-    KV_FP8: tl.constexpr = False, FP8_DOT_FP16: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, FP8_DOT_FP16: tl.constexpr = False, SINK: tl.constexpr = False,
 ):
     """Stage 1: one program per (split, selected group j, row b), grid (splits, k, B).
 
@@ -105,7 +106,9 @@ def _selective_attention_kernel(
     blocks widen to fp16, one conversion instruction per two values (bf16 takes three: the
     hardware converts e4m3 to fp16 only), and the query is cast to fp16 for the dots, which
     still accumulate in fp32; fp16 holds every e4m3 value exactly and queries far beyond
-    any model's (|q| < 65504).
+    any model's (|q| < 65504). SINK: position 0 comes from `K_Sink` / `V_Sink` ``[N, Hkv, D]``
+    (unquantized, in the row of the page that holds it): the split that starts at 0 begins its
+    running softmax with it, and the blocks skip it.
     """
     pid_s = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -132,6 +135,22 @@ def _selective_attention_kernel(
     elif FP8_DOT_FP16:
         q = q.to(tl.float16)
 
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    if SINK:
+        if (lo == 0) & (hi > 0):
+            sink_row = pid_b
+            if PAGE > 0:
+                sink_row = tl.load(Block_Table + pid_b * stride_tb).to(tl.int64)
+            sink = sink_row * stride_sb + grp * stride_sh + offs_d
+            k0 = tl.load(K_Sink + sink, mask=mask_d, other=0.0).to(tl.float32)
+            v0 = tl.load(V_Sink + sink, mask=mask_d, other=0.0).to(tl.float32)
+            m_i = tl.sum(q.to(tl.float32) * k0[None, :], axis=1) * qk_scale_log2
+            l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
+            if KV_FP8:  # the output is scaled by V's scale at the end
+                v0 = v0 / tl.load(V_Scale + grp)
+            acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32) + v0[None, :]
     if KV_FP8:
         qk_scale_log2 = qk_scale_log2 * tl.load(K_Scale + grp)
     k_base = K_Cache + pid_b * stride_kb + grp * stride_kh
@@ -139,13 +158,12 @@ def _selective_attention_kernel(
     if PAGE > 0:
         page = tl.load(Block_Table + pid_b * stride_tb + lo // PAGE, mask=lo < hi,
                        other=0).to(tl.int64)
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
 
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
+        if SINK:
+            mask_n = mask_n & (offs_n > 0)
         mask_kv = mask_n[:, None] & mask_d[None, :]
         if PAGE > 0:
             k_blk = K_Cache + page * stride_kb + grp * stride_kh
@@ -395,11 +413,12 @@ def _default_plan(q: torch.Tensor, k_cache: torch.Tensor, groups: torch.Tensor,
 
 
 def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table=None, k_scale=None,
-                  v_scale=None) -> None:
+                  v_scale=None, k_sink=None, v_sink=None) -> None:
     tensors = [("q", q), ("k_cache", k_cache), ("v_cache", v_cache),
                ("cache_seqlens", cache_seqlens), ("groups", groups)]
     tensors += [(name, t) for name, t in (("block_table", block_table), ("k_scale", k_scale),
-                                          ("v_scale", v_scale)) if t is not None]
+                                          ("v_scale", v_scale), ("k_sink", k_sink),
+                                          ("v_sink", v_sink)) if t is not None]
     for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"selective_attention: {name} must be a torch.Tensor, got {type(t)}")
@@ -439,6 +458,17 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table=None, 
         raise ValueError(f"selective_attention: k_scale and v_scale must be contiguous float32 "
                          f"[Hkv={hkv}], got {k_scale.dtype} {tuple(k_scale.shape)} and "
                          f"{v_scale.dtype} {tuple(v_scale.shape)}")
+    if (k_sink is not None) != (v_sink is not None) or (k_sink is not None and not fp8):
+        raise ValueError("selective_attention: k_sink and v_sink go together, with a float8 "
+                         "cache")
+    sink_shape = (k_cache.shape[0], hkv, d)
+    if k_sink is not None and any(t.dtype != q.dtype or tuple(t.shape) != sink_shape
+                                  or t.stride() != k_sink.stride() or t.stride(-1) != 1
+                                  for t in (k_sink, v_sink)):
+        raise ValueError(f"selective_attention: k_sink and v_sink must be {q.dtype} "
+                         f"{list(sink_shape)} with one layout and a contiguous last axis, got "
+                         f"{k_sink.dtype} {tuple(k_sink.shape)} and {v_sink.dtype} "
+                         f"{tuple(v_sink.shape)}")
     if cache_seqlens.dtype != torch.int32 or tuple(cache_seqlens.shape) != (b,):
         raise ValueError(f"selective_attention: cache_seqlens must be int32 [{b}], got "
                          f"{cache_seqlens.dtype} {tuple(cache_seqlens.shape)}")
@@ -489,12 +519,13 @@ def _check_indices(
 
 @functools.lru_cache(maxsize=256)
 def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32: bool,
-                      page: int, kv_fp8: bool) -> dict[str, object]:
+                      page: int, kv_fp8: bool, sink: bool) -> dict[str, object]:
     return dict(GROUP=group, GROUP_PAD=max(16, next_pow2(group)) if plan.use_dot else next_pow2(group),
                 HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_N=plan.block_n,
                 USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if fp32 else "tf32",
                 ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), PAGE=page,
-                KV_FP8=kv_fp8, FP8_DOT_FP16=kv_fp8 and not fp32, num_warps=plan.num_warps,
+                KV_FP8=kv_fp8, FP8_DOT_FP16=kv_fp8 and not fp32, SINK=sink,
+                num_warps=plan.num_warps,
                 num_stages=plan.num_stages)
 
 
@@ -506,7 +537,7 @@ def _reduce_constants(num_splits: int, group: int, d: int, n_sel: int) -> dict[s
 
 
 def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan,
-            block_table=None, k_scale=None, v_scale=None):
+            block_table=None, k_scale=None, v_scale=None, k_sink=None, v_sink=None):
     b, hq, d = q.shape
     hkv = k_cache.shape[1]
     group = hq // hkv
@@ -539,16 +570,19 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
     # launch (a few microseconds less per call than keywords built afresh).
     paged = block_table is not None
     fp8 = k_scale is not None
-    # a contiguous call never reads the table, nor an unquantized one the scales: any pointer
-    # stands in
+    sink = k_sink is not None
+    # a contiguous call never reads the table, nor an unquantized one the scales, nor one
+    # without sinks the sinks: any pointer stands in
     _selective_attention_kernel[(plan.num_splits, n_sel, b)](
         q, k_cache, v_cache, cache_seqlens, groups, partials, out,
         block_table if paged else cache_seqlens, k_scale if fp8 else q, v_scale if fp8 else q,
+        k_sink if sink else q, v_sink if sink else q,
         float(scale) * _LOG2E, plan.num_splits, n_sel, hkv, *q.stride()[:2],
         *k_cache.stride()[:3], *v_cache.stride()[:3], groups.stride(0),
-        block_table.stride(0) if paged else 0, *out.stride()[:2],
+        block_table.stride(0) if paged else 0, *(k_sink.stride()[:2] if sink else (0, 0)),
+        *out.stride()[:2],
         **_stage1_constants(plan, group, d, n_sel, q.dtype == torch.float32,
-                            k_cache.shape[2] if paged else 0, fp8))
+                            k_cache.shape[2] if paged else 0, fp8, sink))
     if not one_launch:
         _selective_attention_reduce_kernel[(hq, b)](
             out, partials, groups, plan.num_splits, n_sel, *out.stride()[:2], groups.stride(0),
@@ -571,6 +605,8 @@ def selective_attention(
     block_table: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_sink: torch.Tensor | None = None,
+    v_sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over the selected KV groups of each row (layouts: module docstring).
 
@@ -591,6 +627,9 @@ def selective_attention(
         block_table: ``[B, M]`` int32, each row's pages in order (paged caches only).
         k_scale, v_scale: ``[Hkv]`` float32, a float8 cache's scales (it holds K / k_scale
             and V / v_scale); given exactly when the cache is float8.
+        k_sink, v_sink: ``[N, Hkv, D]`` in q's dtype (N: the cache's first axis), a float8
+            cache's position 0 unquantized, in the row of the page that holds it
+            (`polarc.plugins.reference`); optional.
 
     Returns ``[B, Hq, D]``: heads of unselected groups are exact zeros.
 
@@ -602,8 +641,9 @@ def selective_attention(
         return torch.ops.polarc.selective_attention(
             q, k_cache, v_cache, cache_seqlens, groups,
             float(scale) if scale is not None else 1.0 / math.sqrt(q.shape[-1]), block_table,
-            k_scale, v_scale)
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table, k_scale, v_scale)
+            k_scale, v_scale, k_sink, v_sink)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table, k_scale, v_scale,
+                  k_sink, v_sink)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device
                             or out.stride(-1) != 1):
         raise ValueError(f"selective_attention: out must be {q.dtype} {tuple(q.shape)} on "
@@ -617,7 +657,7 @@ def selective_attention(
         raise ValueError(f"selective_attention: page size {k_cache.shape[2]} is not a multiple "
                          f"of the plan's block of {plan.block_n} positions")
     return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan,
-                   block_table, k_scale, v_scale)
+                   block_table, k_scale, v_scale, k_sink, v_sink)
 
 
 # --------------------------------------------------------------------------- torch.library
@@ -634,13 +674,17 @@ def _selective_attention_op(
     block_table: torch.Tensor | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    k_sink: torch.Tensor | None = None,
+    v_sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table, k_scale, v_scale)
+    _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table, k_scale, v_scale,
+                  k_sink, v_sink)
     return _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, None, None,
-                   _default_plan(q, k_cache, groups, block_table), block_table, k_scale, v_scale)
+                   _default_plan(q, k_cache, groups, block_table), block_table, k_scale, v_scale,
+                   k_sink, v_sink)
 
 
 @_selective_attention_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, groups, scale, block_table=None, k_scale=None,
-      v_scale=None):
+      v_scale=None, k_sink=None, v_sink=None):
     return torch.empty_like(q)

@@ -57,6 +57,7 @@ def selective_attention_plugin_kernel(
         stride_vb=stride_kb, stride_vh=stride_kh, stride_vs=HEAD_DIM,
         stride_gb=n_sel, Block_Table=Seqlens, stride_tb=0,  # contiguous: no table read
         K_Scale=Seqlens, V_Scale=Seqlens,  # unquantized: no scales read
+        K_Sink=Seqlens, V_Sink=Seqlens, stride_sb=0, stride_sh=0,  # nor sinks
         stride_outb=stride_qb, stride_outh=HEAD_DIM,
         GROUP=GROUP, GROUP_PAD=GROUP_PAD, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, BLOCK_N=BLOCK_N,
         USE_DOT=True, DOT_PRECISION=DOT_PRECISION, ONE_LAUNCH=True, K_PAD=K_PAD, PAGE=0,

@@ -159,6 +159,38 @@ def test_an_fp8_cache_holds_rotated_keys_less_their_offset(fp8_engines: dict) ->
         assert (logits[name] - logits["exact"]).norm() < 0.1 * logits["exact"].norm(), name
 
 
+def test_an_fp8_cache_keeps_position_zero_unquantized(fp8_engines: dict) -> None:
+    """Prefill stores each sequence's position 0 unquantized in the sinks of its first page
+    (keys in the cache's basis: rotated, less the offset); later chunks and decode steps read
+    it from there (a changed sink changes their logits, not the first chunk's, which attends
+    to its own unquantized K and V)."""
+    eng = load_engine(fp8_engines["calibrated"])
+    ids = list(range(5, 45))
+    exact = Runtime(eng, batch=1, device="cpu", quantized=False)
+    assert exact.cache.k_sink is None
+    exact.cache.grow(0, len(ids))
+    exact.prefill_pack([(0, ids, 0)])
+    rt = Runtime(eng, batch=1, device="cpu")
+    rt.cache.grow(0, len(ids) + 1)
+    rt.prefill_pack([(0, ids[:30], 0)])
+    first = rt.cache.host_row(0)[0]
+    for layer in range(eng.model.spec.n_layers):
+        k0 = exact.cache.k[layer][exact.cache.host_row(0)[0], :, 0]
+        v0 = exact.cache.v[layer][exact.cache.host_row(0)[0], :, 0]
+        want = rt.cache_basis(layer, k0[None], k0[None])[1][0]
+        torch.testing.assert_close(rt.cache.k_sink[layer][first], want)
+        torch.testing.assert_close(rt.cache.v_sink[layer][first], v0)
+    later = rt.prefill_pack([(0, ids[30:], 30)])[0]
+    rt.cache.set_length(0, len(ids))
+    step = rt.step(torch.tensor([7]))[0]
+    for layer in range(eng.model.spec.n_layers):
+        rt.cache.k_sink[layer][first] *= 3.0
+    rt.cache.set_length(0, len(ids))
+    assert not torch.allclose(rt.prefill_pack([(0, ids[30:], 30)])[0], later)
+    rt.cache.set_length(0, len(ids))
+    assert not torch.allclose(rt.step(torch.tensor([7]))[0], step)
+
+
 def test_key_offset_takes_the_shared_part_out_of_the_rounding() -> None:
     """Keys with a large part common to every position (as real models' keys have): stored
     less their mean (`fp8_cache_layout`), attention over the float8 cache is several times

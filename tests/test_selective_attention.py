@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from polarc.plugins.reference import FP8, FP8_MAX, quantize_kv, selective_attention_reference
+from polarc.plugins.reference import (
+    FP8,
+    FP8_MAX,
+    dequantize_kv,
+    quantize_kv,
+    selective_attention_reference,
+)
 from polarc.plugins.selective_attention import (
     _selective_attention_kernel,
     plan_selective_attention,
@@ -365,6 +371,64 @@ def test_fp8_cache_matches_reference(b, hq, hkv, s, d, k, page, splits, dtype):
     assert _rel_err(out, unquantized) <= 0.06  # e4m3 keeps 3 bits of mantissa
 
 
+def _sinks(kc, vc, table, dtype, n):
+    """Each row's position 0 unquantized in `dtype`, indexed like the cache's first axis of n
+    rows or pages (its first page with a table)."""
+    sinks = [torch.zeros(n, kc.shape[1], kc.shape[3], dtype=dtype, device=kc.device)
+             for _ in range(2)]
+    rows = torch.arange(kc.shape[0]) if table is None else table[:, 0].long().cpu()
+    for sink, c in zip(sinks, (kc, vc), strict=True):
+        sink[rows.to(c.device)] = c[:, :, 0].to(dtype)
+    return sinks
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "b, hq, hkv, s, d, k, page, splits",
+    [
+        (3, 8, 2, 37, 16, 1, None, 3),  # contiguous, several splits: one of them holds 0
+        (3, 8, 2, 37, 16, 2, 16, 2),    # dense, paged
+        (3, 4, 4, 21, 32, 3, 16, 1),    # MHA, one launch
+    ])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
+def test_fp8_cache_sinks_match_reference(b, hq, hkv, s, d, k, page, splits, dtype):
+    """With sinks, position 0 is read unquantized from them (rows of length 0 and 1
+    included): the kernel against the reference, and the reference against plain attention
+    over the dequantized cache whose position 0 is the unquantized one."""
+    q, kc, vc, seqlens, groups = _inputs(b, hq, hkv, s, d, k, torch.float32)
+    seqlens[0], seqlens[1] = 1, 0
+    k8, v8, k_scale, v_scale = _fp8(kc, vc)
+    table = None
+    if page is not None:
+        k8, v8, table = _paged(k8.view(torch.uint8), v8.view(torch.uint8), page)
+        k8, v8 = k8.view(FP8), v8.view(FP8)
+    q = q.to(dtype)
+    k_sink, v_sink = _sinks(kc, vc, table, dtype, k8.shape[0])
+    s_max = s if page is None else table.shape[1] * page
+    plan = plan_selective_attention(b, k, hq // hkv, s_max, d, sms=4, num_splits=splits,
+                                    page_size=page)
+    out = torch.full_like(q, float("nan"))
+    selective_attention(q, k8, v8, seqlens, groups, out=out, plan=plan, block_table=table,
+                        k_scale=k_scale, v_scale=v_scale, k_sink=k_sink, v_sink=v_sink)
+    ref = selective_attention_reference(q.double(), k8, v8, seqlens, groups, block_table=table,
+                                        k_scale=k_scale, v_scale=v_scale, k_sink=k_sink,
+                                        v_sink=v_sink)
+    assert not torch.isnan(out).any()
+    assert _rel_err(out, ref) <= TOL[dtype]
+    assert (out[1] == 0).all()  # length 0: nothing
+    # the definition: the dequantized cache with position 0 as it was
+    k_back, v_back = (dequantize_kv(c, sc) for c, sc in
+                      zip(_fp8(kc, vc)[:2], (k_scale, v_scale), strict=True))
+    k_back[:, :, 0], v_back[:, :, 0] = kc[:, :, 0], vc[:, :, 0]
+    plain = selective_attention_reference(q.double(), k_back.double(), v_back.double(), seqlens,
+                                          groups)
+    assert _rel_err(ref, plain) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    without = selective_attention_reference(q.double(), k8, v8, seqlens, groups,
+                                            block_table=table, k_scale=k_scale, v_scale=v_scale)
+    row0 = [h for h in range(hq) if (groups[0] == h // (hq // hkv)).any()]
+    assert not torch.allclose(without[0, row0], ref[0, row0])  # the sink is what row 0 reads
+
+
 @needs_kernel
 def test_fp8_cache_bad_inputs():
     q, kc, vc, seqlens, groups = _inputs(2, 4, 2, 20, 16, 1, torch.float32)
@@ -378,6 +442,15 @@ def test_fp8_cache_bad_inputs():
                             v_scale=v_scale)
     with pytest.raises(ValueError, match="both float8_e4m3fn"):
         selective_attention(q, k8, vc, seqlens, groups, k_scale=k_scale, v_scale=v_scale)
+    sink = torch.zeros(2, 2, 16)
+    with pytest.raises(ValueError, match="k_sink and v_sink go together, with a float8"):
+        selective_attention(q, kc, vc, seqlens, groups, k_sink=sink, v_sink=sink)
+    with pytest.raises(ValueError, match="k_sink and v_sink go together"):
+        selective_attention(q, k8, v8, seqlens, groups, k_scale=k_scale, v_scale=v_scale,
+                            k_sink=sink)
+    with pytest.raises(ValueError, match=r"must be torch.float32 \[2, 2, 16\]"):
+        selective_attention(q, k8, v8, seqlens, groups, k_scale=k_scale, v_scale=v_scale,
+                            k_sink=sink[:1], v_sink=sink[:1])
 
 
 @pytest.mark.gpu

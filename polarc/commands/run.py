@@ -304,27 +304,28 @@ def make_scheduler(eng: Any, dev: Any, *, batch: int | None, dense: bool,
         page_bytes,
         pages_for,
         pages_that_fit,
+        sink_dtype,
     )
     from polarc.runtime.scheduler import Scheduler
     from polarc.runtime.torch_runtime import Runtime
 
     spec, max_seq = eng.model.spec, eng.limits["max_seq"]
-    kv_dtype = cache_dtype(eng)
+    kv_dtype, sinks = cache_dtype(eng), sink_dtype(eng)
     page_size = page_size or default_page_size(kv_dtype)
     per_row = pages_for(max_seq, page_size)
-    fits = pages_that_fit(spec, page_size, kv_dtype, dev)
+    fits = pages_that_fit(spec, page_size, kv_dtype, dev, sinks=sinks)
     slots = batch if batch is not None else max(1, min(eng.limits["max_batch"], fits // per_row))
     if slots > eng.limits["max_batch"]:
         raise PolarcError(f"--batch {slots} exceeds the engine's max batch "
                           f"{eng.limits['max_batch']}", hint="rebuild with a larger --max-batch")
     # Slots beyond what fits at the max sequence are fine (requests wait for pages), but
     # each slot needs room for one page at least.
-    check_fits(spec, slots, page_size, kv_dtype, dev,
+    check_fits(spec, slots, page_size, kv_dtype, dev, sinks=sinks,
                what=f"batch {slots} (a page of {page_size} positions per slot at least)",
                hint=lambda n: f"the largest batch that fits is {n}")
     pages = min(slots * per_row, fits)
     if pages < 1:
-        need = page_bytes(spec, page_size, kv_dtype) / 2**20
+        need = page_bytes(spec, page_size, kv_dtype, sinks) / 2**20
         raise PolarcError(f"no room for a KV cache on {dev.type}: one page of {page_size} "
                           f"positions needs {need:.1f} MiB")
     runtime = Runtime(eng, batch=slots, dense=dense, device=dev, page_size=page_size,

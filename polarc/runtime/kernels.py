@@ -26,8 +26,9 @@ FP8_KERNEL_ROWS = 256
 
 @dataclass
 class Kernels:
-    """attention(q, k_pool, v_pool, cache_seqlens, groups, block_table) -> [B, Hq, D];
-    topk(scores, k) -> groups int32; write_kv(k, v, k_pool, v_pool, positions, block_table);
+    """attention(q, k_pool, v_pool, cache_seqlens, groups, block_table[, scales, sinks]) ->
+    [B, Hq, D]; topk(scores, k) -> groups int32; write_kv(k, v, k_pool, v_pool, positions,
+    block_table[, scales, sinks]);
     gemm_up / gemm_down: the selective GEMM pair. Layouts (paged caches):
     `polarc.plugins.reference`."""
 
@@ -63,11 +64,12 @@ class Kernels:
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cache_seqlens: torch.Tensor, groups: torch.Tensor,
                   block_table: torch.Tensor, k_scale: torch.Tensor | None = None,
-                  v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                  v_scale: torch.Tensor | None = None, k_sink: torch.Tensor | None = None,
+                  v_sink: torch.Tensor | None = None) -> torch.Tensor:
         if self.device.type != "cuda":
             return reference.selective_attention_reference(q, k_cache, v_cache, cache_seqlens,
                                                            groups, self.scale, block_table,
-                                                           k_scale, v_scale)
+                                                           k_scale, v_scale, k_sink, v_sink)
         from polarc.plugins._triton_util import num_sms
         from polarc.plugins.selective_attention import (
             plan_selective_attention,
@@ -91,7 +93,8 @@ class Kernels:
                 q, k_cache, block_table=block_table)
         return selective_attention(q, k_cache, v_cache, cache_seqlens, groups, self.scale,
                                    plan=plan, workspace=workspace, check_indices=False,
-                                   block_table=block_table, k_scale=k_scale, v_scale=v_scale)
+                                   block_table=block_table, k_scale=k_scale, v_scale=v_scale,
+                                   k_sink=k_sink, v_sink=v_sink)
 
 
 def kernels_for(device: torch.device, head_dim: int) -> Kernels:

@@ -11,8 +11,14 @@ Moving a sequence to another slot (`move`) moves a table row and a length, never
 host keeps the truth (each slot's pages and lengths); the device's block table is refreshed
 from it before a step (`sync`) when it changed, and `advance` counts a step's new token.
 
-Memory: one page of one layer is ``2 (K, V) x Hkv x P x D x element size`` bytes; a sequence
-of n positions takes ``ceil(n / P)`` pages of every layer.
+An FP8 cache also keeps, per layer, K and V sinks ``[N, Hkv, D]`` in the compute dtype: each
+sequence's position 0 unquantized, in the row of the page that holds it
+(`polarc.plugins.reference`), so moving or freeing a sequence moves or frees its sink with its
+pages.
+
+Memory: one page of one layer is ``2 (K, V) x Hkv x P x D x element size`` bytes (plus
+``2 x Hkv x D`` sink values of an FP8 cache); a sequence of n positions takes
+``ceil(n / P)`` pages of every layer.
 """
 
 from __future__ import annotations
@@ -45,10 +51,17 @@ def default_page_size(kv_dtype: torch.dtype) -> int:
     return 2 * DEFAULT_PAGE_SIZE if kv_dtype.itemsize == 1 else DEFAULT_PAGE_SIZE
 
 
-def page_bytes(spec: ModelSpec, page_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one page position range across all layers, K and V."""
-    return 2 * spec.n_layers * spec.n_kv_heads * page_size * spec.head_dim * \
-        torch.finfo(dtype).bits // 8
+def sink_dtype(engine: Any) -> torch.dtype | None:
+    """The dtype of an FP8 cache's sinks (the engine's compute dtype); None for other caches."""
+    return engine.model.dtype if engine.kv_dtype == "fp8_e4m3" else None
+
+
+def page_bytes(spec: ModelSpec, page_size: int, dtype: torch.dtype,
+               sinks: torch.dtype | None = None) -> int:
+    """Bytes of one page position range across all layers, K and V (and their sinks)."""
+    per_position = page_size * torch.finfo(dtype).bits // 8
+    per_sink = torch.finfo(sinks).bits // 8 if sinks is not None else 0
+    return 2 * spec.n_layers * spec.n_kv_heads * spec.head_dim * (per_position + per_sink)
 
 
 def pages_for(positions: int, page_size: int) -> int:
@@ -56,16 +69,17 @@ def pages_for(positions: int, page_size: int) -> int:
 
 
 def pages_that_fit(spec: ModelSpec, page_size: int, dtype: torch.dtype, device: torch.device,
-                   memory_share: float = MEMORY_SHARE) -> int:
+                   memory_share: float = MEMORY_SHARE, sinks: torch.dtype | None = None) -> int:
     """How many pages (of every layer) the device's free memory holds."""
-    return int(free_memory(device) * memory_share // page_bytes(spec, page_size, dtype))
+    return int(free_memory(device) * memory_share // page_bytes(spec, page_size, dtype, sinks))
 
 
 def check_fits(spec: ModelSpec, pages: int, page_size: int, dtype: torch.dtype,
-               device: torch.device, *, what: str, hint: Callable[[int], str]) -> None:
+               device: torch.device, *, what: str, hint: Callable[[int], str],
+               sinks: torch.dtype | None = None) -> None:
     """Stop, before allocating, when `pages` pages do not fit the device's free memory;
     `hint(pages that fit)` says what would."""
-    per_page = page_bytes(spec, page_size, dtype)
+    per_page = page_bytes(spec, page_size, dtype, sinks)
     free = free_memory(device)
     if pages * per_page > free * MEMORY_SHARE:
         where = "GPU" if device.type == "cuda" else "host"
@@ -81,6 +95,8 @@ class PagedKVCache:
     block_table: torch.Tensor  # [slots, M] int32, on the device
     seqlens: torch.Tensor  # [slots] int32, on the device
     page_size: int
+    k_sink: list[torch.Tensor] | None = None  # per layer [N, Hkv, D]: an FP8 cache's position 0
+    v_sink: list[torch.Tensor] | None = None
     free_pages: list[int] = field(default_factory=list)
     slot_pages: list[list[int]] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # positions written, per slot
@@ -90,15 +106,23 @@ class PagedKVCache:
 
     @classmethod
     def allocate(cls, spec: ModelSpec, *, slots: int, max_seq: int, pages: int, page_size: int,
-                 dtype: torch.dtype, device: torch.device) -> PagedKVCache:
-        """A cache of `pages` pages for `slots` sequences of up to `max_seq` positions each."""
+                 dtype: torch.dtype, device: torch.device,
+                 sinks: torch.dtype | None = None) -> PagedKVCache:
+        """A cache of `pages` pages for `slots` sequences of up to `max_seq` positions each;
+        with `sinks` (an FP8 cache's compute dtype), position 0 sinks in that dtype."""
         if page_size < 16 or page_size % 16:
             raise PolarcError(f"--page-size must be a positive multiple of 16, got {page_size}")
         shape = (pages, spec.n_kv_heads, page_size, spec.head_dim)
         per_row = pages_for(max_seq, page_size)
         table = torch.zeros((slots, per_row), dtype=torch.int32)
-        cache = cls(k=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)],
-                    v=[torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)],
+
+        def layers(shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
+
+        sink_shape = (pages, spec.n_kv_heads, spec.head_dim)
+        cache = cls(k=layers(shape, dtype), v=layers(shape, dtype),
+                    k_sink=layers(sink_shape, sinks) if sinks is not None else None,
+                    v_sink=layers(sink_shape, sinks) if sinks is not None else None,
                     block_table=table.to(device), seqlens=torch.zeros(slots, dtype=torch.int32,
                                                                       device=device),
                     page_size=page_size, free_pages=list(range(pages - 1, -1, -1)),

@@ -35,7 +35,7 @@ from polarc.models.layers import (
     rope_qk,
     swiglu,
 )
-from polarc.plugins.reference import FP8, dequantize_kv, gather_pages, hadamard, quantize_kv
+from polarc.plugins.reference import FP8, hadamard, quantize_kv, read_cache
 from polarc.runtime.kernels import kernels_for
 from polarc.runtime.kv_cache import (
     PagedKVCache,
@@ -43,6 +43,7 @@ from polarc.runtime.kv_cache import (
     check_fits,
     default_page_size,
     pages_for,
+    sink_dtype,
 )
 
 # SDPA backends for prefill on CUDA (names of torch.nn.attention.SDPBackend): not cuDNN's
@@ -66,12 +67,6 @@ def compiled_ops(device: torch.device, *, dynamic: bool = False) -> Ops:
     setattr(config, limit, max(getattr(config, limit), 256))
     return Ops(*(torch.compile(fn, fullgraph=True, dynamic=dynamic)
                  for fn in (add_norm, rope_qk, swiglu)))
-
-
-def _dequantized(cache: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
-                 ) -> torch.Tensor:
-    """A gathered cache [B, Hkv, S, D] in `dtype` (an FP8 one times its scales)."""
-    return dequantize_kv(cache, scale).to(dtype) if cache.dtype == FP8 else cache
 
 
 def check_fp8_gpu(device: torch.device, *, kv: bool, weights: bool) -> None:
@@ -126,14 +121,15 @@ class Runtime:
         page_size = page_size or default_page_size(self.kv_dtype)
         per_row = pages_for(self.max_seq, page_size)
         pages = batch * per_row if pages is None else pages
-        check_fits(spec, pages, page_size, self.kv_dtype, self.device,
+        sinks = sink_dtype(engine) if fp8 else None  # position 0 unquantized (kv_cache.py)
+        check_fits(spec, pages, page_size, self.kv_dtype, self.device, sinks=sinks,
                    what=f"batch {batch} x {self.max_seq} positions" if pages == batch * per_row
                    else f"{pages} pages of {page_size} positions",
                    hint=lambda fits: f"the largest batch that fits is {fits // per_row}"
                    if pages == batch * per_row else f"at most {fits} pages fit")
         self.cache = PagedKVCache.allocate(spec, slots=batch, max_seq=self.max_seq, pages=pages,
                                            page_size=page_size, dtype=self.kv_dtype,
-                                           device=self.device)
+                                           device=self.device, sinks=sinks)
         self.kernels = kernels_for(self.device, spec.head_dim)
         # float8 weights go through the kernels' linear, in prefill and in the step
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear)
@@ -240,6 +236,9 @@ class Runtime:
         ids_t = torch.tensor([ids_all + [0] * pad], device=dev)
         positions = torch.cat(pos_all + [torch.zeros(pad, dtype=torch.long)]).to(dev)
         pages, offsets = torch.cat(pages_all), torch.cat(offs_all)
+        # the pack's positions 0 (chunks that start a sequence) and their pages, for the sinks
+        first = torch.nonzero(positions[:at] == 0)[:, 0]
+        first_pages = pages[first]
         h = embed(self.model, ids_t, positions)
         rope = rope_cos_sin(self.model, positions, h.dtype)
         tables = [row.to(dev)[None] if start else None for _, _, start, row in spans]
@@ -249,9 +248,13 @@ class Runtime:
             q, k = self.cache_basis(layer, q, k)
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             k_scale, v_scale = self.layer_kv_scales(layer)
+            k_sink, v_sink = self.layer_sinks(layer)
             if k_pool.dtype == FP8:
                 k_pool[pages, :, offsets] = quantize_kv(k[0, :at], k_scale)
                 v_pool[pages, :, offsets] = quantize_kv(v[0, :at], v_scale)
+                if first.numel():
+                    k_sink[first_pages] = k[0, first].to(k_sink.dtype)
+                    v_sink[first_pages] = v[0, first].to(v_sink.dtype)
             else:
                 k_pool[pages, :, offsets] = k[0, :at]
                 v_pool[pages, :, offsets] = v[0, :at]
@@ -265,9 +268,9 @@ class Runtime:
                     out[:, o:o + n] = causal_attention(qs, k[:, o:o + n].clone(),
                                                        v[:, o:o + n].clone())
                 else:
-                    keys, values = (_dequantized(gather_pages(p, table, start + n), s, q.dtype)
-                                    .transpose(1, 2) for p, s in ((k_pool, k_scale),
-                                                                  (v_pool, v_scale)))
+                    keys, values = (read_cache(p, s, sink, start + n, table, dtype=q.dtype)
+                                    .transpose(1, 2) for p, s, sink in
+                                    ((k_pool, k_scale, k_sink), (v_pool, v_scale, v_sink)))
                     out[:, o:o + n] = causal_attention(qs, keys, values, past=start)
             return out
 
@@ -304,6 +307,12 @@ class Runtime:
         if self.key_offset is not None:
             k = k - self.key_offset[layer]
         return q, k
+
+    def layer_sinks(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(K sink, V sink) [pages, Hkv, D] of an FP8 cache's layer; (None, None) otherwise."""
+        if self.cache.k_sink is None:
+            return None, None
+        return self.cache.k_sink[layer], self.cache.v_sink[layer]
 
     def layer_kv_scales(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(K scales, V scales) [Hkv] of an FP8 cache's layer; (None, None) otherwise."""
@@ -346,11 +355,12 @@ class Runtime:
         def attend(layer, x, q, k, v, extra):
             q, k = self.cache_basis(layer, q, k)
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-            scales = self.layer_kv_scales(layer)
-            self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales)
+            scales, sinks = self.layer_kv_scales(layer), self.layer_sinks(layer)
+            self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales,
+                                  *sinks)
             groups = self.groups_for(layer, None if extra is None else extra[:, 0], B)
             return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table,
-                                          *scales)[:, None]
+                                          *scales, *sinks)[:, None]
 
         delta = torch.zeros_like(h)
         for layer in range(self.spec.n_layers):
