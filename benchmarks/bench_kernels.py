@@ -206,17 +206,21 @@ def _shuffled_pools(k: torch.Tensor, v: torch.Tensor, page: int, gen: torch.Gene
 def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Generator,
                   scales: torch.Tensor | None = None) -> list:
     """One planned, workspace-holding selective_attention call per input set (paged when
-    `pages` is given; a float8 cache when `scales` is)."""
+    `pages` is given; a float8 cache, with its position-0 sinks as the runtime keeps them,
+    when `scales` is)."""
     fns = []
     for (q, k, v), g in zip(sets, groups, strict=True):
         table = None
         if pages is not None:
             k, v, table = _shuffled_pools(k, v, pages, gen)
+        sink = torch.randn(k.shape[0], k.shape[1], k.shape[3], generator=gen).to(q.device, q.dtype) \
+            if scales is not None else None
         ws = selective_attention_workspace(q, k, g.shape[1], plan, block_table=table)
         out = torch.empty_like(q)
-        fns.append(lambda q=q, k=k, v=v, g=g, ws=ws, out=out, t=table: selective_attention(
-            q, k, v, seqlens, g, out=out, workspace=ws, plan=plan, check_indices=False,
-            block_table=t, k_scale=scales, v_scale=scales))
+        fns.append(lambda q=q, k=k, v=v, g=g, ws=ws, out=out, t=table, sink=sink:
+                   selective_attention(q, k, v, seqlens, g, out=out, workspace=ws, plan=plan,
+                                       check_indices=False, block_table=t, k_scale=scales,
+                                       v_scale=scales, k_sink=sink, v_sink=sink))
     return fns
 
 
