@@ -108,10 +108,8 @@ def read_cache(cache: torch.Tensor, scale: torch.Tensor | None, sink: torch.Tens
         x = gather_pages(cache, block_table[:rows], length)
     else:
         x = cache[:rows, :, :length]
-    if x.dtype == FP8:
-        x = dequantize_kv(x, scale).to(dtype or torch.float32)
-    else:
-        x = x.to(dtype or _acc(x).dtype)
+    dtype = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    x = dequantize_kv(x, scale).to(dtype) if x.dtype == FP8 else x.to(dtype)
     if sink is not None and length > 0:
         x = x if cache.dtype == FP8 else x.clone()  # not a view of the cache: written below
         x[:, :, 0] = sink[sink_rows(rows, block_table, cache.device)].to(x.dtype)

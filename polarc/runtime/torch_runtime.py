@@ -236,9 +236,13 @@ class Runtime:
         ids_t = torch.tensor([ids_all + [0] * pad], device=dev)
         positions = torch.cat(pos_all + [torch.zeros(pad, dtype=torch.long)]).to(dev)
         pages, offsets = torch.cat(pages_all), torch.cat(offs_all)
-        # the pack's positions 0 (chunks that start a sequence) and their pages, for the sinks
-        first = torch.nonzero(positions[:at] == 0)[:, 0]
-        first_pages = pages[first]
+        # an FP8 cache's sinks take the pack's positions 0 (from the host's spans: no sync)
+        starts = [o for o, _, start, _ in spans if start == 0]
+        if starts and self.cache.k_sink is not None:
+            first = torch.tensor(starts, device=dev)
+            first_pages = pages[first]
+        else:
+            first = None
         h = embed(self.model, ids_t, positions)
         rope = rope_cos_sin(self.model, positions, h.dtype)
         tables = [row.to(dev)[None] if start else None for _, _, start, row in spans]
@@ -252,7 +256,7 @@ class Runtime:
             if k_pool.dtype == FP8:
                 k_pool[pages, :, offsets] = quantize_kv(k[0, :at], k_scale)
                 v_pool[pages, :, offsets] = quantize_kv(v[0, :at], v_scale)
-                if first.numel():
+                if first is not None:
                     k_sink[first_pages] = k[0, first].to(k_sink.dtype)
                     v_sink[first_pages] = v[0, first].to(v_sink.dtype)
             else:
