@@ -4,11 +4,12 @@ same kernel over the contiguous one (`--paged`: that table alone), and over floa
 (`--fp8`: that table alone).
 
     python -m polarc.benchmarks.bench_kernels [--json OUT] [--quick]
-        [--paged | --fp8 | --fp8-linear | --fp8-linear-sweep]
+        [--paged | --fp8 | --fp8-linear | --fp8-linear-sweep [--sweep-rows 32,64]]
 
 `--fp8-linear-sweep`: for each FP8-weight decode GEMM and row count, `fp8_linear` under a grid
-of plans (tiles, split-K, warps, stages) beside the planner's own; prints the planner's and the
-best plan per row, every timing in --json.
+of plans (tiles, split-K, warps, stages, the product formed transposed or not) beside the
+planner's own; prints the planner's and the best plan per row, every timing in --json.
+`--fp8`: the float8-cache table includes tile, warp and pipeline variants beside the defaults.
 
 Random data, outputs and workspaces allocated once; every call (ours, SDPA with
 ``enable_gqa=True``, cuBLAS ``addmm`` + ``relu_`` and ``mm``) timed by `timing.time_graph`
@@ -224,7 +225,18 @@ def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Gen
     return fns
 
 
-FP8_VARIANTS = ((None, None), (64, None), (None, 128), (128, 128))  # (page, block of positions)
+# (page, block of positions, warps, stages); None: the planner's. The first three are the
+# recorded table's columns; the rest try more warps (twice the threads for the conversions) and
+# deeper or shallower pipelines.
+FP8_VARIANTS = ((None, 64, None, None), (None, 128, None, None), (128, 128, None, None),
+                (None, 128, 8, None), (None, 128, None, 2), (None, 128, None, 4),
+                (None, 256, 8, 2), (None, 64, None, 4))
+
+
+def _fp8_variant_label(page: int | None, block: int, warps: int | None,
+                       stages: int | None) -> str:
+    return ("P=" + str(page) if page else "contig") + f" N={block}" \
+        + (f" w{warps}" if warps else "") + (f" st{stages}" if stages else "")
 
 
 def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
@@ -266,17 +278,20 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
                                     meets_target=ms / contiguous_ms <= 1.05 if page >= 64
                                     else None))
                 torch.cuda.empty_cache()
-            for page, block in FP8_VARIANTS:  # FP8: half the bytes, same kernel
+            for page, block, warps, stages in FP8_VARIANTS:  # FP8: half the bytes, same kernel
                 pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device),
-                                                 page_size=page, block_n=block)
+                                                 page_size=page, block_n=block, num_warps=warps,
+                                                 num_stages=stages, kv_fp8=True)
+                label = _fp8_variant_label(page, block, warps, stages)
                 try:
                     ms = time_graph(_kernel_calls(sets8, groups, seqlens, pplan, page, gen, ones))
                 except Exception as exc:  # a variant that does not fit must not lose the table
-                    _log(f"fp8 variant page={page} block={block}: {str(exc)[:200]}")
+                    _log(f"fp8 variant {label}: {str(exc)[:200]}")
                     ms = float("nan")
                 frac = need / 2 / (ms * 1e-3) / bw
                 records.append(dict(base, kernel="fp8", dtype="bf16/fp8", page=page,
-                                    block_n=pplan.block_n, ms=ms,
+                                    variant=label, block_n=pplan.block_n,
+                                    num_warps=pplan.num_warps, num_stages=pplan.num_stages, ms=ms,
                                     vs_bf16=ms / contiguous_ms, bw_frac=frac,
                                     meets_bw_target=frac >= 0.85 if b * s >= 32768 else None))
                 torch.cuda.empty_cache()
@@ -308,13 +323,12 @@ def format_paged(records: list[dict]) -> str:
         lines += ["", "selective attention over a float8 cache: ms, x = / bf16 contiguous, % of "
                       "copy bandwidth on the float8 bytes; target >= 85% at B*S >= 32k; ! = missed",
                   f"{'model':<10}{'B':>4}{'S':>6}{'rho':>5}"
-                  + "".join(f"{('P=' + str(p) if p else 'contiguous') + (f' N={n}' if n else ''):>22}"
-                            for p, n in FP8_VARIANTS)]
+                  + "".join(f"{_fp8_variant_label(*v):>22}" for v in FP8_VARIANTS)]
         for key in sorted({(r["model"], r["B"], r["S"], r["density"]) for r in fp8}):
             cells = []
-            for page, block in FP8_VARIANTS:
+            for variant in FP8_VARIANTS:
                 r = next(r for r in fp8 if (r["model"], r["B"], r["S"], r["density"]) == key
-                         and r["page"] == page and (block is None or r["block_n"] == block))
+                         and r["variant"] == _fp8_variant_label(*variant))
                 miss = "!" if r["meets_bw_target"] is False else " "
                 cells.append(f"{r['ms']:>8.3f} {r['vs_bf16']:>5.2f}x {r['bw_frac'] * 100:>4.0f}%"
                              f"{miss}")
@@ -414,13 +428,17 @@ def _sweep_plans(m: int, chosen: Any) -> list[Any]:
         block_m, splits = 64, (1, 2, 4)
         tiles = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4),
                  (128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
-    grid = [Fp8LinearPlan(block_m, bn, bk, num_warps=w, num_stages=st, split_k=s)
-            for bn, bk, w, st in tiles for s in splits]
+    # the weight tile as the MMA's left operand where it has the 64+ rows wgmma needs
+    grid = [Fp8LinearPlan(block_m, bn, bk, num_warps=w, num_stages=st, split_k=s, swap_ab=sw)
+            for bn, bk, w, st in tiles for s in splits for sw in (False, True)
+            if bn >= 64 or not sw]
     return [chosen] + [p for p in grid if p != chosen]
 
 
 def _plan_label(p: Any) -> str:
-    return f"{p.block_m}x{p.block_n}x{p.block_k} s{p.split_k} w{p.num_warps} st{p.num_stages}"
+    swap = " swap" if getattr(p, "swap_ab", False) else ""
+    return (f"{p.block_m}x{p.block_n}x{p.block_k} s{p.split_k} w{p.num_warps} st{p.num_stages}"
+            f"{swap}")
 
 
 def _fp8_calls(x: torch.Tensor, weights: list[torch.Tensor], scale: torch.Tensor,
@@ -431,9 +449,10 @@ def _fp8_calls(x: torch.Tensor, weights: list[torch.Tensor], scale: torch.Tensor
     return [lambda w=w: fp8_linear(x, w, scale, out=out, plan=plan) for w in weights]
 
 
-def linear_sweep_cases(*, bw: float, device: torch.device) -> list[dict]:
+def linear_sweep_cases(*, bw: float, device: torch.device,
+                       rows: tuple[int, ...] = SWEEP_ROWS) -> list[dict]:
     """`fp8_linear` under every plan of `_sweep_plans` for each decode GEMM of `LINEAR_SHAPES`
-    and each row count of `SWEEP_ROWS`: one record per (GEMM, rows, plan). The weight is
+    and each row count of `rows`: one record per (GEMM, rows, plan). The weight is
     rotated over copies that together exceed L2, so that every plan streams it from HBM as
     the byte floor assumes (the smaller GEMMs' fp8 weights would otherwise stay in L2)."""
     from polarc.plugins.fp8_linear import plan_fp8_linear
@@ -446,7 +465,7 @@ def linear_sweep_cases(*, bw: float, device: torch.device) -> list[dict]:
         w8, scale = quantize_rows(torch.randn(n, k, device=device) / math.sqrt(k))
         weights = [w8] + [w8.clone() for _ in range(sets_to_rotate(n * k) - 1)]
         w_ref = (w8.float() * scale[:, None]).to(torch.bfloat16)
-        for m in SWEEP_ROWS:
+        for m in rows:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             out = torch.empty(m, n, device=device, dtype=torch.bfloat16)
             ref = (x @ w_ref.T).float()
@@ -664,7 +683,8 @@ def format_table(records: list[dict], env: dict) -> str:
 def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           *, attention: bool = True, gemm: bool = True,
                           paged: bool = True, fp8_only: bool = False,
-                          linear: bool = False, linear_sweep: bool = False) -> list[dict]:
+                          linear: bool = False, linear_sweep: bool = False,
+                          sweep_rows: tuple[int, ...] = SWEEP_ROWS) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -689,7 +709,7 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
     if linear:
         records += linear_cases(bw=bw, device=device)
     if linear_sweep:
-        records += linear_sweep_cases(bw=bw, device=device)
+        records += linear_sweep_cases(bw=bw, device=device, rows=sweep_rows)
     print(format_table(records, env) + format_paged(records) + format_linear(records)
           + format_linear_sweep(records))
     if json_path is not None:
@@ -709,6 +729,8 @@ def main() -> None:
                     help="only the FP8-weight GEMM table")
     ap.add_argument("--fp8-linear-sweep", action="store_true",
                     help="only the FP8-weight GEMM plan sweep (planner's plan vs the best found)")
+    ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),
+                    help="the sweep's row counts, comma-separated (default: %(default)s)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: kernel benchmarks need a CUDA GPU (none is visible here).")
@@ -717,7 +739,8 @@ def main() -> None:
                           gemm=not (args.no_gemm or only),
                           paged=not (args.fp8_linear or args.fp8_linear_sweep),
                           fp8_only=args.fp8, linear=args.fp8_linear,
-                          linear_sweep=args.fp8_linear_sweep)
+                          linear_sweep=args.fp8_linear_sweep,
+                          sweep_rows=tuple(int(m) for m in args.sweep_rows.split(",")))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ fp32; real shapes in bf16 on CUDA)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from polarc.plugins._triton_util import cdiv, next_pow2
@@ -64,6 +66,7 @@ def test_quantized_weights_stay_close_to_the_originals():
 
 
 @needs_kernel
+@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("split", [1, 2, 4])
 @pytest.mark.parametrize("m, n, k, bias", [
     (5, 40, 200, True),     # K = 7 blocks of 32 (not whole): ranges 128+72, 64x3+8
@@ -71,11 +74,12 @@ def test_quantized_weights_stay_close_to_the_originals():
     (1, 24, 64, True),      # two K blocks: split 4 leaves two ranges empty (zero partials)
 ])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_split_k_matches_reference(split, m, n, k, bias, dtype, tol):
-    """Every split writes its partial; the last of each tile adds them and runs the epilogue."""
+def test_split_k_matches_reference(swap_ab, split, m, n, k, bias, dtype, tol):
+    """Every split writes its partial; the last of each tile adds them and runs the epilogue;
+    the same with the product formed transposed (weight tile on the left)."""
     x, w, scale, b = _inputs(m, n, k, dtype, bias=bias, seed=split)
     plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
-                         split_k=split)
+                         split_k=split, swap_ab=swap_ab)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
     fp8_linear(x, w, scale, b, out=out, plan=plan)
     assert not torch.isnan(out).any()
@@ -163,21 +167,24 @@ def test_wrong_inputs_raise_clear_errors(change, message):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 16, 100, 256])
+@pytest.mark.parametrize("m", [1, 16, 32, 100, 256])
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336)])
-def test_gpu_llama_shapes_bf16(m, n, k):
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gpu_llama_shapes_bf16(m, n, k, swap_ab):
     x, w, scale, _ = _inputs(m, n, k, torch.bfloat16)
-    got = fp8_linear(x, w, scale)
+    plan = dataclasses.replace(plan_fp8_linear(m, n, k, sms=132), swap_ab=swap_ab)
+    got = fp8_linear(x, w, scale, plan=plan)
     assert _rel(got, fp8_linear_reference(x.double(), w, scale)) < 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_split_k_graph_replays_match_eager_bitwise():
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gpu_split_k_graph_replays_match_eager_bitwise(swap_ab):
     """Split-K in a CUDA graph: counters stay zero across replays, the sum order is fixed."""
     x, w, scale, b = _inputs(16, 4096, 4096, torch.bfloat16, bias=True)
-    plan = Fp8LinearPlan(block_m=16, block_n=32, block_k=256, num_warps=4, num_stages=4,
-                         split_k=8)
+    plan = Fp8LinearPlan(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4,
+                         split_k=8, swap_ab=swap_ab)
     eager = fp8_linear(x, w, scale, b, plan=plan)
     out = torch.empty_like(eager)
     side = torch.cuda.Stream()
