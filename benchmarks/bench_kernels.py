@@ -205,15 +205,17 @@ def _shuffled_pools(k: torch.Tensor, v: torch.Tensor, page: int, gen: torch.Gene
 
 
 def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Generator,
-                  scales: torch.Tensor | None = None) -> list:
+                  scales: torch.Tensor | None = None, v_position_major: bool = False) -> list:
     """One planned, workspace-holding selective_attention call per input set (paged when
     `pages` is given; a float8 cache, with its position-0 sinks as the runtime keeps them,
-    when `scales` is)."""
+    when `scales` is; V stored position-major, as an FP8 page pool keeps it, when asked)."""
     fns = []
     for (q, k, v), g in zip(sets, groups, strict=True):
         table = None
         if pages is not None:
             k, v, table = _shuffled_pools(k, v, pages, gen)
+        if v_position_major:
+            v = v.transpose(2, 3).contiguous().transpose(2, 3)
         sink = torch.randn(k.shape[0], k.shape[1], k.shape[3], generator=gen).to(q.device, q.dtype) \
             if scales is not None else None
         ws = selective_attention_workspace(q, k, g.shape[1], plan, block_table=table)
@@ -225,18 +227,22 @@ def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Gen
     return fns
 
 
-# (page, block of positions, warps, stages); None: the planner's. The first three are the
-# recorded table's columns; the rest try more warps (twice the threads for the conversions) and
-# deeper or shallower pipelines.
-FP8_VARIANTS = ((None, 64, None, None), (None, 128, None, None), (128, 128, None, None),
-                (None, 128, 8, None), (None, 128, None, 2), (None, 128, None, 4),
-                (None, 256, 8, 2), (None, 64, None, 4))
+# (page, block of positions, warps, stages, V position-major); None: the planner's. The first
+# three are the columns recorded before V went position-major; the fourth is the runtime's
+# layout now (pages of 128, V position-major); the rest try more warps (twice the threads for
+# the conversions), deeper or shallower pipelines, smaller blocks.
+FP8_VARIANTS = ((None, 64, None, None, False), (None, 128, None, None, False),
+                (128, 128, None, None, False), (128, 128, None, None, True),
+                (None, 128, None, None, True), (128, 128, 8, None, True),
+                (128, 128, None, 2, True), (128, 128, None, 4, True),
+                (128, 64, None, 4, True))
 
 
 def _fp8_variant_label(page: int | None, block: int, warps: int | None,
-                       stages: int | None) -> str:
+                       stages: int | None, v_position_major: bool) -> str:
     return ("P=" + str(page) if page else "contig") + f" N={block}" \
-        + (f" w{warps}" if warps else "") + (f" st{stages}" if stages else "")
+        + (f" w{warps}" if warps else "") + (f" st{stages}" if stages else "") \
+        + (" vT" if v_position_major else "")
 
 
 def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
@@ -278,13 +284,15 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
                                     meets_target=ms / contiguous_ms <= 1.05 if page >= 64
                                     else None))
                 torch.cuda.empty_cache()
-            for page, block, warps, stages in FP8_VARIANTS:  # FP8: half the bytes, same kernel
+            for variant in FP8_VARIANTS:  # FP8: half the bytes, same kernel
+                page, block, warps, stages, v_pm = variant
                 pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device),
                                                  page_size=page, block_n=block, num_warps=warps,
                                                  num_stages=stages, kv_fp8=True)
-                label = _fp8_variant_label(page, block, warps, stages)
+                label = _fp8_variant_label(*variant)
                 try:
-                    ms = time_graph(_kernel_calls(sets8, groups, seqlens, pplan, page, gen, ones))
+                    ms = time_graph(_kernel_calls(sets8, groups, seqlens, pplan, page, gen, ones,
+                                                  v_position_major=v_pm))
                 except Exception as exc:  # a variant that does not fit must not lose the table
                     _log(f"fp8 variant {label}: {str(exc)[:200]}")
                     ms = float("nan")
@@ -471,13 +479,19 @@ def linear_sweep_cases(*, bw: float, device: torch.device,
             ref = (x @ w_ref.T).float()
             floor = _fp8_floor_ms(m, n, k, bw)
             chosen = plan_fp8_linear(m, n, k, sms=sms)
-            for plan in _sweep_plans(m, chosen):
+            # bf16 rows under every plan; fp16 rows (nothing to widen per tile: what the
+            # rows' widening costs) under the planner's plan, as it is and transposed
+            half = [(p, torch.float16) for p in dict.fromkeys(
+                (chosen, dataclasses.replace(chosen, swap_ab=True)))]
+            for plan, x_dtype in [(p, torch.bfloat16) for p in _sweep_plans(m, chosen)] + half:
                 rec = dict(op="fp8_linear_sweep", name=name, M=m, N=n, K=k, floor8_ms=floor,
-                           planner=plan == chosen, **dataclasses.asdict(plan))
+                           planner=plan == chosen, x_dtype=str(x_dtype).removeprefix("torch."),
+                           **dataclasses.asdict(plan))
+                xs, outs = (x, out) if x_dtype == torch.bfloat16 else (x.half(), out.half())
                 try:
-                    out.fill_(float("nan"))
-                    ms = time_graph(_fp8_calls(x, weights, scale, out, plan))
-                    err = ((out.float() - ref).norm() / ref.norm()).item()  # the last replay's
+                    outs.fill_(float("nan"))
+                    ms = time_graph(_fp8_calls(xs, weights, scale, outs, plan))
+                    err = ((outs.float() - ref).norm() / ref.norm()).item()  # the last replay's
                     rec.update(ms=ms, x_floor=ms / floor, rel_err=err)
                     if not err < 2e-2:  # NaN included: a split that never finished
                         _log(f"fp8 linear sweep {name} M={m} {_plan_label(plan)}: WRONG, "
@@ -499,10 +513,16 @@ def format_linear_sweep(records: list[dict]) -> str:
     if not rows:
         return ""
     lines = ["", "fp8_linear plan sweep, Llama-3-8B decode GEMMs: ms (x byte floor); plan = "
-                 "BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages",
-             f"{'gemm':<9}{'M':>5}  {'planner':<24}{'ms':>16}  {'best':<24}{'ms':>16}{'plans':>7}"]
+                 "BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages; bf16 rows, and the "
+                 "planner's plan on fp16 rows (as is / transposed)",
+             f"{'gemm':<9}{'M':>5}  {'planner':<24}{'ms':>16}  {'best':<30}{'ms':>16}{'plans':>7}"
+             f"{'fp16 rows':>12}{'transposed':>12}"]
     for key in dict.fromkeys((r["name"], r["M"]) for r in rows):
-        case = [r for r in rows if (r["name"], r["M"]) == key]
+        every = [r for r in rows if (r["name"], r["M"]) == key]
+        case = [r for r in every if r.get("x_dtype", "bfloat16") == "bfloat16"]
+        half = [r for r in every if r.get("x_dtype") == "float16"]
+        if not case:
+            continue
         best = min(case, key=lambda r: r["ms"])
         ours = next((r for r in case if r["planner"]), None)
         cells = []
@@ -511,8 +531,11 @@ def format_linear_sweep(records: list[dict]) -> str:
                 cells.append(f"{'error':<24}{'':>16}")
                 continue
             plan = _plan_label(SimpleNamespace(**r))
-            cells.append(f"{plan:<24}{r['ms']:>7.4f} ({r['x_floor']:>5.2f}x)")
-        lines.append(f"{key[0]:<9}{key[1]:>5}  {cells[0]}  {cells[1]}{len(case):>7}")
+            width = 30 if r is best else 24
+            cells.append(f"{plan:<{width}}{r['ms']:>7.4f} ({r['x_floor']:>5.2f}x)")
+        fp16 = "".join(next((f"{r['ms']:>12.4f}" for r in half if r["swap_ab"] == swap),
+                            f"{'-':>12}") for swap in (False, True))
+        lines.append(f"{key[0]:<9}{key[1]:>5}  {cells[0]}  {cells[1]}{len(case):>7}{fp16}")
     return "\n".join(lines)
 
 

@@ -5,14 +5,15 @@ per layer for K and V; this writes both with one program per (row, KV group).
 
 Layouts: ``k``, ``v`` ``[B, Hkv, D]`` (last axis contiguous, other strides free: views into a
 fused projection output work); ``k_cache``, ``v_cache`` ``[B', Hkv, S_max, D]`` with B' >= B
-(the first B rows are written), same strides; ``positions [B]`` int32, each < S_max (a
-negative position writes nothing: a slot that holds no sequence). Paged
-(``block_table [B, M]`` int32 given): the caches are page pools ``[N, Hkv, P, D]`` and
-position s of row b lands in page ``block_table[b, s // P]`` at ``s % P``. A float8 e4m3
-cache (``k_scale``, ``v_scale [Hkv]`` float32 given) stores K / k_scale and V / v_scale,
-saturated at ±448 and rounded to nearest even, exactly as `reference.quantize_kv` does; with
-its sinks (``k_sink``, ``v_sink [N, Hkv, D]``, q's dtype, indexed like the cache's first axis)
-a position 0 is also stored there unquantized.
+(the first B rows are written), K's last axis contiguous, V's last or position axis (an FP8 pool
+keeps V position-major: `selective_attention`'s docstring says why); ``positions [B]`` int32,
+each < S_max (a negative position writes nothing: a slot that holds no sequence). Paged
+(``block_table [B, M]`` int32 given): the caches are page pools ``[N, Hkv, P, D]`` and position
+s of row b lands in page ``block_table[b, s // P]`` at ``s % P``. A float8 e4m3 cache
+(``k_scale``, ``v_scale [Hkv]`` float32 given) stores K / k_scale and V / v_scale, saturated at
+±448 and rounded to nearest even, NaN written as 0 (so a pool's every byte stays finite),
+exactly as `reference.quantize_kv` does; with its sinks (``k_sink``, ``v_sink [N, Hkv, D]``, q's
+dtype, indexed like the cache's first axis) a position 0 is also stored there unquantized.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _round_to_e4m3(x):
 def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_Scale,
                      K_Sink, V_Sink,
                      stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_cs,
-                     stride_tb, stride_sb, stride_sh, HEAD_DIM: tl.constexpr,
+                     stride_vcb, stride_vch, stride_vcs, stride_vcd, stride_tb, stride_sb,
+                     stride_sh, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
                      SINK: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
@@ -66,13 +68,16 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_
     if PAGE > 0:
         pos = pos % PAGE
     if KV_FP8:  # correctly rounded division, as torch's: the reference's bits exactly
-        k = tl.clamp(tl.math.div_rn(k.to(tl.float32), tl.load(K_Scale + group)), -448.0, 448.0)
-        v = tl.clamp(tl.math.div_rn(v.to(tl.float32), tl.load(V_Scale + group)), -448.0, 448.0)
+        k = tl.math.div_rn(k.to(tl.float32), tl.load(K_Scale + group))
+        v = tl.math.div_rn(v.to(tl.float32), tl.load(V_Scale + group))
+        k = tl.clamp(tl.where(k == k, k, 0.0), -448.0, 448.0)
+        v = tl.clamp(tl.where(v == v, v, 0.0), -448.0, 448.0)
         k = _round_to_e4m3(k).to(K_Cache.dtype.element_ty)
         v = _round_to_e4m3(v).to(V_Cache.dtype.element_ty)
-    dst = dst_row * stride_cb + group * stride_ch + pos * stride_cs + offs
-    tl.store(K_Cache + dst, k, mask=mask)
-    tl.store(V_Cache + dst, v, mask=mask)
+    tl.store(K_Cache + dst_row * stride_cb + group * stride_ch + pos * stride_cs + offs, k,
+             mask=mask)
+    tl.store(V_Cache + dst_row * stride_vcb + group * stride_vch + pos * stride_vcs
+             + offs * stride_vcd, v, mask=mask)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -89,9 +94,10 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             k_cache.shape[3] != d:
         raise ValueError(f"write_kv: k/v {tuple(k.shape)}/{tuple(v.shape)} do not fit caches "
                          f"{tuple(k_cache.shape)}/{tuple(v_cache.shape)}")
-    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1 or k.stride(-1) != 1 \
+    if k_cache.stride(-1) != 1 or 1 not in v_cache.stride()[2:] or k.stride(-1) != 1 \
             or v.stride(-1) != 1:
-        raise ValueError("write_kv: caches must share strides; all last axes contiguous")
+        raise ValueError("write_kv: k, v and k_cache need a contiguous last axis, v_cache a "
+                         "contiguous last or position axis")
     fp8 = k_cache.dtype == FP8
     if k.dtype != v.dtype or v_cache.dtype != k_cache.dtype or k_cache.dtype not in (k.dtype, FP8):
         raise ValueError(f"write_kv: dtypes differ: {k.dtype}, {v.dtype}, cache {k_cache.dtype}")
@@ -117,7 +123,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k_scale if fp8 else k, v_scale if fp8 else k, k_sink if sink else k,
         v_sink if sink else k,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
         block_table.stride(0) if paged else 0, *(k_sink.stride()[:2] if sink else (0, 0)),
         HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE=k_cache.shape[2] if paged else 0, KV_FP8=fp8,
         SINK=sink, num_warps=1)

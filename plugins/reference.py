@@ -43,9 +43,10 @@ def _acc(t: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float8 e4m3 of x / scale: x ``[..., Hkv, D]``, scale ``[Hkv]`` (saturating)."""
+    """float8 e4m3 of x / scale: x ``[..., Hkv, D]``, scale ``[Hkv]`` (saturating; NaN as 0, so
+    that a pool holds finite values only: the paged float8 kernel reads whole blocks)."""
     s = scale.to(x.device, torch.float32)[:, None]
-    return (x.float() / s).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return (x.float() / s).nan_to_num(nan=0.0).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def hadamard(n: int, dtype: torch.dtype = torch.float32,

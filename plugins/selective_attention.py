@@ -6,7 +6,10 @@ Layouts (one decode step, one layer):
 - ``k_cache``      ``[B, Hkv, S_max, D]``  keys; each (row, group) is one contiguous
   ``v_cache``                              ``[S_max, D]`` stream (last axis contiguous; other
                                            strides free, so a ``[:B]`` slice of a larger cache
-                                           works).
+                                           works). V may instead be stored position-major
+                                           (its position axis contiguous: a transposed view
+                                           of ``[B, Hkv, D, S_max]``), as an FP8 cache keeps
+                                           it (below).
 - ``cache_seqlens`` ``[B]`` int32          valid positions per row (0 gives a zero output row).
 - paged (``block_table`` given): ``k_cache`` / ``v_cache`` are page pools ``[N, Hkv, P, D]``,
   each (page, group) one contiguous ``[P, D]`` stream, and ``block_table [B, M]`` int32 lists
@@ -30,6 +33,14 @@ selection, merges the splits, and writes the output row (zeros for unselected gr
 every output element is written exactly once and no memset is needed. With one split there
 is nothing to merge: stage 1 can write the output itself, and the zeros of the unselected
 groups, in one launch (``AttentionPlan.one_launch``; also the TensorRT plugin's form).
+
+Float8 V blocks feed the P·V product as its right operand, which the MMA wants with the
+positions (its reduction axis) adjacent; from a D-major block the kernel gathers single bytes
+from shared memory (counted in the sm_90 SASS of one stage-1 kernel: 3x the shared loads of a
+position-major block, and 241 registers against 168), so an FP8 page pool keeps V position-
+major, and a paged float8 call loads whole blocks unmasked (a per-position mask would cut the
+copy to single bytes): positions past a row's length must then hold finite values, as a zeroed
+pool written by `write_kv` does (it writes NaN as 0).
 
 The split count and tile sizes come from the shapes alone (:func:`plan_selective_attention`):
 the launch reads nothing from the device, so it can be captured in a CUDA graph.
@@ -74,7 +85,7 @@ def _selective_attention_kernel(
     qk_scale_log2, num_splits, n_sel, n_kv,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_ks,
-    stride_vb, stride_vh, stride_vs,
+    stride_vb, stride_vh, stride_vs, stride_vd,
     stride_gb, stride_tb, stride_sb, stride_sh,
     stride_outb, stride_outh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -168,7 +179,7 @@ def _selective_attention_kernel(
         if PAGE > 0:
             k_blk = K_Cache + page * stride_kb + grp * stride_kh
             v_blk = V_Cache + page * stride_vb + grp * stride_vh
-            offs_r = start % PAGE + tl.arange(0, BLOCK_N)
+            offs_r = tl.multiple_of(start % PAGE, BLOCK_N) + tl.arange(0, BLOCK_N)
             # the next block's page (the last one again at the end: always a page in use)
             nxt = tl.minimum(start + BLOCK_N, hi - 1) // PAGE
             page = tl.load(Block_Table + pid_b * stride_tb + nxt).to(tl.int64)
@@ -176,10 +187,17 @@ def _selective_attention_kernel(
             k_blk = k_base
             v_blk = v_base
             offs_r = offs_n
-        k = tl.load(k_blk + offs_r[:, None] * stride_ks + offs_d[None, :], mask=mask_kv,
-                    other=0.0)
-        v = tl.load(v_blk + offs_r[:, None] * stride_vs + offs_d[None, :], mask=mask_kv,
-                    other=0.0)
+        k_ptrs = k_blk + offs_r[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_blk + offs_r[:, None] * stride_vs + offs_d[None, :] * stride_vd
+        if KV_FP8 and PAGE > 0 and HEAD_DIM == BLOCK_D:
+            # whole blocks inside the page, unmasked: a position-contiguous V block is then
+            # copied in 16-byte vectors (a per-position mask allows single bytes only);
+            # positions past hi are finite (zeroed pool, finite writes) and get p = 0
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=mask_kv, other=0.0)
+            v = tl.load(v_ptrs, mask=mask_kv, other=0.0)
         if KV_FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
@@ -481,8 +499,9 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, groups, block_table=None, 
     devs = {t.device for _, t in tensors}
     if len(devs) != 1:
         raise ValueError(f"selective_attention: all tensors must be on one device, got {devs}")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("selective_attention: k_cache and v_cache need a contiguous last axis")
+    if k_cache.stride(-1) != 1 or 1 not in v_cache.stride()[2:]:
+        raise ValueError("selective_attention: k_cache needs a contiguous last axis, v_cache a "
+                         "contiguous last or position axis")
 
 
 def _check_indices(
@@ -578,7 +597,7 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
         block_table if paged else cache_seqlens, k_scale if fp8 else q, v_scale if fp8 else q,
         k_sink if sink else q, v_sink if sink else q,
         float(scale) * _LOG2E, plan.num_splits, n_sel, hkv, *q.stride()[:2],
-        *k_cache.stride()[:3], *v_cache.stride()[:3], groups.stride(0),
+        *k_cache.stride()[:3], *v_cache.stride(), groups.stride(0),
         block_table.stride(0) if paged else 0, *(k_sink.stride()[:2] if sink else (0, 0)),
         *out.stride()[:2],
         **_stage1_constants(plan, group, d, n_sel, q.dtype == torch.float32,
@@ -613,8 +632,9 @@ def selective_attention(
     Args:
         q: ``[B, Hq, D]`` bf16/fp16/fp32.
         k_cache, v_cache: ``[B, Hkv, S_max, D]``, q's dtype or both float8_e4m3fn, last axis
-            contiguous; with ``block_table``, page pools ``[N, Hkv, P, D]`` (P a multiple of
-            16).
+            contiguous (V: or its position axis); with ``block_table``, page pools
+            ``[N, Hkv, P, D]`` (P a multiple of 16; a float8 pool's positions past each row's
+            length finite).
         cache_seqlens: ``[B]`` int32, each in ``[0, S_max]`` (paged: S_max = pages x P).
         groups: ``[B, k]`` int32, ``1 <= k <= Hkv``, values in ``[0, Hkv)``, any order.
         scale: softmax scale, default ``1/sqrt(D)``.

@@ -54,7 +54,7 @@ def selective_attention_plugin_kernel(
         qk_scale_log2=QK_SCALE_LOG2, num_splits=1, n_sel=n_sel, n_kv=N_KV,
         stride_qb=stride_qb, stride_qh=HEAD_DIM,
         stride_kb=stride_kb, stride_kh=stride_kh, stride_ks=HEAD_DIM,
-        stride_vb=stride_kb, stride_vh=stride_kh, stride_vs=HEAD_DIM,
+        stride_vb=stride_kb, stride_vh=stride_kh, stride_vs=HEAD_DIM, stride_vd=1,
         stride_gb=n_sel, Block_Table=Seqlens, stride_tb=0,  # contiguous: no table read
         K_Scale=Seqlens, V_Scale=Seqlens,  # unquantized: no scales read
         K_Sink=Seqlens, V_Sink=Seqlens, stride_sb=0, stride_sh=0,  # nor sinks

@@ -191,6 +191,19 @@ def test_an_fp8_cache_keeps_position_zero_unquantized(fp8_engines: dict) -> None
     assert not torch.allclose(rt.step(torch.tensor([7]))[0], step)
 
 
+def test_an_fp8_page_pool_keeps_v_position_major(fp8_engines: dict) -> None:
+    """V pages of an FP8 cache are [D, P] streams behind the usual [N, Hkv, P, D] view (what
+    the attention kernel reads best); K pages, and an unquantized cache's, stay [P, D]; every
+    pool starts zeroed (the paged float8 kernel reads whole blocks)."""
+    eng = load_engine(fp8_engines["calibrated"])
+    fp8 = Runtime(eng, batch=2, device="cpu")
+    plain = Runtime(eng, batch=2, device="cpu", quantized=False)
+    for k, v in zip(fp8.cache.k, fp8.cache.v, strict=True):
+        assert k.shape == v.shape and k.stride(-1) == 1 and v.stride(2) == 1
+        assert not k.float().any() and not v.float().any()
+    assert all(v.stride(-1) == 1 for v in plain.cache.v)
+
+
 def test_key_offset_takes_the_shared_part_out_of_the_rounding() -> None:
     """Keys with a large part common to every position (as real models' keys have): stored
     less their mean (`fp8_cache_layout`), attention over the float8 cache is several times

@@ -60,18 +60,23 @@ def test_paged_write_lands_in_the_rows_pages(dtype) -> None:
 
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fp8_write_is_the_reference_quantization(paged, dtype) -> None:
+@pytest.mark.parametrize("v_position_major", [False, True])
+def test_fp8_write_is_the_reference_quantization(paged, dtype, v_position_major) -> None:
     """Into a float8 cache the kernel writes the reference's bytes exactly (correctly
-    rounded K / scale, saturated at ±448), contiguous and paged."""
+    rounded K / scale, saturated at ±448, NaN as 0), contiguous and paged, V stored either
+    way (an FP8 page pool keeps it position-major)."""
     g = torch.Generator().manual_seed(2)
     b, hkv, d, page, pages = 4, 3, 32, 16, 9
     k = (torch.randn(b, hkv, d, generator=g) * 4).to(DEVICE, dtype)
     v = (torch.randn(b, hkv, d, generator=g) * 4).to(DEVICE, dtype)
     k[0, 0, :3] = torch.tensor([1e4, -1e4, 0.0])  # beyond ±448 after scaling: saturates
+    v[3, 1, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
     k_scale = torch.tensor([0.01, 0.02, 0.05], device=DEVICE)
     v_scale = torch.tensor([0.03, 0.01, 0.02], device=DEVICE)
     shape = (pages, hkv, page, d) if paged else (b, hkv, page, d)
     caches = [torch.zeros(shape, device=DEVICE).to(FP8) for _ in range(2)]
+    if v_position_major:
+        caches[1] = torch.zeros(shape[:2] + shape[:1:-1], device=DEVICE).to(FP8).transpose(2, 3)
     expected = [c.clone() for c in caches]
     table = torch.tensor([[4, 1], [2, 6], [5, 0], [3, 7]], dtype=torch.int32, device=DEVICE) \
         if paged else None
@@ -82,6 +87,9 @@ def test_fp8_write_is_the_reference_quantization(paged, dtype) -> None:
     for got, want in zip(caches, expected, strict=True):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert caches[0].float().abs().max() == FP8_MAX
+    assert caches[1].float().isfinite().all()  # NaN written as 0, ±inf saturated
+    at = (table[3, 30 // page].item(), 1, 30 % page) if paged else (3, 1, 15)
+    assert caches[1][at][:3].float().tolist() == [0.0, FP8_MAX, -FP8_MAX]
     with pytest.raises(ValueError, match="needs k_scale and v_scale"):
         write_kv(k, v, caches[0], caches[1], pos, table)
 

@@ -336,6 +336,11 @@ def _fp8(kc: torch.Tensor, vc: torch.Tensor):
               for c, s in zip((kc, vc), scales, strict=True)), *scales)
 
 
+def _position_major(c: torch.Tensor) -> torch.Tensor:
+    """The same values stored with the position axis contiguous, as an FP8 page pool keeps V."""
+    return c.transpose(2, 3).contiguous().transpose(2, 3)
+
+
 @needs_kernel
 @pytest.mark.parametrize(
     "b, hq, hkv, s, d, k, page, splits",
@@ -346,15 +351,19 @@ def _fp8(kc: torch.Tensor, vc: torch.Tensor):
     ])
 # bf16 dots are wrong in Triton's interpreter (the bf16 path is checked on the GPU only)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
-def test_fp8_cache_matches_reference(b, hq, hkv, s, d, k, page, splits, dtype):
+@pytest.mark.parametrize("v_position_major", [False, True])
+def test_fp8_cache_matches_reference(b, hq, hkv, s, d, k, page, splits, dtype, v_position_major):
     """The kernel over a float8 cache against the reference over the same float8 bytes (so
-    only the kernel's arithmetic differs), contiguous and paged; unselected heads are zeros."""
+    only the kernel's arithmetic differs), contiguous and paged, V stored either way;
+    unselected heads are zeros."""
     q, kc, vc, seqlens, groups = _inputs(b, hq, hkv, s, d, k, torch.float32)
     k8, v8, k_scale, v_scale = _fp8(kc, vc)
     table = None
     if page is not None:
         k8, v8, table = _paged(k8.view(torch.uint8), v8.view(torch.uint8), page)
         k8, v8 = k8.view(FP8), v8.view(FP8)
+    if v_position_major:
+        v8 = _position_major(v8)
     s_max = s if page is None else table.shape[1] * page
     plan = plan_selective_attention(b, k, hq // hkv, s_max, d, sms=4, num_splits=splits,
                                     page_size=page)
@@ -391,7 +400,9 @@ def _sinks(kc, vc, table, dtype, n):
         (3, 4, 4, 21, 32, 3, 16, 1),    # MHA, one launch
     ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
-def test_fp8_cache_sinks_match_reference(b, hq, hkv, s, d, k, page, splits, dtype):
+@pytest.mark.parametrize("v_position_major", [False, True])
+def test_fp8_cache_sinks_match_reference(b, hq, hkv, s, d, k, page, splits, dtype,
+                                         v_position_major):
     """With sinks, position 0 is read unquantized from them (rows of length 0 and 1
     included): the kernel against the reference, and the reference against plain attention
     over the dequantized cache whose position 0 is the unquantized one."""
@@ -402,6 +413,8 @@ def test_fp8_cache_sinks_match_reference(b, hq, hkv, s, d, k, page, splits, dtyp
     if page is not None:
         k8, v8, table = _paged(k8.view(torch.uint8), v8.view(torch.uint8), page)
         k8, v8 = k8.view(FP8), v8.view(FP8)
+    if v_position_major:
+        v8 = _position_major(v8)
     q = q.to(dtype)
     k_sink, v_sink = _sinks(kc, vc, table, dtype, k8.shape[0])
     s_max = s if page is None else table.shape[1] * page
@@ -451,18 +464,24 @@ def test_fp8_cache_bad_inputs():
     with pytest.raises(ValueError, match=r"must be torch.float32 \[2, 2, 16\]"):
         selective_attention(q, k8, v8, seqlens, groups, k_scale=k_scale, v_scale=v_scale,
                             k_sink=sink[:1], v_sink=sink[:1])
+    scattered = v8.transpose(0, 3).contiguous().transpose(0, 3)  # neither D nor S adjacent
+    with pytest.raises(ValueError, match="v_cache a contiguous last or position axis"):
+        selective_attention(q, k8, scattered, seqlens, groups, k_scale=k_scale, v_scale=v_scale)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("page", [None, 64])
-def test_gpu_fp8_real_shapes(page):
+@pytest.mark.parametrize("page", [None, 64, 128])
+@pytest.mark.parametrize("v_position_major", [False, True])
+def test_gpu_fp8_real_shapes(page, v_position_major):
     q, kc, vc, seqlens, groups = _inputs(16, 32, 8, 1000, 128, 4, torch.bfloat16)
     k8, v8, k_scale, v_scale = _fp8(kc.float(), vc.float())
     table = None
     if page is not None:
         k8, v8, table = _paged(k8.view(torch.uint8), v8.view(torch.uint8), page)
         k8, v8 = k8.view(FP8), v8.view(FP8)
+    if v_position_major:
+        v8 = _position_major(v8)
     out = selective_attention(q, k8, v8, seqlens, groups, block_table=table, k_scale=k_scale,
                               v_scale=v_scale)
     ref = selective_attention_reference(q.double(), k8, v8, seqlens, groups, block_table=table,

@@ -11,10 +11,12 @@ Moving a sequence to another slot (`move`) moves a table row and a length, never
 host keeps the truth (each slot's pages and lengths); the device's block table is refreshed
 from it before a step (`sync`) when it changed, and `advance` counts a step's new token.
 
-An FP8 cache also keeps, per layer, K and V sinks ``[N, Hkv, D]`` in the compute dtype: each
-sequence's position 0 unquantized, in the row of the page that holds it
-(`polarc.plugins.reference`), so moving or freeing a sequence moves or frees its sink with its
-pages.
+An FP8 cache keeps V position-major (each (page, group) a ``[D, P]`` stream, exposed as the
+same ``[N, Hkv, P, D]`` view): the attention kernel's P·V product then reads float8 V blocks
+with a third of the shared-memory loads (`selective_attention`'s docstring). It also keeps,
+per layer, K and V sinks ``[N, Hkv, D]`` in the compute dtype: each sequence's position 0
+unquantized, in the row of the page that holds it (`polarc.plugins.reference`), so moving or
+freeing a sequence moves or frees its sink with its pages.
 
 Memory: one page of one layer is ``2 (K, V) x Hkv x P x D x element size`` bytes (plus
 ``2 x Hkv x D`` sink values of an FP8 cache); a sequence of n positions takes
@@ -117,10 +119,15 @@ class PagedKVCache:
         table = torch.zeros((slots, per_row), dtype=torch.int32)
 
         def layers(shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+            # zeroed: a float8 pool's unwritten positions are read (finite, weighted 0)
             return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
 
         sink_shape = (pages, spec.n_kv_heads, spec.head_dim)
-        cache = cls(k=layers(shape, dtype), v=layers(shape, dtype),
+        if dtype.itemsize == 1:  # V position-major (module docstring), same logical shape
+            v = [t.transpose(2, 3) for t in layers(shape[:2] + shape[:1:-1], dtype)]
+        else:
+            v = layers(shape, dtype)
+        cache = cls(k=layers(shape, dtype), v=v,
                     k_sink=layers(sink_shape, sinks) if sinks is not None else None,
                     v_sink=layers(sink_shape, sinks) if sinks is not None else None,
                     block_table=table.to(device), seqlens=torch.zeros(slots, dtype=torch.int32,

@@ -1,0 +1,137 @@
+"""Instruction counts of kernel variants as compiled for a GPU, on a machine without one.
+
+Triton compiles ahead of time for a named target (`GPUTarget("cuda", 90, 32)`: Hopper) with
+the ptxas and cuobjdump it ships; this compiles the stage-1 selective attention kernel and
+the FP8 linear kernel under chosen constants and prints, per variant, registers, spilled
+bytes, shared memory, whether the loop's loads were pipelined (async copies in the TTGIR)
+and the SASS count of the instructions that set the pace of a streaming kernel: MMAs
+(HMMA / HGMMA), float8 conversions (F2FP), shared loads and stores, global-to-shared copies.
+
+Counts are static (every instruction once, the loop body once), so they compare variants;
+they are not times. Pointer and stride arguments are marked divisible by 16, as Triton's
+launcher marks them at run time (without that it neither vectorizes nor pipelines), and
+strides equal to 1 are constants, as the launcher specializes them. Use the Triton of the
+GPU the numbers are for (codegen changes between releases): e.g. with a wheel unpacked
+beside it, ``PYTHONPATH=/tmp/triton36 python -m polarc.benchmarks.sass_counts``.
+
+    python -m polarc.benchmarks.sass_counts [--attention] [--fp8-linear] [--arch 90]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+COUNTED = ("HMMA", "HGMMA", "F2FP", "LDS", "LDSM", "STS", "LDGSTS", "PRMT", "BAR", "MUFU")
+
+
+def compile_counts(fn: Any, types: dict[str, str], constants: dict[str, Any], *, arch: int,
+                   num_warps: int, num_stages: int) -> dict[str, Any]:
+    """Compile `fn` for sm_`arch` with argument `types` (Triton's signature strings) and
+    `constants`; pointers, strides and the GEMM sizes N, K and k_per_split (multiples of 16
+    at run time, as the launcher then marks them) are divisible by 16."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constants else types[n] for n in names}
+    aligned = [n for n in names if n not in constants
+               and (signature[n].startswith("*") or n.startswith("stride")
+                    or n in ("N", "K", "k_per_split"))]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants,
+                                      attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=num_warps, num_stages=num_stages))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([f"{tools}/cuobjdump", "-sass", cubin.name], check=True,
+                              capture_output=True, text=True).stdout
+        usage = subprocess.run([f"{tools}/cuobjdump", "--dump-resource-usage", cubin.name],
+                               check=True, capture_output=True, text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass)
+    return dict(regs=int(re.search(r"REG:(\d+)", usage)[1]),
+                spill_bytes=int(re.search(r"STACK:(\d+)", usage)[1]),
+                smem=kernel.metadata.shared,
+                pipelined=kernel.asm["ttgir"].count("async_copy_global_to_local") > 0,
+                instructions=len(ops), **{op: sum(o == op for o in ops) for op in COUNTED})
+
+
+def attention_counts(arch: int) -> list[dict[str, Any]]:
+    """Stage 1 of selective attention, Llama-3-8B's layer (groups of 4, D=128), paged, bf16
+    queries: the bf16 cache and float8 caches with V D-major or position-major."""
+    from polarc.plugins.selective_attention import _selective_attention_kernel as kernel
+
+    types = {n: "i32" for n in kernel.arg_names}
+    types.update(Q="*bf16", Out="*bf16", K_Sink="*bf16", V_Sink="*bf16", Seqlens="*i32",
+                 Groups="*i32", Block_Table="*i32", Partials="*fp32", K_Scale="*fp32",
+                 V_Scale="*fp32", qk_scale_log2="fp32")
+    rows = []
+    for label, fp8, block, warps, v_position_major in (
+            ("bf16, P=64", False, 64, 4, False), ("fp8, P=128, V D-major", True, 128, 4, False),
+            ("fp8, P=128, V position-major", True, 128, 4, True),
+            ("fp8, P=128, V position-major, 8 warps", True, 128, 8, True)):
+        kv = "*fp8e4nv" if fp8 else "*bf16"
+        constants = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=block,
+                         USE_DOT=True, DOT_PRECISION="tf32", ONE_LAUNCH=False, K_PAD=8,
+                         PAGE=block, KV_FP8=fp8, FP8_DOT_FP16=fp8, SINK=fp8)
+        constants["stride_vs" if v_position_major else "stride_vd"] = 1
+        counts = compile_counts(kernel, dict(types, K_Cache=kv, V_Cache=kv), constants,
+                                arch=arch, num_warps=warps, num_stages=3)
+        rows.append(dict(kernel="selective_attention", variant=label, **counts))
+    return rows
+
+
+def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
+    """The weight-only FP8 linear at 16-64 bf16 rows, 128-channel tiles, as it is and with
+    the product transposed (`Fp8LinearPlan.swap_ab`)."""
+    from polarc.plugins.fp8_linear import _fp8_linear_kernel as kernel
+
+    types = {n: "i32" for n in kernel.arg_names}
+    types.update(X="*bf16", W="*fp8e4nv", Scale="*fp32", Bias="*fp32", Y="*bf16",
+                 Part="*fp32", Counters="*i32")
+    rows = []
+    for block_m, block_k in ((16, 128), (32, 128), (64, 64)):
+        for swap in (False, True):
+            for warps in (4, 8):
+                constants = dict(HAS_BIAS=False, DOT_FP16=True, EVEN_K=True, BLOCK_M=block_m,
+                                 BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=2, SWAP_AB=swap)
+                counts = compile_counts(kernel, types, constants, arch=arch, num_warps=warps,
+                                        num_stages=4)
+                label = f"{block_m}x128x{block_k} w{warps}" + (" swap" if swap else "")
+                rows.append(dict(kernel="fp8_linear", variant=label, **counts))
+    return rows
+
+
+def format_counts(rows: list[dict[str, Any]]) -> str:
+    head = f"{'kernel':<20}{'variant':<40}{'regs':>5}{'spill':>6}{'smem':>7}{'pipe':>5}{'all':>6}"
+    lines = [head + "".join(f"{op:>7}" for op in COUNTED)]
+    for r in rows:
+        lines.append(f"{r['kernel']:<20}{r['variant']:<40}{r['regs']:>5}{r['spill_bytes']:>6}"
+                     f"{r['smem']:>7}{'yes' if r['pipelined'] else 'no':>5}{r['instructions']:>6}"
+                     + "".join(f"{r[op]:>7}" for op in COUNTED))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--attention", action="store_true", help="only the attention variants")
+    ap.add_argument("--fp8-linear", action="store_true", help="only the FP8 linear variants")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90)")
+    args = ap.parse_args()
+    both = not (args.attention or args.fp8_linear)
+    rows = (attention_counts(args.arch) if args.attention or both else []) \
+        + (fp8_linear_counts(args.arch) if args.fp8_linear or both else [])
+    print(f"triton {triton.__version__}, sm_{args.arch}: static counts (not times)")
+    print(format_counts(rows))
+
+
+if __name__ == "__main__":
+    main()
