@@ -65,26 +65,31 @@ def compile_counts(fn: Any, types: dict[str, str], constants: dict[str, Any], *,
 
 
 def attention_counts(arch: int) -> list[dict[str, Any]]:
-    """Stage 1 of selective attention, Llama-3-8B's layer (groups of 4, D=128), paged, bf16
-    queries: the bf16 cache and float8 caches with V D-major or position-major."""
-    from polarc.plugins.selective_attention import _selective_attention_kernel as kernel
+    """Stage 1 of selective attention, Llama-3-8B's layer (groups of 4, D=128, 4 of 8 groups),
+    paged, bf16 queries, with the constants the wrapper launches it with: the bf16 cache and
+    float8 caches with V D-major or position-major."""
+    from polarc.plugins import selective_attention as attention
+
+    kernel = attention._selective_attention_kernel
 
     types = {n: "i32" for n in kernel.arg_names}
     types.update(Q="*bf16", Out="*bf16", K_Sink="*bf16", V_Sink="*bf16", Seqlens="*i32",
                  Groups="*i32", Block_Table="*i32", Partials="*fp32", K_Scale="*fp32",
                  V_Scale="*fp32", qk_scale_log2="fp32")
     rows = []
-    for label, fp8, block, warps, v_position_major in (
-            ("bf16, P=64", False, 64, 4, False), ("fp8, P=128, V D-major", True, 128, 4, False),
-            ("fp8, P=128, V position-major", True, 128, 4, True),
-            ("fp8, P=128, V position-major, 8 warps", True, 128, 8, True)):
-        kv = "*fp8e4nv" if fp8 else "*bf16"
-        constants = dict(GROUP=4, GROUP_PAD=16, HEAD_DIM=128, BLOCK_D=128, BLOCK_N=block,
-                         USE_DOT=True, DOT_PRECISION="tf32", ONE_LAUNCH=False, K_PAD=8,
-                         PAGE=block, KV_FP8=fp8, FP8_DOT_FP16=fp8, SINK=fp8)
+    for label, fp8, warps, v_position_major in (
+            ("bf16, P=64", False, None, False), ("fp8, P=128, V D-major", True, None, False),
+            ("fp8, P=128, V position-major", True, None, True),
+            ("fp8, P=128, V position-major, 8 warps", True, 8, True)):
+        page = 128 if fp8 else 64
+        plan = attention.plan_selective_attention(32, 4, 4, 8192, 128, sms=132, page_size=page,
+                                                  kv_fp8=fp8, num_warps=warps)
+        constants = dict(attention._stage1_constants(plan, 4, 128, 4, False, page, fp8, fp8))
+        warps, stages = constants.pop("num_warps"), constants.pop("num_stages")
         constants["stride_vs" if v_position_major else "stride_vd"] = 1
+        kv = "*fp8e4nv" if fp8 else "*bf16"
         counts = compile_counts(kernel, dict(types, K_Cache=kv, V_Cache=kv), constants,
-                                arch=arch, num_warps=warps, num_stages=3)
+                                arch=arch, num_warps=warps, num_stages=stages)
         rows.append(dict(kernel="selective_attention", variant=label, **counts))
     return rows
 

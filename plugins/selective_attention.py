@@ -36,11 +36,13 @@ groups, in one launch (``AttentionPlan.one_launch``; also the TensorRT plugin's 
 
 Float8 V blocks feed the P·V product as its right operand, which the MMA wants with the
 positions (its reduction axis) adjacent; from a D-major block the kernel gathers single bytes
-from shared memory (counted in the sm_90 SASS of one stage-1 kernel: 3x the shared loads of a
-position-major block, and 241 registers against 168), so an FP8 page pool keeps V position-
-major, and a paged float8 call loads whole blocks unmasked (a per-position mask would cut the
-copy to single bytes): positions past a row's length must then hold finite values, as a zeroed
-pool written by `write_kv` does (it writes NaN as 0).
+from shared memory (counted in the sm_90 code of one stage-1 kernel, not timed: 169 shared
+loads against 41 + 16 ldmatrix for a position-major block, and 201 registers against 120),
+so an FP8 page pool keeps V position-major, and a paged float8 call loads whole blocks
+unmasked (a per-position mask would cut the copy to single bytes and stop its pipelining):
+positions past a row's length must then hold finite values, as a zeroed pool written by
+`write_kv` does (it writes NaN as 0). A float8 block's softmax runs on the group's own rows
+(tl.dot pads the MMA's rows itself), not on 16.
 
 The split count and tile sizes come from the shapes alone (:func:`plan_selective_attention`):
 the launch reads nothing from the device, so it can be captured in a CUDA graph.
@@ -539,7 +541,10 @@ def _check_indices(
 @functools.lru_cache(maxsize=256)
 def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32: bool,
                       page: int, kv_fp8: bool, sink: bool) -> dict[str, object]:
-    return dict(GROUP=group, GROUP_PAD=max(16, next_pow2(group)) if plan.use_dot else next_pow2(group),
+    # tl.dot pads a small M itself; a float8 block's softmax then runs on the group's own rows
+    # (sm_90 code: an eighth fewer instructions per block); the bf16 kernel was timed with 16
+    pad = next_pow2(group) if kv_fp8 or not plan.use_dot else max(16, next_pow2(group))
+    return dict(GROUP=group, GROUP_PAD=pad,
                 HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)), BLOCK_N=plan.block_n,
                 USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if fp32 else "tf32",
                 ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), PAGE=page,
