@@ -230,12 +230,13 @@ def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Gen
 # (page, block of positions, warps, stages, V position-major); None: the planner's. The first
 # three are the columns recorded before V went position-major; the fourth is the runtime's
 # layout now (pages of 128, V position-major); the rest try more warps (twice the threads for
-# the conversions), deeper or shallower pipelines, smaller blocks.
+# the conversions), deeper or shallower pipelines, smaller blocks, and 2 warps (the fewest
+# instructions per byte in the sm_90 code: no cross-warp softmax across 4).
 FP8_VARIANTS = ((None, 64, None, None, False), (None, 128, None, None, False),
                 (128, 128, None, None, False), (128, 128, None, None, True),
                 (None, 128, None, None, True), (128, 128, 8, None, True),
                 (128, 128, None, 2, True), (128, 128, None, 4, True),
-                (128, 64, None, 4, True))
+                (128, 64, None, 4, True), (128, 128, 2, None, True), (128, 64, 2, None, True))
 
 
 def _fp8_variant_label(page: int | None, block: int, warps: int | None,

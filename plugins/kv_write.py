@@ -12,8 +12,10 @@ each < S_max (a negative position writes nothing: a slot that holds no sequence)
 s of row b lands in page ``block_table[b, s // P]`` at ``s % P``. A float8 e4m3 cache
 (``k_scale``, ``v_scale [Hkv]`` float32 given) stores K / k_scale and V / v_scale, saturated at
 ±448 and rounded to nearest even, NaN written as 0 (so a pool's every byte stays finite),
-exactly as `reference.quantize_kv` does; with its sinks (``k_sink``, ``v_sink [N, Hkv, D]``, q's
-dtype, indexed like the cache's first axis) a position 0 is also stored there unquantized.
+exactly as `reference.quantize_kv` does; with ``k_offset [Hkv, D]`` keys are stored less it
+(computed in fp32, before the sinks and the quantization); with its sinks (``k_sink``, ``v_sink
+[N, Hkv, D]``, q's dtype, indexed like the cache's first axis) a position 0 is also stored there
+unquantized.
 """
 
 from __future__ import annotations
@@ -44,12 +46,12 @@ def _round_to_e4m3(x):
 
 @triton.jit
 def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_Scale,
-                     K_Sink, V_Sink,
+                     K_Sink, V_Sink, K_Offset,
                      stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_cs,
                      stride_vcb, stride_vch, stride_vcs, stride_vcd, stride_tb, stride_sb,
                      stride_sh, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
-                     SINK: tl.constexpr = False):
+                     SINK: tl.constexpr = False, OFFSET: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
     pos = tl.load(Positions + row).to(tl.int64)
@@ -60,6 +62,9 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_
     mask = offs < tl.where(pos >= 0, HEAD_DIM, 0)  # a negative position: nothing
     k = tl.load(K + row * stride_kb + group * stride_kh + offs, mask=mask)
     v = tl.load(V + row * stride_vb + group * stride_vh + offs, mask=mask)
+    if OFFSET:  # the key in the cache's basis: less its group's offset
+        k = k.to(tl.float32) - tl.load(K_Offset + group * HEAD_DIM + offs, mask=mask).to(
+            tl.float32)
     if SINK:  # a sequence's position 0, unquantized, in the row of its page
         sink = dst_row * stride_sb + group * stride_sh + offs
         first = offs < tl.where(pos == 0, HEAD_DIM, 0)
@@ -83,10 +88,12 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              positions: torch.Tensor, block_table: torch.Tensor | None = None,
              k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-             k_sink: torch.Tensor | None = None, v_sink: torch.Tensor | None = None) -> None:
+             k_sink: torch.Tensor | None = None, v_sink: torch.Tensor | None = None,
+             k_offset: torch.Tensor | None = None) -> None:
     """Write ``k``, ``v`` [B, Hkv, D] at ``positions`` [B] of the caches, or of the rows' pages
     with a ``block_table``; a float8 cache quantized by ``k_scale``, ``v_scale`` [Hkv] float32,
-    a position 0 also to its sinks ``k_sink``, ``v_sink`` [N, Hkv, D] (module docstring)."""
+    its keys less ``k_offset`` [Hkv, D] when given, a position 0 also to its sinks ``k_sink``,
+    ``v_sink`` [N, Hkv, D] (module docstring)."""
     b, hkv, d = k.shape
     paged = block_table is not None
     if v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.dim() != 4 or \
@@ -112,6 +119,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
             or t.stride() != k_sink.stride() or t.stride(-1) != 1 for t in (k_sink, v_sink))):
         raise ValueError(f"write_kv: sinks go with a float8 cache, both {k.dtype} "
                          f"[{k_cache.shape[0]}, {hkv}, {d}] with one layout")
+    if k_offset is not None and (not fp8 or tuple(k_offset.shape) != (hkv, d)
+                                 or not k_offset.is_contiguous()):
+        raise ValueError(f"write_kv: k_offset goes with a float8 cache, contiguous [{hkv}, {d}]")
     if positions.dtype != torch.int32 or tuple(positions.shape) != (b,):
         raise ValueError(f"write_kv: positions must be int32 [{b}]")
     if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2
@@ -121,9 +131,9 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     _write_kv_kernel[(b, hkv)](
         k, v, k_cache, v_cache, positions, block_table if paged else positions,
         k_scale if fp8 else k, v_scale if fp8 else k, k_sink if sink else k,
-        v_sink if sink else k,
+        v_sink if sink else k, k_offset if k_offset is not None else k,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
         block_table.stride(0) if paged else 0, *(k_sink.stride()[:2] if sink else (0, 0)),
         HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE=k_cache.shape[2] if paged else 0, KV_FP8=fp8,
-        SINK=sink, num_warps=1)
+        SINK=sink, OFFSET=k_offset is not None, num_warps=1)

@@ -161,13 +161,17 @@ def write_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        k_scale: torch.Tensor | None = None,
                        v_scale: torch.Tensor | None = None,
                        k_sink: torch.Tensor | None = None,
-                       v_sink: torch.Tensor | None = None) -> None:
+                       v_sink: torch.Tensor | None = None,
+                       k_offset: torch.Tensor | None = None) -> None:
     """cache[b, :, positions[b]] = new[b] for K and V (in place); with a block table, the
     row's page that holds the position; a float8 cache gets them quantized by the scales,
-    and a position 0 also goes unquantized to the sinks when given."""
+    keys less `k_offset` [Hkv, D] (in fp32) when given, and a position 0 also goes
+    unquantized to the sinks when given."""
     pos = positions.long()
     rows = torch.nonzero(pos >= 0)[:, 0]
     pos, k, v = pos[rows], k[rows], v[rows]
+    if k_offset is not None:
+        k = k.float() - k_offset.float()
     first = pos == 0
     if block_table is not None:
         page = k_cache.shape[2]

@@ -204,6 +204,45 @@ def test_an_fp8_page_pool_keeps_v_position_major(fp8_engines: dict) -> None:
     assert all(v.stride(-1) == 1 for v in plain.cache.v)
 
 
+def test_a_decode_step_stores_keys_in_the_cache_basis(fp8_engines: dict) -> None:
+    """The step rotates queries and keys in its rotary stage and write_kv takes the offset;
+    prefill does both in torch: the first layer's key at a position (it depends on that
+    token alone) lands in the cache alike either way, up to a float8 step where the rounding
+    of the two products differs."""
+    eng = load_engine(fp8_engines["calibrated"])
+    ids = list(range(5, 25))
+    by_step = Runtime(eng, batch=1, device="cpu")
+    assert by_step.key_rotation is not None and by_step.key_offset is not None
+    by_step.cache.grow(0, len(ids))
+    by_step.prefill_pack([(0, ids[:-1], 0)])
+    by_step.cache.set_length(0, len(ids) - 1)
+    by_step.step(torch.tensor([ids[-1]]))
+    by_prefill = Runtime(eng, batch=1, device="cpu")
+    by_prefill.cache.grow(0, len(ids))
+    by_prefill.prefill_pack([(0, ids, 0)])
+    pos = len(ids) - 1
+    got, want = (rt.cache.k[0][rt.cache.host_row(0)[pos // rt.cache.page_size], :,
+                                pos % rt.cache.page_size].float()
+                 for rt in (by_step, by_prefill))
+    assert (got == want).float().mean() > 0.95
+    assert torch.allclose(got, want, rtol=2 ** -3, atol=2 ** -9)  # one e4m3 step at most
+
+
+def test_write_kv_takes_the_key_offset() -> None:
+    """Keys stored less their group's offset, in fp32 before the quantization and the sink."""
+    g = torch.Generator().manual_seed(4)
+    k, v = torch.randn(3, 2, 8, generator=g), torch.randn(3, 2, 8, generator=g)
+    offset = torch.randn(2, 8, generator=g)
+    scales = torch.tensor([0.01, 0.02])
+    pools = [torch.zeros(3, 2, 16, 8).to(FP8) for _ in range(2)]
+    sinks = [torch.zeros(3, 2, 8) for _ in range(2)]
+    pos = torch.tensor([0, 5, 9], dtype=torch.int32)
+    write_kv_reference(k, v, *pools, pos, None, scales, scales, *sinks, k_offset=offset)
+    assert torch.equal(pools[0][[0, 1, 2], :, [0, 5, 9]].view(torch.uint8),
+                       quantize_kv(k - offset, scales).view(torch.uint8))
+    assert torch.equal(sinks[0][0], k[0] - offset)
+
+
 def test_key_offset_takes_the_shared_part_out_of_the_rounding() -> None:
     """Keys with a large part common to every position (as real models' keys have): stored
     less their mean (`fp8_cache_layout`), attention over the float8 cache is several times

@@ -96,8 +96,9 @@ def test_fp8_write_is_the_reference_quantization(paged, dtype, v_position_major)
 
 @pytest.mark.parametrize("paged", [False, True])
 def test_fp8_write_keeps_position_zero_in_the_sinks(paged) -> None:
-    """With sinks, a position 0 also goes unquantized to the sink row of its page (or row);
-    other positions leave the sinks alone; the cache bytes are the reference's either way."""
+    """With sinks, a position 0 also goes unquantized to the sink row of its page (or row),
+    keys less the offset; other positions leave the sinks alone; the cache bytes are the
+    reference's either way."""
     g = torch.Generator().manual_seed(3)
     b, hkv, d, page, pages = 4, 2, 16, 16, 9
     k = torch.randn(b, hkv, d, generator=g).to(DEVICE)
@@ -110,19 +111,23 @@ def test_fp8_write_keeps_position_zero_in_the_sinks(paged) -> None:
     table = torch.tensor([[4, 1], [2, 6], [5, 0], [3, 7]], dtype=torch.int32, device=DEVICE) \
         if paged else None
     pos = torch.tensor([0, 16 if paged else 3, -1, 0], dtype=torch.int32, device=DEVICE)
-    write_kv(k, v, *caches, pos, table, scales, scales, *sinks)
+    offset = torch.randn(hkv, d, generator=g).to(DEVICE)
+    write_kv(k, v, *caches, pos, table, scales, scales, *sinks, k_offset=offset)
     write_kv_reference(k, v, expected[0], expected[1], pos, table, scales, scales,
-                       expected[2], expected[3])
+                       expected[2], expected[3], k_offset=offset)
     for got, want in zip(caches, expected[:2], strict=True):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     for got, want in zip(sinks, expected[2:], strict=True):
         assert torch.equal(got, want)
     first = [4, 3] if paged else [0, 3]  # rows 0 and 3 wrote position 0
-    assert torch.equal(sinks[0][first], k[[0, 3]]) and torch.equal(sinks[1][first], v[[0, 3]])
+    assert torch.equal(sinks[0][first], k[[0, 3]] - offset)  # keys in the cache's basis
+    assert torch.equal(sinks[1][first], v[[0, 3]])
     untouched = [r for r in range(n) if r not in first]
     assert (sinks[0][untouched] == 7.0).all()
     with pytest.raises(ValueError, match="sinks go with a float8 cache"):
         write_kv(k, v, *caches, pos, table, scales, scales, sinks[0][:1], sinks[1][:1])
+    with pytest.raises(ValueError, match="k_offset goes with a float8 cache"):
+        write_kv(k, v, *caches, pos, table, scales, scales, *sinks, k_offset=offset[:1])
 
 
 def test_fp8_rounding_over_every_e4m3_interval() -> None:

@@ -70,9 +70,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+def rope_qk(q: torch.Tensor, k: torch.Tensor,
+            rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions on queries and keys (`rope`: cos, sin); None: models without them."""
+    if rope is None:
+        return q, k
+    return apply_rope(q, *rope), apply_rope(k, *rope)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
@@ -87,7 +90,8 @@ def linear(model: Model, x: torch.Tensor, name: str) -> torch.Tensor:
 @dataclass(frozen=True)
 class Ops:
     """The stages of a layer that a runtime may swap: the element-wise ones (eager here; the
-    decode step compiles them) and the linear layers (the runtime's reads float8 weights)."""
+    decode step compiles them; its `rope_qk` also turns an FP8 cache's queries and keys into
+    the cache's basis) and the linear layers (the runtime's reads float8 weights)."""
 
     add_norm: Callable = add_norm
     rope_qk: Callable = rope_qk
@@ -169,8 +173,7 @@ def decoder_layer(
     h, x = ops.add_norm(h, delta, w[p + "attn_norm.weight"], w.get(p + "attn_norm.bias"),
                         spec.norm_eps)
     q, k, v, extra = split_qkv(spec, ops.linear(model, x, p + "qkv"))
-    if rope is not None:
-        q, k = ops.rope_qk(q, k, *rope)
+    q, k = ops.rope_qk(q, k, rope)
     o = attend(layer, x, q, k, v, extra)
     attn_out = ops.linear(model, o.flatten(-2), p + "o")
     h, x = ops.add_norm(h, attn_out, w[p + "mlp_norm.weight"], w.get(p + "mlp_norm.bias"),

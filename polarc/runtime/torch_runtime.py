@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -53,20 +55,35 @@ PREFILL_SDPA = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 COMPILED_PREFILL_TOKENS = 512
 
 
-def compiled_ops(device: torch.device, *, dynamic: bool = False) -> Ops:
-    """A layer's element-wise stages; on CUDA each is compiled into one kernel (dozens of
-    tiny launches per layer otherwise add up to milliseconds per step). `dynamic`: one kernel
-    for every token count (prefill's chunks and packs vary), else one per shape (the decode
-    step's batch buckets)."""
+def compile_stage(fn: Callable, device: torch.device, *, dynamic: bool = False) -> Callable:
+    """`fn` compiled into one kernel on CUDA (dozens of tiny launches per layer otherwise add
+    up to milliseconds per step); as it is elsewhere. `dynamic`: one kernel for every token
+    count (prefill's chunks and packs vary), else one per shape (the decode step's batch
+    buckets)."""
     if device.type != "cuda" or os.environ.get("POLARC_NO_COMPILE") == "1":
-        return EAGER
+        return fn
     # One compiled kernel per batch bucket (and per runtime in a process that opens several):
     # more than dynamo's default of 8 shapes per function.
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 256))
-    return Ops(*(torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
+
+
+def compiled_ops(device: torch.device, *, dynamic: bool = False) -> Ops:
+    """A layer's element-wise stages, each through `compile_stage`."""
+    return Ops(*(compile_stage(fn, device, dynamic=dynamic)
                  for fn in (add_norm, rope_qk, swiglu)))
+
+
+def rope_qk_rotated(q: torch.Tensor, k: torch.Tensor,
+                    rope: tuple[torch.Tensor, torch.Tensor] | None, rotation: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary positions, then queries and keys rotated as an FP8 cache holds them, in one
+    product (compiled: the rotary stage writes both into one buffer, one GEMM rotates it)."""
+    q, k = rope_qk(q, k, rope)
+    qk = torch.cat([q, k], dim=-2) @ rotation
+    return qk[..., :q.shape[-2], :], qk[..., q.shape[-2]:, :]
 
 
 def check_fp8_gpu(device: torch.device, *, kv: bool, weights: bool) -> None:
@@ -133,6 +150,9 @@ class Runtime:
         self.kernels = kernels_for(self.device, spec.head_dim)
         # float8 weights go through the kernels' linear, in prefill and in the step
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear)
+        if self.key_rotation is not None:  # the step's rotary stage also rotates (cache basis)
+            self.ops = dataclasses.replace(self.ops, rope_qk=functools.partial(
+                compile_stage(rope_qk_rotated, self.device), rotation=self.key_rotation))
         # Prefill compiles them too from COMPILED_PREFILL_TOKENS on: eager element-wise stages
         # made a 2,048-token prefill 16% slower on the H200 (66.6 against 57.5 ms), while the
         # compiled ones' per-call host cost made 64- and 256-token prompts slower (RESULTS.md,
@@ -357,11 +377,12 @@ class Runtime:
         rope = rope_cos_sin(self.model, positions, h.dtype)
 
         def attend(layer, x, q, k, v, extra):
-            q, k = self.cache_basis(layer, q, k)
+            # q and k come rotated from the step's rotary stage; write_kv takes the offset
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             scales, sinks = self.layer_kv_scales(layer), self.layer_sinks(layer)
+            offset = self.key_offset[layer] if self.key_offset is not None else None
             self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales,
-                                  *sinks)
+                                  *sinks, k_offset=offset)
             groups = self.groups_for(layer, None if extra is None else extra[:, 0], B)
             return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table,
                                           *scales, *sinks)[:, None]
