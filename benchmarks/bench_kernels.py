@@ -432,7 +432,8 @@ def _sweep_plans(m: int, chosen: Any) -> list[Any]:
     if m <= 32:  # weight streaming: tile shape x split-K; (block_n, block_k, warps, stages)
         block_m, splits = (16 if m <= 16 else 32), (1, 2, 4, 8)
         tiles = [(16, 256, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (32, 256, 4, 4),
-                 (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 4, 4)]
+                 (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 4, 4),
+                 (256, 128, 8, 3)]  # 256 channels: half the rows' widening per weight byte
     else:
         block_m, splits = 64, (1, 2, 4)
         tiles = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4),
