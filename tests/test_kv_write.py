@@ -76,7 +76,8 @@ def test_fp8_write_is_the_reference_quantization(paged, dtype, v_position_major)
     shape = (pages, hkv, page, d) if paged else (b, hkv, page, d)
     caches = [torch.zeros(shape, device=DEVICE).to(FP8) for _ in range(2)]
     if v_position_major:
-        caches[1] = torch.zeros(shape[:2] + shape[:1:-1], device=DEVICE).to(FP8).transpose(2, 3)
+        n = shape[0]
+        caches[1] = torch.zeros(n, hkv, d, page, device=DEVICE).to(FP8).transpose(2, 3)
     expected = [c.clone() for c in caches]
     table = torch.tensor([[4, 1], [2, 6], [5, 0], [3, 7]], dtype=torch.int32, device=DEVICE) \
         if paged else None

@@ -28,7 +28,7 @@ FP8_KERNEL_ROWS = 256
 class Kernels:
     """attention(q, k_pool, v_pool, cache_seqlens, groups, block_table[, scales, sinks]) ->
     [B, Hq, D]; topk(scores, k) -> groups int32; write_kv(k, v, k_pool, v_pool, positions,
-    block_table[, scales, sinks]);
+    block_table[, scales, sinks][, k_offset=]);
     gemm_up / gemm_down: the selective GEMM pair. Layouts (paged caches):
     `polarc.plugins.reference`."""
 

@@ -124,7 +124,8 @@ class PagedKVCache:
 
         sink_shape = (pages, spec.n_kv_heads, spec.head_dim)
         if dtype.itemsize == 1:  # V position-major (module docstring), same logical shape
-            v = [t.transpose(2, 3) for t in layers(shape[:2] + shape[:1:-1], dtype)]
+            position_major = (pages, spec.n_kv_heads, spec.head_dim, page_size)
+            v = [t.transpose(2, 3) for t in layers(position_major, dtype)]
         else:
             v = layers(shape, dtype)
         cache = cls(k=layers(shape, dtype), v=v,
