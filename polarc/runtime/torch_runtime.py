@@ -325,7 +325,9 @@ class Runtime:
     def cache_basis(self, layer: int, q: torch.Tensor, k: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys ``[..., Hq or Hkv, D]`` as the cache holds them: rotated
-        (`key_rotation`), keys less the layer's `key_offset` [Hkv, D]."""
+        (`key_rotation`), keys less the layer's `key_offset` [Hkv, D]. Prefill's; the decode
+        step does the same in its launches: the rotation in its rotary stage
+        (`rope_qk_rotated`), the offset in `write_kv`."""
         if self.key_rotation is not None:
             q, k = q @ self.key_rotation, k @ self.key_rotation
         if self.key_offset is not None:
