@@ -232,18 +232,19 @@ def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Gen
 # layout now (pages of 128, V position-major); the rest try more warps (twice the threads for
 # the conversions), deeper or shallower pipelines, smaller blocks, and 2 warps (the fewest
 # instructions per byte in the sm_90 code: no cross-warp softmax across 4).
-FP8_VARIANTS = ((None, 64, None, None, False), (None, 128, None, None, False),
-                (128, 128, None, None, False), (128, 128, None, None, True),
-                (None, 128, None, None, True), (128, 128, 8, None, True),
-                (128, 128, None, 2, True), (128, 128, None, 4, True),
-                (128, 64, None, 4, True), (128, 128, 2, None, True), (128, 64, 2, None, True))
+# (page, block, warps, stages, V position-major, transposed products); None = the planner's
+FP8_VARIANTS = ((None, 128, None, None, False, False), (128, 128, None, None, False, False),
+                (128, 128, None, None, True, False), (128, 128, None, None, True, True),
+                (128, 128, 8, None, True, False), (128, 128, 8, None, True, True),
+                (128, 128, None, 2, True, False), (128, 128, None, 4, True, False),
+                (128, 128, None, 4, True, True), (128, 64, None, 4, True, False))
 
 
 def _fp8_variant_label(page: int | None, block: int, warps: int | None,
-                       stages: int | None, v_position_major: bool) -> str:
+                       stages: int | None, v_position_major: bool, transposed: bool) -> str:
     return ("P=" + str(page) if page else "contig") + f" N={block}" \
         + (f" w{warps}" if warps else "") + (f" st{stages}" if stages else "") \
-        + (" vT" if v_position_major else "")
+        + (" vT" if v_position_major else "") + (" T" if transposed else "")
 
 
 def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
@@ -286,10 +287,11 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
                                     else None))
                 torch.cuda.empty_cache()
             for variant in FP8_VARIANTS:  # FP8: half the bytes, same kernel
-                page, block, warps, stages, v_pm = variant
+                page, block, warps, stages, v_pm, transposed = variant
                 pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device),
                                                  page_size=page, block_n=block, num_warps=warps,
-                                                 num_stages=stages, kv_fp8=True)
+                                                 num_stages=stages, kv_fp8=True,
+                                                 transposed=transposed)
                 label = _fp8_variant_label(*variant)
                 try:
                     ms = time_graph(_kernel_calls(sets8, groups, seqlens, pplan, page, gen, ones,

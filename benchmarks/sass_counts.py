@@ -77,13 +77,17 @@ def attention_counts(arch: int) -> list[dict[str, Any]]:
                  Groups="*i32", Block_Table="*i32", Partials="*fp32", K_Scale="*fp32",
                  V_Scale="*fp32", qk_scale_log2="fp32")
     rows = []
-    for label, fp8, warps, v_position_major in (
-            ("bf16, P=64", False, None, False), ("fp8, P=128, V D-major", True, None, False),
-            ("fp8, P=128, V position-major", True, None, True),
-            ("fp8, P=128, V position-major, 8 warps", True, 8, True)):
+    for label, fp8, warps, v_position_major, transposed in (
+            ("bf16, P=64", False, None, False, False),
+            ("fp8, P=128, V D-major", True, None, False, False),
+            ("fp8, P=128, V position-major", True, None, True, False),
+            ("fp8, P=128, V position-major, 8 warps", True, 8, True, False),
+            ("fp8, P=128, V position-major, transposed", True, None, True, True),
+            ("bf16, P=64, transposed", False, None, False, True)):
         page = 128 if fp8 else 64
         plan = attention.plan_selective_attention(32, 4, 4, 8192, 128, sms=132, page_size=page,
-                                                  kv_fp8=fp8, num_warps=warps)
+                                                  kv_fp8=fp8, num_warps=warps,
+                                                  transposed=transposed)
         constants = dict(attention._stage1_constants(plan, 4, 128, 4, False, page, fp8, fp8))
         warps, stages = constants.pop("num_warps"), constants.pop("num_stages")
         constants["stride_vs" if v_position_major else "stride_vd"] = 1
