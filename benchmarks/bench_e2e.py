@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
+from polarc.benchmarks.timing import copy_bandwidth, environment, kernel_breakdown, time_graph
 from polarc.exporters.engine import BuildConfig, KVStats, assemble, fp8_cache_layout
 
 from polarc.format.engine_file import Engine, fp8_weight_names, quantize_rows
@@ -103,7 +103,8 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
 
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
-             variant: str = "bf16", engine: Engine | None = None) -> list[dict[str, Any]]:
+             variant: str = "bf16", engine: Engine | None = None,
+             profile: bool = False) -> list[dict[str, Any]]:
     device = torch.device("cuda")
     # max_seq = seqlen: the step writes position seqlen - 1 and attends over seqlen positions
     engine = engine or sparse_engine_in_memory(name, batch=batch, max_seq=seqlen,
@@ -137,12 +138,30 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
         if mode == "sparse":
             rec["router_ms"] = router_ms(rt, bw)
             rec["router_share"] = rec["router_ms"] / ms
+        if profile:
+            try:
+                rec["kernels"] = kernel_breakdown(lambda: (rt.seqlens.fill_(seqlen - 1),
+                                                           rt.decode_step(tokens)))
+                print(format_kernels(rec), flush=True)
+            except Exception as exc:  # a failed profile must not lose the timed table
+                print(f"profile failed: {str(exc)[:200]}", flush=True)
         records.append(rec)
         print(json.dumps(rec), flush=True)
     dense, sparse = records
     sparse["speedup"] = dense["step_ms"] / sparse["step_ms"]
     sparse["floor_ratio"] = dense["floor_ms"] / sparse["floor_ms"]
     return records
+
+
+def format_kernels(rec: dict[str, Any], top: int = 12) -> str:
+    """A step's kernels, largest first: µs per step, launches, share of the step's time."""
+    rows = rec["kernels"]
+    total = sum(r["us"] for r in rows)
+    lines = [f"{rec['variant']} {rec['mode']}: kernels {total / 1e3:.2f} ms of a "
+             f"{rec['step_ms']:.2f} ms step, {sum(r['launches'] for r in rows):.0f} launches"]
+    lines += [f"  {r['us']:9.1f} us {r['launches']:5.0f}x {r['us'] / 1e3 / rec['step_ms']:6.1%}  "
+              f"{r['kernel']}" for r in rows[:top]]
+    return "\n".join(lines)
 
 
 def hf_generate_tokens_per_s(name: str, batch: int, seqlen: int, new_tokens: int = 32) -> float:
@@ -190,7 +209,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
                        with_hf: bool = True, cases: list | None = None,
-                       variants: tuple[str, ...] = ("bf16",)) -> list[dict[str, Any]]:
+                       variants: tuple[str, ...] = ("bf16",),
+                       profile: bool = False) -> list[dict[str, Any]]:
     """Run §3 on the current CUDA device; print the table; write JSON if asked."""
     device = torch.device("cuda", torch.cuda.current_device())
     cases = cases or CASES
@@ -202,7 +222,7 @@ def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
         engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=density,
                                          device=device)
         for variant in variants:
-            records += run_case(name, batch, seqlen, bw, density, variant, engine)
+            records += run_case(name, batch, seqlen, bw, density, variant, engine, profile)
             gc.collect()  # the last runtime's cache goes before the next one's is made
             torch.cuda.empty_cache()
             if json_path is not None:  # what is measured survives a run cut short
@@ -231,6 +251,8 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--cases", default=None,
                     help="comma-separated model:B:S, e.g. llama3-8b:32:8192 (default: §3's)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list each step's kernels (torch profiler over graph replays)")
     args = ap.parse_args()
     variants = tuple(args.variants.split(","))
     if not set(variants) <= set(VARIANTS):
@@ -240,7 +262,8 @@ def main() -> None:
         cases = [(m, int(b), int(s)) for m, b, s in (c.split(":") for c in args.cases.split(","))]
     if not torch.cuda.is_available():
         sys.exit("Error: end-to-end benchmarks need a CUDA GPU (none is visible here).")
-    run_e2e_benchmarks(args.json, with_hf=not args.no_hf, cases=cases, variants=variants)
+    run_e2e_benchmarks(args.json, with_hf=not args.no_hf, cases=cases, variants=variants,
+                       profile=args.profile)
 
 
 if __name__ == "__main__":

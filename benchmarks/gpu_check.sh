@@ -30,8 +30,8 @@ for what in "$@"; do
     fp8-tests) timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
                  tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py -k "fp8 or gpu_paged or paged_write or gpu_llama" \
                  2>&1 | tee $OUT/fp8-tests.log | tail -15 ;;
-    e2e-fp8) timeout 200 python3 -m polarc.benchmarks.bench_e2e --no-hf --variants bf16,fp8-kv,fp8-all ${E2E_CASES:+--cases $E2E_CASES} \
-               --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | tail -10 ;;
+    e2e-fp8) timeout ${E2E_TIMEOUT:-200} python3 -m polarc.benchmarks.bench_e2e --no-hf --variants ${E2E_VARIANTS:-bf16,fp8-kv,fp8-all} ${E2E_CASES:+--cases $E2E_CASES} ${E2E_PROFILE:+--profile} \
+               --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | grep -v "^{" | tail -${E2E_TAIL:-10} ;;
     first-pass) timeout 300 python3 -m polarc.benchmarks.bench_stream --requests 0 --modes '' --first-pass \
                   --json $OUT/first-pass.json 2>&1 | tee $OUT/first-pass.log | grep -E "first pass|Error" ;;
     # §5 through the server (issue 12): SERVE_REQUESTS at saturation, then SERVE_RATES (each
