@@ -163,16 +163,18 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     of each point's best plan on geometric mean (worst 1.2x). Weight tiles of 128 channels
     (16 KB per stage at BLOCK_K 128) keep enough bytes in flight; what a small-N GEMM lacks
     is programs, and 2 KB tiles or a long serial K loop ran at 3x the floor. So K is split
-    into the fewest of 1, 2, 4, 8 equal ranges that give 1.5 programs per SM; above 32 rows
-    BLOCK_K drops to 64 (the MMA work per byte grows, and more stages fit) and splits stop
-    at 4. BLOCK_M is the MMA's 16, else the rows' next power of two up to 64.
+    into the fewest of 1, 2, 4, 8 equal ranges that give 1.5 programs per SM; above 16 rows
+    splits stop at 4 (at 32 rows on the H100 a split of 8 reduced more partials than it
+    gained: 8% of a layer's GEMM time, 2026-12-05 sweeps; the H200 within 0.4% either way),
+    and above 32 rows BLOCK_K drops to 64 (the MMA work per byte grows, and more stages fit).
+    BLOCK_M is the MMA's 16, else the rows' next power of two up to 64.
     """
     block_m = min(64, max(16, next_pow2(m)))
     decode = m <= _DECODE_ROWS
     block_k = 128 if decode else 64
     tiles = cdiv(m, block_m) * cdiv(n, 128)
     k_blocks = cdiv(k, block_k)
-    splits = [s for s in ((1, 2, 4, 8) if decode else (1, 2, 4)) if s <= k_blocks]
+    splits = [s for s in ((1, 2, 4, 8) if m <= 16 else (1, 2, 4)) if s <= k_blocks]
     split = next((s for s in splits if tiles * s >= _PROGRAMS_PER_SM * sms), splits[-1])
     return Fp8LinearPlan(block_m, 128, block_k, num_warps=4, num_stages=4, split_k=split)
 
