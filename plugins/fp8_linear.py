@@ -152,6 +152,7 @@ class Fp8LinearPlan:
 
 
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
+_SPLIT_8_ROWS = 16  # up to here K may be split 8 ways; above, at most 4
 _PROGRAMS_PER_SM = 1.5
 
 
@@ -174,7 +175,7 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     block_k = 128 if decode else 64
     tiles = cdiv(m, block_m) * cdiv(n, 128)
     k_blocks = cdiv(k, block_k)
-    splits = [s for s in ((1, 2, 4, 8) if m <= 16 else (1, 2, 4)) if s <= k_blocks]
+    splits = [s for s in ((1, 2, 4, 8) if m <= _SPLIT_8_ROWS else (1, 2, 4)) if s <= k_blocks]
     split = next((s for s in splits if tiles * s >= _PROGRAMS_PER_SM * sms), splits[-1])
     return Fp8LinearPlan(block_m, 128, block_k, num_warps=4, num_stages=4, split_k=split)
 
