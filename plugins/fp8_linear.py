@@ -11,7 +11,7 @@ Layouts:
   row (row n = output channel n), as `polarc.format.engine_file.quantize_rows` stores it.
 - ``scale``  ``[N]`` float32: output channel n's weights are ``w[n] * scale[n]``.
 - ``bias``   ``[N]`` x's dtype, or None.
-- out        ``[M, N]`` x's dtype.
+- out        ``[M, N]`` x's dtype; ``[M, N / 2]`` with ``swiglu`` (w = ``[gate; up]``).
 
 Algorithm: one program per (block of BLOCK_N output channels, block of BLOCK_M rows, split of
 K); it streams its weight rows over its K range in blocks of BLOCK_K, widens each float8 block
@@ -43,7 +43,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
+from ._triton_util import (
+    cdiv,
+    check_launchable,
+    gdc_launch_dependents,
+    gdc_wait,
+    next_pow2,
+    num_sms,
+    pdl_enabled,
+    pdl_options,
+    prefetch_l2,
+)
 from .reference import FP8, fp8_linear_reference
 
 __all__ = ["Fp8LinearPlan", "fp8_linear", "fp8_linear_reference", "plan_fp8_linear"]
@@ -52,14 +62,31 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, offs_n, mask_m, mask_n, stride_ym,
-                       HAS_BIAS: tl.constexpr):
-    """Epilogue: per-channel scale, bias, cast to y's dtype, store."""
-    acc = acc * tl.load(Scale + offs_n, mask=mask_n, other=0.0)[None, :]
+def _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n, N,
+                       HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Epilogue: per-channel scale, bias (of weight rows `rows`), SwiGLU, cast, store."""
+    acc = acc * tl.load(Scale + rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
-        acc = acc + tl.load(Bias + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :],
-             acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = acc + tl.load(Bias + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:  # columns gate, up, gate, up, ... (`_weight_rows`): pair them
+        gate, up = tl.split(tl.reshape(acc, [acc.shape[0], BLOCK_N // 2, 2]))
+        offs_c = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_c[None, :],
+                 (gate * tl.sigmoid(gate) * up).to(Y.dtype.element_ty),
+                 mask=mask_m[:, None] & (offs_c < N // 2)[None, :])
+    else:
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
+                 acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
+    """The weight rows of output block pid_n: BLOCK_N consecutive ones; with SWIGLU (w = [gate;
+    up], N = 2F) the gate and up rows of BLOCK_N / 2 channels, interleaved."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if SWIGLU:
+        return offs_n // 2 + (offs_n % 2) * (N // 2)
+    return offs_n
 
 
 # M varies call to call (batch size): not specializing it (M == 1, M % 16) keeps one compile
@@ -72,25 +99,38 @@ def _fp8_linear_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, SWIGLU: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
     no block needs a K mask. SWAP_AB: the product is formed transposed, ``w_block @
     x_block.T`` ``[BLOCK_N, BLOCK_M]``, so that the weight tile (many channels) is the MMA's
     left operand, which Hopper's wgmma takes from registers right after the widening and
-    which needs 64 rows (a few decode rows cannot fill it); transposed back for the epilogue."""
+    which needs 64 rows (a few decode rows cannot fill it); transposed back for the epilogue.
+    PDL (programmatic dependent launch, `_triton_util`): the first PREFETCH bytes of each of
+    the program's weight rows are prefetched into L2, then the program waits for the kernels
+    before it (x is theirs) and lets the next launch after its K loop. SWIGLU: w is [gate;
+    up] and the program's block pairs the two (`_weight_rows`), so the epilogue writes
+    ``silu(gate) * up`` of BLOCK_N / 2 channels (y is ``[M, N / 2]``)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the block's columns of [M, N]
+    rows = _weight_rows(pid_n, N, BLOCK_N, SWIGLU)  # ... and their weight rows
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
-    w_ptrs = W + offs_n[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
+    w_ptrs = W + rows[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
+    if PREFETCH > 0:  # the weight does not depend on the kernels before: fetch it meanwhile
+        if k_hi > k_lo:  # (a split past K has nothing to fetch)
+            nbytes = tl.minimum(k_hi - k_lo, PREFETCH)
+            prefetch_l2(W + tl.minimum(rows, N - 1).to(tl.int64) * K + k_lo,
+                        tl.zeros_like(rows) + nbytes)
+    gdc_wait(PDL)
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -116,11 +156,12 @@ def _fp8_linear_kernel(
                          input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    gdc_launch_dependents(PDL)
     if SWAP_AB:
         acc = tl.trans(acc)
     if SPLIT_K == 1:
-        _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, offs_n, mask_m, mask_n, stride_ym,
-                           HAS_BIAS)
+        _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n,
+                           N, HAS_BIAS, SWIGLU, BLOCK_N)
     else:
         mask = mask_m[:, None] & mask_n[None, :]
         part = Part + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -133,8 +174,8 @@ def _fp8_linear_kernel(
             for _ in tl.static_range(SPLIT_K):  # split order, not arrival order: deterministic
                 total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # skip L1
                 part += stride_pk
-            _fp8_linear_finish(total, Scale, Bias, Y, offs_m, offs_n, mask_m, mask_n, stride_ym,
-                               HAS_BIAS)
+            _fp8_linear_finish(total, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym,
+                               pid_n, N, HAS_BIAS, SWIGLU, BLOCK_N)
             tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")  # zero for next call
 
 
@@ -149,6 +190,10 @@ class Fp8LinearPlan:
     num_stages: int
     split_k: int = 1
     swap_ab: bool = False  # weight tile as the MMA's left operand (kernel docstring)
+    # with PDL: bytes of each weight row (of the program's K range) prefetched into L2 while
+    # the kernel before finishes; 128 rows x 512 B = 64 KB a program, so the programs of a
+    # wave prefetch ~8-17 MB (the H100's L2 holds 50 MB)
+    l2_prefetch: int = 512
 
 
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
@@ -219,10 +264,21 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"fp8_linear: all tensors must be on one device, got {devices}")
 
 
+def _pdl_options(device: torch.device, k: int, plan: Fp8LinearPlan) -> dict[str, object]:
+    if not pdl_enabled(device):
+        return {}
+    # the bulk prefetch takes 16-byte aligned rows and a multiple of 16 bytes
+    prefetch = plan.l2_prefetch if k % 16 == 0 and plan.l2_prefetch % 16 == 0 else 0
+    return {**pdl_options(True), "PREFETCH": prefetch}
+
+
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-               plan: Fp8LinearPlan | None = None) -> torch.Tensor:
+               plan: Fp8LinearPlan | None = None, swiglu: bool = False) -> torch.Tensor:
     """``x @ (w * scale[:, None]).T + bias`` (layouts: module docstring); returns ``[M, N]``.
+    `swiglu`: w holds a SwiGLU MLP's gate rows then its up rows (``[2F, K]``, the fused
+    ``gate_up``); returns ``silu(gate) * up`` ``[M, F]``, computed in fp32 before the one
+    rounding to x's dtype, with no ``[M, 2F]`` product written or read again.
 
     Example::
 
@@ -232,17 +288,22 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     check_launchable(_fp8_linear_kernel, x.device, "fp8_linear")
     m, k = x.shape
     n = w.shape[0]
+    if swiglu and n % 2:
+        raise ValueError(f"fp8_linear: swiglu needs gate and up rows, an even N, got N={n}")
+    n_out = n // 2 if swiglu else n
     if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(-1) != 1:
-        raise ValueError(f"fp8_linear: out must be {x.dtype} [{m}, {n}] with a contiguous last "
-                         "axis")
+        out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n_out) or out.dtype != x.dtype or out.stride(-1) != 1:
+        raise ValueError(f"fp8_linear: out must be {x.dtype} [{m}, {n_out}] with a contiguous "
+                         "last axis")
     if m == 0:
         return out
     plan = plan or plan_fp8_linear(m, n, k, sms=num_sms(x.device))
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
+    if swiglu and plan.block_n % 2:
+        raise ValueError(f"fp8_linear: swiglu needs an even plan.block_n, got {plan.block_n}")
     grid = (cdiv(n, plan.block_n), cdiv(m, plan.block_m), split)
     k_per_split = cdiv(cdiv(k, split), plan.block_k) * plan.block_k
     if split > 1:
@@ -255,6 +316,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         m, n, k, k_per_split, x.stride(0), out.stride(0), m * n,
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_K=plan.block_k, SPLIT_K=split, SWAP_AB=plan.swap_ab, num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
+        BLOCK_K=plan.block_k, SPLIT_K=split, SWAP_AB=plan.swap_ab, SWIGLU=swiglu,
+        num_warps=plan.num_warps,
+        num_stages=plan.num_stages, **_pdl_options(x.device, k, plan))
     return out

@@ -24,7 +24,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import check_launchable, next_pow2
+from ._triton_util import (
+    check_launchable,
+    gdc_launch_dependents,
+    gdc_wait,
+    next_pow2,
+    pdl_enabled,
+    pdl_options,
+)
 from .reference import FP8, write_kv_reference
 
 __all__ = ["write_kv", "write_kv_reference"]
@@ -51,7 +58,10 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_
                      stride_vcb, stride_vch, stride_vcs, stride_vcd, stride_tb, stride_sb,
                      stride_sh, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
-                     SINK: tl.constexpr = False, OFFSET: tl.constexpr = False):
+                     SINK: tl.constexpr = False, OFFSET: tl.constexpr = False,
+                     PDL: tl.constexpr = False):
+    gdc_wait(PDL)  # programmatic dependent launch (`_triton_util`): k, v are the kernels' before
+    gdc_launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
     pos = tl.load(Positions + row).to(tl.int64)
@@ -136,4 +146,4 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
         block_table.stride(0) if paged else 0, *(k_sink.stride()[:2] if sink else (0, 0)),
         HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE=k_cache.shape[2] if paged else 0, KV_FP8=fp8,
-        SINK=sink, OFFSET=k_offset is not None, num_warps=1)
+        SINK=sink, OFFSET=k_offset is not None, num_warps=1, **pdl_options(pdl_enabled(k.device)))

@@ -71,12 +71,17 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, swiglu: bool = False
+                         ) -> torch.Tensor:
     """``x @ (w * scale[:, None]).T + bias`` for a float8 weight ``w [N, K]`` with a scale per
-    output channel ``scale [N]`` (fp32 math, x's dtype out)."""
+    output channel ``scale [N]`` (fp32 math, x's dtype out). `swiglu`: w's rows are a SwiGLU
+    MLP's gate then up (N = 2F): ``silu(gate) * up`` ``[.., F]``, rounded once at the end."""
     y = _acc(x) @ (w.to(_acc(x).dtype) * scale.to(_acc(x).dtype)[:, None]).T
     if bias is not None:
         y = y + _acc(bias)
+    if swiglu:
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
     return y.to(x.dtype)
 
 

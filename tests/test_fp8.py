@@ -410,3 +410,42 @@ def test_fp8_on_a_gpu_older_than_ada_is_refused(monkeypatch: pytest.MonkeyPatch)
     check_fp8_gpu(torch.device("cuda"), kv=False, weights=False)  # nothing FP8: no check
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     check_fp8_gpu(torch.device("cuda"), kv=True, weights=True)
+
+
+@pytest.fixture(scope="module")
+def bf16_fp8_engine(tiny_dirs: dict, calibrated: dict, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Path:
+    """bf16 compute, FP8 KV cache and FP8 weights, the calibration's sparse plan."""
+    path = tmp_path_factory.mktemp("w8kv8") / "w8kv8.plan"
+    build_engine(load_model(str(tiny_dirs["llama-gqa"])),
+                 artifact.read_calibration(calibrated["llama-gqa"]),
+                 BuildConfig(out=path, dtype="bf16", max_batch=4, max_seq=64, kv_dtype="fp8",
+                             weight_dtype="fp8"))
+    return path
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs CUDA sm_90+")
+@pytest.mark.parametrize(("switches", "tol"), [
+    ({"POLARC_PDL": "1"}, 1e-3),  # the same kernels, launched early: the same numbers
+    ({"POLARC_FUSED_SWIGLU": "1"}, 2e-2),  # silu(gate) * up in fp32 before one rounding
+    ({"POLARC_PDL": "1", "POLARC_FUSED_SWIGLU": "1"}, 2e-2),
+])
+def test_step_switches_match_plain_launches(switches: dict, tol: float, bf16_fp8_engine: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """POLARC_PDL=1 (every kernel of the CUDA-graph step may start while the one before it
+    finishes, and waits before reading its outputs) and POLARC_FUSED_SWIGLU=1 (gate_up and
+    SwiGLU in one launch): the plain step's logits, over steps whose tokens change, so a
+    kernel that read a stale input would show."""
+    prompts = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51]]
+    tokens = torch.randint(0, 256, (12, 3), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for name, env in (("plain", {}), ("switched", switches)):
+        for var in ("POLARC_PDL", "POLARC_FUSED_SWIGLU"):
+            monkeypatch.setenv(var, env.get(var, "0"))
+        rt = Runtime(load_engine(bf16_fp8_engine, device="cuda"), batch=3, device="cuda")
+        logits = [rt.prefill(prompts).float().cpu()]
+        logits += [rt.step(t.cuda()).float().cpu() for t in tokens]
+        runs[name] = torch.stack(logits)
+    assert ((runs["switched"] - runs["plain"]).norm() / runs["plain"].norm()).item() < tol

@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from polarc.plugins._triton_util import cdiv, next_pow2
+from polarc.plugins import _triton_util
+from polarc.plugins._triton_util import cdiv, next_pow2, pdl_enabled
 from polarc.plugins.fp8_linear import (
     Fp8LinearPlan,
     _fp8_linear_kernel,
@@ -84,6 +85,29 @@ def test_split_k_matches_reference(swap_ab, split, m, n, k, bias, dtype, tol):
     fp8_linear(x, w, scale, b, out=out, plan=plan)
     assert not torch.isnan(out).any()
     assert _rel(out, fp8_linear_reference(x.double(), w, scale, b)) < tol
+
+
+@needs_kernel
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("m, f, k, bias", [
+    (5, 20, 200, True),     # F = 20: the last block holds 4 channels of 8 (masked pairs)
+    (33, 24, 96, False),    # rows over three blocks, F over three
+])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_swiglu_epilogue_matches_reference(swap_ab, split, m, f, k, bias, dtype, tol):
+    """w = [gate; up] ``[2F, K]``: each block pairs gate and up rows of the same channels and
+    writes silu(gate) * up ``[M, F]`` (split-K: after the last split's sum)."""
+    x, w, scale, b = _inputs(m, 2 * f, k, dtype, bias=bias, seed=split)
+    plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
+                         split_k=split, swap_ab=swap_ab)
+    out = torch.full((m, f), float("nan"), device=DEVICE, dtype=dtype)
+    fp8_linear(x, w, scale, b, out=out, plan=plan, swiglu=True)
+    assert not torch.isnan(out).any()
+    assert _rel(out, fp8_linear_reference(x.double(), w, scale, b, swiglu=True)) < tol
+    plain = fp8_linear_reference(x.double(), w, scale, b)  # the two-step way, for meaning
+    gate, up = plain[:, :f], plain[:, f:]
+    assert _rel(out, torch.nn.functional.silu(gate) * up) < tol
 
 
 @needs_kernel
@@ -167,6 +191,18 @@ def test_wrong_inputs_raise_clear_errors(change, message):
         fp8_linear(args["x"], args["w"], args["scale"], args["bias"])
 
 
+def test_pdl_only_when_switched_on_and_on_sm90(monkeypatch):
+    """Programmatic dependent launch: POLARC_PDL=1 and a CUDA device of capability 9.0+."""
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(_triton_util, "_capability", lambda index: 9)
+    assert not pdl_enabled(cuda0)  # not switched on
+    monkeypatch.setenv("POLARC_PDL", "1")
+    assert pdl_enabled(cuda0)
+    assert not pdl_enabled(torch.device("cpu"))  # the interpreter takes no launch options
+    monkeypatch.setattr(_triton_util, "_capability", lambda index: 8)
+    assert not pdl_enabled(cuda0)  # Ampere / Ada: no griddepcontrol
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("m", [1, 16, 32, 100, 256])
@@ -177,6 +213,23 @@ def test_gpu_llama_shapes_bf16(m, n, k, swap_ab):
     plan = dataclasses.replace(plan_fp8_linear(m, n, k, sms=132), swap_ab=swap_ab)
     got = fp8_linear(x, w, scale, plan=plan)
     assert _rel(got, fp8_linear_reference(x.double(), w, scale)) < 1e-2
+
+
+@needs_kernel
+def test_swiglu_needs_gate_and_up_rows():
+    x, w, scale, _ = _inputs(2, 7, 32, torch.float32)
+    with pytest.raises(ValueError, match="swiglu needs gate and up rows, an even N, got N=7"):
+        fp8_linear(x, w, scale, swiglu=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("m", [1, 32, 256])
+def test_gpu_swiglu_llama_gate_up_bf16(m):
+    """Llama-3-8B's gate_up (F = 14336) with the SwiGLU epilogue, at the planner's plans."""
+    x, w, scale, _ = _inputs(m, 2 * 14336, 4096, torch.bfloat16)
+    got = fp8_linear(x, w, scale, swiglu=True)
+    assert _rel(got, fp8_linear_reference(x.double(), w, scale, swiglu=True)) < 1e-2
 
 
 @pytest.mark.gpu
@@ -202,3 +255,39 @@ def test_gpu_split_k_graph_replays_match_eager_bitwise(swap_ab):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs CUDA sm_90+")
+@pytest.mark.parametrize("m", [1, 32])
+def test_gpu_pdl_chain_in_a_graph_matches_plain_launches(m, monkeypatch):
+    """Three dependent GEMMs (split-K and not) launched with PDL, their weights prefetched
+    before each waits for the one before: replays of the graph after new inputs give the
+    plain launches' results bitwise (an early read of an input would give stale values)."""
+    k = 4096
+    x, w1, s1, _ = _inputs(m, k, k, torch.bfloat16, seed=1)
+    _, w2, s2, _ = _inputs(1, 2 * k, k, torch.bfloat16, seed=2)
+    _, w3, s3, _ = _inputs(1, k, 2 * k, torch.bfloat16, seed=3)
+
+    def chain(x):
+        return fp8_linear(fp8_linear(fp8_linear(x, w1, s1), w2, s2), w3, s3)
+
+    inputs = [torch.randn_like(x) for _ in range(3)]
+    monkeypatch.setenv("POLARC_PDL", "0")
+    expected = [chain(x_i) for x_i in inputs]
+    monkeypatch.setenv("POLARC_PDL", "1")
+    assert all(torch.equal(chain(x_i), e) for x_i, e in zip(inputs, expected, strict=True))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for x_i, e in zip(inputs, expected, strict=True):
+        x.copy_(x_i)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, e)

@@ -97,6 +97,9 @@ class Ops:
     rope_qk: Callable = rope_qk
     swiglu: Callable = swiglu
     linear: Callable = linear
+    # (model, x, name) -> swiglu(linear(model, x, name)) in one kernel, or None where the
+    # runtime has no such kernel for that layer (then the two stages run)
+    linear_swiglu: Callable | None = None
 
 
 EAGER = Ops()
@@ -154,7 +157,10 @@ def dense_mlp(model: Model, layer: int, x: torch.Tensor, ops: Ops = EAGER) -> to
     p = f"layers.{layer}."
     if model.spec.relu_mlp:
         return ops.linear(model, F.relu(ops.linear(model, x, p + "up")), p + "down")
-    return ops.linear(model, ops.swiglu(ops.linear(model, x, p + "gate_up")), p + "down")
+    act = ops.linear_swiglu(model, x, p + "gate_up") if ops.linear_swiglu else None
+    if act is None:
+        act = ops.swiglu(ops.linear(model, x, p + "gate_up"))
+    return ops.linear(model, act, p + "down")
 
 
 def decoder_layer(

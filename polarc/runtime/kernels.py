@@ -61,6 +61,22 @@ class Kernels:
             y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, scale, bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def linear_swiglu(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """`Ops.linear_swiglu`: a float8 ``gate_up`` layer and its SwiGLU as one FP8 linear
+        launch (the epilogue pairs gate and up) on CUDA for decode-sized inputs; None
+        otherwise (bf16 weights, the CPU, prefill)."""
+        w = model.weights[name + ".weight"]
+        x2 = x.reshape(-1, x.shape[-1])
+        if w.dtype != reference.FP8 or self.device.type != "cuda" \
+                or x2.shape[0] > FP8_KERNEL_ROWS:
+            return None
+        from polarc.plugins.fp8_linear import fp8_linear
+
+        y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w,
+                       model.weights[name + ".weight_scale"], model.weights.get(name + ".bias"),
+                       swiglu=True)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cache_seqlens: torch.Tensor, groups: torch.Tensor,
                   block_table: torch.Tensor, k_scale: torch.Tensor | None = None,

@@ -67,7 +67,15 @@ def compile_stage(fn: Callable, device: torch.device, *, dynamic: bool = False) 
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 256))
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    import torch._inductor.config as inductor_config
+
+    from polarc.plugins._triton_util import pdl_enabled
+
+    # with POLARC_PDL=1 the compiled stages take part in programmatic dependent launch too
+    # (Inductor's option since torch 2.10)
+    pdl = pdl_enabled(device) and hasattr(inductor_config.triton, "enable_pdl")
+    options = {"triton.enable_pdl": True} if pdl else None
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
 
 
 def compiled_ops(device: torch.device, *, dynamic: bool = False) -> Ops:
@@ -149,7 +157,11 @@ class Runtime:
                                            device=self.device, sinks=sinks)
         self.kernels = kernels_for(self.device, spec.head_dim)
         # float8 weights go through the kernels' linear, in prefill and in the step
-        self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear)
+        # POLARC_FUSED_SWIGLU=1: a float8 gate_up and its SwiGLU in one launch (measured end
+        # to end before it is the default, as POLARC_PDL)
+        fused = os.environ.get("POLARC_FUSED_SWIGLU") == "1"
+        self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear,
+                                       linear_swiglu=self.kernels.linear_swiglu if fused else None)
         if self.key_rotation is not None:  # the step's rotary stage also rotates (cache basis)
             self.ops = dataclasses.replace(self.ops, rope_qk=functools.partial(
                 compile_stage(rope_qk_rotated, self.device), rotation=self.key_rotation))
