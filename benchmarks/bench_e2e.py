@@ -13,8 +13,9 @@ per-group scales: one byte a value read and written by the Triton kernels), and 
 linear layers' weights in float8 too (a scale per output channel, read by the FP8 linear
 kernel; embeddings and norms stay bf16). Switches not yet on by default are variants too:
 ``+pdl`` (POLARC_PDL=1: polarc's kernels and the compiled stages launched with programmatic
-dependent launch, `polarc.plugins._triton_util`) and ``+glu`` (POLARC_FUSED_SWIGLU=1: a float8
-gate_up and its SwiGLU in one launch), e.g. ``fp8-all+glu+pdl``.
+dependent launch, `polarc.plugins._triton_util`), ``+glu`` (POLARC_FUSED_SWIGLU=1: a float8
+gate_up and its SwiGLU in one launch) and ``+rope`` (POLARC_FUSED_ROPE=1: the rotary stage and
+the key rotation inside the KV append's launch), e.g. ``fp8-all+glu+rope+pdl``.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ def router_ms(rt: Runtime, bw: float) -> float:
     return ms + rows_bytes / bw * 1e3
 
 
-VARIANTS = ("bf16", "fp8-kv", "fp8-all")  # each also with switches: "+pdl", "+glu"
-SWITCHES = {"pdl": "POLARC_PDL", "glu": "POLARC_FUSED_SWIGLU"}
+VARIANTS = ("bf16", "fp8-kv", "fp8-all")  # each also with switches: "+pdl", "+glu", "+rope"
+SWITCHES = {"pdl": "POLARC_PDL", "glu": "POLARC_FUSED_SWIGLU", "rope": "POLARC_FUSED_ROPE"}
 
 
 def check_variant(variant: str) -> None:
@@ -266,7 +267,7 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--variants", default="bf16",
                     help=f"comma-separated: {', '.join(VARIANTS)}, each with any of +pdl, "
-                    "+glu (e.g. fp8-all,fp8-all+glu+pdl)")
+                    "+glu, +rope (e.g. fp8-all,fp8-all+glu+rope+pdl)")
     ap.add_argument("--cases", default=None,
                     help="comma-separated model:B:S, e.g. llama3-8b:32:8192 (default: §3's)")
     ap.add_argument("--profile", action="store_true",

@@ -28,8 +28,8 @@ for what in "$@"; do
     fp8-sweep) timeout ${SWEEP_TIMEOUT:-480} python3 -m polarc.benchmarks.bench_kernels --fp8-linear-sweep ${SWEEP_ROWS:+--sweep-rows $SWEEP_ROWS} --json $OUT/fp8-sweep.json 2>&1 | tee $OUT/fp8-sweep.log | tail -40 ;;
     paged) timeout 240 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;
     stream) timeout ${STREAM_TIMEOUT:-590} python3 -m polarc.benchmarks.bench_stream ${STREAM_ARGS:-} --json $OUT/stream.json 2>&1 | tee $OUT/stream.log | tail -16 ;;
-    fp8-tests) timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
-                 tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py -k "fp8 or gpu_paged or paged_write or gpu_llama" \
+    fp8-tests) timeout ${FP8_TESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
+                 tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py -k "fp8 or gpu_paged or paged_write or gpu_llama or rope" \
                  2>&1 | tee $OUT/fp8-tests.log | tail -15 ;;
     e2e-fp8) timeout ${E2E_TIMEOUT:-200} python3 -m polarc.benchmarks.bench_e2e --no-hf --variants ${E2E_VARIANTS:-bf16,fp8-kv,fp8-all} ${E2E_CASES:+--cases $E2E_CASES} ${E2E_PROFILE:+--profile} \
                --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | grep -v "^{" | tail -${E2E_TAIL:-10} ;;

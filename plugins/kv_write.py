@@ -34,7 +34,7 @@ from ._triton_util import (
 )
 from .reference import FP8, write_kv_reference
 
-__all__ = ["write_kv", "write_kv_reference"]
+__all__ = ["rope_write_kv", "write_kv", "write_kv_reference"]
 
 
 @triton.jit
@@ -52,26 +52,17 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
-def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_Scale,
-                     K_Sink, V_Sink, K_Offset,
-                     stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_cs,
-                     stride_vcb, stride_vch, stride_vcs, stride_vcd, stride_tb, stride_sb,
-                     stride_sh, HEAD_DIM: tl.constexpr,
-                     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
-                     SINK: tl.constexpr = False, OFFSET: tl.constexpr = False,
-                     PDL: tl.constexpr = False):
-    gdc_wait(PDL)  # programmatic dependent launch (`_triton_util`): k, v are the kernels' before
-    gdc_launch_dependents(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    group = tl.program_id(1).to(tl.int64)
-    pos = tl.load(Positions + row).to(tl.int64)
+def _append(k, v, row, group, pos, K_Cache, V_Cache, Block_Table, K_Scale, V_Scale, K_Sink,
+            V_Sink, K_Offset, stride_cb, stride_ch, stride_cs, stride_vcb, stride_vch, stride_vcs,
+            stride_vcd, stride_tb, stride_sb, stride_sh, HEAD_DIM: tl.constexpr,
+            BLOCK_D: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
+            SINK: tl.constexpr, OFFSET: tl.constexpr):
+    """Row `row`'s key and value [BLOCK_D] of KV group `group` into the caches at `pos`."""
     dst_row = row
     if PAGE > 0:  # the row's page that holds the position, and the offset in it
         dst_row = tl.load(Block_Table + row * stride_tb + tl.maximum(pos, 0) // PAGE).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < tl.where(pos >= 0, HEAD_DIM, 0)  # a negative position: nothing
-    k = tl.load(K + row * stride_kb + group * stride_kh + offs, mask=mask)
-    v = tl.load(V + row * stride_vb + group * stride_vh + offs, mask=mask)
     if OFFSET:  # the key in the cache's basis: less its group's offset
         k = k.to(tl.float32) - tl.load(K_Offset + group * HEAD_DIM + offs, mask=mask).to(
             tl.float32)
@@ -87,23 +78,100 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_
         v = tl.math.div_rn(v.to(tl.float32), tl.load(V_Scale + group))
         k = tl.clamp(tl.where(k == k, k, 0.0), -448.0, 448.0)
         v = tl.clamp(tl.where(v == v, v, 0.0), -448.0, 448.0)
-        k = _round_to_e4m3(k).to(K_Cache.dtype.element_ty)
-        v = _round_to_e4m3(v).to(V_Cache.dtype.element_ty)
-    tl.store(K_Cache + dst_row * stride_cb + group * stride_ch + pos * stride_cs + offs, k,
-             mask=mask)
+        k = _round_to_e4m3(k)
+        v = _round_to_e4m3(v)
+    tl.store(K_Cache + dst_row * stride_cb + group * stride_ch + pos * stride_cs + offs,
+             k.to(K_Cache.dtype.element_ty), mask=mask)
     tl.store(V_Cache + dst_row * stride_vcb + group * stride_vch + pos * stride_vcs
-             + offs * stride_vcd, v, mask=mask)
+             + offs * stride_vcd, v.to(V_Cache.dtype.element_ty), mask=mask)
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             positions: torch.Tensor, block_table: torch.Tensor | None = None,
-             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-             k_sink: torch.Tensor | None = None, v_sink: torch.Tensor | None = None,
-             k_offset: torch.Tensor | None = None) -> None:
-    """Write ``k``, ``v`` [B, Hkv, D] at ``positions`` [B] of the caches, or of the rows' pages
-    with a ``block_table``; a float8 cache quantized by ``k_scale``, ``v_scale`` [Hkv] float32,
-    its keys less ``k_offset`` [Hkv, D] when given, a position 0 also to its sinks ``k_sink``,
-    ``v_sink`` [N, Hkv, D] (module docstring)."""
+@triton.jit
+def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_Scale,
+                     K_Sink, V_Sink, K_Offset,
+                     stride_kb, stride_kh, stride_vb, stride_vh, stride_cb, stride_ch, stride_cs,
+                     stride_vcb, stride_vch, stride_vcs, stride_vcd, stride_tb, stride_sb,
+                     stride_sh, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
+                     SINK: tl.constexpr = False, OFFSET: tl.constexpr = False,
+                     PDL: tl.constexpr = False):
+    gdc_wait(PDL)  # programmatic dependent launch (`_triton_util`): k, v are the kernels' before
+    gdc_launch_dependents(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1).to(tl.int64)
+    pos = tl.load(Positions + row).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < tl.where(pos >= 0, HEAD_DIM, 0)
+    k = tl.load(K + row * stride_kb + group * stride_kh + offs, mask=mask)
+    v = tl.load(V + row * stride_vb + group * stride_vh + offs, mask=mask)
+    _append(k, v, row, group, pos, K_Cache, V_Cache, Block_Table, K_Scale, V_Scale, K_Sink,
+            V_Sink, K_Offset, stride_cb, stride_ch, stride_cs, stride_vcb, stride_vch, stride_vcs,
+            stride_vcd, stride_tb, stride_sb, stride_sh, HEAD_DIM, BLOCK_D, PAGE, KV_FP8, SINK,
+            OFFSET)
+
+
+@triton.jit
+def _rope_write_kv_kernel(
+    Q, K, V, Q_Out, Cos, Sin, Rotation, K_Cache, V_Cache, Positions, Block_Table, K_Scale,
+    V_Scale, K_Sink, V_Sink, K_Offset,
+    stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
+    stride_rb, stride_cb, stride_ch, stride_cs, stride_vcb, stride_vch, stride_vcs, stride_vcd,
+    stride_tb, stride_sb, stride_sh,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROPE: tl.constexpr, ROTATE: tl.constexpr, DOT_IEEE: tl.constexpr, PAGE: tl.constexpr,
+    KV_FP8: tl.constexpr, SINK: tl.constexpr, OFFSET: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """One program per (row, KV group): the group's GROUP query heads and its key as ROWS (>=
+    16, for the MMA) rows of one tile: rotary positions (fp32, rounded to q's dtype as the
+    compiled stage does), the rotation (one MMA, q's dtype in, fp32 accumulated, rounded),
+    the queries stored to Q_Out and the key and value appended as `_write_kv_kernel` does."""
+    gdc_wait(PDL)
+    gdc_launch_dependents(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    group = tl.program_id(1).to(tl.int64)
+    pos = tl.load(Positions + row).to(tl.int64)
+    offs_r = tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK_D)
+    mask_d = offs < HEAD_DIM
+    is_q = (offs_r < GROUP)[:, None] & mask_d[None, :]
+    is_k = (offs_r == GROUP)[:, None] & mask_d[None, :]
+    q_rows = Q + row * stride_qb + (group * GROUP + offs_r)[:, None] * stride_qh
+    k_row = K + row * stride_kb + group * stride_kh + 0 * offs_r[:, None]
+    x = tl.load(q_rows + offs[None, :], mask=is_q, other=0.0).to(tl.float32) \
+        + tl.load(k_row + offs[None, :], mask=is_k, other=0.0).to(tl.float32)
+    if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+        half = offs < HEAD_DIM // 2
+        other = tl.where(half, offs + HEAD_DIM // 2, offs - HEAD_DIM // 2)
+        x_other = tl.load(q_rows + other[None, :], mask=is_q, other=0.0).to(tl.float32) \
+            + tl.load(k_row + other[None, :], mask=is_k, other=0.0).to(tl.float32)
+        cos = tl.load(Cos + row * stride_rb + offs, mask=mask_d, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + row * stride_rb + offs, mask=mask_d, other=0.0).to(tl.float32)
+        x = x * cos[None, :] + tl.where(half, -x_other, x_other) * sin[None, :]
+        x = x.to(Q.dtype.element_ty)
+    if ROTATE:
+        rot = tl.load(Rotation + offs[:, None] * HEAD_DIM + offs[None, :],
+                      mask=mask_d[:, None] & mask_d[None, :], other=0.0)
+        if DOT_IEEE:
+            x = tl.dot(x.to(tl.float32), rot.to(tl.float32), input_precision="ieee")
+        else:
+            x = tl.dot(x.to(Rotation.dtype.element_ty), rot)
+        x = x.to(Q.dtype.element_ty)
+    tl.store(Q_Out + row * stride_ob + (group * GROUP + offs_r)[:, None] * stride_oh
+             + offs[None, :], x.to(Q_Out.dtype.element_ty), mask=is_q)
+    k = tl.sum(tl.where(is_k, x.to(tl.float32), 0.0), axis=0).to(Q.dtype.element_ty)
+    v = tl.load(V + row * stride_vb + group * stride_vh + offs,
+                mask=offs < tl.where(pos >= 0, HEAD_DIM, 0))
+    _append(k, v, row, group, pos, K_Cache, V_Cache, Block_Table, K_Scale, V_Scale, K_Sink,
+            V_Sink, K_Offset, stride_cb, stride_ch, stride_cs, stride_vcb, stride_vch, stride_vcs,
+            stride_vcd, stride_tb, stride_sb, stride_sh, HEAD_DIM, BLOCK_D, PAGE, KV_FP8, SINK,
+            OFFSET)
+
+
+def _check_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, positions: torch.Tensor,
+                 block_table: torch.Tensor | None, k_scale: torch.Tensor | None,
+                 v_scale: torch.Tensor | None, k_sink: torch.Tensor | None,
+                 v_sink: torch.Tensor | None, k_offset: torch.Tensor | None) -> None:
     b, hkv, d = k.shape
     paged = block_table is not None
     if v.shape != k.shape or k_cache.shape != v_cache.shape or k_cache.dim() != 4 or \
@@ -137,13 +205,84 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2
                   or block_table.shape[0] < b or block_table.stride(-1) != 1):
         raise ValueError(f"write_kv: block_table must be int32 [>= {b}, pages], contiguous rows")
+
+
+def _cache_args(k, v, k_cache, v_cache, positions, block_table, k_scale, v_scale, k_sink,
+                v_sink, k_offset) -> tuple[list, list, dict]:
+    """The caches' pointer and stride arguments and constants, shared by both kernels (a
+    tensor stands in for each pointer a call does not use)."""
+    paged, fp8, sink = block_table is not None, k_cache.dtype == FP8, k_sink is not None
+    pointers = [k_cache, v_cache, positions, block_table if paged else positions,
+                k_scale if fp8 else k, v_scale if fp8 else k, k_sink if sink else k,
+                v_sink if sink else k, k_offset if k_offset is not None else k]
+    strides = [k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
+               block_table.stride(0) if paged else 0, *(k_sink.stride()[:2] if sink else (0, 0))]
+    d = k.shape[-1]
+    constants = dict(HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)),
+                     PAGE=k_cache.shape[2] if paged else 0, KV_FP8=fp8, SINK=sink,
+                     OFFSET=k_offset is not None, **pdl_options(pdl_enabled(k.device)))
+    return pointers, strides, constants
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             positions: torch.Tensor, block_table: torch.Tensor | None = None,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+             k_sink: torch.Tensor | None = None, v_sink: torch.Tensor | None = None,
+             k_offset: torch.Tensor | None = None) -> None:
+    """Write ``k``, ``v`` [B, Hkv, D] at ``positions`` [B] of the caches, or of the rows' pages
+    with a ``block_table``; a float8 cache quantized by ``k_scale``, ``v_scale`` [Hkv] float32,
+    its keys less ``k_offset`` [Hkv, D] when given, a position 0 also to its sinks ``k_sink``,
+    ``v_sink`` [N, Hkv, D] (module docstring)."""
+    cache = (k_cache, v_cache, positions, block_table, k_scale, v_scale, k_sink, v_sink,
+             k_offset)
+    _check_write(k, v, *cache)
     check_launchable(_write_kv_kernel, k.device, "write_kv")
-    _write_kv_kernel[(b, hkv)](
-        k, v, k_cache, v_cache, positions, block_table if paged else positions,
-        k_scale if fp8 else k, v_scale if fp8 else k, k_sink if sink else k,
-        v_sink if sink else k, k_offset if k_offset is not None else k,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
-        block_table.stride(0) if paged else 0, *(k_sink.stride()[:2] if sink else (0, 0)),
-        HEAD_DIM=d, BLOCK_D=next_pow2(d), PAGE=k_cache.shape[2] if paged else 0, KV_FP8=fp8,
-        SINK=sink, OFFSET=k_offset is not None, num_warps=1, **pdl_options(pdl_enabled(k.device)))
+    pointers, strides, constants = _cache_args(k, v, *cache)
+    _write_kv_kernel[k.shape[:2]](
+        k, v, *pointers, k.stride(0), k.stride(1), v.stride(0), v.stride(1), *strides,
+        num_warps=1, **constants)
+
+
+def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, positions: torch.Tensor,
+                  block_table: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None, k_sink: torch.Tensor | None = None,
+                  v_sink: torch.Tensor | None = None, k_offset: torch.Tensor | None = None, *,
+                  cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                  rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """The decode step's rotary stage and KV append in one launch: returns the queries ``q``
+    ``[B, Hq, D]`` with rotary positions (``cos``, ``sin`` ``[B, D]``, each row's; None: a
+    model without them) and times ``rotation`` ``[D, D]`` (None: none), and writes ``k``
+    treated alike, and ``v``, as `write_kv` does. Defined as `polarc.models.layers.apply_rope`
+    on q and k (rounded to q's dtype), then ``@ rotation`` (q's dtype), then `write_kv`;
+    the CPU runtime runs exactly that composition."""
+    cache = (k_cache, v_cache, positions, block_table, k_scale, v_scale, k_sink, v_sink,
+             k_offset)
+    _check_write(k, v, *cache)
+    b, hkv, d = k.shape
+    if q.dim() != 3 or q.shape[0] != b or q.shape[2] != d or q.shape[1] % hkv \
+            or q.dtype != k.dtype or q.stride(-1) != 1:
+        raise ValueError(f"rope_write_kv: q must be {k.dtype} [{b}, a multiple of {hkv}, {d}] "
+                         f"with a contiguous last axis, got {q.dtype} {tuple(q.shape)}")
+    if (cos is None) != (sin is None) or (cos is not None and any(
+            tuple(t.shape) != (b, d) or t.stride(-1) != 1 or t.stride() != cos.stride()
+            for t in (cos, sin))):
+        raise ValueError(f"rope_write_kv: cos and sin must both be [{b}, {d}] with one layout "
+                         "and a contiguous last axis, or both None")
+    if rotation is not None and (tuple(rotation.shape) != (d, d) or not rotation.is_contiguous()
+                                 or rotation.dtype != q.dtype):
+        raise ValueError(f"rope_write_kv: rotation must be contiguous {q.dtype} [{d}, {d}]")
+    check_launchable(_rope_write_kv_kernel, k.device, "rope_write_kv")
+    group = q.shape[1] // hkv
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    pointers, strides, constants = _cache_args(k, v, *cache)
+    rope = cos is not None
+    _rope_write_kv_kernel[(b, hkv)](
+        q, k, v, out, cos if rope else q, sin if rope else q,
+        rotation if rotation is not None else q, *pointers,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), cos.stride(0) if rope else 0, *strides,
+        GROUP=group, ROWS=max(16, next_pow2(group + 1)), ROPE=rope,
+        ROTATE=rotation is not None, DOT_IEEE=q.dtype == torch.float32, num_warps=4,
+        **constants)
+    return out

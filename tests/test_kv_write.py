@@ -147,3 +147,74 @@ def test_fp8_rounding_over_every_e4m3_interval() -> None:
              None, one, one)
     want = x.clamp(-FP8_MAX, FP8_MAX).to(FP8).view(torch.uint8)
     assert torch.equal(caches[0][:, 0, 0, 0].view(torch.uint8).cpu(), want)
+
+
+@pytest.mark.parametrize("kind", ["fp8 paged, rotated, offset, sinks", "plain cache, rotary",
+                                  "no rotary positions, rotated"])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_rope_write_kv_is_rotary_rotation_then_write(kind, dtype, tol) -> None:
+    """The fused rotary stage and KV append: the queries it returns and the caches it writes
+    against the step's stages one by one (fp32 exactly; fp16 up to its rounding). Row 2 holds
+    no sequence (position -1): its queries are still computed, nothing is written."""
+    from polarc.plugins.kv_write import rope_write_kv
+    from polarc.plugins.reference import dequantize_kv, hadamard
+
+    from polarc.runtime.kernels import rope_write_kv_reference
+
+    g = torch.Generator().manual_seed(4)
+    b, hkv, group, d, page, pages = 3, 2, 3, 32, 16, 8
+    fp8, paged = kind.startswith("fp8"), kind.startswith("fp8")
+    q = torch.randn(b, hkv * group, d, generator=g).to(DEVICE, dtype)
+    qkv = torch.randn(b, 2 * hkv * d + 5, generator=g).to(DEVICE, dtype)  # k, v as views
+    k = qkv[:, :hkv * d].view(b, hkv, d)
+    v = qkv[:, hkv * d:2 * hkv * d].view(b, hkv, d)
+    ang = torch.rand(b, d // 2, generator=g) * 6
+    cos, sin = (f(torch.cat([ang, ang], -1)).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    if kind.startswith("no rotary"):
+        cos = sin = None
+    rot = hadamard(d, dtype, DEVICE) if "rotated" in kind else None
+    rows = pages if paged else b
+    cache_dtype = FP8 if fp8 else dtype
+    caches = [torch.zeros(rows, hkv, page, d, device=DEVICE).to(cache_dtype) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    table = torch.tensor([[4, 1], [2, 6], [5, 0]], dtype=torch.int32, device=DEVICE) \
+        if paged else None
+    pos = torch.tensor([17, 0, -1] if paged else [3, 0, -1], dtype=torch.int32, device=DEVICE)
+    scales = (torch.tensor([0.02, 0.05], device=DEVICE),) * 2 if fp8 else ()
+    sinks = [torch.zeros(rows, hkv, d, device=DEVICE, dtype=dtype) for _ in range(2)] \
+        if fp8 else []
+    sinks_expected = [s.clone() for s in sinks]
+    offset = torch.randn(hkv, d, generator=g).to(DEVICE, dtype) if fp8 else None
+    got_q = rope_write_kv(q, k, v, *caches, pos, table, *scales, *sinks, k_offset=offset,
+                          cos=cos, sin=sin, rotation=rot)
+    want_q = rope_write_kv_reference(q, k, v, *expected, pos, table, *scales,
+                                     *sinks_expected, k_offset=offset, cos=cos, sin=sin,
+                                     rotation=rot)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+    assert rel(got_q, want_q) < tol
+    for got, want, scale in zip(caches, expected, scales or (None, None), strict=True):
+        if fp8:  # compared as values: fp16 rounding may move a byte by one step
+            got = dequantize_kv(got, scale)
+            want = dequantize_kv(want, scale)
+        assert rel(got, want) < (tol if not fp8 or dtype == torch.float32 else 0.02)
+    for got, want in zip(sinks, sinks_expected, strict=True):
+        assert rel(got, want) < tol
+
+
+def test_rope_write_kv_bad_input() -> None:
+    from polarc.plugins.kv_write import rope_write_kv
+
+    k = torch.zeros(2, 2, 16, device=DEVICE)
+    cache = torch.zeros(2, 2, 5, 16, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="q must be"):
+        rope_write_kv(torch.zeros(2, 3, 16, device=DEVICE), k, k, cache, cache.clone(), pos)
+    with pytest.raises(ValueError, match="cos and sin must both be"):
+        rope_write_kv(torch.zeros(2, 4, 16, device=DEVICE), k, k, cache, cache.clone(), pos,
+                      cos=torch.zeros(2, 16, device=DEVICE))
+    with pytest.raises(ValueError, match="rotation must be"):
+        rope_write_kv(torch.zeros(2, 4, 16, device=DEVICE), k, k, cache, cache.clone(), pos,
+                      rotation=torch.zeros(8, 8, device=DEVICE))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from polarc.models.layers import apply_rope
 from polarc.plugins import reference
 
 # Rows up to which a float8-weight GEMM runs the FP8 linear kernel (decode: bound by the
@@ -24,11 +25,36 @@ from polarc.plugins import reference
 FP8_KERNEL_ROWS = 256
 
 
+def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            positions: torch.Tensor, block_table: torch.Tensor | None = None,
+                            k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None,
+                            k_sink: torch.Tensor | None = None,
+                            v_sink: torch.Tensor | None = None,
+                            k_offset: torch.Tensor | None = None, *,
+                            cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                            rotation: torch.Tensor | None = None) -> torch.Tensor:
+    """What `polarc.plugins.kv_write.rope_write_kv` computes in one launch, stage by stage:
+    the model's rotary positions on q ``[B, Hq, D]`` and k ``[B, Hkv, D]`` (``cos``, ``sin``
+    ``[B, D]``; None: none), both times ``rotation`` (None: none), k and v written as
+    `write_kv_reference` does; returns q. Here, beside the model's rotary definition, because
+    the kernel package does not import the model."""
+    if cos is not None:
+        q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
+    if rotation is not None:
+        q, k = q @ rotation, k @ rotation
+    reference.write_kv_reference(k, v, k_cache, v_cache, positions, block_table, k_scale,
+                                 v_scale, k_sink, v_sink, k_offset)
+    return q
+
+
 @dataclass
 class Kernels:
     """attention(q, k_pool, v_pool, cache_seqlens, groups, block_table[, scales, sinks]) ->
     [B, Hq, D]; topk(scores, k) -> groups int32; write_kv(k, v, k_pool, v_pool, positions,
-    block_table[, scales, sinks][, k_offset=]);
+    block_table[, scales, sinks][, k_offset=]); rope_write_kv(q, k, v, ... as write_kv,
+    cos=, sin=, rotation=) -> q: the rotary stage and write_kv in one;
     gemm_up / gemm_down: the selective GEMM pair. Layouts (paged caches):
     `polarc.plugins.reference`."""
 
@@ -36,6 +62,7 @@ class Kernels:
     scale: float
     topk: Callable
     write_kv: Callable
+    rope_write_kv: Callable
     gemm_up: Callable
     gemm_down: Callable
     _plans: dict = field(default_factory=dict)
@@ -116,14 +143,16 @@ class Kernels:
 def kernels_for(device: torch.device, head_dim: int) -> Kernels:
     scale = 1.0 / math.sqrt(head_dim)
     if device.type == "cuda":
-        from polarc.plugins.kv_write import write_kv
+        from polarc.plugins.kv_write import rope_write_kv, write_kv
         from polarc.plugins.selective_gemm import selective_gemm_down, selective_gemm_up
         from polarc.plugins.topk_groups import topk_groups
 
         return Kernels(device, scale, topk=topk_groups, write_kv=write_kv,
+                       rope_write_kv=rope_write_kv,
                        gemm_up=functools.partial(selective_gemm_up, check_indices=False),
                        gemm_down=functools.partial(selective_gemm_down, check_indices=False))
     return Kernels(device, scale, topk=reference.topk_groups_reference,
                    write_kv=reference.write_kv_reference,
+                   rope_write_kv=rope_write_kv_reference,
                    gemm_up=reference.selective_gemm_up_reference,
                    gemm_down=reference.selective_gemm_down_reference)

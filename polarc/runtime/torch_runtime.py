@@ -94,6 +94,11 @@ def rope_qk_rotated(q: torch.Tensor, k: torch.Tensor,
     return qk[..., :q.shape[-2], :], qk[..., q.shape[-2]:, :]
 
 
+def _unrotated(q: torch.Tensor, k: torch.Tensor, rope: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode step's rotary stage when the KV append applies it (`Runtime.fused_rope`)."""
+    return q, k
+
+
 def check_fp8_gpu(device: torch.device, *, kv: bool, weights: bool) -> None:
     """Refuse, in one line, what this GPU cannot run of an FP8 engine (its kernels widen
     float8 with an instruction that Ada and Hopper have)."""
@@ -162,7 +167,12 @@ class Runtime:
         fused = os.environ.get("POLARC_FUSED_SWIGLU") == "1"
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear,
                                        linear_swiglu=self.kernels.linear_swiglu if fused else None)
-        if self.key_rotation is not None:  # the step's rotary stage also rotates (cache basis)
+        # POLARC_FUSED_ROPE=1: the step's rotary stage (and rotation) inside the KV append's
+        # launch (`rope_write_kv`), so the layer passes q and k on as they are
+        self.fused_rope = os.environ.get("POLARC_FUSED_ROPE") == "1"
+        if self.fused_rope:
+            self.ops = dataclasses.replace(self.ops, rope_qk=_unrotated)
+        elif self.key_rotation is not None:  # the rotary stage also rotates (cache basis)
             self.ops = dataclasses.replace(self.ops, rope_qk=functools.partial(
                 compile_stage(rope_qk_rotated, self.device), rotation=self.key_rotation))
         # Prefill compiles them too from COMPILED_PREFILL_TOKENS on: eager element-wise stages
@@ -277,6 +287,7 @@ class Runtime:
             first = None
         h = embed(self.model, ids_t, positions)
         rope = rope_cos_sin(self.model, positions, h.dtype)
+        cos, sin = (None, None) if rope is None else (t[:, 0, 0] for t in rope)  # [B, D]
         tables = [row.to(dev)[None] if start else None for _, _, start, row in spans]
         ops = self.prefill_ops if at + pad >= COMPILED_PREFILL_TOKENS else self.short_prefill_ops
 
@@ -389,14 +400,21 @@ class Runtime:
         write_at = torch.where(live, seqlens, -1)
         h = embed(self.model, tokens[:, None], positions)  # [B, 1, d]
         rope = rope_cos_sin(self.model, positions, h.dtype)
+        cos, sin = (None, None) if rope is None else (t[:, 0, 0] for t in rope)  # [B, D]
 
         def attend(layer, x, q, k, v, extra):
-            # q and k come rotated from the step's rotary stage; write_kv takes the offset
+            # q and k come rotated from the step's rotary stage (or are rotated with the KV
+            # append: `fused_rope`); write_kv takes the offset
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             scales, sinks = self.layer_kv_scales(layer), self.layer_sinks(layer)
             offset = self.key_offset[layer] if self.key_offset is not None else None
-            self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales,
-                                  *sinks, k_offset=offset)
+            if self.fused_rope:
+                q = self.kernels.rope_write_kv(
+                    q[:, 0], k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales, *sinks,
+                    k_offset=offset, cos=cos, sin=sin, rotation=self.key_rotation)[:, None]
+            else:
+                self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table,
+                                      *scales, *sinks, k_offset=offset)
             groups = self.groups_for(layer, None if extra is None else extra[:, 0], B)
             return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table,
                                           *scales, *sinks)[:, None]
