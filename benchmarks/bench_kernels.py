@@ -558,7 +558,7 @@ CHAIN_VARIANTS = [("plain", False, 0, False), ("glu", False, 0, True),
 CHAIN_LAYERS = 32
 
 
-def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (1, 32)
+def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,)
                        ) -> list[dict]:
     """A decode step's FP8 linear layers alone, in step order: Llama-3-8B's 32 layers (qkv,
     o, gate_up, SwiGLU, down; each input the previous output) then the LM head, in one CUDA
@@ -795,7 +795,8 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           paged: bool = True, fp8_only: bool = False,
                           linear: bool = False, linear_sweep: bool = False,
                           sweep_rows: tuple[int, ...] = SWEEP_ROWS,
-                          linear_chain: bool = False) -> list[dict]:
+                          linear_chain: bool = False, chain_rows: tuple[int, ...] = (32,)
+                          ) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -822,7 +823,7 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
     if linear_sweep:
         records += linear_sweep_cases(bw=bw, device=device, rows=sweep_rows)
     if linear_chain:
-        records += linear_chain_cases(bw=bw, device=device)
+        records += linear_chain_cases(bw=bw, device=device, rows=chain_rows)
     print(format_table(records, env) + format_paged(records) + format_linear(records)
           + format_linear_sweep(records) + format_linear_chain(records))
     if json_path is not None:
@@ -845,6 +846,8 @@ def main() -> None:
     ap.add_argument("--fp8-linear-chain", action="store_true",
                     help="only a step's FP8 linear layers in one graph, with and without PDL "
                     "and the fused SwiGLU")
+    ap.add_argument("--chain-rows", default="32",
+                    help="the chain's row counts, comma-separated (default: %(default)s)")
     ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),
                     help="the sweep's row counts, comma-separated (default: %(default)s)")
     args = ap.parse_args()
@@ -857,7 +860,8 @@ def main() -> None:
                           fp8_only=args.fp8, linear=args.fp8_linear,
                           linear_sweep=args.fp8_linear_sweep,
                           sweep_rows=tuple(int(m) for m in args.sweep_rows.split(",")),
-                          linear_chain=args.fp8_linear_chain)
+                          linear_chain=args.fp8_linear_chain,
+                          chain_rows=tuple(int(m) for m in args.chain_rows.split(",")))
 
 
 if __name__ == "__main__":
