@@ -312,13 +312,15 @@ def test_fp8_kv_on_cuda_matches_cpu(fp8_engines: dict) -> None:
         assert ((a - b).norm() / b.norm()).item() < 1e-2
 
 
+PROMPTS = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51]]
+
+
 def _teacher_forced(runtimes: dict, steps: int = 10) -> dict:
     """Each runtime's logits over the same three prompts and the same next tokens (the first
     runtime's greedy choices)."""
-    prompts = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51]]
     first, out = next(iter(runtimes)), {}
     for name, rt in runtimes.items():
-        logits = [rt.prefill(prompts).float().cpu()]
+        logits = [rt.prefill(PROMPTS).float().cpu()]
         for step in range(steps):
             tokens = (out[first][step] if name != first else logits[-1]).argmax(-1)
             logits.append(rt.step(tokens.to(rt.device)).float().cpu())
@@ -451,14 +453,13 @@ def _switched_runs(switches: dict, path: Path, device: str, monkeypatch: pytest.
                    ) -> dict[str, torch.Tensor]:
     """An engine's logits over three prompts and twelve fixed steps, with every switch off
     ("plain") and with `switches` on ("switched")."""
-    prompts = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51]]
     tokens = torch.randint(0, 256, (12, 3), generator=torch.Generator().manual_seed(0))
     runs = {}
     for name, env in (("plain", {}), ("switched", switches)):
         for var in SWITCHES:
             monkeypatch.setenv(var, env.get(var, "0"))
         rt = Runtime(load_engine(path, device=device), batch=3, device=device)
-        logits = [rt.prefill(prompts).float().cpu()]
+        logits = [rt.prefill(PROMPTS).float().cpu()]
         logits += [rt.step(t.to(device)).float().cpu() for t in tokens]
         runs[name] = torch.stack(logits)
     return runs
