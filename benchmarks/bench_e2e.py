@@ -11,11 +11,7 @@ KV bytes read) ÷ the copy bandwidth measured in the same run. `--variants bf16,
 runs each case with the cache in bf16, with the cache in float8 e4m3 (the same engine with
 per-group scales: one byte a value read and written by the Triton kernels), and with the
 linear layers' weights in float8 too (a scale per output channel, read by the FP8 linear
-kernel; embeddings and norms stay bf16). Switches not yet on by default are variants too:
-``+pdl`` (POLARC_PDL=1: polarc's kernels and the compiled stages launched with programmatic
-dependent launch, `polarc.plugins._triton_util`), ``+glu`` (POLARC_FUSED_SWIGLU=1: a float8
-gate_up and its SwiGLU in one launch) and ``+rope`` (POLARC_FUSED_ROPE=1: the rotary stage and
-the key rotation inside the KV append's launch), e.g. ``fp8-all+glu+rope+pdl``.
+kernel; embeddings and norms stay bf16).
 """
 
 from __future__ import annotations
@@ -24,7 +20,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import random
 import sys
 import time
@@ -82,15 +77,7 @@ def router_ms(rt: Runtime, bw: float) -> float:
     return ms + rows_bytes / bw * 1e3
 
 
-VARIANTS = ("bf16", "fp8-kv", "fp8-all")  # each also with switches: "+pdl", "+glu", "+rope"
-SWITCHES = {"pdl": "POLARC_PDL", "glu": "POLARC_FUSED_SWIGLU", "rope": "POLARC_FUSED_ROPE"}
-
-
-def check_variant(variant: str) -> None:
-    dtypes, *switches = variant.split("+")
-    if dtypes not in VARIANTS or not set(switches) <= set(SWITCHES):
-        sys.exit(f"Error: --variants takes {', '.join(VARIANTS)}, each with any of "
-                 f"{', '.join('+' + s for s in SWITCHES)}, got {variant!r}")
+VARIANTS = ("bf16", "fp8-kv", "fp8-all")
 
 
 def as_fp8(engine: Engine, *, weights: bool) -> Engine:
@@ -122,12 +109,8 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
     # max_seq = seqlen: the step writes position seqlen - 1 and attends over seqlen positions
     engine = engine or sparse_engine_in_memory(name, batch=batch, max_seq=seqlen,
                                                density=density, device=device)
-    dtypes, *switches = variant.split("+")
-    if dtypes != "bf16":
-        engine = as_fp8(engine, weights=dtypes == "fp8-all")
-    # read when the runtime is made and when its kernels are captured, both below
-    for switch, var in SWITCHES.items():
-        os.environ[var] = "1" if switch in switches else "0"
+    if variant != "bf16":
+        engine = as_fp8(engine, weights=variant == "fp8-all")
     spec = engine.model.spec
     rt = Runtime(engine, batch=batch, device=device)
     for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
@@ -265,17 +248,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=None, help="write the records to this file")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
-    ap.add_argument("--variants", default="bf16",
-                    help=f"comma-separated: {', '.join(VARIANTS)}, each with any of +pdl, "
-                    "+glu, +rope (e.g. fp8-all,fp8-all+glu+rope+pdl)")
+    ap.add_argument("--variants", default="bf16", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--cases", default=None,
                     help="comma-separated model:B:S, e.g. llama3-8b:32:8192 (default: §3's)")
     ap.add_argument("--profile", action="store_true",
                     help="also list each step's kernels (torch profiler over graph replays)")
     args = ap.parse_args()
     variants = tuple(args.variants.split(","))
-    for v in variants:
-        check_variant(v)
+    if not set(variants) <= set(VARIANTS):
+        sys.exit(f"Error: --variants takes {', '.join(VARIANTS)}, got {args.variants!r}")
     cases = None
     if args.cases:
         cases = [(m, int(b), int(s)) for m, b, s in (c.split(":") for c in args.cases.split(","))]

@@ -10,8 +10,7 @@ same kernel over the contiguous one (`--paged`: that table alone), and over floa
 `--fp8-linear-sweep`: for each FP8-weight decode GEMM and row count, `fp8_linear` under a grid
 of plans (tiles, split-K, warps, stages, the product formed transposed or not) beside the
 planner's own; prints the planner's and the best plan per row, every timing in --json.
-`--fp8-linear-chain`: a decode step's FP8 linear layers alone, in order, in one graph, with
-and without programmatic dependent launch (L2 weight prefetch sizes) and the fused SwiGLU.
+`--fp8-linear-chain`: a decode step's FP8 linear layers alone, in order, in one graph.
 `--fp8`: the float8-cache table includes tile, warp and pipeline variants beside the defaults.
 
 Random data, outputs and workspaces allocated once; every call (ours, SDPA with
@@ -549,30 +548,18 @@ def format_linear_sweep(records: list[dict]) -> str:
 # ----------------------------------------------------------------------------- GEMM
 
 
-# (label, POLARC_PDL, l2_prefetch bytes per weight row, SwiGLU in gate_up's epilogue)
-CHAIN_VARIANTS = [("plain", False, 0, False), ("glu", False, 0, True),
-                  ("pdl, no prefetch", True, 0, False), ("pdl, prefetch 256", True, 256, False),
-                  ("pdl, prefetch 512", True, 512, False),
-                  ("pdl, prefetch 1024", True, 1024, False),
-                  ("pdl, prefetch 2048", True, 2048, False), ("glu + pdl 512", True, 512, True)]
 CHAIN_LAYERS = 32
 
 
 def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,)
                        ) -> list[dict]:
     """A decode step's FP8 linear layers alone, in step order: Llama-3-8B's 32 layers (qkv,
-    o, gate_up, SwiGLU, down; each input the previous output) then the LM head, in one CUDA
-    graph, under `CHAIN_VARIANTS` (programmatic dependent launch with L2 weight prefetches of
-    several sizes, SwiGLU fused into gate_up). The GEMMs' time in a step, launch gaps and
-    ramps included, without the step's other kernels; floor = all weight bytes / copy
-    bandwidth."""
-    import os
-
-    from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
+    o, gate_up with its SwiGLU, down; each input the previous output) then the LM head, in
+    one CUDA graph: the GEMMs' time in a step, launch gaps and ramps included, without the
+    step's other kernels; floor = all weight bytes / copy bandwidth."""
+    from polarc.plugins.fp8_linear import fp8_linear
 
     from polarc.format.engine_file import quantize_rows
-    from polarc.models.layers import swiglu
-    from polarc.runtime.torch_runtime import compile_stage
 
     shapes = dict((name, (n, k)) for name, n, k in LINEAR_SHAPES)
     layers = [{name: quantize_rows(torch.randn(n, k, device=device) / math.sqrt(k))
@@ -581,40 +568,21 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     head = quantize_rows(torch.randn(*shapes["lm_head"], device=device) / 64)
     wbytes = sum(w.numel() for layer in layers for w, _ in layer.values()) + head[0].numel()
     floor = wbytes / bw * 1e3
-    sms = num_sms(device)
     records = []
     for m in rows:
         x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
-        for label, pdl, prefetch, glu in CHAIN_VARIANTS:
-            os.environ["POLARC_PDL"] = "1" if pdl else "0"
-            act = compile_stage(swiglu, device)  # (reads POLARC_PDL)
 
-            def lin(x, wp, swiglu=False, prefetch=prefetch, m=m):
-                w, scale = wp
-                plan = dataclasses.replace(plan_fp8_linear(m, w.shape[0], w.shape[1], sms=sms),
-                                           l2_prefetch=prefetch)
-                return fp8_linear(x, w, scale, plan=plan, swiglu=swiglu)
+        def chain(x0=x0):
+            x = x0
+            for layer in layers:
+                a = fp8_linear(fp8_linear(x, *layer["qkv"])[:, :4096], *layer["o"])
+                x = fp8_linear(fp8_linear(a, *layer["gate_up"], swiglu=True), *layer["down"])
+            return fp8_linear(x, *head)
 
-            def chain(glu=glu, act=act, lin=lin, x0=x0):
-                x = x0
-                for layer in layers:
-                    a = lin(lin(x, layer["qkv"])[:, :4096], layer["o"])  # (as if attended)
-                    h = lin(a, layer["gate_up"], swiglu=True) if glu \
-                        else act(lin(a, layer["gate_up"]))
-                    x = lin(h, layer["down"])
-                return lin(x, head)
-
-            rec = dict(op="fp8_linear_chain", variant=label, M=m, pdl=pdl, l2_prefetch=prefetch,
-                       fused_swiglu=glu, floor_ms=floor, weight_gb=wbytes / 1e9)
-            try:
-                ms = time_graph([chain], reps=15)
-                rec.update(ms=ms, x_floor=ms / floor)
-                _log(f"fp8 linear chain M={m} {label}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
-            except Exception as exc:  # a variant failing must not lose the others
-                rec["error"] = str(exc)[:300]
-                _log(f"fp8 linear chain M={m} {label}: {str(exc)[:300]}")
-            records.append(rec)
-    os.environ["POLARC_PDL"] = "0"
+        ms = time_graph([chain], reps=15)
+        records.append(dict(op="fp8_linear_chain", M=m, ms=ms, x_floor=ms / floor,
+                            floor_ms=floor, weight_gb=wbytes / 1e9))
+        _log(f"fp8 linear chain M={m}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
     return records
 
 
@@ -624,8 +592,8 @@ def format_linear_chain(records: list[dict]) -> str:
         return ""
     lines = ["", f"A step's FP8 linear layers alone (Llama-3-8B, {CHAIN_LAYERS} layers + LM head, "
                  f"{rows[0]['weight_gb']:.2f} GB, floor {rows[0]['floor_ms']:.3f} ms)",
-             f"{'M':>4}  {'variant':<22}{'ms':>8}{'x floor':>9}"]
-    lines += [f"{r['M']:>4}  {r['variant']:<22}{r['ms']:>8.3f}{r['x_floor']:>9.2f}" for r in rows]
+             f"{'M':>4}{'ms':>8}{'x floor':>9}"]
+    lines += [f"{r['M']:>4}{r['ms']:>8.3f}{r['x_floor']:>9.2f}" for r in rows]
     return "\n".join(lines)
 
 
@@ -844,8 +812,7 @@ def main() -> None:
     ap.add_argument("--fp8-linear-sweep", action="store_true",
                     help="only the FP8-weight GEMM plan sweep (planner's plan vs the best found)")
     ap.add_argument("--fp8-linear-chain", action="store_true",
-                    help="only a step's FP8 linear layers in one graph, with and without PDL "
-                    "and the fused SwiGLU")
+                    help="only a step's FP8 linear layers, in step order in one graph")
     ap.add_argument("--chain-rows", default="32",
                     help="the chain's row counts, comma-separated (default: %(default)s)")
     ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 
 
 def check_launchable(kernel: Any, device: torch.device, op: str) -> None:
@@ -46,56 +43,3 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-# ------------------------------------------------------------- programmatic dependent launch
-# A kernel launched with PDL may start while the kernel before it in the stream finishes (its
-# programs take SM slots as the other's retire); it must wait (`gdc_wait`) before it touches
-# memory that an earlier kernel writes or reads: every polarc kernel waits before its first
-# such access, the FP8 linear kernel after prefetching its weight rows into L2 (weights are
-# never written during a step). So the launch gap and a GEMM's first weight bytes overlap the
-# previous kernel's tail. Measured end to end before it is the default (RESULTS.md).
-
-
-@functools.lru_cache(maxsize=16)
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
-def pdl_enabled(device: torch.device) -> bool:
-    """Whether polarc's kernels (and the runtime's compiled stages) launch with PDL on
-    `device`: POLARC_PDL=1 in the environment, and a CUDA device of compute capability 9.0+
-    (the interpreter and older GPUs launch as before)."""
-    if device.type != "cuda" or os.environ.get("POLARC_PDL") != "1":
-        return False
-    return _capability(device.index if device.index is not None
-                       else torch.cuda.current_device()) >= 9
-
-
-def pdl_options(on: bool) -> dict[str, Any]:
-    """The launch options for a kernel with a ``PDL`` constexpr (only with PDL: the
-    interpreter takes no `launch_pdl`)."""
-    return {"PDL": True, "launch_pdl": True} if on else {}
-
-
-@triton.jit
-def gdc_wait(PDL: tl.constexpr):
-    """Wait for the kernels before this one (PDL only; a no-op otherwise)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-
-
-@triton.jit
-def gdc_launch_dependents(PDL: tl.constexpr):
-    """Let the next kernel launch once every program of this one has passed here (PDL only)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_l2(ptrs, nbytes):
-    """Bring `nbytes` bytes from each of `ptrs` (16-byte aligned, nbytes a multiple of 16)
-    into L2, one bulk prefetch per element (sm_90+)."""
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; // $0",
-                              "=r,l,r", [ptrs.to(tl.int64), nbytes], dtype=tl.int32,
-                              is_pure=False, pack=1)

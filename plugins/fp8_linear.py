@@ -43,17 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import (
-    cdiv,
-    check_launchable,
-    gdc_launch_dependents,
-    gdc_wait,
-    next_pow2,
-    num_sms,
-    pdl_enabled,
-    pdl_options,
-    prefetch_l2,
-)
+from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
 from .reference import FP8, fp8_linear_reference
 
 __all__ = ["Fp8LinearPlan", "fp8_linear", "fp8_linear_reference", "plan_fp8_linear"]
@@ -99,7 +89,7 @@ def _fp8_linear_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0, SWIGLU: tl.constexpr = False,
+    SWIGLU: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -107,9 +97,7 @@ def _fp8_linear_kernel(
     x_block.T`` ``[BLOCK_N, BLOCK_M]``, so that the weight tile (many channels) is the MMA's
     left operand, which Hopper's wgmma takes from registers right after the widening and
     which needs 64 rows (a few decode rows cannot fill it); transposed back for the epilogue.
-    PDL (programmatic dependent launch, `_triton_util`): the first PREFETCH bytes of each of
-    the program's weight rows are prefetched into L2, then the program waits for the kernels
-    before it (x is theirs) and lets the next launch after its K loop. SWIGLU: w is [gate;
+    SWIGLU: w is [gate;
     up] and the program's block pairs the two (`_weight_rows`), so the epilogue writes
     ``silu(gate) * up`` of BLOCK_N / 2 channels (y is ``[M, N / 2]``)."""
     pid_n = tl.program_id(0)
@@ -125,12 +113,6 @@ def _fp8_linear_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
     w_ptrs = W + rows[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
-    if PREFETCH > 0:  # the weight does not depend on the kernels before: fetch it meanwhile
-        if k_hi > k_lo:  # (a split past K has nothing to fetch)
-            nbytes = tl.minimum(k_hi - k_lo, PREFETCH)
-            prefetch_l2(W + tl.minimum(rows, N - 1).to(tl.int64) * K + k_lo,
-                        tl.zeros_like(rows) + nbytes)
-    gdc_wait(PDL)
     if SWAP_AB:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -156,7 +138,6 @@ def _fp8_linear_kernel(
                          input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    gdc_launch_dependents(PDL)
     if SWAP_AB:
         acc = tl.trans(acc)
     if SPLIT_K == 1:
@@ -190,10 +171,6 @@ class Fp8LinearPlan:
     num_stages: int
     split_k: int = 1
     swap_ab: bool = False  # weight tile as the MMA's left operand (kernel docstring)
-    # with PDL: bytes of each weight row (of the program's K range) prefetched into L2 while
-    # the kernel before finishes; 128 rows x 512 B = 64 KB a program, so the programs of a
-    # wave prefetch ~8-17 MB (the H100's L2 holds 50 MB)
-    l2_prefetch: int = 512
 
 
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
@@ -264,14 +241,6 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"fp8_linear: all tensors must be on one device, got {devices}")
 
 
-def _pdl_options(device: torch.device, k: int, plan: Fp8LinearPlan) -> dict[str, object]:
-    if not pdl_enabled(device):
-        return {}
-    # the bulk prefetch takes 16-byte aligned rows and a multiple of 16 bytes
-    prefetch = plan.l2_prefetch if k % 16 == 0 and plan.l2_prefetch % 16 == 0 else 0
-    return {**pdl_options(True), "PREFETCH": prefetch}
-
-
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                plan: Fp8LinearPlan | None = None, swiglu: bool = False) -> torch.Tensor:
@@ -318,5 +287,5 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWAP_AB=plan.swap_ab, SWIGLU=swiglu,
         num_warps=plan.num_warps,
-        num_stages=plan.num_stages, **_pdl_options(x.device, k, plan))
+        num_stages=plan.num_stages)
     return out

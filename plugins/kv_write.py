@@ -1,7 +1,9 @@
 """Append one decode token's keys and values to the static caches, in one launch.
 
 Indexed assignment (``k_cache[rows, :, pos] = k``) is one or two kernels per tensor, so four
-per layer for K and V; this writes both with one program per (row, KV group).
+per layer for K and V; `write_kv` writes both with one program per (row, KV group).
+`rope_write_kv`, the decode step's, also applies the rotary positions (and an FP8 cache's key
+rotation) to the queries and the key in the same launch, where the step ran three.
 
 Layouts: ``k``, ``v`` ``[B, Hkv, D]`` (last axis contiguous, other strides free: views into a
 fused projection output work); ``k_cache``, ``v_cache`` ``[B', Hkv, S_max, D]`` with B' >= B
@@ -24,14 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import (
-    check_launchable,
-    gdc_launch_dependents,
-    gdc_wait,
-    next_pow2,
-    pdl_enabled,
-    pdl_options,
-)
+from ._triton_util import check_launchable, next_pow2
 from .reference import FP8, write_kv_reference
 
 __all__ = ["rope_write_kv", "write_kv", "write_kv_reference"]
@@ -93,10 +88,7 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_
                      stride_vcb, stride_vch, stride_vcs, stride_vcd, stride_tb, stride_sb,
                      stride_sh, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, PAGE: tl.constexpr, KV_FP8: tl.constexpr,
-                     SINK: tl.constexpr = False, OFFSET: tl.constexpr = False,
-                     PDL: tl.constexpr = False):
-    gdc_wait(PDL)  # programmatic dependent launch (`_triton_util`): k, v are the kernels' before
-    gdc_launch_dependents(PDL)
+                     SINK: tl.constexpr = False, OFFSET: tl.constexpr = False):
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
     pos = tl.load(Positions + row).to(tl.int64)
@@ -119,14 +111,12 @@ def _rope_write_kv_kernel(
     stride_tb, stride_sb, stride_sh,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr, ROTATE: tl.constexpr, DOT_IEEE: tl.constexpr, PAGE: tl.constexpr,
-    KV_FP8: tl.constexpr, SINK: tl.constexpr, OFFSET: tl.constexpr, PDL: tl.constexpr = False,
+    KV_FP8: tl.constexpr, SINK: tl.constexpr, OFFSET: tl.constexpr,
 ):
     """One program per (row, KV group): the group's GROUP query heads and its key as ROWS (>=
     16, for the MMA) rows of one tile: rotary positions (fp32, rounded to q's dtype as the
     compiled stage does), the rotation (one MMA, q's dtype in, fp32 accumulated, rounded),
     the queries stored to Q_Out and the key and value appended as `_write_kv_kernel` does."""
-    gdc_wait(PDL)
-    gdc_launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
     pos = tl.load(Positions + row).to(tl.int64)
@@ -220,7 +210,7 @@ def _cache_args(k, v, k_cache, v_cache, positions, block_table, k_scale, v_scale
     d = k.shape[-1]
     constants = dict(HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)),
                      PAGE=k_cache.shape[2] if paged else 0, KV_FP8=fp8, SINK=sink,
-                     OFFSET=k_offset is not None, **pdl_options(pdl_enabled(k.device)))
+                     OFFSET=k_offset is not None)
     return pointers, strides, constants
 
 

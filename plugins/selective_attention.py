@@ -58,16 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import (
-    cdiv,
-    check_launchable,
-    gdc_launch_dependents,
-    gdc_wait,
-    next_pow2,
-    num_sms,
-    pdl_enabled,
-    pdl_options,
-)
+from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
 from .reference import FP8, selective_attention_reference
 
 __all__ = [
@@ -104,7 +95,7 @@ def _selective_attention_kernel(
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr,
     KV_FP8: tl.constexpr = False, FP8_DOT_FP16: tl.constexpr = False, SINK: tl.constexpr = False,
-    TRANSPOSED: tl.constexpr = False, PDL: tl.constexpr = False,
+    TRANSPOSED: tl.constexpr = False,
 ):
     """Stage 1: one program per (split, selected group j, row b), grid (splits, k, B).
 
@@ -137,12 +128,7 @@ def _selective_attention_kernel(
     V^T P^T``, so the block's positions are the MMA's large side and the group's heads its
     small one (padded to 8, not 16), and a position-major V block is P.V's left operand as
     it lies; the running softmax then reduces over axis 0.
-
-    PDL (programmatic dependent launch, `_triton_util`): every input but the cache's old
-    positions is the kernels' before, so a program waits for them first.
     """
-    gdc_wait(PDL)
-    gdc_launch_dependents(PDL)
     pid_s = tl.program_id(0)
     pid_j = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -295,11 +281,9 @@ def _selective_attention_reduce_kernel(
     stride_outb, stride_outh,
     stride_gb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr = False,
+    SPLITS_PAD: tl.constexpr, K_PAD: tl.constexpr,
 ):
     """Stage 2: one program per (query head h, row b); merges splits, zeros unselected."""
-    gdc_wait(PDL)
-    gdc_launch_dependents(PDL)
     pid_h = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     grp = pid_h // GROUP
@@ -590,8 +574,7 @@ def _check_indices(
 
 @functools.lru_cache(maxsize=256)
 def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32: bool,
-                      page: int, kv_fp8: bool, sink: bool, pdl: bool = False
-                      ) -> dict[str, object]:
+                      page: int, kv_fp8: bool, sink: bool) -> dict[str, object]:
     # tl.dot pads a small M itself; a float8 block's softmax then runs on the group's own rows
     # (sm_90 code: an eighth fewer instructions per block); the bf16 kernel was timed with 16
     pad = next_pow2(group) if kv_fp8 or not plan.use_dot else max(16, next_pow2(group))
@@ -601,15 +584,14 @@ def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32:
                 ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), PAGE=page,
                 KV_FP8=kv_fp8, FP8_DOT_FP16=kv_fp8 and not fp32, SINK=sink,
                 TRANSPOSED=plan.transposed, num_warps=plan.num_warps,
-                num_stages=plan.num_stages, **pdl_options(pdl))
+                num_stages=plan.num_stages)
 
 
 @functools.lru_cache(maxsize=256)
-def _reduce_constants(num_splits: int, group: int, d: int, n_sel: int, pdl: bool = False
-                      ) -> dict[str, object]:
+def _reduce_constants(num_splits: int, group: int, d: int, n_sel: int) -> dict[str, object]:
     return dict(GROUP=group, HEAD_DIM=d, BLOCK_D=max(16, next_pow2(d)),
                 SPLITS_PAD=next_pow2(num_splits), K_PAD=next_pow2(n_sel),
-                num_warps=4 if d >= 128 else 2, **pdl_options(pdl))
+                num_warps=4 if d >= 128 else 2)
 
 
 def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, plan,
@@ -647,7 +629,6 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
     paged = block_table is not None
     fp8 = k_scale is not None
     sink = k_sink is not None
-    pdl = pdl_enabled(q.device)
     # a contiguous call never reads the table, nor an unquantized one the scales, nor one
     # without sinks the sinks: any pointer stands in
     _selective_attention_kernel[(plan.num_splits, n_sel, b)](
@@ -659,11 +640,11 @@ def _launch(q, k_cache, v_cache, cache_seqlens, groups, scale, out, workspace, p
         block_table.stride(0) if paged else 0, *(k_sink.stride()[:2] if sink else (0, 0)),
         *out.stride()[:2],
         **_stage1_constants(plan, group, d, n_sel, q.dtype == torch.float32,
-                            k_cache.shape[2] if paged else 0, fp8, sink, pdl))
+                            k_cache.shape[2] if paged else 0, fp8, sink))
     if not one_launch:
         _selective_attention_reduce_kernel[(hq, b)](
             out, partials, groups, plan.num_splits, n_sel, *out.stride()[:2], groups.stride(0),
-            **_reduce_constants(plan.num_splits, group, d, n_sel, pdl))
+            **_reduce_constants(plan.num_splits, group, d, n_sel))
     return out
 
 

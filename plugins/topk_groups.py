@@ -17,14 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import (
-    check_launchable,
-    gdc_launch_dependents,
-    gdc_wait,
-    next_pow2,
-    pdl_enabled,
-    pdl_options,
-)
+from ._triton_util import check_launchable, next_pow2
 from .reference import topk_groups_reference
 
 __all__ = ["topk_groups", "topk_groups_reference"]
@@ -32,9 +25,7 @@ __all__ = ["topk_groups", "topk_groups_reference"]
 
 @triton.jit
 def _topk_groups_kernel(Scores, Groups, n_kv, stride_sb, stride_gb,
-                        K: tl.constexpr, HKV_PAD: tl.constexpr, PDL: tl.constexpr = False):
-    gdc_wait(PDL)  # programmatic dependent launch (`_triton_util`): scores are the kernels' before
-    gdc_launch_dependents(PDL)
+                        K: tl.constexpr, HKV_PAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, HKV_PAD)
     valid = offs < n_kv
@@ -60,6 +51,5 @@ def topk_groups(scores: torch.Tensor, k: int, out: torch.Tensor | None = None) -
         raise ValueError(f"topk_groups: out must be int32 [{b}, {k}] with a contiguous last axis")
     check_launchable(_topk_groups_kernel, scores.device, "topk_groups")
     _topk_groups_kernel[(b,)](scores, out, hkv, scores.stride(0), out.stride(0), K=k,
-                              HKV_PAD=max(2, next_pow2(hkv)), num_warps=1,
-                              **pdl_options(pdl_enabled(scores.device)))
+                              HKV_PAD=max(2, next_pow2(hkv)), num_warps=1)
     return out

