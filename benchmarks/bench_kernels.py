@@ -556,10 +556,11 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     """A decode step's FP8 linear layers alone, in step order: Llama-3-8B's 32 layers (qkv,
     o, gate_up with its SwiGLU, down; each input the previous output) then the LM head, in
     one CUDA graph: the GEMMs' time in a step, launch gaps and ramps included, without the
-    step's other kernels; floor = all weight bytes / copy bandwidth."""
+    step's other kernels; floor = all weight bytes / copy bandwidth. Twice: the weights as
+    stored ([N, K]) and laid out tile by tile as a loaded engine keeps them (`tile_fp8`)."""
     from polarc.plugins.fp8_linear import fp8_linear
 
-    from polarc.format.engine_file import quantize_rows
+    from polarc.format.engine_file import quantize_rows, tile_fp8
 
     shapes = dict((name, (n, k)) for name, n, k in LINEAR_SHAPES)
     layers = [{name: quantize_rows(torch.randn(n, k, device=device) / math.sqrt(k))
@@ -568,21 +569,25 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     head = quantize_rows(torch.randn(*shapes["lm_head"], device=device) / 64)
     wbytes = sum(w.numel() for layer in layers for w, _ in layer.values()) + head[0].numel()
     floor = wbytes / bw * 1e3
+    tiled = [{name: (tile_fp8(w, swiglu=name == "gate_up"), s)
+              for name, (w, s) in layer.items()} for layer in layers]
+    tiled_head = (tile_fp8(head[0]), head[1])
     records = []
     for m in rows:
         x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
+        for layout, ws, lm in (("rows", layers, head), ("tiles", tiled, tiled_head)):
+            def chain(x0=x0, ws=ws, lm=lm):
+                x = x0
+                for layer in ws:
+                    a = fp8_linear(fp8_linear(x, *layer["qkv"])[:, :4096], *layer["o"])
+                    x = fp8_linear(fp8_linear(a, *layer["gate_up"], swiglu=True),
+                                   *layer["down"])
+                return fp8_linear(x, *lm)
 
-        def chain(x0=x0):
-            x = x0
-            for layer in layers:
-                a = fp8_linear(fp8_linear(x, *layer["qkv"])[:, :4096], *layer["o"])
-                x = fp8_linear(fp8_linear(a, *layer["gate_up"], swiglu=True), *layer["down"])
-            return fp8_linear(x, *head)
-
-        ms = time_graph([chain], reps=15)
-        records.append(dict(op="fp8_linear_chain", M=m, ms=ms, x_floor=ms / floor,
-                            floor_ms=floor, weight_gb=wbytes / 1e9))
-        _log(f"fp8 linear chain M={m}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
+            ms = time_graph([chain], reps=15)
+            records.append(dict(op="fp8_linear_chain", M=m, layout=layout, ms=ms,
+                                x_floor=ms / floor, floor_ms=floor, weight_gb=wbytes / 1e9))
+            _log(f"fp8 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
     return records
 
 
@@ -592,8 +597,8 @@ def format_linear_chain(records: list[dict]) -> str:
         return ""
     lines = ["", f"A step's FP8 linear layers alone (Llama-3-8B, {CHAIN_LAYERS} layers + LM head, "
                  f"{rows[0]['weight_gb']:.2f} GB, floor {rows[0]['floor_ms']:.3f} ms)",
-             f"{'M':>4}{'ms':>8}{'x floor':>9}"]
-    lines += [f"{r['M']:>4}{r['ms']:>8.3f}{r['x_floor']:>9.2f}" for r in rows]
+             f"{'M':>4}  {'weights':<8}{'ms':>8}{'x floor':>9}"]
+    lines += [f"{r['M']:>4}  {r['layout']:<8}{r['ms']:>8.3f}{r['x_floor']:>9.2f}" for r in rows]
     return "\n".join(lines)
 
 

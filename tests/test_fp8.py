@@ -345,7 +345,10 @@ def test_fp8_weights_kept_as_float8_match_the_dequantized_ones(fp8_weight_engine
     kept = load_engine(fp8_weight_engine, keep_fp8_weights=True)
     w = kept.model.weights
     assert w["layers.0.qkv.weight"].dtype == torch.float8_e4m3fn
-    assert w["layers.0.k.weight_scale"].shape == (w["layers.0.k.weight"].shape[0],)
+    assert w["layers.0.qkv.weight"].dim() == 4  # tile by tile (`tile_fp8`), no q/k/v views
+    assert "layers.0.k.weight" not in w
+    spec = kept.model.spec
+    assert w["layers.0.k.weight_scale"].shape == (spec.n_kv_heads * spec.head_dim,)
     assert kept.head_routers[1].weight.dtype == torch.float32  # its own calls: compute dtype
     runs = _teacher_forced({
         "dequantized": Runtime(load_engine(fp8_weight_engine), batch=3),
@@ -439,3 +442,22 @@ def test_bf16_fp8_engine_on_cuda_matches_cpu(bf16_fp8_engine: Path) -> None:
                                             batch=3, device="cuda", dense=True)}, steps=12)
     for a, b in zip(runs["cuda"], runs["cpu"], strict=True):
         assert ((a - b).norm() / b.norm()).item() < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("rows", [3, 300])  # the FP8 linear kernel; prefill's widened weight
+def test_tiled_fp8_linears_on_cuda_match_cpu(rows: int, fp8_weight_engine: Path) -> None:
+    """Every float8 linear layer as a loaded engine keeps it on CUDA (tile by tile, gate_up's
+    gate and up rows interleaved) through `Kernels.linear`, against the CPU's dequantized
+    weights: the same outputs in the logical column order."""
+    from polarc.runtime.kernels import kernels_for
+
+    gpu, cpu = load_engine(fp8_weight_engine, device="cuda"), load_engine(fp8_weight_engine)
+    kernels = {d: kernels_for(torch.device(d), gpu.model.spec.head_dim) for d in ("cpu", "cuda")}
+    for name in ("layers.0.qkv", "layers.0.o", "layers.0.gate_up", "layers.0.down"):
+        k = cpu.model.weights[name + ".weight"].shape[1]
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0))
+        want = kernels["cpu"].linear(cpu.model, x, name)
+        got = kernels["cuda"].linear(gpu.model, x.cuda(), name).cpu()
+        assert ((got - want).norm() / want.norm()).item() < 1e-3, name

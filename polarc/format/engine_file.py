@@ -139,6 +139,36 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         FP8_WEIGHT_DTYPE), scale
 
 
+# Kept float8 weights are laid out tile by tile in memory (`tile_fp8`): the FP8 linear
+# kernel's program then reads each K block of its weight as one contiguous run, which took a
+# step's FP8 GEMMs from 3.69 to 3.44 ms on the H100 (RESULTS.md, 2026-12-05).
+FP8_TILE = (128, 128)  # (rows, K) of a tile: the kernel's BLOCK_N and BLOCK_K
+
+
+def tile_fp8(w: torch.Tensor, *, swiglu: bool = False) -> torch.Tensor:
+    """A float8 weight ``[N, K]`` as ``[cdiv(N, 128), cdiv(K, 128), 128, 128]`` (tile (i, j)
+    holds rows 128i.. and columns 128j.., zero-padded past N and K), with `swiglu` (a fused
+    gate_up ``[gate; up]``) its rows first interleaved gate 0, up 0, gate 1, ... so that a
+    tile pairs the two halves of the same channels (`polarc.plugins.fp8_linear`)."""
+    n, k = w.shape
+    if swiglu:
+        w = w.view(2, n // 2, k).transpose(0, 1).reshape(n, k)
+    (bn, bk), u8 = FP8_TILE, w.view(torch.uint8)
+    nb, kb = -(-n // bn), -(-k // bk)
+    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.uint8, device=w.device)
+    padded[:n, :k] = u8
+    return padded.view(nb, bn, kb, bk).transpose(1, 2).contiguous().view(w.dtype)
+
+
+def untile_fp8(t: torch.Tensor, n: int, k: int, *, swiglu: bool = False) -> torch.Tensor:
+    """`tile_fp8`'s inverse: the weight ``[n, k]`` (a copy)."""
+    nb, kb, bn, bk = t.shape
+    w = t.view(torch.uint8).transpose(1, 2).reshape(nb * bn, kb * bk)[:n, :k]
+    if swiglu:
+        w = w.reshape(n // 2, 2, k).transpose(0, 1).reshape(n, k)
+    return w.contiguous().view(t.dtype)
+
+
 def fp8_weight_names(names: Any) -> list[str]:
     """Of stored weight names, the linear layers' that FP8 weights quantize."""
     return sorted(n for n in names if n.endswith(FP8_LINEARS) or n == "lm_head.weight")
@@ -379,16 +409,35 @@ def _tokenizer(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], spec:
     return HFTokenizer(fast, eos_id=tk["eos_id"], bos_id=tk["bos_id"])
 
 
+def _head_routers(weights: dict[str, torch.Tensor], spec: ModelSpec, plan: dict,
+                  compute: torch.dtype) -> dict[int, HeadRouter]:
+    """Each layer's head router, from the rows appended to its qkv weight (module docstring);
+    a float8 one widened, as its own calls read it in the compute dtype."""
+    head, rows = {}, spec.qkv_rows
+    for layer, k in enumerate(plan["k_per_layer"]):
+        qkv_w, qkv_b = weights[f"layers.{layer}.qkv.weight"], weights.get(f"layers.{layer}.qkv.bias")
+        if qkv_w.shape[0] > rows:
+            router_w = qkv_w[rows:]
+            if router_w.dtype == FP8_WEIGHT_DTYPE:
+                scale = weights[f"layers.{layer}.qkv.weight_scale"][rows:, None]
+                router_w = (router_w.float() * scale).to(compute)
+            head[layer] = HeadRouter(weight=router_w, bias=qkv_b[rows:], k=k,
+                                     recall=float("nan"))
+    return head
+
+
 def load_engine(path: Path, device: str | torch.device = "cpu",
                 keep_fp8_weights: bool | None = None) -> Engine:
     """Load an engine file, every tensor checked against the manifest's checksums; a
     TensorRT-backend one comes back with its plans and no weights.
 
-    FP8 weights stay float8, each with its row scales as ``<name>_scale`` (for
-    ``layers.0.qkv.weight``: ``layers.0.qkv.weight_scale``), where `keep_fp8_weights` says
-    so: by default on CUDA for SwiGLU models, whose runtime reads them through the FP8 linear
-    kernel. Otherwise they are dequantized here, once, to the engine's dtype (the CPU path,
-    and ReLU MLPs, whose selective GEMMs read rows of the weights in the compute dtype)."""
+    FP8 weights stay float8, laid out tile by tile (`tile_fp8`; a gate_up's gate and up rows
+    interleaved; no q/k/v or gate/up views into them), each with its row scales as
+    ``<name>_scale`` (for ``layers.0.qkv.weight``: ``layers.0.qkv.weight_scale``), where
+    `keep_fp8_weights` says so: by default on CUDA for SwiGLU models, whose runtime reads them
+    through the FP8 linear kernel. Otherwise they are dequantized here, once, to the engine's
+    dtype (the CPU path, and ReLU MLPs, whose selective GEMMs read rows of the weights in the
+    compute dtype)."""
     manifest = read_manifest(path)
     trt = manifest["backend"] == "tensorrt"
     tensors = _read_checked(path, manifest, torch.device("cpu" if trt else device))
@@ -422,23 +471,17 @@ def load_engine(path: Path, device: str | torch.device = "cpu",
     if spec.relu_mlp:
         for layer in range(spec.n_layers):
             weights[f"layers.{layer}.down.weight"] = weights[f"layers.{layer}.down.weight"].T
+    head = _head_routers(weights, spec, plan, compute)
+    if keep_fp8_weights and not spec.relu_mlp:  # (a ReLU model's selective GEMMs read rows)
+        for name in [n for n, t in weights.items() if t.dtype == FP8_WEIGHT_DTYPE]:
+            weights[name] = tile_fp8(weights[name], swiglu=name.endswith(".gate_up.weight"))
     add_part_views(weights, spec)
     model = Model(spec=spec, weights=weights, tokenizer=tok, identity=identity,
                   random_weights=random_weights, rope_inv_freq=tensors.get("rope.inv_freq"),
                   rope_attention_scaling=float(manifest["rope_attention_scaling"]))
-    head: dict[int, HeadRouter] = {}
     mlp: dict[int, MLPRouter] = {}
     dtype = weights["embed.weight"].dtype
-    rows = spec.qkv_rows
-    for layer, k in enumerate(plan["k_per_layer"]):
-        qkv_w, qkv_b = weights[f"layers.{layer}.qkv.weight"], weights.get(f"layers.{layer}.qkv.bias")
-        if qkv_w.shape[0] > rows:  # the head router's rows (module docstring)
-            router_w = qkv_w[rows:]
-            if router_w.dtype == FP8_WEIGHT_DTYPE:  # its own calls read it in the compute dtype
-                scale = weights[f"layers.{layer}.qkv.weight_scale"][rows:, None]
-                router_w = (router_w.float() * scale).to(compute)
-            head[layer] = HeadRouter(weight=router_w, bias=qkv_b[rows:], k=k,
-                                     recall=float("nan"))
+    for layer in range(spec.n_layers):
         key = f"routers.layers.{layer}.mlp"
         if key + ".w1" in tensors:
             mlp[layer] = MLPRouter(w1=tensors[key + ".w1"].to(dtype),

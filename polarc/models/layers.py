@@ -231,14 +231,14 @@ def add_part_views(weights: dict[str, torch.Tensor], spec: ModelSpec,
                    layers: range | list[int] | None = None) -> None:
     """Add q/k/v (and gate/up) as views into the fused tensors (rows past them, such as an
     engine's router, are left out), and into float8 weights' row scales. Biases get views
-    only where the model has them."""
+    only where the model has them; weights laid out tile by tile (not ``[N, K]``) get none."""
     for i in range(spec.n_layers) if layers is None else layers:
         p = f"layers.{i}."
         for fused, parts in _fused_parts(spec).items():
             kinds = ("weight", "weight_scale", "bias") if fused != "qkv" or spec.qkv_bias \
                 else ("weight", "weight_scale")
             for kind in kinds:
-                if f"{p}{fused}.{kind}" not in weights:
+                if f"{p}{fused}.{kind}" not in weights or weights[f"{p}{fused}.{kind}"].dim() > 2:
                     continue
                 start = 0
                 for name, rows in parts:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from polarc.format.engine_file import untile_fp8
 from polarc.models.layers import apply_rope
 from polarc.plugins import reference
 
@@ -70,22 +71,28 @@ class Kernels:
 
     def linear(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor:
         """`model`'s linear layer `name` on x [..., K] (`layers.linear`'s contract); float8
-        weights (with `<name>.weight_scale` rows) through the FP8 linear kernel on CUDA, its
-        reference elsewhere."""
+        weights (with `<name>.weight_scale` rows; in `load_engine`'s tiles or ``[N, K]``)
+        through the FP8 linear kernel on CUDA, its reference elsewhere."""
         w = model.weights[name + ".weight"]
         bias = model.weights.get(name + ".bias")
         if w.dtype != reference.FP8:
             return F.linear(x, w, bias)
         scale = model.weights[name + ".weight_scale"]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.device.type != "cuda":
-            y = reference.fp8_linear_reference(x2, w, scale, bias)
-        elif x2.shape[0] > FP8_KERNEL_ROWS:
-            y = F.linear(x2, (w.float() * scale[:, None]).to(x.dtype), bias)
+        if self.device.type != "cuda" or x2.shape[0] > FP8_KERNEL_ROWS:
+            if w.dim() == 4:
+                w = untile_fp8(w, scale.shape[0], x.shape[-1],
+                               swiglu=name.endswith("gate_up"))
+            if self.device.type != "cuda":
+                y = reference.fp8_linear_reference(x2, w, scale, bias)
+            else:
+                y = F.linear(x2, (w.float() * scale[:, None]).to(x.dtype), bias)
         else:
             from polarc.plugins.fp8_linear import fp8_linear
 
             y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, scale, bias)
+            if w.dim() == 4 and name.endswith("gate_up"):  # tiles pair gate and up channels
+                y = y.view(-1, y.shape[-1] // 2, 2).transpose(1, 2).reshape(y.shape)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def linear_swiglu(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor | None:

@@ -157,8 +157,10 @@ class Runtime:
         # compiled ones' per-call host cost made 64- and 256-token prompts slower (RESULTS.md,
         # 2026-12-04). The scheduler's packs are 2,048 wide, so they always take these.
         self.prefill_ops = dataclasses.replace(compiled_ops(self.device, dynamic=True),
-                                               linear=self.kernels.linear)
-        self.short_prefill_ops = dataclasses.replace(EAGER, linear=self.kernels.linear)
+                                               linear=self.kernels.linear,
+                                               linear_swiglu=self.kernels.linear_swiglu)
+        self.short_prefill_ops = dataclasses.replace(EAGER, linear=self.kernels.linear,
+                                                     linear_swiglu=self.kernels.linear_swiglu)
         self.prefill_sdpa: tuple[str, ...] | None = PREFILL_SDPA
         self.all_groups = torch.arange(spec.n_kv_heads, dtype=torch.int32, device=self.device
                                        ).expand(batch, -1).contiguous()
