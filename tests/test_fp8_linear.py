@@ -247,7 +247,7 @@ def test_gpu_split_k_graph_replays_match_eager_bitwise(swap_ab):
 @needs_kernel
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("m, n, k", [(5, 40, 200), (17, 48, 300)])
+@pytest.mark.parametrize("m, n, k", [(5, 40, 200), (17, 48, 300), (3, 256, 128)])
 def test_tiled_weight_matches_reference(swiglu, split, m, n, k):
     """The weight laid out tile by tile as a loaded engine keeps it on CUDA (each program's K
     block one contiguous run, padded past N and K; SwiGLU's gate and up rows interleaved in

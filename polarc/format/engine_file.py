@@ -155,9 +155,10 @@ def tile_fp8(w: torch.Tensor, *, swiglu: bool = False) -> torch.Tensor:
         w = w.view(2, n // 2, k).transpose(0, 1).reshape(n, k)
     (bn, bk), u8 = FP8_TILE, w.view(torch.uint8)
     nb, kb = -(-n // bn), -(-k // bk)
-    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.uint8, device=w.device)
-    padded[:n, :k] = u8
-    return padded.view(nb, bn, kb, bk).transpose(1, 2).contiguous().view(w.dtype)
+    if (nb * bn, kb * bk) != (n, k):  # (a copy only where padding is needed: big weights)
+        u8 = torch.zeros(nb * bn, kb * bk, dtype=torch.uint8, device=w.device)
+        u8[:n, :k] = w.view(torch.uint8)
+    return u8.reshape(nb, bn, kb, bk).transpose(1, 2).contiguous().view(w.dtype)
 
 
 def untile_fp8(t: torch.Tensor, n: int, k: int, *, swiglu: bool = False) -> torch.Tensor:
