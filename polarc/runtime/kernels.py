@@ -79,7 +79,10 @@ class Kernels:
             return F.linear(x, w, bias)
         scale = model.weights[name + ".weight_scale"]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.device.type != "cuda" or x2.shape[0] > FP8_KERNEL_ROWS:
+        # (a tiled gate_up pairs gate and up rows for `linear_swiglu`: read alone, it is
+        # widened back in order, as prefill's are)
+        paired = w.dim() == 4 and name.endswith("gate_up")
+        if self.device.type != "cuda" or x2.shape[0] > FP8_KERNEL_ROWS or paired:
             if w.dim() == 4:
                 w = untile_fp8(w, scale.shape[0], x.shape[-1],
                                swiglu=name.endswith("gate_up"))
@@ -91,8 +94,6 @@ class Kernels:
             from polarc.plugins.fp8_linear import fp8_linear
 
             y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, scale, bias)
-            if w.dim() == 4 and name.endswith("gate_up"):  # tiles pair gate and up channels
-                y = y.view(-1, y.shape[-1] // 2, 2).transpose(1, 2).reshape(y.shape)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def linear_swiglu(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor | None:
