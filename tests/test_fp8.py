@@ -328,14 +328,19 @@ def _teacher_forced(runtimes: dict, steps: int = 10) -> dict:
     return out
 
 
+def _calibrated_engine(tiny_dirs: dict, calibrated: dict, path: Path, **config: str) -> Path:
+    """The tiny GQA model built with its calibration (the sparse plan) and `config`."""
+    build_engine(load_model(str(tiny_dirs["llama-gqa"])),
+                 artifact.read_calibration(calibrated["llama-gqa"]),
+                 BuildConfig(out=path, max_batch=4, max_seq=64, **config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def fp8_weight_engine(tiny_dirs: dict, calibrated: dict, tmp_path_factory: pytest.TempPathFactory
                       ) -> Path:
-    path = tmp_path_factory.mktemp("w8") / "w8.plan"
-    build_engine(load_model(str(tiny_dirs["llama-gqa"])),
-                 artifact.read_calibration(calibrated["llama-gqa"]),
-                 BuildConfig(out=path, dtype="fp32", max_batch=4, max_seq=64, weight_dtype="fp8"))
-    return path
+    return _calibrated_engine(tiny_dirs, calibrated, tmp_path_factory.mktemp("w8") / "w8.plan",
+                              dtype="fp32", weight_dtype="fp8")
 
 
 def test_fp8_weights_kept_as_float8_match_the_dequantized_ones(fp8_weight_engine: Path) -> None:
@@ -421,12 +426,9 @@ def test_fp8_on_a_gpu_older_than_ada_is_refused(monkeypatch: pytest.MonkeyPatch)
 def bf16_fp8_engine(tiny_dirs: dict, calibrated: dict, tmp_path_factory: pytest.TempPathFactory
                     ) -> Path:
     """bf16 compute, FP8 KV cache and FP8 weights, the calibration's sparse plan."""
-    path = tmp_path_factory.mktemp("w8kv8") / "w8kv8.plan"
-    build_engine(load_model(str(tiny_dirs["llama-gqa"])),
-                 artifact.read_calibration(calibrated["llama-gqa"]),
-                 BuildConfig(out=path, dtype="bf16", max_batch=4, max_seq=64, kv_dtype="fp8",
-                             weight_dtype="fp8"))
-    return path
+    return _calibrated_engine(tiny_dirs, calibrated,
+                              tmp_path_factory.mktemp("w8kv8") / "w8kv8.plan", dtype="bf16",
+                              kv_dtype="fp8", weight_dtype="fp8")
 
 
 @pytest.mark.gpu
