@@ -551,14 +551,16 @@ def format_linear_sweep(records: list[dict]) -> str:
 CHAIN_LAYERS = 32
 
 
-def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,)
-                       ) -> list[dict]:
+def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,),
+                       tiles: tuple[str, ...] = ()) -> list[dict]:
     """A decode step's FP8 linear layers alone, in step order: Llama-3-8B's 32 layers (qkv,
     o, gate_up with its SwiGLU, down; each input the previous output) then the LM head, in
     one CUDA graph: the GEMMs' time in a step, launch gaps and ramps included, without the
     step's other kernels; floor = all weight bytes / copy bandwidth. Twice: the weights as
-    stored ([N, K]) and laid out tile by tile as a loaded engine keeps them (`tile_fp8`)."""
-    from polarc.plugins.fp8_linear import fp8_linear
+    stored ([N, K]) and laid out tile by tile as a loaded engine keeps them (`tile_fp8`);
+    then once per entry of `tiles`, ``ROWSxKxWARPSxSTAGES`` (e.g. ``128x256x4x3``): tiles of
+    that shape, the planner's plans with those warps and pipeline stages."""
+    from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
 
     from polarc.format.engine_file import quantize_rows, tile_fp8
 
@@ -588,6 +590,39 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
             records.append(dict(op="fp8_linear_chain", M=m, layout=layout, ms=ms,
                                 x_floor=ms / floor, floor_ms=floor, weight_gb=wbytes / 1e9))
             _log(f"fp8 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
+    del tiled, tiled_head
+    for spec in tiles:
+        bn, bk, warps, stages = (int(v) for v in spec.split("x"))
+        ws = [{name: (tile_fp8(w, swiglu=name == "gate_up", tile=(bn, bk)), s)
+               for name, (w, s) in layer.items()} for layer in layers]
+        lm = (tile_fp8(head[0], tile=(bn, bk)), head[1])
+        for m in rows:
+            x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
+
+            def lin(x, wp, swiglu=False, m=m, warps=warps, stages=stages):
+                plan = plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device))
+                return fp8_linear(x, *wp, swiglu=swiglu, plan=dataclasses.replace(
+                    plan, num_warps=warps, num_stages=stages))
+
+            def chain(x0=x0, ws=ws, lm=lm, lin=lin):
+                x = x0
+                for layer in ws:
+                    a = lin(lin(x, layer["qkv"])[:, :4096], layer["o"])
+                    x = lin(lin(a, layer["gate_up"], swiglu=True), layer["down"])
+                return lin(x, lm)
+
+            rec = dict(op="fp8_linear_chain", M=m, layout=f"tiles {spec}", floor_ms=floor,
+                       weight_gb=wbytes / 1e9)
+            try:
+                ms = time_graph([chain], reps=15)
+                rec.update(ms=ms, x_floor=ms / floor)
+                _log(f"fp8 linear chain M={m} tiles {spec}: {ms:.3f} ms ({ms / floor:.2f}x)")
+            except Exception as exc:  # e.g. a tile over the shared memory: keep going
+                rec["error"] = str(exc)[:200]
+                _log(f"fp8 linear chain M={m} tiles {spec}: {str(exc)[:200]}")
+            records.append(rec)
+        del ws, lm
+        torch.cuda.empty_cache()
     return records
 
 
@@ -768,8 +803,8 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           paged: bool = True, fp8_only: bool = False,
                           linear: bool = False, linear_sweep: bool = False,
                           sweep_rows: tuple[int, ...] = SWEEP_ROWS,
-                          linear_chain: bool = False, chain_rows: tuple[int, ...] = (32,)
-                          ) -> list[dict]:
+                          linear_chain: bool = False, chain_rows: tuple[int, ...] = (32,),
+                          chain_tiles: tuple[str, ...] = ()) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -796,7 +831,7 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
     if linear_sweep:
         records += linear_sweep_cases(bw=bw, device=device, rows=sweep_rows)
     if linear_chain:
-        records += linear_chain_cases(bw=bw, device=device, rows=chain_rows)
+        records += linear_chain_cases(bw=bw, device=device, rows=chain_rows, tiles=chain_tiles)
     print(format_table(records, env) + format_paged(records) + format_linear(records)
           + format_linear_sweep(records) + format_linear_chain(records))
     if json_path is not None:
@@ -820,6 +855,8 @@ def main() -> None:
                     help="only a step's FP8 linear layers, in step order in one graph")
     ap.add_argument("--chain-rows", default="32",
                     help="the chain's row counts, comma-separated (default: %(default)s)")
+    ap.add_argument("--chain-tiles", default="",
+                    help="also tiles ROWSxKxWARPSxSTAGES, comma-separated (e.g. 128x256x4x3)")
     ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),
                     help="the sweep's row counts, comma-separated (default: %(default)s)")
     args = ap.parse_args()
@@ -833,7 +870,8 @@ def main() -> None:
                           linear_sweep=args.fp8_linear_sweep,
                           sweep_rows=tuple(int(m) for m in args.sweep_rows.split(",")),
                           linear_chain=args.fp8_linear_chain,
-                          chain_rows=tuple(int(m) for m in args.chain_rows.split(",")))
+                          chain_rows=tuple(int(m) for m in args.chain_rows.split(",")),
+                          chain_tiles=tuple(t for t in args.chain_tiles.split(",") if t))
 
 
 if __name__ == "__main__":

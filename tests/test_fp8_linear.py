@@ -261,5 +261,7 @@ def test_tiled_weight_matches_reference(swiglu, split, m, n, k):
                        w.view(torch.uint8))
     plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
                          split_k=split)  # (the tiles set BLOCK_N and BLOCK_K)
-    got = fp8_linear(x, tiled, scale, b, plan=plan, swiglu=swiglu)
-    assert _rel(got, fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu)) < 1e-5
+    want = fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu)
+    assert _rel(fp8_linear(x, tiled, scale, b, plan=plan, swiglu=swiglu), want) < 1e-5
+    other = tile_fp8(w, swiglu=swiglu, tile=(32, 64))  # a benchmark's other tile shape
+    assert _rel(fp8_linear(x, other, scale, b, plan=plan, swiglu=swiglu), want) < 1e-5

@@ -145,15 +145,17 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 FP8_TILE = (128, 128)  # (rows, K) of a tile: the kernel's BLOCK_N and BLOCK_K
 
 
-def tile_fp8(w: torch.Tensor, *, swiglu: bool = False) -> torch.Tensor:
+def tile_fp8(w: torch.Tensor, *, swiglu: bool = False,
+             tile: tuple[int, int] = FP8_TILE) -> torch.Tensor:
     """A float8 weight ``[N, K]`` as ``[cdiv(N, 128), cdiv(K, 128), 128, 128]`` (tile (i, j)
     holds rows 128i.. and columns 128j.., zero-padded past N and K), with `swiglu` (a fused
     gate_up ``[gate; up]``) its rows first interleaved gate 0, up 0, gate 1, ... so that a
-    tile pairs the two halves of the same channels (`polarc.plugins.fp8_linear`)."""
+    tile pairs the two halves of the same channels (`polarc.plugins.fp8_linear`). `tile`:
+    another (rows, K) tile, for benchmarks."""
     n, k = w.shape
     if swiglu:
         w = w.view(2, n // 2, k).transpose(0, 1).reshape(n, k)
-    (bn, bk), u8 = FP8_TILE, w.view(torch.uint8)
+    (bn, bk), u8 = tile, w.view(torch.uint8)
     nb, kb = -(-n // bn), -(-k // bk)
     if (nb * bn, kb * bk) != (n, k):  # (a copy only where padding is needed: big weights)
         u8 = torch.zeros(nb * bn, kb * bk, dtype=torch.uint8, device=w.device)
