@@ -250,7 +250,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     if w.dtype != FP8 or not w.is_contiguous() or not (
             (w.dim() == 2 and w.shape[1] == k) or tiled_shape):
         raise ValueError(f"fp8_linear: w must be contiguous float8_e4m3fn [N, K={k}] (or "
-                         f"tile_fp8_weight's layout of it), got {w.dtype} {tuple(w.shape)}")
+                         f"its tiles, module docstring), got {w.dtype} {tuple(w.shape)}")
     if scale.dtype != torch.float32 or tuple(scale.shape) != (n,) or scale.stride(0) != 1:
         raise ValueError(f"fp8_linear: scale must be contiguous float32 [N={n}], got "
                          f"{scale.dtype} {tuple(scale.shape)}")
