@@ -266,7 +266,6 @@ class Runtime:
             first = None
         h = embed(self.model, ids_t, positions)
         rope = rope_cos_sin(self.model, positions, h.dtype)
-        cos, sin = (None, None) if rope is None else (t[:, 0, 0] for t in rope)  # [B, D]
         tables = [row.to(dev)[None] if start else None for _, _, start, row in spans]
         ops = self.prefill_ops if at + pad >= COMPILED_PREFILL_TOKENS else self.short_prefill_ops
 
