@@ -30,7 +30,12 @@ import torch
 from polarc.benchmarks.timing import copy_bandwidth, environment, kernel_breakdown, time_graph
 from polarc.exporters.engine import BuildConfig, KVStats, assemble, fp8_cache_layout
 
-from polarc.format.engine_file import Engine, fp8_weight_names, quantize_rows, tile_fp8
+from polarc.format.engine_file import (
+    Engine,
+    fp8_weight_names,
+    quantize_rows,
+    tile_fp8_weights,
+)
 from polarc.models.layers import add_part_views, stored_weights
 from polarc.models.load import Model, random_identity, random_weights, rope_parameters
 from polarc.models.presets import get_preset, hf_config
@@ -92,8 +97,8 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
     if weights:
         w = dict(model.weights)
         for name in fp8_weight_names(stored_weights(w, spec)):
-            q, w[name + "_scale"] = quantize_rows(w[name])
-            w[name] = tile_fp8(q, swiglu=name.endswith(".gate_up.weight"))  # as load_engine
+            w[name], w[name + "_scale"] = quantize_rows(w[name])
+        tile_fp8_weights(w)  # as load_engine keeps them on CUDA
         add_part_views(w, spec)
         model = dataclasses.replace(model, weights=w)
     return dataclasses.replace(engine, model=model, kv_scales=layout.scales,

@@ -562,7 +562,7 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     that shape, the planner's plans with those warps and pipeline stages."""
     from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
 
-    from polarc.format.engine_file import quantize_rows, tile_fp8
+    from polarc.format.engine_file import FP8_TILE, quantize_rows, tile_fp8
 
     shapes = dict((name, (n, k)) for name, n, k in LINEAR_SHAPES)
     layers = [{name: quantize_rows(torch.randn(n, k, device=device) / math.sqrt(k))
@@ -571,38 +571,31 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     head = quantize_rows(torch.randn(*shapes["lm_head"], device=device) / 64)
     wbytes = sum(w.numel() for layer in layers for w, _ in layer.values()) + head[0].numel()
     floor = wbytes / bw * 1e3
-    tiled = [{name: (tile_fp8(w, swiglu=name == "gate_up"), s)
-              for name, (w, s) in layer.items()} for layer in layers]
-    tiled_head = (tile_fp8(head[0]), head[1])
-    records = []
-    for m in rows:
-        x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
-        for layout, ws, lm in (("rows", layers, head), ("tiles", tiled, tiled_head)):
-            def chain(x0=x0, ws=ws, lm=lm):
-                x = x0
-                for layer in ws:
-                    a = fp8_linear(fp8_linear(x, *layer["qkv"])[:, :4096], *layer["o"])
-                    x = fp8_linear(fp8_linear(a, *layer["gate_up"], swiglu=True),
-                                   *layer["down"])
-                return fp8_linear(x, *lm)
 
-            ms = time_graph([chain], reps=15)
-            records.append(dict(op="fp8_linear_chain", M=m, layout=layout, ms=ms,
-                                x_floor=ms / floor, floor_ms=floor, weight_gb=wbytes / 1e9))
-            _log(f"fp8 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
-    del tiled, tiled_head
-    for spec in tiles:
-        bn, bk, warps, stages = (int(v) for v in spec.split("x"))
-        ws = [{name: (tile_fp8(w, swiglu=name == "gate_up", tile=(bn, bk)), s)
-               for name, (w, s) in layer.items()} for layer in layers]
-        lm = (tile_fp8(head[0], tile=(bn, bk)), head[1])
+    def tiled(tile):
+        return ([{name: (tile_fp8(w, swiglu=name == "gate_up", tile=tile), s)
+                  for name, (w, s) in layer.items()} for layer in layers],
+                (tile_fp8(head[0], tile=tile), head[1]))
+
+    def layouts():  # (label, layers, LM head, (warps, stages) or None); one built at a time
+        yield "rows", layers, head, None
+        yield "tiles", *tiled(FP8_TILE), None
+        for spec in tiles:
+            bn, bk, warps, stages = (int(v) for v in spec.split("x"))
+            yield f"tiles {spec}", *tiled((bn, bk)), (warps, stages)
+
+    records = []
+    for layout, ws, lm, override in layouts():
         for m in rows:
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
-            def lin(x, wp, swiglu=False, m=m, warps=warps, stages=stages):
-                plan = plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device))
-                return fp8_linear(x, *wp, swiglu=swiglu, plan=dataclasses.replace(
-                    plan, num_warps=warps, num_stages=stages))
+            def lin(x, wp, swiglu=False, m=m, override=override):
+                plan = None
+                if override is not None:
+                    plan = dataclasses.replace(
+                        plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device)),
+                        num_warps=override[0], num_stages=override[1])
+                return fp8_linear(x, *wp, swiglu=swiglu, plan=plan)
 
             def chain(x0=x0, ws=ws, lm=lm, lin=lin):
                 x = x0
@@ -611,15 +604,15 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
                     x = lin(lin(a, layer["gate_up"], swiglu=True), layer["down"])
                 return lin(x, lm)
 
-            rec = dict(op="fp8_linear_chain", M=m, layout=f"tiles {spec}", floor_ms=floor,
+            rec = dict(op="fp8_linear_chain", M=m, layout=layout, floor_ms=floor,
                        weight_gb=wbytes / 1e9)
             try:
                 ms = time_graph([chain], reps=15)
                 rec.update(ms=ms, x_floor=ms / floor)
-                _log(f"fp8 linear chain M={m} tiles {spec}: {ms:.3f} ms ({ms / floor:.2f}x)")
+                _log(f"fp8 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
             except Exception as exc:  # e.g. a tile over the shared memory: keep going
                 rec["error"] = str(exc)[:200]
-                _log(f"fp8 linear chain M={m} tiles {spec}: {str(exc)[:200]}")
+                _log(f"fp8 linear chain M={m} {layout}: {str(exc)[:200]}")
             records.append(rec)
         del ws, lm
         torch.cuda.empty_cache()

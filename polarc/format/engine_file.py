@@ -163,6 +163,13 @@ def tile_fp8(w: torch.Tensor, *, swiglu: bool = False,
     return u8.reshape(nb, bn, kb, bk).transpose(1, 2).contiguous().view(w.dtype)
 
 
+def tile_fp8_weights(weights: dict[str, torch.Tensor]) -> None:
+    """Every float8 ``[N, K]`` weight of a weights dict laid out by `tile_fp8`, in place (a
+    gate_up's rows paired for its SwiGLU): how float8 weights are kept on CUDA."""
+    for name in [n for n, t in weights.items() if t.dtype == FP8_WEIGHT_DTYPE and t.dim() == 2]:
+        weights[name] = tile_fp8(weights[name], swiglu=name.endswith(".gate_up.weight"))
+
+
 def untile_fp8(t: torch.Tensor, n: int, k: int, *, swiglu: bool = False) -> torch.Tensor:
     """`tile_fp8`'s inverse: the weight ``[n, k]`` (a copy)."""
     nb, kb, bn, bk = t.shape
@@ -476,8 +483,7 @@ def load_engine(path: Path, device: str | torch.device = "cpu",
             weights[f"layers.{layer}.down.weight"] = weights[f"layers.{layer}.down.weight"].T
     head = _head_routers(weights, spec, plan, compute)
     if keep_fp8_weights and not spec.relu_mlp:  # (a ReLU model's selective GEMMs read rows)
-        for name in [n for n, t in weights.items() if t.dtype == FP8_WEIGHT_DTYPE]:
-            weights[name] = tile_fp8(weights[name], swiglu=name.endswith(".gate_up.weight"))
+        tile_fp8_weights(weights)
     add_part_views(weights, spec)
     model = Model(spec=spec, weights=weights, tokenizer=tok, identity=identity,
                   random_weights=random_weights, rope_inv_freq=tensors.get("rope.inv_freq"),

@@ -53,16 +53,15 @@ def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @dataclass
 class Kernels:
     """attention(q, k_pool, v_pool, cache_seqlens, groups, block_table[, scales, sinks]) ->
-    [B, Hq, D]; topk(scores, k) -> groups int32; write_kv(k, v, k_pool, v_pool, positions,
-    block_table[, scales, sinks][, k_offset=]); rope_write_kv(q, k, v, ... as write_kv,
-    cos=, sin=, rotation=) -> q: the rotary stage and write_kv in one;
+    [B, Hq, D]; topk(scores, k) -> groups int32; rope_write_kv(q, k, v, k_pool, v_pool,
+    positions, block_table[, scales, sinks][, k_offset=], cos=, sin=, rotation=) -> q: the
+    rotary stage and the KV append in one;
     gemm_up / gemm_down: the selective GEMM pair. Layouts (paged caches):
     `polarc.plugins.reference`."""
 
     device: torch.device
     scale: float
     topk: Callable
-    write_kv: Callable
     rope_write_kv: Callable
     gemm_up: Callable
     gemm_down: Callable
@@ -84,8 +83,7 @@ class Kernels:
         paired = w.dim() == 4 and name.endswith("gate_up")
         if self.device.type != "cuda" or x2.shape[0] > FP8_KERNEL_ROWS or paired:
             if w.dim() == 4:
-                w = untile_fp8(w, scale.shape[0], x.shape[-1],
-                               swiglu=name.endswith("gate_up"))
+                w = untile_fp8(w, scale.shape[0], x.shape[-1], swiglu=paired)
             if self.device.type != "cuda":
                 y = reference.fp8_linear_reference(x2, w, scale, bias)
             else:
@@ -151,16 +149,14 @@ class Kernels:
 def kernels_for(device: torch.device, head_dim: int) -> Kernels:
     scale = 1.0 / math.sqrt(head_dim)
     if device.type == "cuda":
-        from polarc.plugins.kv_write import rope_write_kv, write_kv
+        from polarc.plugins.kv_write import rope_write_kv
         from polarc.plugins.selective_gemm import selective_gemm_down, selective_gemm_up
         from polarc.plugins.topk_groups import topk_groups
 
-        return Kernels(device, scale, topk=topk_groups, write_kv=write_kv,
-                       rope_write_kv=rope_write_kv,
+        return Kernels(device, scale, topk=topk_groups, rope_write_kv=rope_write_kv,
                        gemm_up=functools.partial(selective_gemm_up, check_indices=False),
                        gemm_down=functools.partial(selective_gemm_down, check_indices=False))
     return Kernels(device, scale, topk=reference.topk_groups_reference,
-                   write_kv=reference.write_kv_reference,
                    rope_write_kv=rope_write_kv_reference,
                    gemm_up=reference.selective_gemm_up_reference,
                    gemm_down=reference.selective_gemm_down_reference)
