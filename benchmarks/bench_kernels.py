@@ -396,6 +396,39 @@ def _linear_case(name: str, m: int, w16: torch.Tensor, w8: torch.Tensor, scale: 
     return rec
 
 
+PREFILL_ROWS = 2048
+
+
+def _widen_case(name: str, w16: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor,
+                bw: float) -> dict:
+    """A prefill GEMM (`PREFILL_ROWS` rows) on a float8 weight kept tile by tile: widened for
+    cuBLAS by `widen_fp8` (what `Kernels.linear` does) against the eager composition it
+    replaced (untile, fp32 product, cast), and bf16 cuBLAS alone; the widen's floor = its
+    bytes (one float8 read, one bf16 write) / copy bandwidth."""
+    from polarc.format.engine_file import tile_fp8, untile_fp8, widen_fp8
+
+    n, k = w16.shape
+    tiles = tile_fp8(w8, swiglu=name == "gate_up")
+    x = torch.randn(PREFILL_ROWS, k, device=w16.device, dtype=torch.bfloat16)
+    swiglu = name == "gate_up"
+
+    def before() -> torch.Tensor:
+        w = untile_fp8(tiles, n, k, swiglu=swiglu)
+        return (w.float() * scale[:, None]).to(torch.bfloat16)
+
+    def now() -> torch.Tensor:
+        return widen_fp8(tiles, scale, k, torch.bfloat16, swiglu=swiglu)
+
+    assert torch.equal(before(), now())
+    widen_floor = 3 * n * k / bw * 1e3
+    rec = dict(op="fp8_widen", name=name, M=PREFILL_ROWS, N=n, K=k,
+               eager_widen_ms=time_graph([before]), widen_ms=time_graph([now]),
+               widen_floor_ms=widen_floor, bf16_gemm_ms=time_graph([lambda: x @ w16.T]),
+               fp8_gemm_ms=time_graph([lambda: x @ now().T]))
+    rec["widen_x_floor"] = rec["widen_ms"] / widen_floor
+    return rec
+
+
 def linear_cases(*, bw: float, device: torch.device) -> list[dict]:
     """FP8 weights for the decode GEMMs: the weight-only Triton kernel (`fp8_linear`) and
     `torch._scaled_mm` with the rows quantized per token (the quantization timed with it)
@@ -408,6 +441,7 @@ def linear_cases(*, bw: float, device: torch.device) -> list[dict]:
         w16 = (torch.randn(n, k, generator=gen) / math.sqrt(k)).to(device, torch.bfloat16)
         w8, scale = (t.to(device) for t in quantize_rows(w16.float()))
         records += [_linear_case(name, m, w16, w8, scale, bw) for m in LINEAR_ROWS]
+        records.append(_widen_case(name, w16, w8, scale, bw))
         _log(f"done fp8 linear {name}")
     return records
 
@@ -424,6 +458,15 @@ def format_linear(records: list[dict]) -> str:
               if "scaled_mm_ms" in r else f"{'error':>18}")
         lines.append(f"{r['name']:<9}{r['M']:>5}{r['bf16_ms']:>9.3f} ({r['bf16_x_floor']:.2f}x)"
                      f"{r['fp8_ms']:>9.3f} ({r['fp8_x_floor']:.2f}x){sm}")
+    widen = [r for r in records if r["op"] == "fp8_widen"]
+    if widen:
+        lines += ["", f"Prefill ({PREFILL_ROWS} rows) on tiled float8 weights: the widen for cuBLAS, "
+                      "ms (x its byte floor), then the GEMM",
+                  f"{'gemm':<9}{'eager widen':>12}{'widen_fp8':>18}{'widen+GEMM':>12}"
+                  f"{'bf16 GEMM':>11}"]
+        lines += [f"{r['name']:<9}{r['eager_widen_ms']:>12.3f}{r['widen_ms']:>9.3f} "
+                  f"({r['widen_x_floor']:.2f}x){r['fp8_gemm_ms']:>12.3f}{r['bf16_gemm_ms']:>11.3f}"
+                  for r in widen]
     return "\n".join(lines)
 
 

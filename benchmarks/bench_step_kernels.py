@@ -3,9 +3,10 @@ an eager (uncaptured) selective attention call against SDPA's (GPU).
 
     python -m polarc.benchmarks.bench_step_kernels [--json OUT]
 
-`topk_groups` (router scores → top-k groups, int32) against `torch.topk` + cast, and
-`write_kv` (append one token's K and V) against indexed assignment, at decode shapes. Each
-call is timed as a CUDA-graph replay (`timing.time_graph`), like the step.
+The step's KV append (`rope_write_kv`, with rotary positions) alone and with the top-k group
+selection it also runs (router scores → top-k groups, int32), beside `torch.topk` + cast as a
+launch of its own; `write_kv` (append one token's K and V) against indexed assignment; at
+decode shapes. Each call is timed as a CUDA-graph replay (`timing.time_graph`), like the step.
 
 Eager host cost: at a tiny shape (the GPU work takes a few microseconds) the wall time of
 many back-to-back calls ÷ their number is what the host spends per call; the least of 25
@@ -30,26 +31,33 @@ CASES = [  # B, Hkv, k, S_max, D
 
 
 def run_case(b: int, hkv: int, k: int, s: int, d: int) -> dict:
-    from polarc.plugins.kv_write import write_kv, write_kv_reference
-    from polarc.plugins.topk_groups import topk_groups, topk_groups_reference
+    from polarc.plugins.kv_write import rope_write_kv, write_kv, write_kv_reference
+    from polarc.plugins.reference import topk_groups_reference
 
     dev = torch.device("cuda")
     scores = torch.randn(b, hkv, device=dev, dtype=torch.bfloat16)
     groups = torch.empty(b, k, dtype=torch.int32, device=dev)
-    # bf16 scores tie now and then, and tie order is free: compare the selected values
-    ours, ref = topk_groups(scores, k).long(), topk_groups_reference(scores, k).long()
-    assert torch.equal(scores.gather(1, ours), scores.gather(1, ref))
-    ours_topk = time_graph([lambda: topk_groups(scores, k, out=groups)]) * 1e3
-    torch_topk = time_graph([lambda: scores.topk(k, dim=-1).indices.to(torch.int32)]) * 1e3
     kc = torch.zeros(b, hkv, s, d, device=dev, dtype=torch.bfloat16)
     vc = torch.zeros_like(kc)
+    q = torch.randn(b, 4 * hkv, d, device=dev, dtype=torch.bfloat16)
     new_k = torch.randn(b, hkv, d, device=dev, dtype=torch.bfloat16)
     new_v = torch.randn_like(new_k)
     pos = torch.randint(0, s, (b,), device=dev, dtype=torch.int32)
+    cos, sin = torch.randn(2, b, d, device=dev, dtype=torch.bfloat16)
+    rope_write_kv(q, new_k, new_v, kc, vc, pos, cos=cos, sin=sin, scores=scores, groups=groups)
+    # bf16 scores tie now and then, and tie order is free: compare the selected values
+    ref = topk_groups_reference(scores, k).long()
+    assert torch.equal(scores.gather(1, groups.long()), scores.gather(1, ref))
+    append = time_graph([lambda: rope_write_kv(q, new_k, new_v, kc, vc, pos, cos=cos,
+                                               sin=sin)]) * 1e3
+    with_topk = time_graph([lambda: rope_write_kv(q, new_k, new_v, kc, vc, pos, cos=cos, sin=sin,
+                                                  scores=scores, groups=groups)]) * 1e3
+    torch_topk = time_graph([lambda: scores.topk(k, dim=-1).indices.to(torch.int32)]) * 1e3
     ours_kv = time_graph([lambda: write_kv(new_k, new_v, kc, vc, pos)]) * 1e3
     torch_kv = time_graph([lambda: write_kv_reference(new_k, new_v, kc, vc, pos)]) * 1e3
-    return {"B": b, "Hkv": hkv, "k": k, "S": s, "D": d, "topk_groups_us": ours_topk,
-            "torch_topk_us": torch_topk, "write_kv_us": ours_kv, "torch_index_put_us": torch_kv}
+    return {"B": b, "Hkv": hkv, "k": k, "S": s, "D": d, "rope_write_kv_us": append,
+            "rope_write_kv_topk_us": with_topk, "torch_topk_us": torch_topk,
+            "write_kv_us": ours_kv, "torch_index_put_us": torch_kv}
 
 
 def host_us(fns: dict[str, Callable[[], object]], calls: int = 200, rounds: int = 25
@@ -111,13 +119,14 @@ def main() -> None:
     eager = eager_host_cost()
     records = []
     print(f"{torch.cuda.get_device_name()}")
-    print(f"{'B':>4} {'Hkv':>4} {'k':>3} | {'topk us':>8} {'torch us':>9} | {'kv us':>7} {'torch us':>9}")
+    print(f"{'B':>4} {'Hkv':>4} {'k':>3} | {'append us':>9} {'+ topk us':>9} {'torch topk':>10} "
+          f"| {'kv us':>7} {'torch us':>9}")
     for case in CASES:
         r = run_case(*case)
         records.append(r)
-        print(f"{r['B']:>4} {r['Hkv']:>4} {r['k']:>3} | {r['topk_groups_us']:>8.2f} "
-              f"{r['torch_topk_us']:>9.2f} | {r['write_kv_us']:>7.2f} {r['torch_index_put_us']:>9.2f}",
-              flush=True)
+        print(f"{r['B']:>4} {r['Hkv']:>4} {r['k']:>3} | {r['rope_write_kv_us']:>9.2f} "
+              f"{r['rope_write_kv_topk_us']:>9.2f} {r['torch_topk_us']:>10.2f} | "
+              f"{r['write_kv_us']:>7.2f} {r['torch_index_put_us']:>9.2f}", flush=True)
         torch.cuda.empty_cache()
     print(f"eager host cost per call (B=1, 32/8 heads, S=256, k=4): SDPA {eager['sdpa_us']:.1f} us; "
           f"selective default {eager['default_us']:.1f}, without index checks "

@@ -18,12 +18,12 @@ cal() {  # cal NAME ARGS: a timed calibration to /tmp/NAME; its calibration.json
 for what in "$@"; do
   case $what in
     tests) timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_gpu.py tests/test_selective_attention.py \
-             tests/test_selective_gemm.py tests/test_topk_groups.py tests/test_kv_write.py \
+             tests/test_selective_gemm.py tests/test_kv_write.py \
              tests/test_tensorrt_plugin.py tests/test_runtime.py tests/test_scheduler.py \
              tests/test_calibrate_device.py tests/test_streaming.py 2>&1 | tee $OUT/tests.log | tail -15 ;;
     sched) timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=line -rf tests/test_runtime_gpu.py tests/test_scheduler.py -k "${SCHED_K:-not nothing}" 2>&1 | tee $OUT/sched-tests.log | tail -25 ;;
     fp8-kernels) timeout 420 python3 -m polarc.benchmarks.bench_kernels --fp8 --json $OUT/fp8-kernels.json 2>&1 | tee $OUT/fp8-kernels.log | tail -16 ;;
-    fp8-linear) timeout 200 python3 -m polarc.benchmarks.bench_kernels --fp8-linear --json $OUT/fp8-linear.json 2>&1 | tee $OUT/fp8-linear.log | tail -24 ;;
+    fp8-linear) timeout 200 python3 -m polarc.benchmarks.bench_kernels --fp8-linear --json $OUT/fp8-linear.json 2>&1 | tee $OUT/fp8-linear.log | tail -32 ;;
     fp8-chain) timeout 400 python3 -m polarc.benchmarks.bench_kernels --fp8-linear-chain ${CHAIN_ROWS:+--chain-rows $CHAIN_ROWS} ${CHAIN_TILES:+--chain-tiles $CHAIN_TILES} --json $OUT/fp8-chain.json 2>&1 | tee $OUT/fp8-chain.log | tail -22 ;;
     fp8-sweep) timeout ${SWEEP_TIMEOUT:-480} python3 -m polarc.benchmarks.bench_kernels --fp8-linear-sweep ${SWEEP_ROWS:+--sweep-rows $SWEEP_ROWS} --json $OUT/fp8-sweep.json 2>&1 | tee $OUT/fp8-sweep.log | tail -40 ;;
     paged) timeout 240 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;

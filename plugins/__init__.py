@@ -1,6 +1,6 @@
 """polarc kernels, one op per module: `selective_attention` (decode attention over each row's
-selected KV groups), `selective_gemm` (the selective GEMM pair for ReLU MLPs), `topk_groups`
-and `kv_write` (the decode step's small kernels), `fp8_linear` (a linear layer over float8
+selected KV groups), `selective_gemm` (the selective GEMM pair for ReLU MLPs), `kv_write`
+(the decode step's KV append, with its rotary stage and top-k selection), `fp8_linear` (a linear layer over float8
 weights), and `tensorrt_plugin` (the TensorRT plugin
 around the attention kernel).
 

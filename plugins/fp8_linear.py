@@ -206,7 +206,9 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     splits stop at 4 (at 32 rows on the H100 a split of 8 reduced more partials than it
     gained: 8% of a layer's GEMM time, 2026-12-05 sweeps; the H200 within 0.4% either way),
     and above 32 rows BLOCK_K drops to 64 (the MMA work per byte grows, and more stages fit).
-    BLOCK_M is the MMA's 16, else the rows' next power of two up to 64.
+    BLOCK_M is the MMA's 16, else the rows' next power of two up to 64. Pipeline stages: 3
+    for decode rows (a step's GEMMs on tiled weights 2-3% faster than 4 on the H100; 2 and 5
+    slower, 2026-12-06), 4 above.
     """
     block_m = min(64, max(16, next_pow2(m)))
     decode = m <= _DECODE_ROWS
@@ -215,7 +217,8 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     k_blocks = cdiv(k, block_k)
     splits = [s for s in ((1, 2, 4, 8) if m <= _SPLIT_8_ROWS else (1, 2, 4)) if s <= k_blocks]
     split = next((s for s in splits if tiles * s >= _PROGRAMS_PER_SM * sms), splits[-1])
-    return Fp8LinearPlan(block_m, 128, block_k, num_warps=4, num_stages=4, split_k=split)
+    return Fp8LinearPlan(block_m, 128, block_k, num_warps=4, num_stages=3 if decode else 4,
+                         split_k=split)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

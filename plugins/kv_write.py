@@ -3,7 +3,8 @@
 Indexed assignment (``k_cache[rows, :, pos] = k``) is one or two kernels per tensor, so four
 per layer for K and V; `write_kv` writes both with one program per (row, KV group).
 `rope_write_kv`, the decode step's, also applies the rotary positions (and an FP8 cache's key
-rotation) to the queries and the key in the same launch, where the step ran three.
+rotation) to the queries and the key in the same launch, where the step ran three, and picks
+each row's top-k KV groups from the router scores (a launch of its own before).
 
 Layouts: ``k``, ``v`` ``[B, Hkv, D]`` (last axis contiguous, other strides free: views into a
 fused projection output work); ``k_cache``, ``v_cache`` ``[B', Hkv, S_max, D]`` with B' >= B
@@ -105,20 +106,33 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_
 @triton.jit
 def _rope_write_kv_kernel(
     Q, K, V, Q_Out, Cos, Sin, Rotation, K_Cache, V_Cache, Positions, Block_Table, K_Scale,
-    V_Scale, K_Sink, V_Sink, K_Offset,
+    V_Scale, K_Sink, V_Sink, K_Offset, Scores, Groups,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_ob, stride_oh,
     stride_rb, stride_cb, stride_ch, stride_cs, stride_vcb, stride_vch, stride_vcs, stride_vcd,
-    stride_tb, stride_sb, stride_sh,
+    stride_tb, stride_sb, stride_sh, stride_scb, stride_gb,
     GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     ROPE: tl.constexpr, ROTATE: tl.constexpr, DOT_IEEE: tl.constexpr, PAGE: tl.constexpr,
-    KV_FP8: tl.constexpr, SINK: tl.constexpr, OFFSET: tl.constexpr,
+    KV_FP8: tl.constexpr, SINK: tl.constexpr, OFFSET: tl.constexpr, TOPK: tl.constexpr,
+    HKV_PAD: tl.constexpr,
 ):
     """One program per (row, KV group): the group's GROUP query heads and its key as ROWS (>=
     16, for the MMA) rows of one tile: rotary positions (fp32, rounded to q's dtype as the
     compiled stage does), the rotation (one MMA, q's dtype in, fp32 accumulated, rounded),
-    the queries stored to Q_Out and the key and value appended as `_write_kv_kernel` does."""
+    the queries stored to Q_Out and the key and value appended as `_write_kv_kernel` does.
+    TOPK > 0: the group's rank among the row's router scores (how many groups beat it: a
+    higher score, or an equal one and a lower index); of rank < TOPK, it is stored to
+    Groups[row, rank], so the row's TOPK groups come out highest first."""
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
+    if TOPK > 0:
+        offs_g = tl.arange(0, HKV_PAD)
+        valid = offs_g < tl.num_programs(1)
+        s = tl.load(Scores + row * stride_scb + offs_g, mask=valid, other=float("-inf"))
+        s = s.to(tl.float32)
+        mine = tl.load(Scores + row * stride_scb + group).to(tl.float32)
+        beats = ((s > mine) | ((s == mine) & (offs_g < group))) & valid
+        rank = tl.sum(beats.to(tl.int32), axis=0)
+        tl.store(Groups + row * stride_gb + rank, group.to(tl.int32), mask=rank < TOPK)
     pos = tl.load(Positions + row).to(tl.int64)
     offs_r = tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK_D)
@@ -239,13 +253,17 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
                   v_scale: torch.Tensor | None = None, k_sink: torch.Tensor | None = None,
                   v_sink: torch.Tensor | None = None, k_offset: torch.Tensor | None = None, *,
                   cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                  rotation: torch.Tensor | None = None) -> torch.Tensor:
+                  rotation: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+                  groups: torch.Tensor | None = None) -> torch.Tensor:
     """The decode step's rotary stage and KV append in one launch: returns the queries ``q``
     ``[B, Hq, D]`` with rotary positions (``cos``, ``sin`` ``[B, D]``, each row's; None: a
     model without them) and times ``rotation`` ``[D, D]`` (None: none), and writes ``k``
     treated alike, and ``v``, as `write_kv` does. Defined as `polarc.models.layers.apply_rope`
     on q and k (rounded to q's dtype), then ``@ rotation`` (q's dtype), then `write_kv`;
-    the CPU runtime runs exactly that composition."""
+    the CPU runtime runs exactly that composition. With the router's ``scores`` ``[B, Hkv]``
+    (float, last axis contiguous), also fills ``groups`` ``[B, k]`` int32 with each row's k
+    highest-scoring groups, highest first, ties to the lower index
+    (`reference.topk_groups_reference`): the step's selection without a launch of its own."""
     cache = (k_cache, v_cache, positions, block_table, k_scale, v_scale, k_sink, v_sink,
              k_offset)
     _check_write(k, v, *cache)
@@ -262,6 +280,15 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     if rotation is not None and (tuple(rotation.shape) != (d, d) or not rotation.is_contiguous()
                                  or rotation.dtype != q.dtype):
         raise ValueError(f"rope_write_kv: rotation must be contiguous {q.dtype} [{d}, {d}]")
+    topk = 0 if groups is None else groups.shape[-1]
+    if (scores is None) != (groups is None) or (scores is not None and (
+            tuple(scores.shape) != (b, hkv) or not scores.is_floating_point()
+            or scores.stride(-1) != 1 or groups.dtype != torch.int32
+            or tuple(groups.shape) != (b, topk) or not 1 <= topk <= hkv
+            or groups.stride(-1) != 1)):
+        raise ValueError(f"rope_write_kv: scores must be float [{b}, {hkv}] and groups int32 "
+                         f"[{b}, k], 1 <= k <= {hkv}, each with a contiguous last axis, or "
+                         "both None")
     check_launchable(_rope_write_kv_kernel, k.device, "rope_write_kv")
     group = q.shape[1] // hkv
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -270,9 +297,11 @@ def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: to
     _rope_write_kv_kernel[(b, hkv)](
         q, k, v, out, cos if rope else q, sin if rope else q,
         rotation if rotation is not None else q, *pointers,
+        scores if topk else q, groups if topk else positions,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), cos.stride(0) if rope else 0, *strides,
+        scores.stride(0) if topk else 0, groups.stride(0) if topk else 0,
         GROUP=group, ROWS=max(16, next_pow2(group + 1)), ROPE=rope,
-        ROTATE=rotation is not None, DOT_IEEE=q.dtype == torch.float32, num_warps=4,
-        **constants)
+        ROTATE=rotation is not None, DOT_IEEE=q.dtype == torch.float32, TOPK=topk,
+        HKV_PAD=max(2, next_pow2(hkv)), num_warps=4, **constants)
     return out

@@ -265,3 +265,20 @@ def test_tiled_weight_matches_reference(swiglu, split, m, n, k):
     assert _rel(fp8_linear(x, tiled, scale, b, plan=plan, swiglu=swiglu), want) < 1e-5
     other = tile_fp8(w, swiglu=swiglu, tile=(32, 64))  # a benchmark's other tile shape
     assert _rel(fp8_linear(x, other, scale, b, plan=plan, swiglu=swiglu), want) < 1e-5
+
+
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("n, k, tile", [(48, 300, (128, 128)), (256, 384, (128, 128)),
+                                        (128, 192, (32, 64))])
+def test_widen_fp8_from_rows_and_tiles(swiglu, n, k, tile):
+    """Prefill's widened weight, from the rows or from the tiles (in place through strided
+    views where the tiles cover the weight exactly, else through `untile_fp8`): bitwise the
+    fp32 product rounded once to the dtype."""
+    from polarc.format.engine_file import tile_fp8, widen_fp8
+
+    _, w, scale, _ = _inputs(1, n, k, torch.float32, bias=False, seed=n)
+    for dtype in (torch.bfloat16, torch.float32):
+        want = (w.float() * scale[:, None]).to(dtype)
+        assert torch.equal(widen_fp8(w, scale, k, dtype), want)
+        tiled = tile_fp8(w, swiglu=swiglu, tile=tile)
+        assert torch.equal(widen_fp8(tiled, scale, k, dtype, swiglu=swiglu), want)

@@ -218,3 +218,53 @@ def test_rope_write_kv_bad_input() -> None:
     with pytest.raises(ValueError, match="rotation must be"):
         rope_write_kv(torch.zeros(2, 4, 16, device=DEVICE), k, k, cache, cache.clone(), pos,
                       rotation=torch.zeros(8, 8, device=DEVICE))
+
+
+def _append_with_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The groups rope_write_kv selects from `scores` [B, Hkv] (2 query heads a group, D 16)."""
+    from polarc.plugins.kv_write import rope_write_kv
+
+    b, hkv = scores.shape
+    q = torch.randn(b, 2 * hkv, 16, device=DEVICE)
+    kv = torch.randn(b, hkv, 16, device=DEVICE)
+    cache = torch.zeros(b, hkv, 4, 16, device=DEVICE)
+    pos = torch.zeros(b, dtype=torch.int32, device=DEVICE)
+    groups = torch.full((b, k), -7, dtype=torch.int32, device=DEVICE)  # poisoned
+    rope_write_kv(q, kv, kv, cache, cache.clone(), pos, scores=scores.to(DEVICE), groups=groups)
+    return groups.cpu()
+
+
+@pytest.mark.parametrize(("b", "hkv", "k"), [(1, 3, 1), (5, 3, 2), (4, 8, 4), (3, 8, 8),
+                                             (2, 32, 16), (6, 12, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_write_kv_selects_the_top_k_groups(b, hkv, k, dtype) -> None:
+    """The step's group selection inside the KV append: each row's k highest-scoring groups,
+    highest first (distinct scores in every dtype, so the order is fully defined)."""
+    from polarc.plugins.reference import topk_groups_reference
+
+    scores = torch.stack([torch.randperm(hkv) for _ in range(b)]).to(dtype) - hkv / 2
+    assert torch.equal(_append_with_topk(scores, k), topk_groups_reference(scores, k))
+
+
+def test_rope_write_kv_top_k_ties_go_to_the_lower_group() -> None:
+    from polarc.plugins.reference import topk_groups_reference
+
+    scores = torch.tensor([[1.0, 2.0, 2.0, 0.5], [3.0, 3.0, 3.0, 3.0]])
+    assert _append_with_topk(scores, 2).tolist() == [[1, 2], [0, 1]]
+    assert topk_groups_reference(scores, 2).tolist() == [[1, 2], [0, 1]]
+
+
+def test_rope_write_kv_top_k_bad_input() -> None:
+    from polarc.plugins.kv_write import rope_write_kv
+
+    q, k = torch.zeros(2, 4, 16, device=DEVICE), torch.zeros(2, 2, 16, device=DEVICE)
+    cache = torch.zeros(2, 2, 5, 16, device=DEVICE)
+    pos = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    scores = torch.zeros(2, 2, device=DEVICE)
+    for bad in ({"scores": scores},
+                {"scores": scores, "groups": torch.zeros(2, 3, dtype=torch.int32, device=DEVICE)},
+                {"scores": scores, "groups": torch.zeros(2, 1, device=DEVICE)},
+                {"scores": scores.int(), "groups": torch.zeros(2, 1, dtype=torch.int32,
+                                                               device=DEVICE)}):
+        with pytest.raises(ValueError, match="scores must be float"):
+            rope_write_kv(q, k, k, cache, cache.clone(), pos, **bad)

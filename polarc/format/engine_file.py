@@ -179,6 +179,29 @@ def untile_fp8(t: torch.Tensor, n: int, k: int, *, swiglu: bool = False) -> torc
     return w.contiguous().view(t.dtype)
 
 
+def widen_fp8(w: torch.Tensor, scale: torch.Tensor, k: int, dtype: torch.dtype, *,
+              swiglu: bool = False) -> torch.Tensor:
+    """The dequantized weight ``[n, k]`` (``w[n] * scale[n]`` in fp32, rounded once to
+    `dtype`: what prefill hands cuBLAS) from a float8 weight, ``[n, k]`` or in `tile_fp8`'s
+    tiles (`swiglu`: its gate_up layout), n = ``len(scale)``. Two
+    passes over the output: a copy that widens and puts every tile in place through strided
+    views (no ``[n, k]`` float8 or fp32 temporaries), then the scale in place (fp32 math)."""
+    n = scale.shape[0]
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    if w.dim() == 2:
+        out.copy_(w)
+    else:
+        nb, kb, bn, bk = w.shape
+        if (nb * bn, kb * bk) != (n, k):
+            out.copy_(untile_fp8(w, n, k, swiglu=swiglu))  # padded (small) weights
+        elif swiglu:  # layout row bn*i + 2c + h is row h*n/2 + bn/2*i + c
+            out.view(2, nb, bn // 2, kb, bk).permute(1, 3, 2, 0, 4).copy_(
+                w.view(nb, kb, bn // 2, 2, bk))
+        else:
+            out.view(nb, bn, kb, bk).transpose(1, 2).copy_(w)
+    return out.mul_(scale[:, None])
+
+
 def fp8_weight_names(names: Any) -> list[str]:
     """Of stored weight names, the linear layers' that FP8 weights quantize."""
     return sorted(n for n in names if n.endswith(FP8_LINEARS) or n == "lm_head.weight")

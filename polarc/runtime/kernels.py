@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from polarc.format.engine_file import untile_fp8
+from polarc.format.engine_file import untile_fp8, widen_fp8
 from polarc.models.layers import apply_rope
 from polarc.plugins import reference
 
@@ -35,12 +35,17 @@ def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             v_sink: torch.Tensor | None = None,
                             k_offset: torch.Tensor | None = None, *,
                             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                            rotation: torch.Tensor | None = None) -> torch.Tensor:
+                            rotation: torch.Tensor | None = None,
+                            scores: torch.Tensor | None = None,
+                            groups: torch.Tensor | None = None) -> torch.Tensor:
     """What `polarc.plugins.kv_write.rope_write_kv` computes in one launch, stage by stage:
     the model's rotary positions on q ``[B, Hq, D]`` and k ``[B, Hkv, D]`` (``cos``, ``sin``
     ``[B, D]``; None: none), both times ``rotation`` (None: none), k and v written as
-    `write_kv_reference` does; returns q. Here, beside the model's rotary definition, because
+    `write_kv_reference` does, and ``groups`` ``[B, k]`` (given with ``scores``) filled by
+    `topk_groups_reference`; returns q. Here, beside the model's rotary definition, because
     the kernel package does not import the model."""
+    if groups is not None:
+        groups.copy_(reference.topk_groups_reference(scores, groups.shape[1]))
     if cos is not None:
         q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
     if rotation is not None:
@@ -53,15 +58,14 @@ def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 @dataclass
 class Kernels:
     """attention(q, k_pool, v_pool, cache_seqlens, groups, block_table[, scales, sinks]) ->
-    [B, Hq, D]; topk(scores, k) -> groups int32; rope_write_kv(q, k, v, k_pool, v_pool,
-    positions, block_table[, scales, sinks][, k_offset=], cos=, sin=, rotation=) -> q: the
-    rotary stage and the KV append in one;
+    [B, Hq, D]; rope_write_kv(q, k, v, k_pool, v_pool, positions, block_table[, scales,
+    sinks][, k_offset=], cos=, sin=, rotation=[, scores=, groups=]) -> q: the rotary stage,
+    the KV append and the top-k group selection in one;
     gemm_up / gemm_down: the selective GEMM pair. Layouts (paged caches):
     `polarc.plugins.reference`."""
 
     device: torch.device
     scale: float
-    topk: Callable
     rope_write_kv: Callable
     gemm_up: Callable
     gemm_down: Callable
@@ -81,13 +85,12 @@ class Kernels:
         # (a tiled gate_up pairs gate and up rows for `linear_swiglu`: read alone, it is
         # widened back in order, as prefill's are)
         paired = w.dim() == 4 and name.endswith("gate_up")
-        if self.device.type != "cuda" or x2.shape[0] > FP8_KERNEL_ROWS or paired:
+        if self.device.type != "cuda":
             if w.dim() == 4:
                 w = untile_fp8(w, scale.shape[0], x.shape[-1], swiglu=paired)
-            if self.device.type != "cuda":
-                y = reference.fp8_linear_reference(x2, w, scale, bias)
-            else:
-                y = F.linear(x2, (w.float() * scale[:, None]).to(x.dtype), bias)
+            y = reference.fp8_linear_reference(x2, w, scale, bias)
+        elif x2.shape[0] > FP8_KERNEL_ROWS or paired:
+            y = F.linear(x2, widen_fp8(w, scale, x.shape[-1], x.dtype, swiglu=paired), bias)
         else:
             from polarc.plugins.fp8_linear import fp8_linear
 
@@ -151,12 +154,10 @@ def kernels_for(device: torch.device, head_dim: int) -> Kernels:
     if device.type == "cuda":
         from polarc.plugins.kv_write import rope_write_kv
         from polarc.plugins.selective_gemm import selective_gemm_down, selective_gemm_up
-        from polarc.plugins.topk_groups import topk_groups
 
-        return Kernels(device, scale, topk=topk_groups, rope_write_kv=rope_write_kv,
+        return Kernels(device, scale, rope_write_kv=rope_write_kv,
                        gemm_up=functools.partial(selective_gemm_up, check_indices=False),
                        gemm_down=functools.partial(selective_gemm_down, check_indices=False))
-    return Kernels(device, scale, topk=reference.topk_groups_reference,
-                   rope_write_kv=rope_write_kv_reference,
+    return Kernels(device, scale, rope_write_kv=rope_write_kv_reference,
                    gemm_up=reference.selective_gemm_up_reference,
                    gemm_down=reference.selective_gemm_down_reference)

@@ -346,12 +346,16 @@ class Runtime:
             return None, None
         return self.kv_scales[0, layer], self.kv_scales[1, layer]
 
-    def groups_for(self, layer: int, scores: torch.Tensor | None, rows: int) -> torch.Tensor:
-        """Selected KV groups [rows, k] int32 from the router scores [rows, Hkv]."""
+    def selection(self, layer: int, scores: torch.Tensor | None, rows: int
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The layer's selected KV groups [rows, k] int32, and the arguments that make the KV
+        append fill them from the router scores [rows, Hkv] (none: a dense layer, every
+        group)."""
         k = self.k_per_layer[layer]
         if k >= self.spec.n_kv_heads:
-            return self.all_groups[:rows]
-        return self.kernels.topk(scores, k)
+            return self.all_groups[:rows], {}
+        groups = torch.empty(rows, k, dtype=torch.int32, device=scores.device)
+        return groups, {"scores": scores, "groups": groups}
 
     def sparse_mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """The selective GEMM pair over the batch-union neuron index (x [B, 1, d])."""
@@ -385,10 +389,11 @@ class Runtime:
             k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
             scales, sinks = self.layer_kv_scales(layer), self.layer_sinks(layer)
             offset = self.key_offset[layer] if self.key_offset is not None else None
+            groups, select = self.selection(layer, None if extra is None else extra[:, 0], B)
             q = self.kernels.rope_write_kv(
                 q[:, 0], k[:, 0], v[:, 0], k_pool, v_pool, write_at, table, *scales, *sinks,
-                k_offset=offset, cos=cos, sin=sin, rotation=self.key_rotation)[:, None]
-            groups = self.groups_for(layer, None if extra is None else extra[:, 0], B)
+                k_offset=offset, cos=cos, sin=sin, rotation=self.key_rotation,
+                **select)[:, None]
             return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table,
                                           *scales, *sinks)[:, None]
 
