@@ -1,8 +1,8 @@
 """polarc kernels, one op per module: `selective_attention` (decode attention over each row's
 selected KV groups), `selective_gemm` (the selective GEMM pair for ReLU MLPs), `kv_write`
-(the decode step's KV append, with its rotary stage and top-k selection), `fp8_linear` (a linear layer over float8
-weights), and `tensorrt_plugin` (the TensorRT plugin
-around the attention kernel).
+(the decode step's KV append, with its rotary stage and top-k selection), `fp8_linear` (a
+linear layer over float8 weights), and `tensorrt_plugin` (the TensorRT plugin around the
+attention kernel).
 
 Each kernel module holds its Triton kernel behind a checking wrapper; `reference.py` holds the
 plain-torch definitions of all of them and imports no triton, so the runtime's CPU path and
