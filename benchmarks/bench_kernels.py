@@ -408,9 +408,9 @@ def _widen_case(name: str, w16: torch.Tensor, w8: torch.Tensor, scale: torch.Ten
     from polarc.format.engine_file import tile_fp8, untile_fp8, widen_fp8
 
     n, k = w16.shape
-    tiles = tile_fp8(w8, swiglu=name == "gate_up")
-    x = torch.randn(PREFILL_ROWS, k, device=w16.device, dtype=torch.bfloat16)
     swiglu = name == "gate_up"
+    tiles = tile_fp8(w8, swiglu=swiglu)
+    x = torch.randn(PREFILL_ROWS, k, device=w16.device, dtype=torch.bfloat16)
 
     def before() -> torch.Tensor:
         w = untile_fp8(tiles, n, k, swiglu=swiglu)

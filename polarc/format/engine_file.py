@@ -183,9 +183,9 @@ def widen_fp8(w: torch.Tensor, scale: torch.Tensor, k: int, dtype: torch.dtype, 
               swiglu: bool = False) -> torch.Tensor:
     """The dequantized weight ``[n, k]`` (``w[n] * scale[n]`` in fp32, rounded once to
     `dtype`: what prefill hands cuBLAS) from a float8 weight, ``[n, k]`` or in `tile_fp8`'s
-    tiles (`swiglu`: its gate_up layout), n = ``len(scale)``. Two
-    passes over the output: a copy that widens and puts every tile in place through strided
-    views (no ``[n, k]`` float8 or fp32 temporaries), then the scale in place (fp32 math)."""
+    tiles (`swiglu`: its gate_up layout), n = ``len(scale)``. Two passes over the output: a
+    copy that widens and puts every tile in place through strided views (no ``[n, k]``
+    float8 or fp32 temporaries), then the scale in place (fp32 math)."""
     n = scale.shape[0]
     out = torch.empty(n, k, dtype=dtype, device=w.device)
     if w.dim() == 2:
