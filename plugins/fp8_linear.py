@@ -31,7 +31,7 @@ whole number of BLOCK_K each). Each split stores its fp32 partial to a workspace
 sees ``split_k - 1`` adds the partials in split order (deterministic whichever finishes last),
 runs the epilogue and resets the counter to 0. One launch, no host sync, no memset:
 CUDA-graph safe. The partials are allocated per call (caching allocator, no launch); the
-counters once per device, zeroed, and kept zero by the kernel (`_tile_counters`). So split
+counters once per device, zeroed, and kept zero by the kernel (`split_counters`). So split
 calls on one device must not run concurrently on two streams (they would share counters);
 calls in sequence on one stream, graphs included, are fine.
 
@@ -49,10 +49,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
+from ._triton_util import cdiv, check_launchable, next_pow2, num_sms, split_counters
 from .reference import FP8, fp8_linear_reference
 
-__all__ = ["Fp8LinearPlan", "fp8_linear", "fp8_linear_reference", "plan_fp8_linear"]
+__all__ = ["Fp8LinearPlan", "fp8_linear", "fp8_linear_reference", "fp8_widen", "plan_fp8_linear"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -201,6 +201,54 @@ def _fp8_linear_kernel(
             tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")  # zero for next call
 
 
+@triton.jit
+def _fp8_widen_kernel(W, Scale, Out, N, K, stride_on, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N), cdiv(K, BLOCK_K)): one program per tile of the tiled layout,
+    widened, scaled by its rows' scales in fp32, rounded once, stored to its rows of Out."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    tile = pid_n * tl.num_programs(1) + pid_k
+    w = tl.load(W + tile.to(tl.int64) * (BLOCK_N * BLOCK_K)
+                + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :])
+    rows = _weight_rows(pid_n, N, BLOCK_N, SWIGLU)
+    mask_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N) < N
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    scale = tl.load(Scale + rows, mask=mask_n, other=0.0)
+    tl.store(Out + rows[:, None].to(tl.int64) * stride_on + cols[None, :],
+             (w.to(tl.float32) * scale[:, None]).to(Out.dtype.element_ty),
+             mask=mask_n[:, None] & (cols < K)[None, :])
+
+
+def fp8_widen(w: torch.Tensor, scale: torch.Tensor, k: int, dtype: torch.dtype, *,
+              swiglu: bool = False) -> torch.Tensor:
+    """The dequantized weight ``[N, k]`` from a float8 weight laid out tile by tile (module
+    docstring; `swiglu`: a gate_up's paired rows, put back in order), N = ``len(scale)``:
+    ``w[n] * scale[n]`` in fp32, rounded once to `dtype`: what prefill hands cuBLAS. One read
+    of the tiles and one write (about 3 bytes a value for bf16, against 5 and two passes for
+    its torch form, `polarc.format.engine_file.widen_fp8`, which defines it bitwise).
+
+    Example::
+
+        w16 = fp8_widen(tiles, scale, 4096, torch.bfloat16)  # tiles [112, 32, 128, 128]
+    """
+    check_launchable(_fp8_widen_kernel, w.device, "fp8_widen")
+    n = scale.shape[0]
+    if w.dtype != FP8 or w.dim() != 4 or not w.is_contiguous() or tuple(w.shape[:2]) != (
+            cdiv(n, w.shape[2]), cdiv(k, w.shape[3])):
+        raise ValueError(f"fp8_widen: w must be contiguous float8_e4m3fn tiles [cdiv(N={n}, TN), "
+                         f"cdiv(K={k}, TK), TN, TK], got {w.dtype} {tuple(w.shape)}")
+    if scale.dtype != torch.float32 or scale.dim() != 1 or scale.stride(0) != 1:
+        raise ValueError(f"fp8_widen: scale must be contiguous float32 [N], got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    if swiglu and (n % 2 or w.shape[2] % 2):
+        raise ValueError(f"fp8_widen: swiglu needs an even N and tile, got N={n}")
+    out = torch.empty(n, k, dtype=dtype, device=w.device)
+    _fp8_widen_kernel[w.shape[:2]](w, scale, out, n, k, out.stride(0), BLOCK_N=w.shape[2],
+                                   BLOCK_K=w.shape[3], SWIGLU=swiglu, num_warps=8)
+    return out
+
+
 @dataclass(frozen=True)
 class Fp8LinearPlan:
     """Tiles and split-K of one fp8_linear call; a pure function of the shapes."""
@@ -244,24 +292,6 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     split = next((s for s in splits if tiles * s >= _PROGRAMS_PER_SM * sms), splits[-1])
     return Fp8LinearPlan(block_m, 128, block_k, num_warps=4, num_stages=3 if decode else 4,
                          split_k=split)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """At least `tiles` int32 split-K counters on `device`, all zero (the kernel resets each
-    one it uses). Allocated once per device and grown when needed: a per-call torch.zeros
-    would cost a memset launch per call. Under CUDA-graph capture a too-small cache is not
-    replaced (the new buffer would live in the graph's private pool and its memset runs only
-    on replay): that graph gets its own zeroed buffer, its memset captured with it."""
-    have = _COUNTERS.get(device)
-    if have is not None and have.numel() >= tiles:
-        return have
-    fresh = torch.zeros(max(1024, next_pow2(tiles)), dtype=torch.int32, device=device)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _COUNTERS[device] = fresh
-    return fresh
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
@@ -358,7 +388,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     k_per_split = cdiv(cdiv(k, split), plan.block_k) * plan.block_k
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-        counters = _tile_counters(x.device, grid[0] * grid[1])
+        counters = split_counters(x.device, grid[0] * grid[1])
     else:  # single pass: no workspace (any tensor serves as the unused pointers)
         part = counters = scale
     parts = 0 if norm_sumsq is None else norm_sumsq.shape[0]

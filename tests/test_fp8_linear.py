@@ -7,11 +7,10 @@ import dataclasses
 
 import pytest
 import torch
-from polarc.plugins._triton_util import cdiv, next_pow2
+from polarc.plugins._triton_util import cdiv, next_pow2, split_counters
 from polarc.plugins.fp8_linear import (
     Fp8LinearPlan,
     _fp8_linear_kernel,
-    _tile_counters,
     fp8_linear,
     fp8_linear_reference,
     plan_fp8_linear,
@@ -119,7 +118,7 @@ def test_split_k_counters_reset_so_calls_repeat_exactly():
     first = fp8_linear(x, w, scale, b, plan=plan)
     second = fp8_linear(x, w, scale, b, plan=plan)
     assert torch.equal(first, second)
-    assert (_tile_counters(x.device, 1) == 0).all()
+    assert (split_counters(x.device, 1) == 0).all()
 
 
 @needs_kernel
@@ -131,11 +130,11 @@ def test_planned_split_matches_reference():
     assert _rel(fp8_linear(x, w, scale), fp8_linear_reference(x.double(), w, scale)) < 2e-3
 
 
-def test_tile_counters_grow_and_start_at_zero():
-    small = _tile_counters(torch.device("cpu"), 3)
-    big = _tile_counters(torch.device("cpu"), small.numel() + 1)
+def test_split_counters_grow_and_start_at_zero():
+    small = split_counters(torch.device("cpu"), 3)
+    big = split_counters(torch.device("cpu"), small.numel() + 1)
     assert big.numel() > small.numel() and big.dtype == torch.int32 and (big == 0).all()
-    assert _tile_counters(torch.device("cpu"), 3) is big  # cached
+    assert split_counters(torch.device("cpu"), 3) is big  # cached
 
 
 LLAMA_DECODE = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
@@ -402,3 +401,30 @@ def test_gpu_llama_o_residual_then_normed_gate_up_bf16(m):
     want = fp8_linear_reference(h2, w_up, s_up, swiglu=True, norm_weight=weight,
                                 norm_sumsq=sumsq, norm_eps=1e-5)
     assert _rel(got, want) < 1e-2
+
+
+@needs_kernel
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("n, k, tile", [(48, 300, (16, 32)), (64, 256, (32, 128)),
+                                        (256, 128, (128, 128))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_widen_matches_its_torch_form_bitwise(swiglu, n, k, tile, dtype):
+    """The Triton widen of a tiled float8 weight (prefill's, for cuBLAS) against
+    `widen_fp8`, which defines it: bitwise, padded tiles and SwiGLU's paired rows included."""
+    from polarc.plugins.fp8_linear import fp8_widen
+
+    from polarc.format.engine_file import tile_fp8, widen_fp8
+
+    _, w, scale, _ = _inputs(1, n, k, torch.float32)
+    tiles = tile_fp8(w, swiglu=swiglu, tile=tile)
+    got = fp8_widen(tiles, scale, k, dtype, swiglu=swiglu)
+    assert torch.equal(got, widen_fp8(tiles, scale, k, dtype, swiglu=swiglu))
+
+
+@needs_kernel
+def test_widen_refuses_weights_that_are_not_tiles():
+    from polarc.plugins.fp8_linear import fp8_widen
+
+    _, w, scale, _ = _inputs(1, 16, 64, torch.float32)
+    with pytest.raises(ValueError, match="fp8_widen: w must be contiguous float8_e4m3fn tiles"):
+        fp8_widen(w, scale, 64, torch.float32)

@@ -95,7 +95,10 @@ class Kernels:
                 w = untile_fp8(w, scale.shape[0], k, swiglu=paired)
             y = reference.fp8_linear_reference(x2, w, scale, bias, **norm)
         elif not self._fp8_kernel(w, x2.shape[0]) or paired:
-            y = F.linear(x2, widen_fp8(w, scale, k, x2.dtype, swiglu=paired), bias)
+            from polarc.plugins.fp8_linear import fp8_widen
+
+            widen = fp8_widen if w.dim() == 4 else widen_fp8
+            y = F.linear(x2, widen(w, scale, k, x2.dtype, swiglu=paired), bias)
         else:
             from polarc.plugins.fp8_linear import fp8_linear
 
