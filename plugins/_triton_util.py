@@ -43,23 +43,3 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least `n` int32 counters on `device`, all zero, for kernels whose last split of a
-    piece of work finishes it (the FP8 linear's split-K, attention's splits); each kernel
-    resets the counters it uses, so kernels in sequence on one stream share them. Allocated
-    once per device and grown when needed: a per-call torch.zeros would cost a memset launch
-    per call. Under CUDA-graph capture a too-small cache is not
-    replaced (the new buffer would live in the graph's private pool and its memset runs only
-    on replay): that graph gets its own zeroed buffer, its memset captured with it."""
-    have = _COUNTERS.get(device)
-    if have is not None and have.numel() >= n:
-        return have
-    fresh = torch.zeros(max(1024, next_pow2(n)), dtype=torch.int32, device=device)
-    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        _COUNTERS[device] = fresh
-    return fresh

@@ -31,7 +31,7 @@ whole number of BLOCK_K each). Each split stores its fp32 partial to a workspace
 sees ``split_k - 1`` adds the partials in split order (deterministic whichever finishes last),
 runs the epilogue and resets the counter to 0. One launch, no host sync, no memset:
 CUDA-graph safe. The partials are allocated per call (caching allocator, no launch); the
-counters once per device, zeroed, and kept zero by the kernel (`split_counters`). So split
+counters once per device, zeroed, and kept zero by the kernel (`_tile_counters`). So split
 calls on one device must not run concurrently on two streams (they would share counters);
 calls in sequence on one stream, graphs included, are fine.
 
@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import cdiv, check_launchable, next_pow2, num_sms, split_counters
+from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
 from .reference import FP8, fp8_linear_reference
 
 __all__ = ["Fp8LinearPlan", "fp8_linear", "fp8_linear_reference", "fp8_widen", "plan_fp8_linear"]
@@ -58,12 +58,9 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _fp8_linear_finish(acc, Scale, Bias, Y, R, SumsqOut, offs_m, rows, mask_m, mask_n, M,
-                       stride_ym, stride_rm, pid_n, N, HAS_BIAS: tl.constexpr,
-                       SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Epilogue: per-channel scale, bias (of weight rows `rows`), SwiGLU, cast, store; with
-    RESIDUAL the cast product is added to R's tile (rounded as ``r + y`` in x's dtype is) and
-    each row's sum of squares over the tile goes to SumsqOut[pid_n] (the next RMSNorm's)."""
+def _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n, N,
+                       HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Epilogue: per-channel scale, bias (of weight rows `rows`), SwiGLU, cast, store."""
     acc = acc * tl.load(Scale + rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(Bias + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -74,15 +71,8 @@ def _fp8_linear_finish(acc, Scale, Bias, Y, R, SumsqOut, offs_m, rows, mask_m, m
                  (gate * tl.sigmoid(gate) * up).to(Y.dtype.element_ty),
                  mask=mask_m[:, None] & (offs_c < N // 2)[None, :])
     else:
-        mask = mask_m[:, None] & mask_n[None, :]
-        y = acc.to(Y.dtype.element_ty)
-        if RESIDUAL:
-            r = tl.load(R + offs_m[:, None].to(tl.int64) * stride_rm + rows[None, :], mask=mask,
-                        other=0.0)
-            y = (r.to(tl.float32) + y.to(tl.float32)).to(Y.dtype.element_ty)
-            yf = y.to(tl.float32)
-            tl.store(SumsqOut + pid_n * M + offs_m, tl.sum(yf * yf, axis=1), mask=mask_m)
-        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :], y, mask=mask)
+        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
+                 acc.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
@@ -99,14 +89,13 @@ def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
 # per plan instead of three; the row mask is all M feeds.
 @triton.jit(do_not_specialize=["M"])
 def _fp8_linear_kernel(
-    X, W, Scale, Bias, Y, Part, Counters, R, SumsqOut, NormW, NormSumsq,
-    M, N, K, k_per_split, norm_parts, norm_eps,
-    stride_xm, stride_ym, stride_pk, stride_rm,
+    X, W, Scale, Bias, Y, Part, Counters,
+    M, N, K, k_per_split,
+    stride_xm, stride_ym, stride_pk,
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
     SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
-    RESIDUAL: tl.constexpr = False, NORM_PARTS: tl.constexpr = 0,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -117,11 +106,7 @@ def _fp8_linear_kernel(
     SWIGLU: w is [gate; up] and the program's block pairs the two (`_weight_rows`), so the
     epilogue writes ``silu(gate) * up`` of BLOCK_N / 2 channels (y is ``[M, N / 2]``).
     TILED: w is laid out tile by tile (module docstring), so each K block of a program's
-    weight is one contiguous BLOCK_N x BLOCK_K run of bytes, zero-padded past N and K.
-    RESIDUAL: the epilogue adds R and sums squares (`_fp8_linear_finish`). NORM_PARTS > 0: x
-    is a residual stream that the prologue RMS-normalizes as it reads: each row's sum of
-    squares is the sum of NormSumsq's ``norm_parts`` rows (NORM_PARTS: that count's next power
-    of two), then ``NormW * (x * rsqrt(sumsq / K + norm_eps))`` rounded as `norm` rounds."""
+    weight is one contiguous BLOCK_N x BLOCK_K run of bytes, zero-padded past N and K."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -144,21 +129,12 @@ def _fp8_linear_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if NORM_PARTS > 0:
-        offs_p = tl.arange(0, NORM_PARTS)
-        sumsq = tl.load(NormSumsq + offs_p[:, None] * M + offs_m[None, :],
-                        mask=(offs_p < norm_parts)[:, None] & mask_m[None, :], other=0.0)
-        inv_rms = tl.math.rsqrt(tl.sum(sumsq, axis=0) / K + norm_eps)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
         else:
             mask_k = (k0 + offs_k) < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if NORM_PARTS > 0:  # torch's rounding: the normed row in x's dtype, then the weight
-            g = tl.load(NormW + k0 + offs_k, mask=(k0 + offs_k) < K, other=0.0)
-            x = (x.to(tl.float32) * inv_rms[:, None]).to(x.dtype)
-            x = (g.to(tl.float32)[None, :] * x.to(tl.float32)).to(x.dtype)
         if TILED:  # padded: no mask
             w = tl.load(w_ptrs)
         elif EVEN_K:
@@ -181,8 +157,8 @@ def _fp8_linear_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
     if SPLIT_K == 1:
-        _fp8_linear_finish(acc, Scale, Bias, Y, R, SumsqOut, offs_m, rows, mask_m, mask_n, M,
-                           stride_ym, stride_rm, pid_n, N, HAS_BIAS, SWIGLU, RESIDUAL, BLOCK_N)
+        _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n,
+                           N, HAS_BIAS, SWIGLU, BLOCK_N)
     else:
         mask = mask_m[:, None] & mask_n[None, :]
         part = Part + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -195,9 +171,8 @@ def _fp8_linear_kernel(
             for _ in tl.static_range(SPLIT_K):  # split order, not arrival order: deterministic
                 total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # skip L1
                 part += stride_pk
-            _fp8_linear_finish(total, Scale, Bias, Y, R, SumsqOut, offs_m, rows, mask_m, mask_n,
-                               M, stride_ym, stride_rm, pid_n, N, HAS_BIAS, SWIGLU, RESIDUAL,
-                               BLOCK_N)
+            _fp8_linear_finish(total, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym,
+                               pid_n, N, HAS_BIAS, SWIGLU, BLOCK_N)
             tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")  # zero for next call
 
 
@@ -281,7 +256,9 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     and above 32 rows BLOCK_K drops to 64 (the MMA work per byte grows, and more stages fit).
     BLOCK_M is the MMA's 16, else the rows' next power of two up to 64. Pipeline stages: 3
     for decode rows (a step's GEMMs on tiled weights 2-3% faster than 4 on the H100; 2 and 5
-    slower, 2026-12-06), 4 above.
+    slower, 2026-12-06), except 4 where the GEMM has at most one program per SM (the bytes
+    one program keeps in flight are then all its SM streams: a step's GEMMs 1.5% faster at
+    32 rows on the H100, 2026-12-06), and 4 above decode rows.
     """
     block_m = min(64, max(16, next_pow2(m)))
     decode = m <= _DECODE_ROWS
@@ -290,8 +267,29 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     k_blocks = cdiv(k, block_k)
     splits = [s for s in ((1, 2, 4, 8) if m <= _SPLIT_8_ROWS else (1, 2, 4)) if s <= k_blocks]
     split = next((s for s in splits if tiles * s >= _PROGRAMS_PER_SM * sms), splits[-1])
-    return Fp8LinearPlan(block_m, 128, block_k, num_warps=4, num_stages=3 if decode else 4,
-                         split_k=split)
+    # (one program per SM or fewer: one more stage in flight; at 32 rows on the H100 Llama-3-8B's
+    # o and down take it, -1.5% for a step's GEMMs, and more GEMMs taking it was slower)
+    few = tiles * split <= sms
+    return Fp8LinearPlan(block_m, 128, block_k, num_warps=4,
+                         num_stages=4 if few or not decode else 3, split_k=split)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """At least `tiles` int32 split-K counters on `device`, all zero (the kernel resets each
+    one it uses). Allocated once per device and grown when needed: a per-call torch.zeros
+    would cost a memset launch per call. Under CUDA-graph capture a too-small cache is not
+    replaced (the new buffer would live in the graph's private pool and its memset runs only
+    on replay): that graph gets its own zeroed buffer, its memset captured with it."""
+    have = _COUNTERS.get(device)
+    if have is not None and have.numel() >= tiles:
+        return have
+    fresh = torch.zeros(max(1024, next_pow2(tiles)), dtype=torch.int32, device=device)
+    if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        _COUNTERS[device] = fresh
+    return fresh
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
@@ -321,23 +319,11 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-               plan: Fp8LinearPlan | None = None, swiglu: bool = False,
-               residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-               norm_sumsq: torch.Tensor | None = None, norm_eps: float = 0.0,
-               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+               plan: Fp8LinearPlan | None = None, swiglu: bool = False) -> torch.Tensor:
     """``x @ (w * scale[:, None]).T + bias`` (layouts: module docstring); returns ``[M, N]``.
     `swiglu`: w holds a SwiGLU MLP's gate rows then its up rows (``[2F, K]``, the fused
     ``gate_up``); returns ``silu(gate) * up`` ``[M, F]``, computed in fp32 before the one
     rounding to x's dtype, with no ``[M, 2F]`` product written or read again.
-
-    The residual stream's add and RMSNorm, folded into the GEMMs on either side of them (a
-    decoder layer's ``o`` / ``down`` and the next ``qkv`` / ``gate_up`` / LM head), so that
-    no launch of their own is left: `residual` ``[M, N]`` (x's dtype, contiguous last axis):
-    returns ``(h, sumsq)``, ``h = residual + y`` and ``sumsq`` ``[P, M]`` fp32, each output
-    tile's per-row sums of squares of h (P tiles; summed over P: the row's). `norm_weight`
-    ``[K]`` with `norm_sumsq` ``[P, M]`` (such a sumsq of x) and `norm_eps`: x is the stream,
-    normalized as it is read, ``norm_weight * (x * rsqrt(sumsq / K + eps))`` (RMSNorm,
-    rounded to x's dtype after each product as `polarc.models.layers.norm` is).
 
     Example::
 
@@ -350,35 +336,17 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     tiled = w.dim() == 4
     if swiglu and n % 2:
         raise ValueError(f"fp8_linear: swiglu needs gate and up rows, an even N, got N={n}")
-    if swiglu and residual is not None:
-        raise ValueError("fp8_linear: residual and swiglu do not combine")
-    if residual is not None and (residual.shape != (m, n) or residual.dtype != x.dtype
-                                 or residual.stride(-1) != 1):
-        raise ValueError(f"fp8_linear: residual must be {x.dtype} [{m}, {n}] with a contiguous "
-                         f"last axis, got {residual.dtype} {tuple(residual.shape)}")
-    if (norm_weight is None) != (norm_sumsq is None):
-        raise ValueError("fp8_linear: norm_weight and norm_sumsq go together")
-    if norm_weight is not None and (tuple(norm_weight.shape) != (k,) or norm_weight.stride(0) != 1
-                                    or norm_sumsq.dtype != torch.float32
-                                    or norm_sumsq.dim() != 2 or norm_sumsq.shape[1] != m
-                                    or not norm_sumsq.is_contiguous()):
-        raise ValueError(f"fp8_linear: norm_weight must be contiguous [K={k}] and norm_sumsq "
-                         f"contiguous float32 [P, M={m}], got {tuple(norm_weight.shape)} and "
-                         f"{norm_sumsq.dtype} {tuple(norm_sumsq.shape)}")
     n_out = n // 2 if swiglu else n
     if out is None:
         out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n_out) or out.dtype != x.dtype or out.stride(-1) != 1:
         raise ValueError(f"fp8_linear: out must be {x.dtype} [{m}, {n_out}] with a contiguous "
                          "last axis")
+    if m == 0:
+        return out
     plan = plan or plan_fp8_linear(m, n, k, sms=num_sms(x.device))
     if tiled:  # the layout's tile is the program's
         plan = dataclasses.replace(plan, block_n=w.shape[2], block_k=w.shape[3])
-    # (every tile writes its rows: no memset)
-    sumsq = torch.empty(cdiv(n, plan.block_n), m, dtype=torch.float32, device=x.device) \
-        if residual is not None else None
-    if m == 0:
-        return out if residual is None else (out, sumsq)
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
@@ -388,21 +356,14 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     k_per_split = cdiv(cdiv(k, split), plan.block_k) * plan.block_k
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-        counters = split_counters(x.device, grid[0] * grid[1])
+        counters = _tile_counters(x.device, grid[0] * grid[1])
     else:  # single pass: no workspace (any tensor serves as the unused pointers)
         part = counters = scale
-    parts = 0 if norm_sumsq is None else norm_sumsq.shape[0]
     _fp8_linear_kernel[grid](
         x, w, scale, bias if bias is not None else scale, out, part, counters,
-        residual if residual is not None else scale, sumsq if sumsq is not None else scale,
-        norm_weight if norm_weight is not None else scale,
-        norm_sumsq if norm_sumsq is not None else scale,
-        m, n, k, k_per_split, parts, float(norm_eps),
-        x.stride(0), out.stride(0), m * n, residual.stride(0) if residual is not None else 0,
+        m, n, k, k_per_split, x.stride(0), out.stride(0), m * n,
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWAP_AB=plan.swap_ab, SWIGLU=swiglu,
-        TILED=tiled, RESIDUAL=residual is not None,
-        NORM_PARTS=max(2, next_pow2(parts)) if parts else 0,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
-    return out if residual is None else (out, sumsq)
+        TILED=tiled, num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return out

@@ -71,31 +71,18 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                         bias: torch.Tensor | None = None, swiglu: bool = False, *,
-                         residual: torch.Tensor | None = None,
-                         norm_weight: torch.Tensor | None = None,
-                         norm_sumsq: torch.Tensor | None = None, norm_eps: float = 0.0,
-                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                         bias: torch.Tensor | None = None, swiglu: bool = False
+                         ) -> torch.Tensor:
     """``x @ (w * scale[:, None]).T + bias`` for a float8 weight ``w [N, K]`` with a scale per
     output channel ``scale [N]`` (fp32 math, x's dtype out). `swiglu`: w's rows are a SwiGLU
-    MLP's gate then up (N = 2F): ``silu(gate) * up`` ``[.., F]``, rounded once at the end.
-    `residual` ``[M, N]``: returns ``(residual + y, sumsq)``, sumsq ``[1, M]`` fp32 the new
-    rows' sums of squares. `norm_weight` ``[K]``, `norm_sumsq` ``[P, M]`` (summed over P) and
-    `norm_eps`: x is RMS-normalized first, ``norm_weight * (x * rsqrt(sumsq / K + eps))``,
-    rounded to x's dtype after each product as `polarc.models.layers.norm` is."""
-    if norm_weight is not None:
-        inv_rms = torch.rsqrt(norm_sumsq.float().sum(0) / x.shape[-1] + norm_eps)
-        x = norm_weight * (x.float() * inv_rms[:, None]).to(x.dtype)
+    MLP's gate then up (N = 2F): ``silu(gate) * up`` ``[.., F]``, rounded once at the end."""
     y = _acc(x) @ (w.to(_acc(x).dtype) * scale.to(_acc(x).dtype)[:, None]).T
     if bias is not None:
         y = y + _acc(bias)
     if swiglu:
         gate, up = y.chunk(2, dim=-1)
         y = torch.nn.functional.silu(gate) * up
-    if residual is None:
-        return y.to(x.dtype)
-    h = residual + y.to(x.dtype)
-    return h, h.float().pow(2).sum(-1)[None]
+    return y.to(x.dtype)
 
 
 def gather_pages(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

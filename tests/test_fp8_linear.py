@@ -7,10 +7,11 @@ import dataclasses
 
 import pytest
 import torch
-from polarc.plugins._triton_util import cdiv, next_pow2, split_counters
+from polarc.plugins._triton_util import cdiv, next_pow2
 from polarc.plugins.fp8_linear import (
     Fp8LinearPlan,
     _fp8_linear_kernel,
+    _tile_counters,
     fp8_linear,
     fp8_linear_reference,
     plan_fp8_linear,
@@ -118,7 +119,7 @@ def test_split_k_counters_reset_so_calls_repeat_exactly():
     first = fp8_linear(x, w, scale, b, plan=plan)
     second = fp8_linear(x, w, scale, b, plan=plan)
     assert torch.equal(first, second)
-    assert (split_counters(x.device, 1) == 0).all()
+    assert (_tile_counters(x.device, 1) == 0).all()
 
 
 @needs_kernel
@@ -130,11 +131,11 @@ def test_planned_split_matches_reference():
     assert _rel(fp8_linear(x, w, scale), fp8_linear_reference(x.double(), w, scale)) < 2e-3
 
 
-def test_split_counters_grow_and_start_at_zero():
-    small = split_counters(torch.device("cpu"), 3)
-    big = split_counters(torch.device("cpu"), small.numel() + 1)
+def test_tile_counters_grow_and_start_at_zero():
+    small = _tile_counters(torch.device("cpu"), 3)
+    big = _tile_counters(torch.device("cpu"), small.numel() + 1)
     assert big.numel() > small.numel() and big.dtype == torch.int32 and (big == 0).all()
-    assert split_counters(torch.device("cpu"), 3) is big  # cached
+    assert _tile_counters(torch.device("cpu"), 3) is big  # cached
 
 
 LLAMA_DECODE = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
@@ -151,6 +152,16 @@ def test_plan_decode_keeps_every_sm_streaming(m, n, k):
     most = 8 if m <= 16 else 4
     assert tiles * p.split_k >= 1.5 * 132 or p.split_k == most
     assert p.split_k == 1 or tiles * (p.split_k // 2) < 1.5 * 132
+
+
+def test_plan_streams_deeper_where_a_gemm_has_one_program_per_sm():
+    """3 pipeline stages for decode rows, 4 where the programs do not outnumber the SMs (at 32
+    rows Llama-3-8B's o and down: 32 tiles x 4 splits on 132 SMs) and above decode rows."""
+    assert plan_fp8_linear(32, 4096, 14336, sms=132).num_stages == 4
+    assert plan_fp8_linear(32, 4096, 4096, sms=132).num_stages == 4
+    assert plan_fp8_linear(32, 6144, 4096, sms=132).num_stages == 3  # 48 tiles x 4 splits
+    assert plan_fp8_linear(16, 4096, 14336, sms=132).num_stages == 3  # 8 splits: 256
+    assert plan_fp8_linear(256, 4096, 4096, sms=132).num_stages == 4
 
 
 def test_plan_splits_decode_but_not_large_batches():
@@ -281,126 +292,6 @@ def test_widen_fp8_from_rows_and_tiles(swiglu, n, k, tile):
         assert torch.equal(widen_fp8(w, scale, k, dtype), want)
         tiled = tile_fp8(w, swiglu=swiglu, tile=tile)
         assert torch.equal(widen_fp8(tiled, scale, k, dtype, swiglu=swiglu), want)
-
-
-def _stream_and_norm(m, k, dtype, parts, seed=0):
-    """A residual stream x [M, K], an RMSNorm weight and x's sums of squares in `parts` column
-    ranges (as a producing GEMM's tiles leave them)."""
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(m, k, generator=g) * 3).to(DEVICE, dtype)
-    weight = (1 + torch.randn(k, generator=g) / 4).to(DEVICE, dtype)
-    sumsq = torch.stack([c.float().pow(2).sum(-1) for c in x.tensor_split(parts, dim=1)])
-    return x, weight, sumsq.contiguous()
-
-
-@needs_kernel
-@pytest.mark.parametrize("tiled", [False, True])
-@pytest.mark.parametrize("swap_ab", [False, True])
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("m, n, k, bias", [(5, 40, 200, True), (17, 48, 96, False)])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_residual_epilogue_matches_reference(tiled, swap_ab, split, m, n, k, bias, dtype, tol):
-    """``residual + x @ W.T`` and each output tile's per-row sums of squares of the sum (what
-    the next RMSNorm needs): the tiles' sums add up to the rows'."""
-    from polarc.format.engine_file import tile_fp8
-
-    x, w, scale, b = _inputs(m, n, k, dtype, bias=bias, seed=split)
-    residual = torch.randn(m, n, generator=torch.Generator().manual_seed(9)).to(DEVICE, dtype)
-    plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
-                         split_k=split, swap_ab=swap_ab)
-    weight = tile_fp8(w, tile=(16, 32)) if tiled else w
-    h, sumsq = fp8_linear(x, weight, scale, b, plan=plan, residual=residual)
-    want_h, want_sumsq = fp8_linear_reference(x, w, scale, b, residual=residual)
-    assert sumsq.shape == (cdiv(n, 16), m) and sumsq.dtype == torch.float32
-    assert _rel(h, want_h) < tol
-    assert _rel(sumsq.sum(0), want_sumsq[0]) < tol
-    assert _rel(want_h, residual.double() + fp8_linear_reference(x.double(), w, scale, b)) < tol
-    assert torch.allclose(want_sumsq[0], want_h.float().pow(2).sum(-1))
-
-
-@needs_kernel
-@pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize("split", [1, 3])
-@pytest.mark.parametrize("parts", [1, 3, 5])
-@pytest.mark.parametrize("m, n, k", [(5, 40, 200), (17, 48, 96)])
-@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_norm_prologue_matches_reference(swiglu, split, parts, m, n, k, dtype, tol):
-    """x is the residual stream and the kernel RMS-normalizes it as it reads, from sums of
-    squares in parts: the same as normalizing first (`polarc.models.layers.norm`)."""
-    from polarc.models.layers import norm
-
-    x, w, scale, _ = _inputs(m, n, k, dtype, seed=split)
-    stream, weight, sumsq = _stream_and_norm(m, k, dtype, parts)
-    plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
-                         split_k=split)
-    got = fp8_linear(stream, w, scale, plan=plan, swiglu=swiglu, norm_weight=weight,
-                     norm_sumsq=sumsq, norm_eps=1e-5)
-    want = fp8_linear_reference(stream, w, scale, swiglu=swiglu, norm_weight=weight,
-                                norm_sumsq=sumsq, norm_eps=1e-5)
-    assert _rel(got, want) < tol
-    normed = norm(stream, weight, None, 1e-5)
-    assert _rel(want, fp8_linear_reference(normed, w, scale, swiglu=swiglu)) < tol
-
-
-@needs_kernel
-def test_residual_then_norm_chain_matches_the_unfused_layer():
-    """o with the add, then gate_up reading the normed stream: the two-launch form of ``h +=
-    o(a); y = gate_up(norm(h))``, against the three stages apart."""
-    from polarc.models.layers import norm
-
-    a, w_o, s_o, _ = _inputs(6, 64, 48, torch.float32, seed=1)
-    _, w_up, s_up, _ = _inputs(6, 80, 64, torch.float32, seed=2)
-    h = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    weight = torch.rand(64, generator=torch.Generator().manual_seed(4)).to(DEVICE) + 0.5
-    plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2)
-    h2, sumsq = fp8_linear(a, w_o, s_o, plan=plan, residual=h)
-    got = fp8_linear(h2, w_up, s_up, plan=plan, swiglu=True, norm_weight=weight,
-                     norm_sumsq=sumsq, norm_eps=1e-6)
-    h_want = h + fp8_linear_reference(a, w_o, s_o)
-    want = fp8_linear_reference(norm(h_want, weight, None, 1e-6), w_up, s_up, swiglu=True)
-    assert _rel(h2, h_want) < 1e-5 and _rel(got, want) < 1e-5
-
-
-@needs_kernel
-@pytest.mark.parametrize(("change", "message"), [
-    (dict(swiglu=True), "residual and swiglu do not combine"),
-    (dict(residual=torch.zeros(3, 15)), r"residual must be torch.float32 \[3, 16\]"),
-    (dict(residual=None, norm_weight=torch.ones(64)), "norm_weight and norm_sumsq go together"),
-    (dict(residual=None, norm_weight=torch.ones(63), norm_sumsq=torch.ones(2, 3)),
-     r"norm_weight must be contiguous \[K=64\]"),
-    (dict(residual=None, norm_weight=torch.ones(64), norm_sumsq=torch.ones(2, 4)),
-     r"norm_sumsq contiguous float32 \[P, M=3\]"),
-])
-def test_fused_norm_inputs_raise_clear_errors(change, message):
-    args = dict(residual=torch.zeros(3, 16))
-    args.update(change)
-    with pytest.raises(ValueError, match=message):
-        fp8_linear(torch.randn(3, 64), torch.zeros(16, 64).to(torch.float8_e4m3fn),
-                   torch.ones(16), **args)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("m", [1, 32, 256])
-def test_gpu_llama_o_residual_then_normed_gate_up_bf16(m):
-    """Llama-3-8B's o with the residual add, then its gate_up reading the normed stream, at
-    the planner's plans on tiled weights, against the references."""
-    from polarc.format.engine_file import tile_fp8
-
-    a, w_o, s_o, _ = _inputs(m, 4096, 4096, torch.bfloat16, seed=1)
-    _, w_up, s_up, _ = _inputs(m, 2 * 14336, 4096, torch.bfloat16, seed=2)
-    h = (torch.randn(m, 4096, generator=torch.Generator().manual_seed(3)) * 4).to(
-        DEVICE, torch.bfloat16)
-    weight = (torch.rand(4096, generator=torch.Generator().manual_seed(4)) + 0.5).to(
-        DEVICE, torch.bfloat16)
-    h2, sumsq = fp8_linear(a, tile_fp8(w_o), s_o, residual=h)
-    h_want, sumsq_want = fp8_linear_reference(a, w_o, s_o, residual=h)
-    assert _rel(h2, h_want) < 1e-2 and _rel(sumsq.sum(0), sumsq_want[0]) < 1e-2
-    got = fp8_linear(h2, tile_fp8(w_up, swiglu=True), s_up, swiglu=True, norm_weight=weight,
-                     norm_sumsq=sumsq, norm_eps=1e-5)
-    want = fp8_linear_reference(h2, w_up, s_up, swiglu=True, norm_weight=weight,
-                                norm_sumsq=sumsq, norm_eps=1e-5)
-    assert _rel(got, want) < 1e-2
 
 
 @needs_kernel

@@ -24,8 +24,6 @@ from polarc.models.layers import (
     embed,
     final_logits,
     linear,
-    norm,
-    norm_after,
     rope_cos_sin,
 )
 from polarc.models.load import Model
@@ -115,13 +113,12 @@ def run_layer(
             hidden_act = hidden_act * keep.to(hidden_act.dtype)
         return linear(model, hidden_act, p + "down")
 
-    x = norm(h, *norm_after(model, layer - 1), spec.norm_eps)
-    h, _ = decoder_layer(model, layer, h, x, rope, attend,
-                         mlp=relu_mlp if spec.relu_mlp else None, norm_next=False)
+    h, delta = decoder_layer(model, layer, h, torch.zeros_like(h), rope, attend,
+                             mlp=relu_mlp if spec.relu_mlp else None)
     if observe is not None:
         observe(LayerObservation(layer, seen["attn_in"], seen["norms"], seen.get("active"),
                                  seen.get("mlp_in"), seen.get("kv_absmax"), seen.get("key_sum")))
-    return h
+    return h + delta
 
 
 @torch.no_grad()

@@ -8,11 +8,9 @@
 
 What differs is an argument, not a copy: `attend` (the attention over past positions), `mlp`
 (the dense MLP or the runtime's selective one) and `ops` (the element-wise stages, which the
-decode step compiles on CUDA). A layer takes and returns ``(h, x)``: the hidden state and
-its norm by the next norm in line (the next layer's ``attn_norm``, the model's ``norm`` after
-the last layer), so each residual add and the norm after it are one stage (`add_norm`), or
-none of their own where the runtime folds them into the linear layers on either side
-(`Ops.linear_add_norm`, `PendingNorm`).
+decode step compiles on CUDA). The layer returns its output as ``(h, delta)`` with ``h +
+delta`` the true hidden state, so the next layer adds the residual inside its first norm (one
+pass instead of two on the decode path).
 
 Weights (`Model.weights`, internal names), per layer with prefix ``layers.{i}.``:
 ``attn_norm``, ``mlp_norm`` (``.weight``, and ``.bias`` for LayerNorm models); ``qkv.weight``
@@ -29,7 +27,6 @@ Shapes: hidden ``h [B, T, d]``; ``q [B, T, Hq, D]``; ``k``, ``v [B, T, Hkv, D]``
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -91,30 +88,10 @@ def linear(model: Model, x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class PendingNorm:
-    """An RMSNorm not yet applied: the hidden state `h` ``[..., d]``, its rows' sums of squares
-    in parts (`sumsq` ``[P, rows]`` fp32, rows = h's leading dims flattened; summed over P:
-    the row's), and the norm's `weight` and `eps`. What `Ops.linear_add_norm` returns where a
-    runtime's linear layers normalize their input as they read it; `materialize` gives the
-    normed tensor for anything else."""
-
-    h: torch.Tensor
-    sumsq: torch.Tensor
-    weight: torch.Tensor
-    eps: float
-
-    def materialize(self) -> torch.Tensor:
-        inv_rms = torch.rsqrt(self.sumsq.sum(0) / self.h.shape[-1] + self.eps)
-        hf = self.h.float()
-        return self.weight * (hf * inv_rms.view(*hf.shape[:-1], 1)).to(self.h.dtype)
-
-
-@dataclass(frozen=True)
 class Ops:
     """The stages of a layer that a runtime may swap: the element-wise ones (eager here; the
     decode step compiles them; its `rope_qk` also turns an FP8 cache's queries and keys into
-    the cache's basis) and the linear layers (the runtime's reads float8 weights, and a
-    `PendingNorm` as its input)."""
+    the cache's basis) and the linear layers (the runtime's reads float8 weights)."""
 
     add_norm: Callable = add_norm
     rope_qk: Callable = rope_qk
@@ -123,10 +100,6 @@ class Ops:
     # (model, x, name) -> swiglu(linear(model, x, name)) in one kernel, or None where the
     # runtime has no such kernel for that layer (then the two stages run)
     linear_swiglu: Callable | None = None
-    # (model, x, name, h, weight, bias, eps) -> (h + linear(model, x, name), its norm as a
-    # `PendingNorm`) with no launch of the add's or the norm's own, or None where the runtime
-    # has no such kernel for that layer (then `linear` and `add_norm` run)
-    linear_add_norm: Callable | None = None
 
 
 EAGER = Ops()
@@ -180,89 +153,48 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
     return o.transpose(1, 2)
 
 
-def norm_after(model: Model, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight and bias (None: RMSNorm) of the norm after layer `layer`: the next layer's
-    attention norm, the model's final norm after the last layer (-1: layer 0's)."""
-    w = model.weights
-    if layer + 1 == model.spec.n_layers:
-        return w["norm.weight"], w.get("norm.bias")
-    p = f"layers.{layer + 1}.attn_norm"
-    return w[p + ".weight"], w.get(p + ".bias")
-
-
-def linear_add_norm(model: Model, x: torch.Tensor, name: str, h: torch.Tensor,
-                    weight: torch.Tensor, bias: torch.Tensor | None, ops: Ops = EAGER
-                    ) -> tuple[torch.Tensor, torch.Tensor | PendingNorm]:
-    """``h + linear(x)`` and its norm: in the linear layers' kernels where the runtime's ops
-    can (`Ops.linear_add_norm`), else the linear then `add_norm`."""
-    eps = model.spec.norm_eps
-    if ops.linear_add_norm is not None:
-        fused = ops.linear_add_norm(model, x, name, h, weight, bias, eps)
-        if fused is not None:
-            return fused
-    return ops.add_norm(h, ops.linear(model, x, name), weight, bias, eps)
-
-
-def first_layer_input(model: Model, h: torch.Tensor, ops: Ops = EAGER
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, x)`` for layer 0 from the embeddings h: x is h through layer 0's norm."""
-    return ops.add_norm(torch.zeros_like(h), h, *norm_after(model, -1), model.spec.norm_eps)
+def dense_mlp(model: Model, layer: int, x: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
+    p = f"layers.{layer}."
+    if model.spec.relu_mlp:
+        return ops.linear(model, F.relu(ops.linear(model, x, p + "up")), p + "down")
+    act = ops.linear_swiglu(model, x, p + "gate_up") if ops.linear_swiglu else None
+    if act is None:
+        act = ops.swiglu(ops.linear(model, x, p + "gate_up"))
+    return ops.linear(model, act, p + "down")
 
 
 def decoder_layer(
     model: Model,
     layer: int,
     h: torch.Tensor,
-    x: torch.Tensor | PendingNorm,
+    delta: torch.Tensor,
     rope: tuple[torch.Tensor, torch.Tensor] | None,
     attend: Attend,
     *,
     mlp: Mlp | None = None,
     ops: Ops = EAGER,
-    norm_next: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | PendingNorm | None]:
-    """One decoder layer: ``(h, x)`` in (the hidden state and its norm, the attention's
-    input), ``(h, x)`` out (x: by the norm after this layer, `norm_after`; None with
-    `norm_next` False, for a caller that needs only h and holds one layer's weights at a
-    time). `attend` gets x as it comes (a `PendingNorm` where the runtime's ops make one:
-    the decode step's attend does not read it); a custom `mlp` always gets a tensor."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer: ``(h, delta)`` in (layer input = h + delta), ``(h, delta)`` out."""
     spec, w, p = model.spec, model.weights, f"layers.{layer}."
+    h, x = ops.add_norm(h, delta, w[p + "attn_norm.weight"], w.get(p + "attn_norm.bias"),
+                        spec.norm_eps)
     q, k, v, extra = split_qkv(spec, ops.linear(model, x, p + "qkv"))
     q, k = ops.rope_qk(q, k, rope)
     o = attend(layer, x, q, k, v, extra)
-    h, x = linear_add_norm(model, o.flatten(-2), p + "o", h, w[p + "mlp_norm.weight"],
-                           w.get(p + "mlp_norm.bias"), ops if mlp is None else
-                           dataclasses.replace(ops, linear_add_norm=None))
-    if mlp is not None:
-        delta = mlp(layer, x)
-    else:
-        if spec.relu_mlp:
-            act = F.relu(ops.linear(model, x, p + "up"))
-        else:
-            act = ops.linear_swiglu(model, x, p + "gate_up") if ops.linear_swiglu else None
-            if act is None:
-                act = ops.swiglu(ops.linear(model, x, p + "gate_up"))
-        if norm_next:
-            return linear_add_norm(model, act, p + "down", h, *norm_after(model, layer), ops)
-        delta = ops.linear(model, act, p + "down")
-    if not norm_next:
-        return h + delta, None
-    return ops.add_norm(h, delta, *norm_after(model, layer), spec.norm_eps)
-
-
-def head_logits(model: Model, x: torch.Tensor | PendingNorm, ops: Ops = EAGER) -> torch.Tensor:
-    """Next-token logits from the last layer's x (its output through the final norm)."""
-    return ops.linear(model, x, "lm_head")
+    attn_out = ops.linear(model, o.flatten(-2), p + "o")
+    h, x = ops.add_norm(h, attn_out, w[p + "mlp_norm.weight"], w.get(p + "mlp_norm.bias"),
+                        spec.norm_eps)
+    return h, (mlp(layer, x) if mlp is not None else dense_mlp(model, layer, x, ops))
 
 
 def final_norm(model: Model, h: torch.Tensor) -> torch.Tensor:
-    """The last layer's output normalised: the LM head's input."""
+    """The last layer's output (h + delta) normalised: the LM head's input."""
     w = model.weights
     return norm(h, w["norm.weight"], w.get("norm.bias"), model.spec.norm_eps)
 
 
 def final_logits(model: Model, h: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
-    """Next-token logits from the last layer's output h."""
+    """Next-token logits from the last layer's output (h + delta)."""
     return ops.linear(model, final_norm(model, h), "lm_head")
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from polarc.format.engine_file import untile_fp8, widen_fp8
-from polarc.models.layers import PendingNorm, apply_rope
+from polarc.models.layers import apply_rope
 from polarc.plugins import reference
 
 # Rows up to which a float8-weight GEMM runs the FP8 linear kernel (decode: bound by the
@@ -72,86 +72,49 @@ class Kernels:
     _plans: dict = field(default_factory=dict)
     _workspaces: dict = field(default_factory=dict)
 
-    def linear(self, model: Any, x: torch.Tensor | PendingNorm, name: str) -> torch.Tensor:
+    def linear(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor:
         """`model`'s linear layer `name` on x [..., K] (`layers.linear`'s contract); float8
         weights (with `<name>.weight_scale` rows; in `load_engine`'s tiles or ``[N, K]``)
-        through the FP8 linear kernel on CUDA, its reference elsewhere, either normalizing a
-        `PendingNorm` as it reads (made into a tensor first for any other path)."""
+        through the FP8 linear kernel on CUDA, its reference elsewhere."""
         w = model.weights[name + ".weight"]
         bias = model.weights.get(name + ".bias")
-        lead = (x.h if isinstance(x, PendingNorm) else x).shape[:-1]
-        # (a tiled gate_up pairs gate and up rows for `linear_swiglu`: read alone, it is
-        # widened back in order, as prefill's are)
-        paired = w.dim() == 4 and name.endswith("gate_up")
-        if isinstance(x, PendingNorm) and (paired or not self._fp8_kernel(w, lead.numel())):
-            x = x.materialize()
         if w.dtype != reference.FP8:
             return F.linear(x, w, bias)
         scale = model.weights[name + ".weight_scale"]
-        x2, norm = _rows(x)
-        k = x2.shape[-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        # (a tiled gate_up pairs gate and up rows for `linear_swiglu`: read alone, it is
+        # widened back in order, as prefill's are)
+        paired = w.dim() == 4 and name.endswith("gate_up")
         if self.device.type != "cuda":
             if w.dim() == 4:
-                w = untile_fp8(w, scale.shape[0], k, swiglu=paired)
-            y = reference.fp8_linear_reference(x2, w, scale, bias, **norm)
-        elif not self._fp8_kernel(w, x2.shape[0]) or paired:
+                w = untile_fp8(w, scale.shape[0], x.shape[-1], swiglu=paired)
+            y = reference.fp8_linear_reference(x2, w, scale, bias)
+        elif x2.shape[0] > FP8_KERNEL_ROWS or paired:
             from polarc.plugins.fp8_linear import fp8_widen
 
             widen = fp8_widen if w.dim() == 4 else widen_fp8
-            y = F.linear(x2, widen(w, scale, k, x2.dtype, swiglu=paired), bias)
+            y = F.linear(x2, widen(w, scale, x.shape[-1], x.dtype, swiglu=paired), bias)
         else:
             from polarc.plugins.fp8_linear import fp8_linear
 
-            y = fp8_linear(x2, w, scale, bias, **norm)
-        return y.view(*lead, y.shape[-1])
+            y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, scale, bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
-    def linear_swiglu(self, model: Any, x: torch.Tensor | PendingNorm, name: str
-                      ) -> torch.Tensor | None:
+    def linear_swiglu(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor | None:
         """`Ops.linear_swiglu`: a float8 ``gate_up`` layer and its SwiGLU as one FP8 linear
         launch (the epilogue pairs gate and up) on CUDA for decode-sized inputs; None
         otherwise (bf16 weights, the CPU, prefill)."""
         w = model.weights[name + ".weight"]
-        lead = (x.h if isinstance(x, PendingNorm) else x).shape[:-1]
-        if self.device.type != "cuda" or not self._fp8_kernel(w, lead.numel()):
+        x2 = x.reshape(-1, x.shape[-1])
+        if w.dtype != reference.FP8 or self.device.type != "cuda" \
+                or x2.shape[0] > FP8_KERNEL_ROWS:
             return None
         from polarc.plugins.fp8_linear import fp8_linear
 
-        x2, norm = _rows(x)
-        y = fp8_linear(x2, w, model.weights[name + ".weight_scale"],
-                       model.weights.get(name + ".bias"), swiglu=True, **norm)
-        return y.view(*lead, y.shape[-1])
-
-    def linear_add_norm(self, model: Any, x: torch.Tensor, name: str, h: torch.Tensor,
-                        weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-                        ) -> tuple[torch.Tensor, PendingNorm] | None:
-        """`Ops.linear_add_norm` for a float8 layer at decode sizes and an RMSNorm after it:
-        the FP8 linear kernel adds its product to h and leaves each row's sums of squares,
-        and the next float8 linear normalizes as it reads (`PendingNorm`): no launch for
-        the add and the norm. None otherwise (LayerNorm, bf16 weights, prefill sizes)."""
-        w = model.weights[name + ".weight"]
-        rows = h.shape[:-1].numel()
-        if bias is not None or not self._fp8_kernel(w, rows):
-            return None
-        scale = model.weights[name + ".weight_scale"]
-        x2, h2 = _rows(x)[0], h.reshape(rows, h.shape[-1])
-        lbias = model.weights.get(name + ".bias")
-        if self.device.type != "cuda":
-            if w.dim() == 4:
-                w = untile_fp8(w, scale.shape[0], x2.shape[-1])
-            out, sumsq = reference.fp8_linear_reference(x2, w, scale, lbias, residual=h2)
-        else:
-            from polarc.plugins.fp8_linear import fp8_linear
-
-            out, sumsq = fp8_linear(x2, w, scale, lbias,
-                                    residual=h2 if h2.stride(-1) == 1 else h2.contiguous())
-        out = out.view(h.shape)
-        return out, PendingNorm(out, sumsq, weight, eps)
-
-    def _fp8_kernel(self, w: torch.Tensor, rows: int) -> bool:
-        """Whether a float8 weight's product over `rows` rows takes the FP8 linear kernel
-        (its reference off CUDA)."""
-        return w.dtype == reference.FP8 and (self.device.type != "cuda"
-                                             or rows <= FP8_KERNEL_ROWS)
+        y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w,
+                       model.weights[name + ".weight_scale"], model.weights.get(name + ".bias"),
+                       swiglu=True)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cache_seqlens: torch.Tensor, groups: torch.Tensor,
@@ -187,17 +150,6 @@ class Kernels:
                                    plan=plan, workspace=workspace, check_indices=False,
                                    block_table=block_table, k_scale=k_scale, v_scale=v_scale,
                                    k_sink=k_sink, v_sink=v_sink)
-
-
-def _rows(x: torch.Tensor | PendingNorm) -> tuple[torch.Tensor, dict]:
-    """x as ``[rows, K]`` with a contiguous last axis, and the FP8 linear's norm arguments
-    (none for a tensor; a `PendingNorm`'s weight, sums of squares and eps)."""
-    t = x.h if isinstance(x, PendingNorm) else x
-    t = t.reshape(-1, t.shape[-1])
-    t = t if t.stride(-1) == 1 else t.contiguous()
-    if not isinstance(x, PendingNorm):
-        return t, {}
-    return t, dict(norm_weight=x.weight, norm_sumsq=x.sumsq, norm_eps=x.eps)
 
 
 def kernels_for(device: torch.device, head_dim: int) -> Kernels:

@@ -31,8 +31,7 @@ from polarc.models.layers import (
     causal_attention,
     decoder_layer,
     embed,
-    first_layer_input,
-    head_logits,
+    final_logits,
     rope_cos_sin,
     rope_qk,
     swiglu,
@@ -150,11 +149,8 @@ class Runtime:
         # gate_up with its SwiGLU in the same launch), the rotary stage inside the KV append
         # (both one launch where there were two and three: -0.2 ms a Llama-3-8B step on the
         # H100, RESULTS.md 2026-12-05)
-        # (and, with float8 weights, each residual add and RMSNorm folded into the FP8
-        # linears on either side: no launch of their own)
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear,
                                        linear_swiglu=self.kernels.linear_swiglu,
-                                       linear_add_norm=self.kernels.linear_add_norm,
                                        rope_qk=_rope_in_kv_append)
         # Prefill compiles them too from COMPILED_PREFILL_TOKENS on: eager element-wise stages
         # made a 2,048-token prefill 16% slower on the H200 (66.6 against 57.5 ms), while the
@@ -303,13 +299,16 @@ class Runtime:
                     out[:, o:o + n] = causal_attention(qs, keys, values, past=start)
             return out
 
-        h, x = first_layer_input(self.model, h, ops)
+        delta = torch.zeros_like(h)
         with self._prefill_attention():
             for layer in range(self.spec.n_layers):
-                h, x = decoder_layer(self.model, layer, h, x, rope, attend, ops=ops)
+                h, delta = decoder_layer(self.model, layer, h, delta, rope, attend,
+                                         ops=ops)
+        last = h + delta
         for slot, ids, start in chunks:
             self.cache.lengths[slot] = start + len(ids)
-        return [head_logits(self.model, x[0, o + n - 1], ops) for o, n, _, _ in spans]
+        return [final_logits(self.model, last[0, o + n - 1], ops)
+                for o, n, _, _ in spans]
 
     def _prefill_attention(self) -> contextlib.AbstractContextManager:
         """The attention backends prefill may use: on CUDA, `PREFILL_SDPA` (flash and
@@ -398,12 +397,13 @@ class Runtime:
             return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table,
                                           *scales, *sinks)[:, None]
 
-        h, x = first_layer_input(self.model, h, self.ops)
+        delta = torch.zeros_like(h)
         for layer in range(self.spec.n_layers):
             mlp = self.sparse_mlp if layer in self.mlp_k else None
-            h, x = decoder_layer(self.model, layer, h, x, rope, attend, mlp=mlp, ops=self.ops)
+            h, delta = decoder_layer(self.model, layer, h, delta, rope, attend, mlp=mlp,
+                                     ops=self.ops)
         seqlens.copy_(lens)
-        return head_logits(self.model, x, self.ops)[:, 0]
+        return final_logits(self.model, h + delta, self.ops)[:, 0]
 
     # ---------------------------------------------------------------------- CUDA graphs
 
