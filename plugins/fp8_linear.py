@@ -35,6 +35,9 @@ counters once per device, zeroed, and kept zero by the kernel (`_tile_counters`)
 calls on one device must not run concurrently on two streams (they would share counters);
 calls in sequence on one stream, graphs included, are fine.
 
+Prefill (hundreds of rows and up, bound by arithmetic) hands cuBLAS a bf16 weight instead:
+`fp8_widen` makes it from the tiles in one pass.
+
 The plan depends on shapes only (CUDA-graph safe). fp16 holds every e4m3 value exactly;
 activations must stay within fp16's range (|x| < 65504), true of the normalised inputs and MLP
 products of the models polarc builds.
@@ -267,8 +270,6 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     k_blocks = cdiv(k, block_k)
     splits = [s for s in ((1, 2, 4, 8) if m <= _SPLIT_8_ROWS else (1, 2, 4)) if s <= k_blocks]
     split = next((s for s in splits if tiles * s >= _PROGRAMS_PER_SM * sms), splits[-1])
-    # (one program per SM or fewer: one more stage in flight; at 32 rows on the H100 Llama-3-8B's
-    # o and down take it, -1.5% for a step's GEMMs, and more GEMMs taking it was slower)
     few = tiles * split <= sms
     return Fp8LinearPlan(block_m, 128, block_k, num_warps=4,
                          num_stages=4 if few or not decode else 3, split_k=split)
