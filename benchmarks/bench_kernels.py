@@ -229,17 +229,11 @@ def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Gen
     return fns
 
 
-# (page, block of positions, warps, stages, V position-major); None: the planner's. The first
-# three are the columns recorded before V went position-major; the fourth is the runtime's
-# layout now (pages of 128, V position-major); the rest try more warps (twice the threads for
-# the conversions), deeper or shallower pipelines, smaller blocks, and 2 warps (the fewest
-# instructions per byte in the sm_90 code: no cross-warp softmax across 4).
-# (page, block, warps, stages, V position-major, transposed products); None = the planner's
-FP8_VARIANTS = ((None, 128, None, None, False, False), (128, 128, None, None, False, False),
-                (128, 128, None, None, True, False), (128, 128, None, None, True, True),
-                (128, 128, 8, None, True, False), (128, 128, 8, None, True, True),
-                (128, 128, None, 2, True, False), (128, 128, None, 4, True, False),
-                (128, 128, None, 4, True, True), (128, 64, None, 4, True, False))
+# (page, block, warps, stages, V position-major, products transposed; None: the planner's):
+# the contiguous D-major cache of the 2026-12-03 table, the runtime's plan (pages of 128, V
+# position-major), and that plan with the products transposed (`AttentionPlan.transposed`)
+FP8_VARIANTS = ((None, 128, None, None, False, False), (128, 128, None, None, True, False),
+                (128, 128, None, None, True, True))
 
 
 def _fp8_variant_label(page: int | None, block: int, warps: int | None,
@@ -302,6 +296,8 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
                     _log(f"fp8 variant {label}: {str(exc)[:200]}")
                     ms = float("nan")
                 frac = need / 2 / (ms * 1e-3) / bw
+                _log(f"fp8 {model} B={b} S={s} rho={n_sel / hkv:.2f} {label}: {ms:.4f} ms "
+                     f"{frac:.0%} of copy bandwidth")
                 records.append(dict(base, kernel="fp8", dtype="bf16/fp8", page=page,
                                     variant=label, block_n=pplan.block_n,
                                     num_warps=pplan.num_warps, num_stages=pplan.num_stages, ms=ms,
