@@ -8,7 +8,7 @@ same kernel over the contiguous one (`--paged`: that table alone), and over floa
          | --fp8-linear-chain]
 
 `--fp8-linear-sweep`: for each FP8-weight decode GEMM and row count, `fp8_linear` under a grid
-of plans (tiles, split-K, warps, stages, the product formed transposed or not) beside the
+of plans (tiles, split-K, warps, stages) beside the
 planner's own; prints the planner's and the best plan per row, every timing in --json.
 `--fp8-linear-chain`: a decode step's FP8 linear layers alone, in order, in one graph.
 `--fp8`: the float8-cache table includes tile, warp and pipeline variants beside the defaults.
@@ -229,18 +229,18 @@ def _kernel_calls(sets, groups, seqlens, plan, pages: int | None, gen: torch.Gen
     return fns
 
 
-# (page, block, warps, stages, V position-major, products transposed; None: the planner's):
-# the contiguous D-major cache of the 2026-12-03 table, the runtime's plan (pages of 128, V
-# position-major), and that plan with the products transposed (`AttentionPlan.transposed`)
-FP8_VARIANTS = ((None, 128, None, None, False, False), (128, 128, None, None, True, False),
-                (128, 128, None, None, True, True))
+# (page, block, warps, stages, V position-major; None: the planner's): the contiguous D-major
+# cache of the 2026-12-03 table and the runtime's plan (pages of 128, V position-major). The
+# products transposed, `S^T = K q^T`, were within 2% of the runtime's plan on every row on
+# the H100 (2026-12-06) and are gone.
+FP8_VARIANTS = ((None, 128, None, None, False), (128, 128, None, None, True))
 
 
 def _fp8_variant_label(page: int | None, block: int, warps: int | None,
-                       stages: int | None, v_position_major: bool, transposed: bool) -> str:
+                       stages: int | None, v_position_major: bool) -> str:
     return ("P=" + str(page) if page else "contig") + f" N={block}" \
         + (f" w{warps}" if warps else "") + (f" st{stages}" if stages else "") \
-        + (" vT" if v_position_major else "") + (" T" if transposed else "")
+        + (" vT" if v_position_major else "")
 
 
 def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
@@ -283,11 +283,10 @@ def paged_cases(*, bw: float, device: torch.device, quick: bool = False,
                                     else None))
                 torch.cuda.empty_cache()
             for variant in FP8_VARIANTS:  # FP8: half the bytes, same kernel
-                page, block, warps, stages, v_pm, transposed = variant
+                page, block, warps, stages, v_pm = variant
                 pplan = plan_selective_attention(b, n_sel, hq // hkv, s, d, sms=num_sms(device),
                                                  page_size=page, block_n=block, num_warps=warps,
-                                                 num_stages=stages, kv_fp8=True,
-                                                 transposed=transposed)
+                                                 num_stages=stages, kv_fp8=True)
                 label = _fp8_variant_label(*variant)
                 try:
                     ms = time_graph(_kernel_calls(sets8, groups, seqlens, pplan, page, gen, ones,
@@ -490,17 +489,13 @@ def _sweep_plans(m: int, chosen: Any) -> list[Any]:
         block_m, splits = 64, (1, 2, 4)
         tiles = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 4),
                  (128, 128, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)]
-    # the weight tile as the MMA's left operand where it has the 64+ rows wgmma needs
-    grid = [Fp8LinearPlan(block_m, bn, bk, num_warps=w, num_stages=st, split_k=s, swap_ab=sw)
-            for bn, bk, w, st in tiles for s in splits for sw in (False, True)
-            if bn >= 64 or not sw]
+    grid = [Fp8LinearPlan(block_m, bn, bk, num_warps=w, num_stages=st, split_k=s)
+            for bn, bk, w, st in tiles for s in splits]
     return [chosen] + [p for p in grid if p != chosen]
 
 
 def _plan_label(p: Any) -> str:
-    swap = " swap" if getattr(p, "swap_ab", False) else ""
-    return (f"{p.block_m}x{p.block_n}x{p.block_k} s{p.split_k} w{p.num_warps} st{p.num_stages}"
-            f"{swap}")
+    return f"{p.block_m}x{p.block_n}x{p.block_k} s{p.split_k} w{p.num_warps} st{p.num_stages}"
 
 
 def _fp8_calls(x: torch.Tensor, weights: list[torch.Tensor], scale: torch.Tensor,
@@ -534,9 +529,8 @@ def linear_sweep_cases(*, bw: float, device: torch.device,
             floor = _fp8_floor_ms(m, n, k, bw)
             chosen = plan_fp8_linear(m, n, k, sms=sms)
             # bf16 rows under every plan; fp16 rows (nothing to widen per tile: what the
-            # rows' widening costs) under the planner's plan, as it is and transposed
-            half = [(p, torch.float16) for p in dict.fromkeys(
-                (chosen, dataclasses.replace(chosen, swap_ab=True)))]
+            # rows' widening costs) under the planner's plan
+            half = [(chosen, torch.float16)]
             for plan, x_dtype in [(p, torch.bfloat16) for p in _sweep_plans(m, chosen)] + half:
                 rec = dict(op="fp8_linear_sweep", name=name, M=m, N=n, K=k, floor8_ms=floor,
                            planner=plan == chosen, x_dtype=str(x_dtype).removeprefix("torch."),
@@ -568,9 +562,9 @@ def format_linear_sweep(records: list[dict]) -> str:
         return ""
     lines = ["", "fp8_linear plan sweep, Llama-3-8B decode GEMMs: ms (x byte floor); plan = "
                  "BLOCK_MxBLOCK_NxBLOCK_K, split-K, warps, stages; bf16 rows, and the "
-                 "planner's plan on fp16 rows (as is / transposed)",
+                 "planner's plan on fp16 rows",
              f"{'gemm':<9}{'M':>5}  {'planner':<24}{'ms':>16}  {'best':<30}{'ms':>16}{'plans':>7}"
-             f"{'fp16 rows':>12}{'transposed':>12}"]
+             f"{'fp16 rows':>12}"]
     for key in dict.fromkeys((r["name"], r["M"]) for r in rows):
         every = [r for r in rows if (r["name"], r["M"]) == key]
         case = [r for r in every if r.get("x_dtype", "bfloat16") == "bfloat16"]
@@ -587,8 +581,7 @@ def format_linear_sweep(records: list[dict]) -> str:
             plan = _plan_label(SimpleNamespace(**r))
             width = 30 if r is best else 24
             cells.append(f"{plan:<{width}}{r['ms']:>7.4f} ({r['x_floor']:>5.2f}x)")
-        fp16 = "".join(next((f"{r['ms']:>12.4f}" for r in half if r["swap_ab"] == swap),
-                            f"{'-':>12}") for swap in (False, True))
+        fp16 = next((f"{r['ms']:>12.4f}" for r in half), f"{'-':>12}")
         lines.append(f"{key[0]:<9}{key[1]:>5}  {cells[0]}  {cells[1]}{len(case):>7}{fp16}")
     return "\n".join(lines)
 

@@ -77,17 +77,14 @@ def attention_counts(arch: int) -> list[dict[str, Any]]:
                  Groups="*i32", Block_Table="*i32", Partials="*fp32", K_Scale="*fp32",
                  V_Scale="*fp32", qk_scale_log2="fp32")
     rows = []
-    for label, fp8, warps, v_position_major, transposed in (
-            ("bf16, P=64", False, None, False, False),
-            ("fp8, P=128, V D-major", True, None, False, False),
-            ("fp8, P=128, V position-major", True, None, True, False),
-            ("fp8, P=128, V position-major, 8 warps", True, 8, True, False),
-            ("fp8, P=128, V position-major, transposed", True, None, True, True),
-            ("bf16, P=64, transposed", False, None, False, True)):
+    for label, fp8, warps, v_position_major in (
+            ("bf16, P=64", False, None, False),
+            ("fp8, P=128, V D-major", True, None, False),
+            ("fp8, P=128, V position-major", True, None, True),
+            ("fp8, P=128, V position-major, 8 warps", True, 8, True)):
         page = 128 if fp8 else 64
         plan = attention.plan_selective_attention(32, 4, 4, 8192, 128, sms=132, page_size=page,
-                                                  kv_fp8=fp8, num_warps=warps,
-                                                  transposed=transposed)
+                                                  kv_fp8=fp8, num_warps=warps)
         constants = dict(attention._stage1_constants(plan, 4, 128, 4, False, page, fp8, fp8))
         warps, stages = constants.pop("num_warps"), constants.pop("num_stages")
         constants["stride_vs" if v_position_major else "stride_vd"] = 1
@@ -99,8 +96,7 @@ def attention_counts(arch: int) -> list[dict[str, Any]]:
 
 
 def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
-    """The weight-only FP8 linear at 16-64 bf16 rows, 128-channel tiles, as it is and with
-    the product transposed (`Fp8LinearPlan.swap_ab`)."""
+    """The weight-only FP8 linear at 16-64 bf16 rows, 128-channel tiles."""
     from polarc.plugins.fp8_linear import _fp8_linear_kernel as kernel
 
     types = {n: "i32" for n in kernel.arg_names}
@@ -108,14 +104,13 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
                  Part="*fp32", Counters="*i32")
     rows = []
     for block_m, block_k in ((16, 128), (32, 128), (64, 64)):
-        for swap in (False, True):
-            for warps in (4, 8):
-                constants = dict(HAS_BIAS=False, DOT_FP16=True, EVEN_K=True, BLOCK_M=block_m,
-                                 BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=2, SWAP_AB=swap)
-                counts = compile_counts(kernel, types, constants, arch=arch, num_warps=warps,
-                                        num_stages=4)
-                label = f"{block_m}x128x{block_k} w{warps}" + (" swap" if swap else "")
-                rows.append(dict(kernel="fp8_linear", variant=label, **counts))
+        for warps in (4, 8):
+            constants = dict(HAS_BIAS=False, DOT_FP16=True, EVEN_K=True, BLOCK_M=block_m,
+                             BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=2)
+            counts = compile_counts(kernel, types, constants, arch=arch, num_warps=warps,
+                                    num_stages=4)
+            rows.append(dict(kernel="fp8_linear", variant=f"{block_m}x128x{block_k} w{warps}",
+                             **counts))
     return rows
 
 

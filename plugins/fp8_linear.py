@@ -97,17 +97,13 @@ def _fp8_linear_kernel(
     stride_xm, stride_ym, stride_pk,
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr = False,
-    SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
+    SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
-    no block needs a K mask. SWAP_AB: the product is formed transposed, ``w_block @
-    x_block.T`` ``[BLOCK_N, BLOCK_M]``, so that the weight tile (many channels) is the MMA's
-    left operand, which Hopper's wgmma takes from registers right after the widening and
-    which needs 64 rows (a few decode rows cannot fill it); transposed back for the epilogue.
-    SWIGLU: w is [gate; up] and the program's block pairs the two (`_weight_rows`), so the
-    epilogue writes ``silu(gate) * up`` of BLOCK_N / 2 channels (y is ``[M, N / 2]``).
+    no block needs a K mask. SWIGLU: w is [gate; up] and the program's block pairs the two
+    (`_weight_rows`), so the epilogue writes ``silu(gate) * up`` of BLOCK_N / 2 channels (y
+    is ``[M, N / 2]``).
     TILED: w is laid out tile by tile (module docstring), so each K block of a program's
     weight is one contiguous BLOCK_N x BLOCK_K run of bytes, zero-padded past N and K."""
     pid_n = tl.program_id(0)
@@ -128,10 +124,7 @@ def _fp8_linear_kernel(
             + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
     else:
         w_ptrs = W + rows[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
-    if SWAP_AB:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
@@ -145,20 +138,12 @@ def _fp8_linear_kernel(
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if DOT_FP16:
-            if SWAP_AB:
-                acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc)
-            else:
-                acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
-        elif SWAP_AB:
-            acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc,
-                         input_precision="ieee")
+            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
         else:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
                          input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_N * BLOCK_K if TILED else BLOCK_K
-    if SWAP_AB:
-        acc = tl.trans(acc)
     if SPLIT_K == 1:
         _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n,
                            N, HAS_BIAS, SWIGLU, BLOCK_N)
@@ -237,7 +222,6 @@ class Fp8LinearPlan:
     num_warps: int
     num_stages: int
     split_k: int = 1
-    swap_ab: bool = False  # weight tile as the MMA's left operand (kernel docstring)
 
 
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
@@ -365,6 +349,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         m, n, k, k_per_split, x.stride(0), out.stride(0), m * n,
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
-        BLOCK_K=plan.block_k, SPLIT_K=split, SWAP_AB=plan.swap_ab, SWIGLU=swiglu,
+        BLOCK_K=plan.block_k, SPLIT_K=split, SWIGLU=swiglu,
         TILED=tiled, num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out

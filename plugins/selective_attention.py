@@ -95,7 +95,6 @@ def _selective_attention_kernel(
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ONE_LAUNCH: tl.constexpr, K_PAD: tl.constexpr, PAGE: tl.constexpr,
     KV_FP8: tl.constexpr = False, FP8_DOT_FP16: tl.constexpr = False, SINK: tl.constexpr = False,
-    TRANSPOSED: tl.constexpr = False,
 ):
     """Stage 1: one program per (split, selected group j, row b), grid (splits, k, B).
 
@@ -123,11 +122,6 @@ def _selective_attention_kernel(
     any model's (|q| < 65504). SINK: position 0 comes from `K_Sink` / `V_Sink` ``[N, Hkv, D]``
     (unquantized, in the row of the page that holds it): the split that starts at 0 begins its
     running softmax with it, and the blocks skip it.
-
-    TRANSPOSED (with USE_DOT): the products are formed transposed, ``S^T = K q^T`` and ``O^T =
-    V^T P^T``, so the block's positions are the MMA's large side and the group's heads its
-    small one (padded to 8, not 16), and a position-major V block is P.V's left operand as
-    it lies; the running softmax then reduces over axis 0.
     """
     pid_s = tl.program_id(0)
     pid_j = tl.program_id(1)
@@ -157,9 +151,6 @@ def _selective_attention_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    if TRANSPOSED:
-        q_t = tl.trans(q)
-        acc_t = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)
     if SINK:
         if (lo == 0) & (hi > 0):
             sink_row = pid_b
@@ -173,8 +164,6 @@ def _selective_attention_kernel(
             if KV_FP8:  # the output is scaled by V's scale at the end
                 v0 = v0 / tl.load(V_Scale + grp)
             acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32) + v0[None, :]
-            if TRANSPOSED:
-                acc_t = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32) + v0[:, None]
     if KV_FP8:
         qk_scale_log2 = qk_scale_log2 * tl.load(K_Scale + grp)
     k_base = K_Cache + pid_b * stride_kb + grp * stride_kh
@@ -201,12 +190,7 @@ def _selective_attention_kernel(
             v_blk = v_base
             offs_r = offs_n
         k_ptrs = k_blk + offs_r[:, None] * stride_ks + offs_d[None, :]
-        if TRANSPOSED:  # V^T, [D, N]: the left operand of O^T = V^T P^T
-            v_ptrs = v_blk + offs_d[:, None] * stride_vd + offs_r[None, :] * stride_vs
-            mask_v = mask_d[:, None] & mask_n[None, :]
-        else:
-            v_ptrs = v_blk + offs_r[:, None] * stride_vs + offs_d[None, :] * stride_vd
-            mask_v = mask_kv
+        v_ptrs = v_blk + offs_r[:, None] * stride_vs + offs_d[None, :] * stride_vd
         if KV_FP8 and PAGE > 0 and HEAD_DIM == BLOCK_D:
             # whole blocks inside the page, unmasked: a position-contiguous V block is then
             # copied in 16-byte vectors (a per-position mask allows single bytes only);
@@ -215,39 +199,26 @@ def _selective_attention_kernel(
             v = tl.load(v_ptrs)
         else:
             k = tl.load(k_ptrs, mask=mask_kv, other=0.0)
-            v = tl.load(v_ptrs, mask=mask_v, other=0.0)
+            v = tl.load(v_ptrs, mask=mask_kv, other=0.0)
         if KV_FP8:
             k = k.to(q.dtype)
             v = v.to(q.dtype)
-        if TRANSPOSED:
-            qk_t = tl.dot(k, q_t, input_precision=DOT_PRECISION)  # [N, GROUP_PAD]
-            qk_t = tl.where(mask_n[:, None], qk_t * qk_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk_t, axis=0))
-            alpha = tl.exp2(m_i - m_new)
-            p_t = tl.exp2(qk_t - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p_t, axis=0)
-            acc_t = acc_t * alpha[None, :] + tl.dot(v, p_t.to(v.dtype),
-                                                    input_precision=DOT_PRECISION)
-            m_i = m_new
+        if USE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         else:
-            if USE_DOT:
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            else:
-                qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-            qk = tl.where(mask_n[None, :], qk * qk_scale_log2, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if USE_DOT:
-                pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            else:
-                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            qk = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        qk = tl.where(mask_n[None, :], qk * qk_scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
 
-    if TRANSPOSED:
-        acc = tl.trans(acc_t)
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if KV_FP8:
@@ -328,13 +299,10 @@ class AttentionPlan:
     num_stages: int
     use_dot: bool
     one_launch: bool = False
-    transposed: bool = False  # S^T = K q^T, O^T = V^T P^T (stage 1's docstring); not timed yet
 
     def __post_init__(self) -> None:
         if self.one_launch and self.num_splits != 1:
             raise ValueError(f"AttentionPlan: one_launch needs one split, got {self.num_splits}")
-        if self.transposed and not self.use_dot:
-            raise ValueError("AttentionPlan: the transposed products need use_dot")
 
 
 def plan_selective_attention(
@@ -353,7 +321,6 @@ def plan_selective_attention(
     one_launch: bool | None = None,
     page_size: int | None = None,
     kv_fp8: bool = False,
-    transposed: bool = False,
 ) -> AttentionPlan:
     """Split count and tiles from (B, k, S_max, SM count): deterministic, no device reads.
     For a paged cache (`page_size` P; S_max = the block table's pages x P) the block of
@@ -400,8 +367,7 @@ def plan_selective_attention(
     if one_launch is None:
         one_launch = num_splits == 1
     return AttentionPlan(num_splits=num_splits, block_n=block_n, num_warps=num_warps,
-                         num_stages=num_stages, use_dot=use_dot, one_launch=one_launch,
-                         transposed=transposed)
+                         num_stages=num_stages, use_dot=use_dot, one_launch=one_launch)
 
 
 def _workspace_numel(batch: int, n_selected: int, num_splits: int, group: int, d: int) -> int:
@@ -583,7 +549,7 @@ def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32:
                 USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if fp32 else "tf32",
                 ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), PAGE=page,
                 KV_FP8=kv_fp8, FP8_DOT_FP16=kv_fp8 and not fp32, SINK=sink,
-                TRANSPOSED=plan.transposed, num_warps=plan.num_warps,
+                num_warps=plan.num_warps,
                 num_stages=plan.num_stages)
 
 

@@ -3,8 +3,6 @@ fp32; real shapes in bf16 on CUDA)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from polarc.plugins._triton_util import cdiv, next_pow2
@@ -66,7 +64,6 @@ def test_quantized_weights_stay_close_to_the_originals():
 
 
 @needs_kernel
-@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("split", [1, 2, 4])
 @pytest.mark.parametrize("m, n, k, bias", [
     (5, 40, 200, True),     # K = 7 blocks of 32 (not whole): ranges 128+72, 64x3+8
@@ -74,12 +71,12 @@ def test_quantized_weights_stay_close_to_the_originals():
     (1, 24, 64, True),      # two K blocks: split 4 leaves two ranges empty (zero partials)
 ])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_split_k_matches_reference(swap_ab, split, m, n, k, bias, dtype, tol):
-    """Every split writes its partial; the last of each tile adds them and runs the epilogue;
-    the same with the product formed transposed (weight tile on the left)."""
+def test_split_k_matches_reference(split, m, n, k, bias, dtype, tol):
+    """Every split writes its partial; the last of each tile adds them and runs the
+    epilogue."""
     x, w, scale, b = _inputs(m, n, k, dtype, bias=bias, seed=split)
     plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
-                         split_k=split, swap_ab=swap_ab)
+                         split_k=split)
     out = torch.full((m, n), float("nan"), device=DEVICE, dtype=dtype)
     fp8_linear(x, w, scale, b, out=out, plan=plan)
     assert not torch.isnan(out).any()
@@ -87,19 +84,18 @@ def test_split_k_matches_reference(swap_ab, split, m, n, k, bias, dtype, tol):
 
 
 @needs_kernel
-@pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("m, f, k, bias", [
     (5, 20, 200, True),     # F = 20: the last block holds 4 channels of 8 (masked pairs)
     (33, 24, 96, False),    # rows over three blocks, F over three
 ])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-def test_swiglu_epilogue_matches_reference(swap_ab, split, m, f, k, bias, dtype, tol):
+def test_swiglu_epilogue_matches_reference(split, m, f, k, bias, dtype, tol):
     """w = [gate; up] ``[2F, K]``: each block pairs gate and up rows of the same channels and
     writes silu(gate) * up ``[M, F]`` (split-K: after the last split's sum)."""
     x, w, scale, b = _inputs(m, 2 * f, k, dtype, bias=bias, seed=split)
     plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
-                         split_k=split, swap_ab=swap_ab)
+                         split_k=split)
     out = torch.full((m, f), float("nan"), device=DEVICE, dtype=dtype)
     fp8_linear(x, w, scale, b, out=out, plan=plan, swiglu=True)
     assert not torch.isnan(out).any()
@@ -204,11 +200,9 @@ def test_wrong_inputs_raise_clear_errors(change, message):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("m", [1, 16, 32, 100, 256])
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336)])
-@pytest.mark.parametrize("swap_ab", [False, True])
-def test_gpu_llama_shapes_bf16(m, n, k, swap_ab):
+def test_gpu_llama_shapes_bf16(m, n, k):
     x, w, scale, _ = _inputs(m, n, k, torch.bfloat16)
-    plan = dataclasses.replace(plan_fp8_linear(m, n, k, sms=132), swap_ab=swap_ab)
-    got = fp8_linear(x, w, scale, plan=plan)
+    got = fp8_linear(x, w, scale, plan=plan_fp8_linear(m, n, k, sms=132))
     assert _rel(got, fp8_linear_reference(x.double(), w, scale)) < 1e-2
 
 
@@ -231,12 +225,11 @@ def test_gpu_swiglu_llama_gate_up_bf16(m):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("swap_ab", [False, True])
-def test_gpu_split_k_graph_replays_match_eager_bitwise(swap_ab):
+def test_gpu_split_k_graph_replays_match_eager_bitwise():
     """Split-K in a CUDA graph: counters stay zero across replays, the sum order is fixed."""
     x, w, scale, b = _inputs(16, 4096, 4096, torch.bfloat16, bias=True)
     plan = Fp8LinearPlan(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4,
-                         split_k=8, swap_ab=swap_ab)
+                         split_k=8)
     eager = fp8_linear(x, w, scale, b, plan=plan)
     out = torch.empty_like(eager)
     side = torch.cuda.Stream()

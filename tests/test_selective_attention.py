@@ -89,10 +89,8 @@ def _plan(b, k, group, s, d, **kw):
     ],
 )
 @pytest.mark.parametrize("one_launch", [True, False])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_matches_reference_fp32(b, hq, hkv, s, d, k, block_n, splits, one_launch, transposed):
-    plan = _plan(b, k, hq // hkv, s, d, block_n=block_n, num_splits=1 if one_launch else splits,
-                 transposed=transposed)
+def test_matches_reference_fp32(b, hq, hkv, s, d, k, block_n, splits, one_launch):
+    plan = _plan(b, k, hq // hkv, s, d, block_n=block_n, num_splits=1 if one_launch else splits)
     _check(b, hq, hkv, s, d, k, torch.float32, plan=plan)
 
 
@@ -354,9 +352,7 @@ def _position_major(c: torch.Tensor) -> torch.Tensor:
 # bf16 dots are wrong in Triton's interpreter (the bf16 path is checked on the GPU only)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
 @pytest.mark.parametrize("v_position_major", [False, True])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_fp8_cache_matches_reference(b, hq, hkv, s, d, k, page, splits, dtype, v_position_major,
-                                     transposed):
+def test_fp8_cache_matches_reference(b, hq, hkv, s, d, k, page, splits, dtype, v_position_major):
     """The kernel over a float8 cache against the reference over the same float8 bytes (so
     only the kernel's arithmetic differs), contiguous and paged, V stored either way;
     unselected heads are zeros."""
@@ -370,7 +366,7 @@ def test_fp8_cache_matches_reference(b, hq, hkv, s, d, k, page, splits, dtype, v
         v8 = _position_major(v8)
     s_max = s if page is None else table.shape[1] * page
     plan = plan_selective_attention(b, k, hq // hkv, s_max, d, sms=4, num_splits=splits,
-                                    page_size=page, transposed=transposed)
+                                    page_size=page)
     q = q.to(dtype)
     out = torch.full_like(q, float("nan"))
     selective_attention(q, k8, v8, seqlens, groups, out=out, plan=plan, block_table=table,
@@ -405,9 +401,8 @@ def _sinks(kc, vc, table, dtype, n):
     ])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16] if CUDA else [torch.float32])
 @pytest.mark.parametrize("v_position_major", [False, True])
-@pytest.mark.parametrize("transposed", [False, True])
 def test_fp8_cache_sinks_match_reference(b, hq, hkv, s, d, k, page, splits, dtype,
-                                         v_position_major, transposed):
+                                         v_position_major):
     """With sinks, position 0 is read unquantized from them (rows of length 0 and 1
     included): the kernel against the reference, and the reference against plain attention
     over the dequantized cache whose position 0 is the unquantized one."""
@@ -424,7 +419,7 @@ def test_fp8_cache_sinks_match_reference(b, hq, hkv, s, d, k, page, splits, dtyp
     k_sink, v_sink = _sinks(kc, vc, table, dtype, k8.shape[0])
     s_max = s if page is None else table.shape[1] * page
     plan = plan_selective_attention(b, k, hq // hkv, s_max, d, sms=4, num_splits=splits,
-                                    page_size=page, transposed=transposed)
+                                    page_size=page)
     out = torch.full_like(q, float("nan"))
     selective_attention(q, k8, v8, seqlens, groups, out=out, plan=plan, block_table=table,
                         k_scale=k_scale, v_scale=v_scale, k_sink=k_sink, v_sink=v_sink)
@@ -478,8 +473,7 @@ def test_fp8_cache_bad_inputs():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("page", [None, 64, 128])
 @pytest.mark.parametrize("v_position_major", [False, True])
-@pytest.mark.parametrize("transposed", [False, True])
-def test_gpu_fp8_real_shapes(page, v_position_major, transposed):
+def test_gpu_fp8_real_shapes(page, v_position_major):
     q, kc, vc, seqlens, groups = _inputs(16, 32, 8, 1000, 128, 4, torch.bfloat16)
     k8, v8, k_scale, v_scale = _fp8(kc.float(), vc.float())
     table = None
@@ -490,7 +484,7 @@ def test_gpu_fp8_real_shapes(page, v_position_major, transposed):
         v8 = _position_major(v8)
     plan = plan_selective_attention(16, 4, 4, table.shape[1] * page if page else 1000, 128,
                                     sms=torch.cuda.get_device_properties(0).multi_processor_count,
-                                    page_size=page, kv_fp8=True, transposed=transposed)
+                                    page_size=page, kv_fp8=True)
     out = selective_attention(q, k8, v8, seqlens, groups, block_table=table, k_scale=k_scale,
                               v_scale=v_scale, plan=plan)
     ref = selective_attention_reference(q.double(), k8, v8, seqlens, groups, block_table=table,
