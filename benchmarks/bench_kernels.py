@@ -8,10 +8,10 @@ same kernel over the contiguous one (`--paged`: that table alone), and over floa
          | --fp8-linear-chain]
 
 `--fp8-linear-sweep`: for each FP8-weight decode GEMM and row count, `fp8_linear` under a grid
-of plans (tiles, split-K, warps, stages) beside the
-planner's own; prints the planner's and the best plan per row, every timing in --json.
+of plans (tiles, split-K, warps, stages) beside the planner's own; prints the planner's and the
+best plan per row, every timing in --json.
 `--fp8-linear-chain`: a decode step's FP8 linear layers alone, in order, in one graph.
-`--fp8`: the float8-cache table includes tile, warp and pipeline variants beside the defaults.
+`--fp8`: the float8-cache table: the runtime's plan beside the contiguous D-major cache.
 
 Random data, outputs and workspaces allocated once; every call (ours, SDPA with
 ``enable_gqa=True``, cuBLAS ``addmm`` + ``relu_`` and ``mm``) timed by `timing.time_graph`

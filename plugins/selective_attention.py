@@ -549,8 +549,7 @@ def _stage1_constants(plan: AttentionPlan, group: int, d: int, n_sel: int, fp32:
                 USE_DOT=plan.use_dot, DOT_PRECISION="ieee" if fp32 else "tf32",
                 ONE_LAUNCH=plan.one_launch, K_PAD=next_pow2(n_sel), PAGE=page,
                 KV_FP8=kv_fp8, FP8_DOT_FP16=kv_fp8 and not fp32, SINK=sink,
-                num_warps=plan.num_warps,
-                num_stages=plan.num_stages)
+                num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
 @functools.lru_cache(maxsize=256)
