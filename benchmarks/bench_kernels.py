@@ -597,10 +597,12 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     """A decode step's FP8 linear layers alone, in step order: Llama-3-8B's 32 layers (qkv,
     o, gate_up with its SwiGLU, down; each input the previous output) then the LM head, in
     one CUDA graph: the GEMMs' time in a step, launch gaps and ramps included, without the
-    step's other kernels; floor = all weight bytes / copy bandwidth. Twice: the weights as
-    stored ([N, K]) and laid out tile by tile as a loaded engine keeps them (`tile_fp8`);
-    then once per entry of `tiles`, ``ROWSxKxWARPSxSTAGES`` (e.g. ``128x256x4x3``): tiles of
-    that shape, the planner's plans with those warps and pipeline stages."""
+    step's other kernels; floor = all weight bytes / copy bandwidth. Three times: the weights
+    as stored ([N, K]), laid out tile by tile as a loaded engine keeps them (`tile_fp8`), and
+    tiled with each GEMM prefetching the next one's first bytes as the runtime's do (o the
+    gate_up's, gate_up the down's, down the next qkv's or the LM head's); then once per entry
+    of `tiles`, ``ROWSxKxWARPSxSTAGES`` (e.g. ``128x256x4x3``): tiles of that shape, the
+    planner's plans with those warps and pipeline stages, with the prefetch."""
     from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
 
     from polarc.format.engine_file import FP8_TILE, quantize_rows, tile_fp8
@@ -618,31 +620,35 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
                   for name, (w, s) in layer.items()} for layer in layers],
                 (tile_fp8(head[0], tile=tile), head[1]))
 
-    def layouts():  # (label, layers, LM head, (warps, stages) or None); one built at a time
-        yield "rows", layers, head, None
-        yield "tiles", *tiled(FP8_TILE), None
+    def layouts():  # (label, layers, LM head, (warps, stages) or None, prefetch)
+        yield "rows", layers, head, None, False  # (one layout's tiles built at a time)
+        yield "tiles", *tiled(FP8_TILE), None, False
+        yield "tiles+pf", *tiled(FP8_TILE), None, True
         for spec in tiles:
             bn, bk, warps, stages = (int(v) for v in spec.split("x"))
-            yield f"tiles {spec}", *tiled((bn, bk)), (warps, stages)
+            yield f"tiles {spec}", *tiled((bn, bk)), (warps, stages), True
 
     records = []
-    for layout, ws, lm, override in layouts():
+    for layout, ws, lm, override, prefetch in layouts():
         for m in rows:
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
-            def lin(x, wp, swiglu=False, m=m, override=override):
+            def lin(x, wp, nxt=None, swiglu=False, m=m, override=override, prefetch=prefetch):
                 plan = None
                 if override is not None:
                     plan = dataclasses.replace(
                         plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device)),
                         num_warps=override[0], num_stages=override[1])
-                return fp8_linear(x, *wp, swiglu=swiglu, plan=plan)
+                return fp8_linear(x, *wp, swiglu=swiglu, plan=plan,
+                                  prefetch=nxt[0] if prefetch and nxt else None)
 
             def chain(x0=x0, ws=ws, lm=lm, lin=lin):
                 x = x0
-                for layer in ws:
-                    a = lin(lin(x, layer["qkv"])[:, :4096], layer["o"])
-                    x = lin(lin(a, layer["gate_up"], swiglu=True), layer["down"])
+                for i, layer in enumerate(ws):
+                    after = ws[i + 1]["qkv"] if i + 1 < len(ws) else lm
+                    a = lin(lin(x, layer["qkv"])[:, :4096], layer["o"], layer["gate_up"])
+                    x = lin(lin(a, layer["gate_up"], layer["down"], swiglu=True),
+                            layer["down"], after)
                 return lin(x, lm)
 
             rec = dict(op="fp8_linear_chain", M=m, layout=layout, floor_ms=floor,

@@ -196,6 +196,38 @@ def test_wrong_inputs_raise_clear_errors(change, message):
         fp8_linear(args["x"], args["w"], args["scale"], args["bias"])
 
 
+@needs_kernel
+@pytest.mark.parametrize("prefetch", [
+    torch.zeros(2, 2, 128, 128),  # not float8
+    torch.zeros(256, 256).to(torch.float8_e4m3fn),  # rows, not tiles
+])
+def test_prefetch_must_be_float8_tiles(prefetch):
+    x, w, scale, _ = _inputs(3, 16, 64, torch.float32)
+    with pytest.raises(ValueError, match=r"prefetch must be a contiguous float8_e4m3fn tiled"):
+        fp8_linear(x, w, scale, prefetch=prefetch.to(DEVICE))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize(("m", "n", "k", "n_next", "swiglu"), [
+    (32, 6144, 4096, 4096, False),    # qkv, then o-sized tiles (4 splits each)
+    (1, 2 * 14336, 4096, 4096, True),  # gate_up with SwiGLU, then down-sized
+    (32, 4096, 14336, 6144, False),   # down, then the next layer's qkv
+    (7, 4096, 4096, 2 * 14336, False),  # o, then gate_up (a larger next weight)
+    (32, 64, 4096, 128, False),       # a next weight under the prefetch budget: all of it
+])
+def test_gpu_prefetching_the_next_weight_leaves_results_unchanged(m, n, k, n_next, swiglu):
+    """The L2 prefetch of the next GEMM's tiles changes no bit of this one's product."""
+    from polarc.format.engine_file import tile_fp8
+
+    x, w, scale, _ = _inputs(m, n, k, torch.bfloat16)
+    nxt = tile_fp8(quantize_rows(torch.randn(n_next, 4096))[0].to(DEVICE))
+    tiled = tile_fp8(w, swiglu=swiglu)
+    want = fp8_linear(x, tiled, scale, swiglu=swiglu)
+    got = fp8_linear(x, tiled, scale, swiglu=swiglu, prefetch=nxt)
+    assert torch.equal(got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("m", [1, 16, 32, 100, 256])

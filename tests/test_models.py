@@ -1,10 +1,11 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
 from polarc.errors import PolarcError
-from polarc.models import PRESETS, load_model
+from polarc.models import PRESETS, layers, load_model
 from polarc.models.forward import forward, group_output_norms
 from polarc.models.load import random_identity
 from polarc.models.presets import hf_config, spec_from_hf_config
@@ -115,3 +116,28 @@ def test_corrupt_gguf(tmp_path: Path) -> None:
 def test_weights_of_another_architecture(tiny_dirs: dict[str, Path]) -> None:
     with pytest.raises(PolarcError, match="not a smollm2-135m"):
         load_model("smollm2-135m", weights=tiny_dirs["llama-gqa"])
+
+
+@pytest.mark.parametrize("kind", list(TINY))
+def test_next_linear_is_the_order_layers_run_in(kind: str, tiny_dirs: dict[str, Path]) -> None:
+    """`next_linear` (what an FP8 GEMM prefetches) names the linear layer that `decoder_layer`
+    and `final_logits` actually call next, for every call but qkv's (attention between)."""
+    model = load_model(str(tiny_dirs[kind]))
+    called = []
+
+    def linear(model, x, name):
+        called.append(name)
+        return layers.linear(model, x, name)
+
+    ops = dataclasses.replace(layers.EAGER, linear=linear)
+    h = torch.randn(1, 2, model.spec.hidden)
+    delta = torch.zeros_like(h)
+    rope = layers.rope_cos_sin(model, torch.arange(2), h.dtype)
+    for i in range(model.spec.n_layers):
+        with model.layer_weights(i):
+            h, delta = layers.decoder_layer(model, i, h, delta, rope,
+                                            lambda layer, x, q, k, v, extra: q, ops=ops)
+    layers.final_logits(model, h + delta, ops)
+    assert len(called) == 4 * model.spec.n_layers + 1
+    for name, after in zip(called, called[1:] + [None], strict=True):
+        assert layers.next_linear(model, name) == (None if name.endswith("qkv") else after)

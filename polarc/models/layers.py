@@ -187,6 +187,21 @@ def decoder_layer(
     return h, (mlp(layer, x) if mlp is not None else dense_mlp(model, layer, x, ops))
 
 
+def next_linear(model: Model, name: str) -> str | None:
+    """The linear layer `decoder_layer` runs after `name` on the same rows (o, then gate_up or
+    up, then down, then the next layer's qkv; after the last down the LM head), for kernels
+    that prefetch its weight; None after qkv (the attention runs between) and the LM head."""
+    prefix, _, last = name.rpartition(".")
+    if last == "o":
+        return prefix + (".up" if model.spec.relu_mlp else ".gate_up")
+    if last in ("gate_up", "up"):
+        return prefix + ".down"
+    if last == "down":
+        layer = int(prefix.rpartition(".")[2]) + 1
+        return f"layers.{layer}.qkv" if layer < model.spec.n_layers else "lm_head"
+    return None
+
+
 def final_norm(model: Model, h: torch.Tensor) -> torch.Tensor:
     """The last layer's output (h + delta) normalised: the LM head's input."""
     w = model.weights
