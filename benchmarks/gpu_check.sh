@@ -25,12 +25,13 @@ for what in "$@"; do
     fp8-kernels) timeout 420 python3 -m polarc.benchmarks.bench_kernels --fp8 --json $OUT/fp8-kernels.json 2>&1 | tee $OUT/fp8-kernels.log | tail -16 ;;
     fp8-linear) timeout 200 python3 -m polarc.benchmarks.bench_kernels --fp8-linear --json $OUT/fp8-linear.json 2>&1 | tee $OUT/fp8-linear.log | tail -32 ;;
     fp8-chain) timeout 400 python3 -m polarc.benchmarks.bench_kernels --fp8-linear-chain ${CHAIN_ROWS:+--chain-rows $CHAIN_ROWS} ${CHAIN_TILES:+--chain-tiles $CHAIN_TILES} --json $OUT/fp8-chain.json 2>&1 | tee $OUT/fp8-chain.log | tail -22 ;;
-    # Nsight Compute over the five decode GEMMs at NCU_ROWS rows (memory workload, stalls)
+    # Nsight Compute over the fp8-all step's GEMMs and attention at NCU_ROWS rows (memory workload, stalls)
     fp8-ncu) timeout 400 ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
                --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy \
-               --section SchedulerStats --section LaunchStats --csv --page details \
-               python3 -m polarc.benchmarks.profile_fp8_linear --rows ${NCU_ROWS:-32} \
-               > $OUT/fp8-ncu.csv 2> $OUT/fp8-ncu.log; tail -3 $OUT/fp8-ncu.log; wc -l $OUT/fp8-ncu.csv ;;
+               --section SchedulerStats --section LaunchStats -f -o /tmp/fp8-ncu \
+               python3 -m polarc.benchmarks.profile_fp8_step --rows ${NCU_ROWS:-32} > $OUT/fp8-ncu.log 2>&1
+             tail -4 $OUT/fp8-ncu.log
+             ncu --import /tmp/fp8-ncu.ncu-rep --csv --page details > $OUT/fp8-ncu.csv; wc -l $OUT/fp8-ncu.csv ;;
     fp8-sweep) timeout ${SWEEP_TIMEOUT:-480} python3 -m polarc.benchmarks.bench_kernels --fp8-linear-sweep ${SWEEP_ROWS:+--sweep-rows $SWEEP_ROWS} --json $OUT/fp8-sweep.json 2>&1 | tee $OUT/fp8-sweep.log | tail -40 ;;
     paged) timeout 240 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;
     stream) timeout ${STREAM_TIMEOUT:-590} python3 -m polarc.benchmarks.bench_stream ${STREAM_ARGS:-} --json $OUT/stream.json 2>&1 | tee $OUT/stream.log | tail -16 ;;
