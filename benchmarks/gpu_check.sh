@@ -32,6 +32,8 @@ for what in "$@"; do
                python3 -m polarc.benchmarks.profile_fp8_step --rows ${NCU_ROWS:-32} > $OUT/fp8-ncu.log 2>&1
              tail -4 $OUT/fp8-ncu.log
              ncu --import /tmp/fp8-ncu.ncu-rep --csv --page details > $OUT/fp8-ncu.csv; wc -l $OUT/fp8-ncu.csv ;;
+    sweep-step) timeout ${SWEEP_STEP_TIMEOUT:-500} python3 -m polarc.benchmarks.sweep_step_attention ${SWEEP_STEP_ARGS:-} \
+                  --json $OUT/sweep-step.json 2>&1 | tee $OUT/sweep-step.log | grep -v Warning | tail -60 ;;
     fp8-sweep) timeout ${SWEEP_TIMEOUT:-480} python3 -m polarc.benchmarks.bench_kernels --fp8-linear-sweep ${SWEEP_ROWS:+--sweep-rows $SWEEP_ROWS} --json $OUT/fp8-sweep.json 2>&1 | tee $OUT/fp8-sweep.log | tail -40 ;;
     paged) timeout 240 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;
     stream) timeout ${STREAM_TIMEOUT:-590} python3 -m polarc.benchmarks.bench_stream ${STREAM_ARGS:-} --json $OUT/stream.json 2>&1 | tee $OUT/stream.log | tail -16 ;;

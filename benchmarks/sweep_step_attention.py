@@ -1,0 +1,132 @@
+"""The decode step's time under attention plans other than the planner's, for a §3 case
+(default Llama-3-8B, B=32, S=8192, FP8 KV + FP8 weights), dense and sparse: the step as
+`bench_e2e` times it, with the runtime's cached plan for each (batch, k) replaced.
+
+    python -m polarc.benchmarks.sweep_step_attention [--case llama3-8b:32:8192] [--variant fp8-all]
+        [--plans "s1,s2,s3,s4,s2w8,..."] [--json OUT]
+
+A plan spec is ``s<splits>`` with optional ``w<warps>``, ``st<stages>``, ``n<block>``; ``s1``
+runs in one launch. Every spec is timed for the sparse step and, where it fits, the dense one;
+``planner`` is the runtime's own plan (timed first and last, as the run's drift check).
+`--linear "gate_up:s2,down:s8st4"` then times the sparse step with one FP8 GEMM's plan
+replaced at a time (split-K ``s``, stages ``st``; the planner's tiles otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import polarc.plugins.fp8_linear as fp8_linear_module
+import torch
+from polarc.benchmarks.bench_e2e import STEP_REPS, as_fp8, sparse_engine_in_memory
+from polarc.benchmarks.bench_kernels import LINEAR_SHAPES
+from polarc.benchmarks.timing import environment, time_graph
+
+from polarc.runtime.torch_runtime import Runtime
+
+_SPEC = re.compile(r"s(\d+)(?:w(\d+))?(?:st(\d+))?(?:n(\d+))?$")
+
+
+def parse_plan_spec(spec: str) -> dict[str, int]:
+    """``s2w8st4n64`` -> the AttentionPlan fields it names."""
+    hit = _SPEC.match(spec)
+    if hit is None:
+        raise SystemExit(f"error: plan spec {spec!r} is not s<splits>[w<warps>][st<stages>][n<block>]")
+    splits, warps, stages, block = (None if g is None else int(g) for g in hit.groups())
+    fields = {"num_splits": splits, "one_launch": splits == 1}
+    fields.update({k: v for k, v in (("num_warps", warps), ("num_stages", stages),
+                                     ("block_n", block)) if v is not None})
+    return fields
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", default="llama3-8b:32:8192", help="model:batch:seqlen")
+    ap.add_argument("--variant", default="fp8-all", choices=("bf16", "fp8-kv", "fp8-all"))
+    ap.add_argument("--plans", default="s1,s2,s3,s4,s6,s8,s2st4,s3st4,s1w8,s2w8")
+    ap.add_argument("--linear", default="", help="name:s<split>[st<stages>],... (FP8 GEMMs)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    name, batch, seqlen = args.case.split(":")
+    batch, seqlen = int(batch), int(seqlen)
+    device = torch.device("cuda")
+    engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=0.5, device=device)
+    if args.variant != "bf16":
+        engine = as_fp8(engine, weights=args.variant == "fp8-all")
+    rt = Runtime(engine, batch=batch, device=device)
+    for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
+        for c in (kc, vc):
+            c.copy_(torch.randn(c.shape, device=device, dtype=torch.bfloat16))
+    random.Random(0).shuffle(rt.cache.free_pages)  # scattered pages, as bench_e2e's
+    for b in range(batch):
+        rt.cache.grow(b, seqlen)
+    rt.cache.sync()
+    tokens = torch.randint(0, engine.model.spec.vocab, (batch,), device=device)
+
+    def step() -> Any:
+        rt.seqlens.fill_(seqlen - 1)
+        return rt.decode_step(tokens)
+
+    records: list[dict[str, Any]] = []
+    for mode in ("sparse", "dense"):
+        rt.set_dense(mode == "dense")
+        step()
+        own = dict(rt.kernels._plans)  # the planner's plans, one per (batch, k, ...)
+        for key, ws in rt.kernels._workspaces.items():  # room for up to 8x the splits
+            rt.kernels._workspaces[key] = dataclasses.replace(
+                ws, partials=torch.empty(8 * ws.partials.numel(), dtype=torch.float32,
+                                         device=device))
+        specs = ["planner", *args.plans.split(","), "planner"]
+        for spec in specs:
+            rt.kernels._plans.clear()
+            for key, plan in own.items():
+                rt.kernels._plans[key] = plan if spec == "planner" else \
+                    dataclasses.replace(plan, **parse_plan_spec(spec))
+            try:
+                ms = time_graph([step], reps=STEP_REPS)
+            except Exception as exc:  # a plan that does not fit (shared memory) is skipped
+                print(f"{mode:6s} {spec:10s} failed: {str(exc).splitlines()[0][:120]}", flush=True)
+                continue
+            plans = sorted({str(p) for p in rt.kernels._plans.values()})
+            rec = {"mode": mode, "spec": spec, "step_ms": ms, "plans": plans}
+            records.append(rec)
+            print(f"{mode:6s} {spec:10s} {ms:7.3f} ms  {plans[0][:110]}", flush=True)
+        rt.kernels._plans.clear()
+        rt.kernels._plans.update(own)
+    rt.set_dense(False)
+    shapes = {name: (n, k) for name, n, k in LINEAR_SHAPES}
+    planner = fp8_linear_module.plan_fp8_linear
+    for spec in ["planner", *(s for s in args.linear.split(",") if s), "planner"]:
+        gemm, _, plan_spec = spec.partition(":")
+        hit = re.match(r"s(\d+)(?:st(\d+))?$", plan_spec)
+        if spec != "planner" and (gemm not in shapes or hit is None):
+            raise SystemExit(f"error: linear spec {spec!r} is not name:s<split>[st<stages>]")
+
+        def plan(m: int, n: int, k: int, *, sms: int, gemm=gemm, hit=hit) -> Any:
+            own = planner(m, n, k, sms=sms)
+            if hit is None or (n, k) != shapes[gemm]:
+                return own
+            split, stages = hit.groups()
+            return dataclasses.replace(own, split_k=int(split),
+                                       num_stages=int(stages) if stages else own.num_stages)
+
+        fp8_linear_module.plan_fp8_linear = plan
+        try:
+            ms = time_graph([step], reps=STEP_REPS)
+        finally:
+            fp8_linear_module.plan_fp8_linear = planner
+        records.append({"mode": "sparse", "linear": spec, "step_ms": ms})
+        print(f"sparse {spec:14s} {ms:7.3f} ms", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"env": environment(), "case": args.case,
+                                         "variant": args.variant, "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
