@@ -2,7 +2,7 @@
 (default Llama-3-8B, B=32, S=8192, FP8 KV + FP8 weights), dense and sparse: the step as
 `bench_e2e` times it, with the runtime's cached plan for each (batch, k) replaced.
 
-    python -m polarc.benchmarks.sweep_step_attention [--case llama3-8b:32:8192] [--variant fp8-all]
+    python -m polarc.benchmarks.sweep_step_attention [--cases llama3-8b:32:8192,...] [--variants fp8-all]
         [--plans "s1,s2,s3,s4,s2w8,..."] [--json OUT]
 
 A plan spec is ``s<splits>`` with optional ``w<warps>``, ``st<stages>``, ``n<block>``; ``s1``
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import random
 import re
@@ -26,7 +27,7 @@ import polarc.plugins.fp8_linear as fp8_linear_module
 import torch
 from polarc.benchmarks.bench_e2e import STEP_REPS, as_fp8, sparse_engine_in_memory
 from polarc.benchmarks.bench_kernels import LINEAR_SHAPES
-from polarc.benchmarks.timing import environment, time_graph
+from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
 
 from polarc.runtime.torch_runtime import Runtime
 
@@ -45,20 +46,15 @@ def parse_plan_spec(spec: str) -> dict[str, int]:
     return fields
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--case", default="llama3-8b:32:8192", help="model:batch:seqlen")
-    ap.add_argument("--variant", default="fp8-all", choices=("bf16", "fp8-kv", "fp8-all"))
-    ap.add_argument("--plans", default="s1,s2,s3,s4,s6,s8,s2st4,s3st4,s1w8,s2w8")
-    ap.add_argument("--linear", default="", help="name:s<split>[st<stages>],... (FP8 GEMMs)")
-    ap.add_argument("--json", type=Path, default=None)
-    args = ap.parse_args()
-    name, batch, seqlen = args.case.split(":")
+def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: list[str]
+               ) -> list[dict[str, Any]]:
+    """The records of one model:batch:seqlen case (module docstring)."""
+    name, batch, seqlen = case.split(":")
     batch, seqlen = int(batch), int(seqlen)
     device = torch.device("cuda")
     engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=0.5, device=device)
-    if args.variant != "bf16":
-        engine = as_fp8(engine, weights=args.variant == "fp8-all")
+    if variant != "bf16":
+        engine = as_fp8(engine, weights=variant == "fp8-all")
     rt = Runtime(engine, batch=batch, device=device)
     for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
         for c in (kc, vc):
@@ -74,6 +70,7 @@ def main() -> None:
         return rt.decode_step(tokens)
 
     records: list[dict[str, Any]] = []
+    tag = f"{case} {variant}"
     for mode in ("sparse", "dense"):
         rt.set_dense(mode == "dense")
         step()
@@ -82,8 +79,7 @@ def main() -> None:
             rt.kernels._workspaces[key] = dataclasses.replace(
                 ws, partials=torch.empty(8 * ws.partials.numel(), dtype=torch.float32,
                                          device=device))
-        specs = ["planner", *args.plans.split(","), "planner"]
-        for spec in specs:
+        for spec in ["planner", *plan_specs, "planner"]:
             rt.kernels._plans.clear()
             for key, plan in own.items():
                 rt.kernels._plans[key] = plan if spec == "planner" else \
@@ -91,18 +87,20 @@ def main() -> None:
             try:
                 ms = time_graph([step], reps=STEP_REPS)
             except Exception as exc:  # a plan that does not fit (shared memory) is skipped
-                print(f"{mode:6s} {spec:10s} failed: {str(exc).splitlines()[0][:120]}", flush=True)
+                print(f"{tag} {mode:6s} {spec:10s} failed: {str(exc).splitlines()[0][:120]}",
+                      flush=True)
                 continue
             plans = sorted({str(p) for p in rt.kernels._plans.values()})
-            rec = {"mode": mode, "spec": spec, "step_ms": ms, "plans": plans}
-            records.append(rec)
-            print(f"{mode:6s} {spec:10s} {ms:7.3f} ms  {plans[0][:110]}", flush=True)
+            records.append({"case": case, "variant": variant, "mode": mode, "spec": spec,
+                            "step_ms": ms, "plans": plans})
+            print(f"{tag} {mode:6s} {spec:10s} {ms:7.3f} ms  {' | '.join(plans)[:160]}",
+                  flush=True)
         rt.kernels._plans.clear()
         rt.kernels._plans.update(own)
     rt.set_dense(False)
     shapes = {name: (n, k) for name, n, k in LINEAR_SHAPES}
     planner = fp8_linear_module.plan_fp8_linear
-    for spec in ["planner", *(s for s in args.linear.split(",") if s), "planner"]:
+    for spec in (["planner", *linear_specs, "planner"] if linear_specs else []):
         gemm, _, plan_spec = spec.partition(":")
         hit = re.match(r"s(\d+)(?:st(\d+))?$", plan_spec)
         if spec != "planner" and (gemm not in shapes or hit is None):
@@ -121,11 +119,30 @@ def main() -> None:
             ms = time_graph([step], reps=STEP_REPS)
         finally:
             fp8_linear_module.plan_fp8_linear = planner
-        records.append({"mode": "sparse", "linear": spec, "step_ms": ms})
-        print(f"sparse {spec:14s} {ms:7.3f} ms", flush=True)
+        records.append({"case": case, "variant": variant, "mode": "sparse", "linear": spec,
+                        "step_ms": ms})
+        print(f"{tag} sparse {spec:14s} {ms:7.3f} ms", flush=True)
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="llama3-8b:32:8192", help="model:batch:seqlen,...")
+    ap.add_argument("--variants", default="fp8-all", help="bf16, fp8-kv, fp8-all (comma-separated)")
+    ap.add_argument("--plans", default="s1,s2,s3,s4,s6,s8,s2st4,s3st4,s1w8,s2w8")
+    ap.add_argument("--linear", default="", help="name:s<split>[st<stages>],... (FP8 GEMMs)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    bw = copy_bandwidth(torch.device("cuda"))
+    records = []
+    for case in args.cases.split(","):
+        for variant in args.variants.split(","):
+            records += sweep_case(case, variant, args.plans.split(","),
+                                  [s for s in args.linear.split(",") if s])
+            gc.collect()
+            torch.cuda.empty_cache()
     if args.json:
-        args.json.write_text(json.dumps({"env": environment(), "case": args.case,
-                                         "variant": args.variant, "records": records}, indent=1))
+        args.json.write_text(json.dumps({"env": environment(bw), "records": records}, indent=1))
 
 
 if __name__ == "__main__":
