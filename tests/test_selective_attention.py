@@ -146,6 +146,11 @@ def test_plan_is_deterministic_and_splits_long_caches():
     assert big.num_splits == 1
     assert plan_selective_attention(4, 32, 1, 4096, 128, sms=132).use_dot  # MHA: dot is faster
     assert plan_selective_attention(64, 8, 4, 8192, 128, sms=132).num_splits == 2
+    # a float8 cache fills the wave to one program per SM, not two
+    fp8 = {(b, k): plan_selective_attention(b, k, 4, 8192, 128, sms=132, page_size=128,
+                                            kv_fp8=True).num_splits
+           for b, k in ((16, 4), (32, 4), (32, 8), (64, 8))}
+    assert fp8 == {(16, 4): 2, (32, 4): 1, (32, 8): 1, (64, 8): 2}
 
 
 # ----------------------------------------------------------------------------- wrong inputs
