@@ -332,14 +332,14 @@ def plan_selective_attention(
     group's heads padded to 16 rows (also for MHA: the padded MMA is still far below the
     memory time, and it beat the broadcast multiply-reduce by 1.1-1.6x on the H100).
     Splits (measured on the H100, KERNEL_NOTES.md): two stage-1 programs stay resident per
-    SM, so with ``slots = 2 * sms``: when the (row, group) pairs fit in one wave, split
-    until the wave is as full as whole splits allow (``slots // pairs``); when they need a
-    little more than one wave, split to at least three waves, so the partial last wave
-    idles few SMs; at least four blocks of positions per split. A float8 cache fills the
-    one wave to one program per SM instead (``sms // pairs`` splits, at least one): in the
-    FP8 decode steps of Llama-3-8B and Llama-2-7B on the H100 (B=16-64, S=4096-8192, 64-256
-    pairs) that was the best of 1-4 splits at every point, 0.6-1.0% of the step ahead of
-    two programs per SM (2026-12-06, RESULTS.md). Rows shorter than
+    SM, so with ``slots = 2 * sms``: when the (row, group) pairs fit in one wave
+    (``pairs <= slots``), split up to one program per SM (``sms // pairs``, at least one);
+    when they need a little more than one wave, split to at least three waves, so the
+    partial last wave idles few SMs; at least four blocks of positions per split. One
+    program per SM, not two: in the decode steps of Llama-3-8B and Llama-2-7B on the H100
+    (bf16 and float8 caches, B=16-64, S=4096-8192, 64-256 pairs) it was the best of 1-4
+    splits at every point, up to 1% of the step ahead of filling two per SM, which the
+    kernel timed alone had preferred (2026-12-06, `sweep_step_attention`). Rows shorter than
     ``S_max`` cut their own length into the same number of splits. Explicit arguments
     override the heuristic (benchmarks, tests).
     """
@@ -360,10 +360,8 @@ def plan_selective_attention(
     if num_splits is None:
         pairs = max(1, batch * n_selected)
         slots = 2 * sms  # resident stage-1 programs: 2 per SM at these tiles
-        if pairs <= slots:  # one wave, as full as whole splits allow
-            # a float8 cache: one program per SM (its blocks of 128 positions keep 32 KB of K
-            # and V in flight a stage) wins over two in the decode step (sweep_step_attention)
-            num_splits = max(1, (sms if kv_fp8 else slots) // pairs)
+        if pairs <= slots:  # one wave: splits up to one program per SM
+            num_splits = max(1, sms // pairs)
         elif pairs < 3 * slots:  # a partial last wave would idle SMs: go to >= 3 waves
             num_splits = cdiv(3 * slots, pairs)
         else:

@@ -146,11 +146,12 @@ def test_plan_is_deterministic_and_splits_long_caches():
     assert big.num_splits == 1
     assert plan_selective_attention(4, 32, 1, 4096, 128, sms=132).use_dot  # MHA: dot is faster
     assert plan_selective_attention(64, 8, 4, 8192, 128, sms=132).num_splits == 2
-    # a float8 cache fills the wave to one program per SM, not two
-    fp8 = {(b, k): plan_selective_attention(b, k, 4, 8192, 128, sms=132, page_size=128,
-                                            kv_fp8=True).num_splits
-           for b, k in ((16, 4), (32, 4), (32, 8), (64, 8))}
-    assert fp8 == {(16, 4): 2, (32, 4): 1, (32, 8): 1, (64, 8): 2}
+    # splits fill the wave to one program per SM, not two
+    splits = {(b, k, fp8): plan_selective_attention(b, k, 4, 8192, 128, sms=132, page_size=128,
+                                                    kv_fp8=fp8).num_splits
+              for b, k in ((16, 4), (32, 4), (32, 8), (64, 8)) for fp8 in (False, True)}
+    assert splits == {(16, 4, False): 2, (32, 4, False): 1, (32, 8, False): 1, (64, 8, False): 2,
+                      (16, 4, True): 2, (32, 4, True): 1, (32, 8, True): 1, (64, 8, True): 2}
 
 
 # ----------------------------------------------------------------------------- wrong inputs
