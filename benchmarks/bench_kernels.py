@@ -601,8 +601,9 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     as stored ([N, K]), laid out tile by tile as a loaded engine keeps them (`tile_fp8`), and
     tiled with each GEMM prefetching the next one's first bytes as the runtime's do (o the
     gate_up's, gate_up the down's, down the next qkv's or the LM head's); then once per entry
-    of `tiles`, ``ROWSxKxWARPSxSTAGES`` (e.g. ``128x256x4x3``): tiles of that shape, the
-    planner's plans with those warps and pipeline stages, with the prefetch."""
+    of `tiles`, ``ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT]]`` (e.g. ``128x256x4x3``): tiles of that
+    shape, the planner's plans with those warps and pipeline stages (and rows per program and
+    split-K, where given), with the prefetch."""
     from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
 
     from polarc.format.engine_file import FP8_TILE, quantize_rows, tile_fp8
@@ -625,8 +626,8 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
         yield "tiles", *tiled(FP8_TILE), None, False
         yield "tiles+pf", *tiled(FP8_TILE), None, True
         for spec in tiles:
-            bn, bk, warps, stages = (int(v) for v in spec.split("x"))
-            yield f"tiles {spec}", *tiled((bn, bk)), (warps, stages), True
+            bn, bk, warps, stages, *more = (int(v) for v in spec.split("x"))
+            yield f"tiles {spec}", *tiled((bn, bk)), (warps, stages, *more), True
 
     records = []
     for layout, ws, lm, override, prefetch in layouts():
@@ -636,9 +637,11 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
             def lin(x, wp, nxt=None, swiglu=False, m=m, override=override, prefetch=prefetch):
                 plan = None
                 if override is not None:
-                    plan = dataclasses.replace(
-                        plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device)),
-                        num_warps=override[0], num_stages=override[1])
+                    plan = plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device))
+                    block_m, split = (*override[2:], plan.block_m, plan.split_k)[:2]
+                    plan = dataclasses.replace(plan, num_warps=override[0],
+                                               num_stages=override[1], block_m=block_m,
+                                               split_k=split)
                 return fp8_linear(x, *wp, swiglu=swiglu, plan=plan,
                                   prefetch=nxt[0] if prefetch and nxt else None)
 
