@@ -383,7 +383,13 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                          "last axis")
     if m == 0:
         return out
-    plan = plan or plan_fp8_linear(m, n, k, sms=num_sms(x.device))
+    if plan is None:
+        plan = plan_fp8_linear(m, n, k, sms=num_sms(x.device))
+        if tiled and w.shape[3] > plan.block_k:
+            # the tiles' K block holds more bytes a stage than the plan's: 3 stages, not 4
+            # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
+            # chain benchmark, 2026-12-06)
+            plan = dataclasses.replace(plan, num_stages=min(plan.num_stages, 3))
     if tiled:  # the layout's tile is the program's
         plan = dataclasses.replace(plan, block_n=w.shape[2], block_k=w.shape[3])
     split = plan.split_k
