@@ -638,7 +638,9 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
                 plan = None
                 if override is not None:
                     plan = plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device))
-                    block_m, split = (*override[2:], plan.block_m, plan.split_k)[:2]
+                    more = override[2:]
+                    block_m = more[0] if more else plan.block_m
+                    split = more[1] if len(more) > 1 else plan.split_k
                     plan = dataclasses.replace(plan, num_warps=override[0],
                                                num_stages=override[1], block_m=block_m,
                                                split_k=split)
