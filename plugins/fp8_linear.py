@@ -100,7 +100,7 @@ def _fp8_linear_kernel(
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False,
 ):
-    """Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K): one output block and one K range
+    """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
     no block needs a K mask. SWIGLU: w is [gate; up] and the program's block pairs the two
     (`_weight_rows`), so the epilogue writes ``silu(gate) * up`` of BLOCK_N / 2 channels (y
@@ -108,10 +108,9 @@ def _fp8_linear_kernel(
     TILED: w is laid out tile by tile (module docstring), so each K block of a program's
     weight is one contiguous BLOCK_N x BLOCK_K run of bytes, zero-padded past N and K.
     PREFETCH: once its own work is done, each program asks L2 for a share of the next GEMM's
-    first weight bytes (`_prefetch_segments`). The row blocks of one weight block are
-    neighbours in launch order, so they run together and its second reader finds it in L2."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    first weight bytes (`_prefetch_segments`)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the block's columns of [M, N]
@@ -156,7 +155,7 @@ def _fp8_linear_kernel(
         part = Part + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(part + pid_k.to(tl.int64) * stride_pk, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial stores precede the release below
-        tile = pid_n * tl.num_programs(0) + pid_m
+        tile = pid_m * tl.num_programs(0) + pid_n
         done = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT_K - 1:  # the last split of this tile: the others' partials are visible
             total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -398,7 +397,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
     if swiglu and plan.block_n % 2:
         raise ValueError(f"fp8_linear: swiglu needs an even plan.block_n, got {plan.block_n}")
-    grid = (cdiv(m, plan.block_m), cdiv(n, plan.block_n), split)
+    grid = (cdiv(n, plan.block_n), cdiv(m, plan.block_m), split)
     k_per_split = cdiv(cdiv(k, split), plan.block_k) * plan.block_k
     if split > 1:
         part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
