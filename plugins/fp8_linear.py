@@ -98,7 +98,7 @@ def _fp8_linear_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -127,10 +127,7 @@ def _fp8_linear_kernel(
             + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
     else:
         w_ptrs = W + rows[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
-    if SWAP_AB and DOT_FP16:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
@@ -143,17 +140,13 @@ def _fp8_linear_kernel(
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if DOT_FP16 and SWAP_AB:
-            acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc)
-        elif DOT_FP16:
+        if DOT_FP16:
             acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
         else:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
                          input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_N * BLOCK_K if TILED else BLOCK_K
-    if SWAP_AB and DOT_FP16:
-        acc = tl.trans(acc)
     if SPLIT_K == 1:
         _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n,
                            N, HAS_BIAS, SWIGLU, BLOCK_N)
@@ -250,7 +243,6 @@ class Fp8LinearPlan:
     num_warps: int
     num_stages: int
     split_k: int = 1
-    swap_ab: bool = False  # the product formed transposed, the weight tile as the left operand
 
 
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
@@ -420,6 +412,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWIGLU=swiglu,
-        TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, num_warps=plan.num_warps,
+        TILED=tiled, PREFETCH=seg_len > 0, num_warps=plan.num_warps,
         num_stages=plan.num_stages)
     return out
