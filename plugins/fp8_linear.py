@@ -266,7 +266,8 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     for decode rows (a step's GEMMs on tiled weights 2-3% faster than 4 on the H100; 2 and 5
     slower, 2026-12-06), except 4 where the GEMM has at most one program per SM (the bytes
     one program keeps in flight are then all its SM streams: a step's GEMMs 1.5% faster at
-    32 rows on the H100, 2026-12-06), and 4 above decode rows.
+    32 rows on the H100, 2026-12-06), and 4 above decode rows (K blocks of 64; `fp8_linear`
+    caps it at 3 on tiled weights, whose K blocks of 128 hold twice the bytes a stage).
     """
     block_m = min(64, max(16, next_pow2(m)))
     decode = m <= _DECODE_ROWS
