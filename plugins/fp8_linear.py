@@ -281,6 +281,23 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
                          num_stages=4 if few or not decode else 3, split_k=split)
 
 
+def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: int, *,
+                sms: int) -> Fp8LinearPlan:
+    """The plan `fp8_linear` launches for weight `w` (rows or tiles): `plan`, else the
+    planner's; on tiles, the tile is the program's block of N and K."""
+    tiled = w.dim() == 4
+    if plan is None:
+        plan = plan_fp8_linear(m, n, k, sms=sms)
+        if tiled and w.shape[3] > plan.block_k:
+            # the tiles' K block holds more bytes a stage than the plan's: 3 stages, not 4
+            # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
+            # chain benchmark, 2026-12-06)
+            plan = dataclasses.replace(plan, num_stages=min(plan.num_stages, 3))
+    if tiled:
+        plan = dataclasses.replace(plan, block_n=w.shape[2], block_k=w.shape[3])
+    return plan
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -384,15 +401,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                          "last axis")
     if m == 0:
         return out
-    if plan is None:
-        plan = plan_fp8_linear(m, n, k, sms=num_sms(x.device))
-        if tiled and w.shape[3] > plan.block_k:
-            # the tiles' K block holds more bytes a stage than the plan's: 3 stages, not 4
-            # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
-            # chain benchmark, 2026-12-06)
-            plan = dataclasses.replace(plan, num_stages=min(plan.num_stages, 3))
-    if tiled:  # the layout's tile is the program's
-        plan = dataclasses.replace(plan, block_n=w.shape[2], block_k=w.shape[3])
+    plan = launch_plan(plan, w, m, n, k, sms=num_sms(x.device))
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")

@@ -12,6 +12,7 @@ from polarc.plugins.fp8_linear import (
     _tile_counters,
     fp8_linear,
     fp8_linear_reference,
+    launch_plan,
     plan_fp8_linear,
 )
 
@@ -158,6 +159,22 @@ def test_plan_streams_deeper_where_a_gemm_has_one_program_per_sm():
     assert plan_fp8_linear(32, 6144, 4096, sms=132).num_stages == 3  # 48 tiles x 4 splits
     assert plan_fp8_linear(16, 4096, 14336, sms=132).num_stages == 3  # 8 splits: 256
     assert plan_fp8_linear(256, 4096, 4096, sms=132).num_stages == 4
+
+
+@pytest.mark.parametrize(("m", "stages"), [(32, 4), (64, 3), (256, 3)])
+def test_tiled_weights_cap_the_planned_stages_at_three(m, stages):
+    """Tiles of 128 x 128 bytes hold twice the planned K block's bytes a stage above decode
+    rows, so the launched plan pipelines 3 stages there (the decode rows' planning stands);
+    an explicit plan is launched as given, with the tile as its block."""
+    tiles = torch.zeros(32, 32, 128, 128, dtype=torch.float8_e4m3fn)  # [4096, 4096] as tiles
+    plan = launch_plan(None, tiles, m, 4096, 4096, sms=132)
+    assert (plan.num_stages, plan.block_n, plan.block_k) == (stages, 128, 128)
+    given = Fp8LinearPlan(64, 64, 64, num_warps=8, num_stages=4, split_k=2)
+    assert launch_plan(given, tiles, m, 4096, 4096, sms=132) == Fp8LinearPlan(
+        64, 128, 128, num_warps=8, num_stages=4, split_k=2)
+    rows = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
+    assert launch_plan(None, rows, m, 4096, 4096, sms=132) == plan_fp8_linear(m, 4096, 4096,
+                                                                              sms=132)
 
 
 def test_plan_splits_decode_but_not_large_batches():
