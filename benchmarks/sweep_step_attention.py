@@ -46,6 +46,17 @@ def parse_plan_spec(spec: str) -> dict[str, int]:
     return fields
 
 
+def parse_linear_spec(spec: str) -> tuple[str, int, int | None]:
+    """``gate_up:s2st4`` -> (GEMM name, split-K, stages or None)."""
+    gemm, _, plan_spec = spec.partition(":")
+    hit = re.match(r"s(\d+)(?:st(\d+))?$", plan_spec)
+    if gemm not in {name for name, _, _ in LINEAR_SHAPES} or hit is None:
+        raise SystemExit(f"error: linear spec {spec!r} is not name:s<split>[st<stages>] with a "
+                         f"name of {', '.join(name for name, _, _ in LINEAR_SHAPES)}")
+    split, stages = hit.groups()
+    return gemm, int(split), None if stages is None else int(stages)
+
+
 def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: list[str]
                ) -> list[dict[str, Any]]:
     """The records of one model:batch:seqlen case (module docstring)."""
@@ -101,18 +112,14 @@ def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: lis
     shapes = {name: (n, k) for name, n, k in LINEAR_SHAPES}
     planner = fp8_linear_module.plan_fp8_linear
     for spec in (["planner", *linear_specs, "planner"] if linear_specs else []):
-        gemm, _, plan_spec = spec.partition(":")
-        hit = re.match(r"s(\d+)(?:st(\d+))?$", plan_spec)
-        if spec != "planner" and (gemm not in shapes or hit is None):
-            raise SystemExit(f"error: linear spec {spec!r} is not name:s<split>[st<stages>]")
+        change = None if spec == "planner" else parse_linear_spec(spec)
 
-        def plan(m: int, n: int, k: int, *, sms: int, gemm=gemm, hit=hit) -> Any:
+        def plan(m: int, n: int, k: int, *, sms: int, change=change) -> Any:
             own = planner(m, n, k, sms=sms)
-            if hit is None or (n, k) != shapes[gemm]:
+            if change is None or (n, k) != shapes[change[0]]:
                 return own
-            split, stages = hit.groups()
-            return dataclasses.replace(own, split_k=int(split),
-                                       num_stages=int(stages) if stages else own.num_stages)
+            return dataclasses.replace(own, split_k=change[1],
+                                       num_stages=change[2] or own.num_stages)
 
         fp8_linear_module.plan_fp8_linear = plan
         try:
@@ -133,12 +140,20 @@ def main() -> None:
     ap.add_argument("--linear", default="", help="name:s<split>[st<stages>],... (FP8 GEMMs)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    plan_specs = args.plans.split(",")
+    linear_specs = [s for s in args.linear.split(",") if s]
+    for spec in plan_specs:  # bad specs fail here, not after an engine is built
+        parse_plan_spec(spec)
+    for spec in linear_specs:
+        parse_linear_spec(spec)
+    if not torch.cuda.is_available():
+        raise SystemExit("error: sweep_step_attention times the decode step on a CUDA GPU; "
+                         "none is available here")
     bw = copy_bandwidth(torch.device("cuda"))
     records = []
     for case in args.cases.split(","):
         for variant in args.variants.split(","):
-            records += sweep_case(case, variant, args.plans.split(","),
-                                  [s for s in args.linear.split(",") if s])
+            records += sweep_case(case, variant, plan_specs, linear_specs)
             gc.collect()
             torch.cuda.empty_cache()
     if args.json:
