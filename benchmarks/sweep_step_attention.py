@@ -10,6 +10,9 @@ runs in one launch. Every spec is timed for the sparse step and, where it fits, 
 ``planner`` is the runtime's own plan (timed first and last, as the run's drift check).
 `--linear "gate_up:s2,down:s8st4"` then times the sparse step with one FP8 GEMM's plan
 replaced at a time (split-K ``s``, stages ``st``; the planner's tiles otherwise).
+`--ablate append,norm` times the sparse step with a stage made a no-op (the KV append with
+its rotary stage and top-k; the residual add + norm): its results are meaningless, its time
+is what fusing that stage away could save at most.
 """
 
 from __future__ import annotations
@@ -57,8 +60,11 @@ def parse_linear_spec(spec: str) -> tuple[str, int, int | None]:
     return gemm, int(split), None if stages is None else int(stages)
 
 
-def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: list[str]
-               ) -> list[dict[str, Any]]:
+ABLATIONS = ("append", "norm")
+
+
+def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: list[str],
+               ablations: list[str] = ()) -> list[dict[str, Any]]:
     """The records of one model:batch:seqlen case (module docstring)."""
     name, batch, seqlen = case.split(":")
     batch, seqlen = int(batch), int(seqlen)
@@ -129,6 +135,19 @@ def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: lis
         records.append({"case": case, "variant": variant, "mode": "sparse", "linear": spec,
                         "step_ms": ms})
         print(f"{tag} sparse {spec:14s} {ms:7.3f} ms", flush=True)
+    kernels, ops = rt.kernels, rt.ops
+    for what in (["none", *ablations] if ablations else []):
+        if what == "append":
+            rt.kernels = dataclasses.replace(kernels, rope_write_kv=lambda q, *a, **kw: q)
+        elif what == "norm":
+            rt.ops = dataclasses.replace(ops, add_norm=lambda h, delta, w, b, eps: (h, h))
+        try:
+            ms = time_graph([step], reps=STEP_REPS)
+        finally:
+            rt.kernels, rt.ops = kernels, ops
+        records.append({"case": case, "variant": variant, "mode": "sparse", "ablate": what,
+                        "step_ms": ms})
+        print(f"{tag} sparse without {what:8s} {ms:7.3f} ms", flush=True)
     return records
 
 
@@ -138,8 +157,12 @@ def main() -> None:
     ap.add_argument("--variants", default="fp8-all", help="bf16, fp8-kv, fp8-all (comma-separated)")
     ap.add_argument("--plans", default="s1,s2,s3,s4,s6,s8,s2st4,s3st4,s1w8,s2w8")
     ap.add_argument("--linear", default="", help="name:s<split>[st<stages>],... (FP8 GEMMs)")
+    ap.add_argument("--ablate", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    ablations = [a for a in args.ablate.split(",") if a]
+    if set(ablations) - set(ABLATIONS):
+        raise SystemExit(f"error: --ablate takes {', '.join(ABLATIONS)}, got {args.ablate!r}")
     plan_specs = args.plans.split(",")
     linear_specs = [s for s in args.linear.split(",") if s]
     for spec in plan_specs:  # bad specs fail here, not after an engine is built
@@ -153,7 +176,7 @@ def main() -> None:
     records = []
     for case in args.cases.split(","):
         for variant in args.variants.split(","):
-            records += sweep_case(case, variant, plan_specs, linear_specs)
+            records += sweep_case(case, variant, plan_specs, linear_specs, ablations)
             gc.collect()
             torch.cuda.empty_cache()
     if args.json:
