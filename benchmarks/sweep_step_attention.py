@@ -11,8 +11,9 @@ runs in one launch. Every spec is timed for the sparse step and, where it fits, 
 `--linear "gate_up:s2,down:s8st4"` then times the sparse step with one FP8 GEMM's plan
 replaced at a time (split-K ``s``, stages ``st``; the planner's tiles otherwise).
 `--ablate append,norm` times the sparse step with a stage made a no-op (the KV append with
-its rotary stage and top-k; the residual add + norm): its results are meaningless, its time
-is what fusing that stage away could save at most.
+its rotary stage and top-k, a copy of a fixed selection left in its place; the residual add +
+norm): its results are meaningless, its time is what fusing that stage away could save at
+most.
 """
 
 from __future__ import annotations
@@ -136,9 +137,16 @@ def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: lis
                         "step_ms": ms})
         print(f"{tag} sparse {spec:14s} {ms:7.3f} ms", flush=True)
     kernels, ops = rt.kernels, rt.ops
+
+    def no_append(q: torch.Tensor, *args: Any, groups: torch.Tensor | None = None,
+                  **kwargs: Any) -> torch.Tensor:
+        if groups is not None:  # a fixed, valid selection (one copy launch) for the attention
+            groups.copy_(rt.all_groups[:groups.shape[0], :groups.shape[1]])
+        return q
+
     for what in (["none", *ablations] if ablations else []):
         if what == "append":
-            rt.kernels = dataclasses.replace(kernels, rope_write_kv=lambda q, *a, **kw: q)
+            rt.kernels = dataclasses.replace(kernels, rope_write_kv=no_append)
         elif what == "norm":
             rt.ops = dataclasses.replace(ops, add_norm=lambda h, delta, w, b, eps: (h, h))
         try:
