@@ -339,7 +339,8 @@ def plan_selective_attention(
     program per SM, not two: in the decode steps of Llama-3-8B and Llama-2-7B on the H100
     (bf16 and float8 caches, B=16-64, S=4096-8192, 64-256 pairs) it was the best of 1-4
     splits at every point, up to 1% of the step ahead of filling two per SM, which the
-    kernel timed alone had preferred (2026-12-06, `sweep_step_attention`). Rows shorter than
+    kernel timed alone had preferred (2026-12-06, `sweep_step_attention`; fewer than 64 pairs
+    take the same rule unmeasured). Rows shorter than
     ``S_max`` cut their own length into the same number of splits. Explicit arguments
     override the heuristic (benchmarks, tests).
     """
