@@ -106,16 +106,16 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
                                          "kv_key_offset": True})
 
 
-def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
-             variant: str = "bf16", engine: Engine | None = None,
-             profile: bool = False) -> list[dict[str, Any]]:
+def case_runtime(name: str, batch: int, seqlen: int, density: float, variant: str = "bf16",
+                 engine: Engine | None = None) -> Runtime:
+    """A runtime on the case's engine (`variant`'s dtypes) whose `batch` rows each hold
+    `seqlen` positions of random K/V, ready for a decode step at position seqlen - 1."""
     device = torch.device("cuda")
     # max_seq = seqlen: the step writes position seqlen - 1 and attends over seqlen positions
     engine = engine or sparse_engine_in_memory(name, batch=batch, max_seq=seqlen,
                                                density=density, device=device)
     if variant != "bf16":
         engine = as_fp8(engine, weights=variant == "fp8-all")
-    spec = engine.model.spec
     rt = Runtime(engine, batch=batch, device=device)
     for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
         for c in (kc, vc):  # normal values (float8 has no normal_)
@@ -125,6 +125,16 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
     for b in range(batch):
         rt.cache.grow(b, seqlen)
     rt.cache.sync()
+    return rt
+
+
+def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
+             variant: str = "bf16", engine: Engine | None = None,
+             profile: bool = False) -> list[dict[str, Any]]:
+    device = torch.device("cuda")
+    rt = case_runtime(name, batch, seqlen, density, variant, engine)
+    engine = rt.engine
+    spec = engine.model.spec
     wbytes = weight_bytes(engine.model)
     tokens = torch.randint(0, spec.vocab, (batch,), device=device)
     records = []

@@ -22,18 +22,15 @@ import argparse
 import dataclasses
 import gc
 import json
-import random
 import re
 from pathlib import Path
 from typing import Any
 
 import polarc.plugins.fp8_linear as fp8_linear_module
 import torch
-from polarc.benchmarks.bench_e2e import STEP_REPS, as_fp8, sparse_engine_in_memory
+from polarc.benchmarks.bench_e2e import STEP_REPS, case_runtime
 from polarc.benchmarks.bench_kernels import LINEAR_SHAPES
 from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
-
-from polarc.runtime.torch_runtime import Runtime
 
 _SPEC = re.compile(r"s(\d+)(?:w(\d+))?(?:st(\d+))?(?:n(\d+))?$")
 
@@ -70,18 +67,8 @@ def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: lis
     name, batch, seqlen = case.split(":")
     batch, seqlen = int(batch), int(seqlen)
     device = torch.device("cuda")
-    engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=0.5, device=device)
-    if variant != "bf16":
-        engine = as_fp8(engine, weights=variant == "fp8-all")
-    rt = Runtime(engine, batch=batch, device=device)
-    for kc, vc in zip(rt.cache.k, rt.cache.v, strict=True):
-        for c in (kc, vc):
-            c.copy_(torch.randn(c.shape, device=device, dtype=torch.bfloat16))
-    random.Random(0).shuffle(rt.cache.free_pages)  # scattered pages, as bench_e2e's
-    for b in range(batch):
-        rt.cache.grow(b, seqlen)
-    rt.cache.sync()
-    tokens = torch.randint(0, engine.model.spec.vocab, (batch,), device=device)
+    rt = case_runtime(name, batch, seqlen, 0.5, variant)  # as bench_e2e times it
+    tokens = torch.randint(0, rt.engine.model.spec.vocab, (batch,), device=device)
 
     def step() -> Any:
         rt.seqlens.fill_(seqlen - 1)
