@@ -601,9 +601,9 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     as stored ([N, K]), laid out tile by tile as a loaded engine keeps them (`tile_fp8`), and
     tiled with each GEMM prefetching the next one's first bytes as the runtime's do (o the
     gate_up's, gate_up the down's, down the next qkv's or the LM head's); then once per entry
-    of `tiles`, ``ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT]]`` (e.g. ``128x256x4x3``): tiles of that
-    shape, the planner's plans with those warps and pipeline stages (and rows per program and
-    split-K, where given), with the prefetch."""
+    of `tiles`, ``ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x256x4x3``): tiles of that
+    shape, the planner's plans with those warps and pipeline stages (and rows per program,
+    split-K (0: the planner's) and the transposed product, where given), with the prefetch."""
     from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
 
     from polarc.format.engine_file import FP8_TILE, quantize_rows, tile_fp8
@@ -640,10 +640,11 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
                     plan = plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device))
                     more = override[2:]
                     block_m = more[0] if more else plan.block_m
-                    split = more[1] if len(more) > 1 else plan.split_k
+                    split = more[1] if len(more) > 1 and more[1] else plan.split_k
+                    swap = bool(more[2]) if len(more) > 2 else plan.swap_ab
                     plan = dataclasses.replace(plan, num_warps=override[0],
                                                num_stages=override[1], block_m=block_m,
-                                               split_k=split)
+                                               split_k=split, swap_ab=swap)
                 return fp8_linear(x, *wp, swiglu=swiglu, plan=plan,
                                   prefetch=nxt[0] if prefetch and nxt else None)
 

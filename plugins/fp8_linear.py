@@ -98,7 +98,7 @@ def _fp8_linear_kernel(
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -108,7 +108,9 @@ def _fp8_linear_kernel(
     TILED: w is laid out tile by tile (module docstring), so each K block of a program's
     weight is one contiguous BLOCK_N x BLOCK_K run of bytes, zero-padded past N and K.
     PREFETCH: once its own work is done, each program asks L2 for a share of the next GEMM's
-    first weight bytes (`_prefetch_segments`)."""
+    first weight bytes (`_prefetch_segments`). SWAP_AB: the product formed as ``w @ x.T``, the
+    widened weight tile as the MMA's register operand and x from shared memory (fp16 dots
+    only; the same sums, transposed back before the epilogue)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -127,7 +129,10 @@ def _fp8_linear_kernel(
             + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
     else:
         w_ptrs = W + rows[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if SWAP_AB and DOT_FP16:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
@@ -140,13 +145,17 @@ def _fp8_linear_kernel(
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if DOT_FP16:
+        if DOT_FP16 and SWAP_AB:
+            acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc)
+        elif DOT_FP16:
             acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
         else:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
                          input_precision="ieee")
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_N * BLOCK_K if TILED else BLOCK_K
+    if SWAP_AB and DOT_FP16:
+        acc = tl.trans(acc)
     if SPLIT_K == 1:
         _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n,
                            N, HAS_BIAS, SWIGLU, BLOCK_N)
@@ -243,8 +252,10 @@ class Fp8LinearPlan:
     num_warps: int
     num_stages: int
     split_k: int = 1
+    swap_ab: bool = False  # the product formed transposed, the weight tile as the left operand
 
 
+_SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
 _SPLIT_8_ROWS = 16  # up to here K may be split 8 ways; above, at most 4
 _PROGRAMS_PER_SM = 1.5
@@ -293,6 +304,13 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
             # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
             # chain benchmark, 2026-12-06)
             plan = dataclasses.replace(plan, num_stages=min(plan.num_stages, 3))
+        if tiled and m > _SWAP_ROWS:
+            # 128 rows a program, 8 warps, the product transposed (the weight tile as wgmma's
+            # register operand): a step's 129 GEMMs at 128 / 256 rows 7.70 / 13.55 -> 7.36 /
+            # 12.58 ms (H100 chain benchmark, 2026-12-06; the same plan untransposed 7.82 /
+            # 13.14; at 64 rows half of each program's rows would be padding: 6.93)
+            plan = dataclasses.replace(plan, block_m=128, num_warps=8, num_stages=3,
+                                       swap_ab=True)
     if tiled:
         plan = dataclasses.replace(plan, block_n=w.shape[2], block_k=w.shape[3])
     return plan
@@ -422,6 +440,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWIGLU=swiglu,
-        TILED=tiled, PREFETCH=seg_len > 0, num_warps=plan.num_warps,
+        TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, num_warps=plan.num_warps,
         num_stages=plan.num_stages)
     return out

@@ -3,6 +3,8 @@ fp32; real shapes in bf16 on CUDA)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from polarc.plugins._triton_util import cdiv, next_pow2
@@ -161,7 +163,7 @@ def test_plan_streams_deeper_where_a_gemm_has_one_program_per_sm():
     assert plan_fp8_linear(256, 4096, 4096, sms=132).num_stages == 4
 
 
-@pytest.mark.parametrize(("m", "stages"), [(32, 4), (64, 3), (256, 3)])
+@pytest.mark.parametrize(("m", "stages"), [(32, 4), (64, 3), (128, 3), (256, 3)])
 def test_tiled_weights_cap_the_planned_stages_at_three(m, stages):
     """Tiles of 128 x 128 bytes hold twice the planned K block's bytes a stage above decode
     rows, so the launched plan pipelines 3 stages there (the decode rows' planning stands);
@@ -169,6 +171,9 @@ def test_tiled_weights_cap_the_planned_stages_at_three(m, stages):
     tiles = torch.zeros(32, 32, 128, 128, dtype=torch.float8_e4m3fn)  # [4096, 4096] as tiles
     plan = launch_plan(None, tiles, m, 4096, 4096, sms=132)
     assert (plan.num_stages, plan.block_n, plan.block_k) == (stages, 128, 128)
+    # above 64 rows: 128 rows a program, 8 warps, the product transposed
+    assert (plan.swap_ab, plan.block_m, plan.num_warps) == ((True, 128, 8) if m > 64 else (
+        False, plan_fp8_linear(m, 4096, 4096, sms=132).block_m, 4))
     given = Fp8LinearPlan(64, 64, 64, num_warps=8, num_stages=4, split_k=2)
     assert launch_plan(given, tiles, m, 4096, 4096, sms=132) == Fp8LinearPlan(
         64, 128, 128, num_warps=8, num_stages=4, split_k=2)
@@ -317,6 +322,28 @@ def test_tiled_weight_matches_reference(swiglu, split, m, n, k):
     assert _rel(fp8_linear(x, tiled, scale, b, plan=plan, swiglu=swiglu), want) < 1e-5
     other = tile_fp8(w, swiglu=swiglu, tile=(32, 64))  # a benchmark's other tile shape
     assert _rel(fp8_linear(x, other, scale, b, plan=plan, swiglu=swiglu), want) < 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("split", [1, 2])
+def test_transposed_product_matches_reference(swiglu, split):
+    """Above 64 rows on tiles the planned product is formed transposed (`swap_ab`): the same
+    sums as the untransposed plan and the reference, with split-K and SwiGLU epilogues."""
+    from polarc.format.engine_file import tile_fp8
+
+    m, n, k = 100, 256, 256
+    x, w, scale, b = _inputs(m, n, k, torch.float16, bias=True, seed=split)
+    tiled = tile_fp8(w, swiglu=swiglu)
+    plan = launch_plan(None, tiled, m, n, k, sms=132)
+    assert plan.swap_ab and plan.block_m == 128
+    plan = dataclasses.replace(plan, split_k=split)
+    want = fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu)
+    got = fp8_linear(x, tiled, scale, b, plan=plan, swiglu=swiglu)
+    assert _rel(got, want) < 2e-3  # fp16 products and output
+    plain = fp8_linear(x, tiled, scale, b, plan=dataclasses.replace(plan, swap_ab=False),
+                       swiglu=swiglu)
+    assert _rel(got, plain) < 1e-3
 
 
 @pytest.mark.parametrize("swiglu", [False, True])
