@@ -13,7 +13,8 @@ replaced at a time (split-K ``s``, stages ``st``; the planner's tiles otherwise)
 `--ablate append,norm` times the sparse step with a stage made a no-op (the KV append with
 its rotary stage and top-k, a copy of a fixed selection left in its place; the residual add +
 norm): its results are meaningless, its time is what fusing that stage away could save at
-most.
+most. `--ablate residual` times it with the residual adds and norms as their own launches
+(not inside the float8 GEMMs).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def parse_linear_spec(spec: str) -> tuple[str, int, int | None]:
     return gemm, int(split), None if stages is None else int(stages)
 
 
-ABLATIONS = ("append", "norm")
+ABLATIONS = ("append", "norm", "residual")
 
 
 def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: list[str],
@@ -123,7 +124,7 @@ def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: lis
         records.append({"case": case, "variant": variant, "mode": "sparse", "linear": spec,
                         "step_ms": ms})
         print(f"{tag} sparse {spec:14s} {ms:7.3f} ms", flush=True)
-    kernels, ops = rt.kernels, rt.ops
+    kernels, ops, residual_ops = rt.kernels, rt.ops, rt.residual_ops
 
     def no_append(q: torch.Tensor, *args: Any, groups: torch.Tensor | None = None,
                   **kwargs: Any) -> torch.Tensor:
@@ -135,11 +136,14 @@ def sweep_case(case: str, variant: str, plan_specs: list[str], linear_specs: lis
         if what == "append":
             rt.kernels = dataclasses.replace(kernels, rope_write_kv=no_append)
         elif what == "norm":
-            rt.ops = dataclasses.replace(ops, add_norm=lambda h, delta, w, b, eps: (h, h))
+            rt.ops = rt.residual_ops = dataclasses.replace(
+                ops, add_norm=lambda h, delta, w, b, eps: (h, h))
+        elif what == "residual":
+            rt.residual_ops = ops
         try:
             ms = time_graph([step], reps=STEP_REPS)
         finally:
-            rt.kernels, rt.ops = kernels, ops
+            rt.kernels, rt.ops, rt.residual_ops = kernels, ops, residual_ops
         records.append({"case": case, "variant": variant, "mode": "sparse", "ablate": what,
                         "step_ms": ms})
         print(f"{tag} sparse without {what:8s} {ms:7.3f} ms", flush=True)

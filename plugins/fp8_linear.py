@@ -55,19 +55,43 @@ import triton.language as tl
 from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
 from .reference import FP8, fp8_linear_reference
 
-__all__ = ["Fp8LinearPlan", "fp8_linear", "fp8_linear_reference", "fp8_widen", "plan_fp8_linear"]
+__all__ = ["Fp8LinearPlan", "RmsNormParts", "fp8_linear", "fp8_linear_reference", "fp8_widen",
+           "plan_fp8_linear"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n, N,
-                       HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Epilogue: per-channel scale, bias (of weight rows `rows`), SwiGLU, cast, store."""
+def _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n, N, K,
+                       SumSq, NormW, Scaled, sumsq_cols, norm_eps, HAS_BIAS: tl.constexpr,
+                       SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr,
+                       NORM: tl.constexpr, SUMSQ_PAD: tl.constexpr):
+    """Epilogue: per-channel scale, bias (of weight rows `rows`), SwiGLU, cast, store.
+    NORM: each row first times ``rsqrt(sum(SumSq[row, :sumsq_cols]) / K + norm_eps)``.
+    RESIDUAL: Y is the residual stream: ``Y += product`` (the product rounded to Y's dtype
+    first, as the unfused add sees it); each row's sum of squares over this block's columns
+    of the new Y goes to ``SumSq[row, pid_n]`` and the new Y times NormW to Scaled."""
+    if NORM:
+        offs_c = tl.arange(0, SUMSQ_PAD)
+        sumsq = tl.load(SumSq + offs_m[:, None].to(tl.int64) * sumsq_cols + offs_c[None, :],
+                        mask=mask_m[:, None] & (offs_c < sumsq_cols)[None, :], other=0.0)
+        acc = acc * (1.0 / tl.sqrt(tl.sum(sumsq, axis=1) / K + norm_eps))[:, None]
     acc = acc * tl.load(Scale + rows, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc = acc + tl.load(Bias + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:  # columns gate, up, gate, up, ... (`_weight_rows`): pair them
+    if RESIDUAL:
+        mask = mask_m[:, None] & mask_n[None, :]
+        at = offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
+        h = tl.load(Y + at, mask=mask, other=0.0).to(tl.float32) \
+            + acc.to(Y.dtype.element_ty).to(tl.float32)
+        h = h.to(Y.dtype.element_ty)
+        tl.store(Y + at, h, mask=mask)
+        g = tl.load(NormW + rows, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(Scaled + at, (h.to(tl.float32) * g[None, :]).to(Y.dtype.element_ty), mask=mask)
+        hf = tl.where(mask, h.to(tl.float32), 0.0)
+        tl.store(SumSq + offs_m.to(tl.int64) * sumsq_cols + pid_n, tl.sum(hf * hf, axis=1),
+                 mask=mask_m)
+    elif SWIGLU:  # columns gate, up, gate, up, ... (`_weight_rows`): pair them
         gate, up = tl.split(tl.reshape(acc, [acc.shape[0], BLOCK_N // 2, 2]))
         offs_c = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_c[None, :],
@@ -92,13 +116,14 @@ def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
 # per plan instead of three; the row mask is all M feeds.
 @triton.jit(do_not_specialize=["M"])
 def _fp8_linear_kernel(
-    X, W, Scale, Bias, Y, Part, Counters, Next,
-    M, N, K, k_per_split, next_segs, next_seg_stride, next_seg_len,
+    X, W, Scale, Bias, Y, Part, Counters, Next, SumSq, NormW, Scaled,
+    M, N, K, k_per_split, next_segs, next_seg_stride, next_seg_len, sumsq_cols, norm_eps,
     stride_xm, stride_ym, stride_pk,
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    RESIDUAL: tl.constexpr = False, NORM: tl.constexpr = False, SUMSQ_PAD: tl.constexpr = 1,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -110,7 +135,10 @@ def _fp8_linear_kernel(
     PREFETCH: once its own work is done, each program asks L2 for a share of the next GEMM's
     first weight bytes (`_prefetch_segments`). SWAP_AB: the product formed as ``w @ x.T``, the
     widened weight tile as the MMA's register operand and x from shared memory (fp16 dots
-    only; the same sums, transposed back before the epilogue)."""
+    only; the same sums, transposed back before the epilogue).
+    RESIDUAL: Y is the residual stream, updated in place, and the next RMS norm's parts are
+    written; NORM: the rows are scaled by the norm they stand for (`_fp8_linear_finish`): the
+    K loop is the same either way."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -158,7 +186,8 @@ def _fp8_linear_kernel(
         acc = tl.trans(acc)
     if SPLIT_K == 1:
         _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n,
-                           N, HAS_BIAS, SWIGLU, BLOCK_N)
+                           N, K, SumSq, NormW, Scaled, sumsq_cols, norm_eps, HAS_BIAS, SWIGLU,
+                           BLOCK_N, RESIDUAL, NORM, SUMSQ_PAD)
     else:
         mask = mask_m[:, None] & mask_n[None, :]
         part = Part + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -172,7 +201,8 @@ def _fp8_linear_kernel(
                 total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # skip L1
                 part += stride_pk
             _fp8_linear_finish(total, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym,
-                               pid_n, N, HAS_BIAS, SWIGLU, BLOCK_N)
+                               pid_n, N, K, SumSq, NormW, Scaled, sumsq_cols, norm_eps,
+                               HAS_BIAS, SWIGLU, BLOCK_N, RESIDUAL, NORM, SUMSQ_PAD)
             tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")  # zero for next call
     if PREFETCH:
         _prefetch_next(Next, next_segs, next_seg_stride, next_seg_len)
@@ -240,6 +270,19 @@ def fp8_widen(w: torch.Tensor, scale: torch.Tensor, k: int, dtype: torch.dtype, 
     _fp8_widen_kernel[w.shape[:2]](w, scale, out, n, k, out.stride(0), BLOCK_N=w.shape[2],
                                    BLOCK_K=w.shape[3], SWIGLU=swiglu, num_warps=8)
     return out
+
+
+@dataclass(frozen=True)
+class RmsNormParts:
+    """The RMS norm of residual rows h ``[M, K]`` in the two parts a ``residual`` call of
+    `fp8_linear` leaves: ``scaled = h * weight`` (h's dtype) and ``sumsq`` ``[M, C]`` float32,
+    the rows' sums of squares in parts; ``norm(h) = scaled * rsqrt(sumsq.sum(1) / K + eps)``.
+    A call with ``norm=`` takes x = ``scaled`` and applies the rsqrt to its rows' products:
+    the residual add and the norm then cost no launch, and neither GEMM's K loop changes."""
+
+    scaled: torch.Tensor
+    sumsq: torch.Tensor
+    eps: float
 
 
 @dataclass(frozen=True)
@@ -362,6 +405,17 @@ def _prefetch_segments(nxt: torch.Tensor | None, m: int,
     return (nt * split, stride, length) if length else (0, 0, 0)
 
 
+def _check_norm(norm: RmsNormParts | None, m: int, k: int, device: torch.device) -> None:
+    if norm is None:
+        return
+    ss = norm.sumsq
+    if ss.dtype != torch.float32 or ss.dim() != 2 or ss.shape[0] != m or not ss.is_contiguous():
+        raise ValueError(f"fp8_linear: norm.sumsq must be contiguous float32 [M={m}, C], got "
+                         f"{ss.dtype} {tuple(ss.shape)}")
+    if ss.device != device:
+        raise ValueError(f"fp8_linear: norm.sumsq must be on {device}")
+
+
 def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
            bias: torch.Tensor | None) -> None:
     if not all(isinstance(t, torch.Tensor) for t in (x, w, scale)):
@@ -390,7 +444,9 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                bias: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                plan: Fp8LinearPlan | None = None, swiglu: bool = False,
-               prefetch: torch.Tensor | None = None) -> torch.Tensor:
+               prefetch: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+               norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+               norm: RmsNormParts | None = None) -> torch.Tensor | RmsNormParts:
     """``x @ (w * scale[:, None]).T + bias`` (layouts: module docstring); returns ``[M, N]``.
     `swiglu`: w holds a SwiGLU MLP's gate rows then its up rows (``[2F, K]``, the fused
     ``gate_up``); returns ``silu(gate) * up`` ``[M, F]``, computed in fp32 before the one
@@ -399,6 +455,12 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     only; results unchanged): its programs' first weight bytes, `PREFETCH_BYTES` in all, are
     requested into L2 as this call's programs finish, so the next launch's first loads need
     not wait on DRAM while this one's tail leaves DRAM bandwidth unused.
+    `residual` (``[M, N]``, x's dtype) with `norm_weight` ``[N]`` and `eps`: the product is
+    added into it in place (rounded to its dtype first, as ``residual + y`` would be) instead
+    of being returned; the call returns the RMS norm (`norm_weight`, `eps`) of the new rows
+    in parts (`RmsNormParts`, sums of squares ``[M, cdiv(N, BLOCK_N)]``). `norm`: x is
+    ``norm.scaled`` and the product is that of the norm. Together they put a decoder layer's
+    residual add and RMS norm inside the GEMMs either side of it.
 
     Example::
 
@@ -412,13 +474,22 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     if swiglu and n % 2:
         raise ValueError(f"fp8_linear: swiglu needs gate and up rows, an even N, got N={n}")
     n_out = n // 2 if swiglu else n
+    _check_norm(norm, m, k, x.device)
+    if residual is not None:
+        if swiglu or out is not None:
+            raise ValueError("fp8_linear: residual takes neither swiglu nor out")
+        if norm_weight is None or norm_weight.shape != (n,) or norm_weight.stride(0) != 1:
+            raise ValueError(f"fp8_linear: residual needs the next norm's weight, contiguous "
+                             f"[N={n}]")
+        out = residual
     if out is None:
         out = torch.empty(m, n_out, dtype=x.dtype, device=x.device)
     elif out.shape != (m, n_out) or out.dtype != x.dtype or out.stride(-1) != 1:
-        raise ValueError(f"fp8_linear: out must be {x.dtype} [{m}, {n_out}] with a contiguous "
-                         "last axis")
+        raise ValueError(f"fp8_linear: {'residual' if residual is not None else 'out'} must be "
+                         f"{x.dtype} [{m}, {n_out}] with a contiguous last axis")
     if m == 0:
-        return out
+        return out if residual is None else RmsNormParts(
+            torch.empty_like(out), torch.zeros(0, 1, device=x.device), eps)
     plan = launch_plan(plan, w, m, n, k, sms=num_sms(x.device))
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
@@ -433,13 +504,22 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     else:  # single pass: no workspace (any tensor serves as the unused pointers)
         part = counters = scale
     segs, seg_stride, seg_len = _prefetch_segments(prefetch, m, x.device)
+    sumsq, scaled = (norm.sumsq if norm is not None else scale), scale
+    if residual is not None:
+        sumsq = torch.empty(m, grid[0], dtype=torch.float32, device=x.device)
+        scaled = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if residual.stride(0) != n:
+            raise ValueError("fp8_linear: residual must be contiguous")
     _fp8_linear_kernel[grid](
         x, w, scale, bias if bias is not None else scale, out, part, counters,
-        prefetch if seg_len else scale,
-        m, n, k, k_per_split, segs, seg_stride, seg_len, x.stride(0), out.stride(0), m * n,
+        prefetch if seg_len else scale, sumsq,
+        norm_weight if residual is not None else scale, scaled,
+        m, n, k, k_per_split, segs, seg_stride, seg_len, sumsq.shape[-1],
+        float(norm.eps) if norm is not None else 0.0, x.stride(0), out.stride(0), m * n,
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWIGLU=swiglu,
-        TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, num_warps=plan.num_warps,
-        num_stages=plan.num_stages)
-    return out
+        TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, RESIDUAL=residual is not None,
+        NORM=norm is not None, SUMSQ_PAD=next_pow2(sumsq.shape[-1]) if norm is not None else 1,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
+    return out if residual is None else RmsNormParts(scaled, sumsq, eps)

@@ -463,3 +463,45 @@ def test_tiled_fp8_linears_on_cuda_match_cpu(rows: int, fp8_weight_engine: Path)
         want = kernels["cpu"].linear(cpu.model, x, name)
         got = kernels["cuda"].linear(gpu.model, x.cuda(), name).cpu()
         assert ((got - want).norm() / want.norm()).item() < 1e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_residual_and_norms_inside_the_fp8_gemms_match_their_own_launches(monkeypatch
+                                                                              ) -> None:
+    """A decode step of a Llama-architecture model with float8 weights and KV cache, sparse:
+    with each residual add and RMS norm inside the float8 GEMMs either side of it (the
+    default, `Runtime.residual_ops`) against the same step with them as their own launches:
+    the same logits and cache writes up to rounding, the same next tokens."""
+    import polarc.benchmarks.bench_e2e as bench_e2e
+
+    from polarc.models.presets import get_preset
+
+    small = dataclasses.replace(get_preset("llama3-8b"), n_layers=2, hidden=1024, n_heads=8,
+                                n_kv_heads=2, intermediate=2048, vocab=512)
+    monkeypatch.setattr(bench_e2e, "get_preset", lambda name: small)
+    rt = bench_e2e.case_runtime("small", 4, 300, 0.5, "fp8-all")
+    assert rt.step_ops() is rt.residual_ops
+    for b, length in enumerate((299, 1, 129, 0)):  # row 3 holds no sequence
+        rt.cache.set_length(b, length)
+    lengths = rt.seqlens.clone()
+    state = [*rt.cache.k, *rt.cache.v]
+    before = [t.clone() for t in state]
+    tokens = torch.tensor([5, 7, 11, 13], device="cuda")
+    runs = {}
+    fused_ops = rt.residual_ops
+    for fused in (True, False):
+        for t, saved in zip(state, before, strict=True):
+            t.copy_(saved)
+        rt.seqlens.copy_(lengths)
+        rt.residual_ops = fused_ops if fused else rt.ops
+        runs[fused] = (rt.decode_step(tokens)[:3].float(), [t.float() for t in state])
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    assert rel(runs[True][0], runs[False][0]) < 2e-2
+    assert torch.equal(runs[True][0].argmax(-1), runs[False][0].argmax(-1))
+    for got, want, was in zip(runs[True][1], runs[False][1], before, strict=True):
+        assert (want - was.float()).abs().sum() > 0  # the step wrote keys / values ...
+        assert rel(got - was.float(), want - was.float()) < 5e-2  # ... and alike

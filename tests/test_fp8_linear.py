@@ -10,6 +10,7 @@ import torch
 from polarc.plugins._triton_util import cdiv, next_pow2
 from polarc.plugins.fp8_linear import (
     Fp8LinearPlan,
+    RmsNormParts,
     _fp8_linear_kernel,
     _tile_counters,
     fp8_linear,
@@ -388,3 +389,52 @@ def test_widen_refuses_weights_that_are_not_tiles():
     _, w, scale, _ = _inputs(1, 16, 64, torch.float32)
     with pytest.raises(ValueError, match="fp8_widen: w must be contiguous float8_e4m3fn tiles"):
         fp8_widen(w, scale, 64, torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("m, tiles", [(5, False), (100, True)])
+def test_residual_add_and_norm_inside_the_gemms_are_add_then_norm(split, dtype, tol, m, tiles):
+    """A decoder layer's seam as two GEMMs: ``residual=h`` adds the product into h (bitwise
+    ``h + y``) and returns the next RMS norm of h in parts (h times its weight, the rows' sums
+    of squares); the next GEMM with ``norm`` takes them: the add, the norm and the linear of
+    the unfused stages. 100 rows on tiles: the transposed product."""
+    from polarc.format.engine_file import tile_fp8
+    from polarc.models.layers import norm
+
+    hidden, k1, n2, eps = 256, 128, 136, 1e-5
+    x, w1, s1, _ = _inputs(m, hidden, k1, dtype, seed=split)
+    _, w2, s2, _ = _inputs(m, n2, hidden, dtype, seed=split + 1)
+    if tiles:
+        w1, w2 = tile_fp8(w1), tile_fp8(w2)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(m, hidden, generator=g).to(DEVICE, dtype) * 3
+    weight = (1 + 0.2 * torch.randn(hidden, generator=g)).to(DEVICE, dtype)
+    plan = launch_plan(None, w1, m, hidden, k1, sms=4)
+    plan = dataclasses.replace(plan, split_k=split) if tiles else Fp8LinearPlan(
+        16, 32, 32, num_warps=4, num_stages=2, split_k=split)
+    want_h = h + fp8_linear(x, w1, s1, plan=plan)
+    want = fp8_linear(norm(want_h, weight, None, eps), w2, s2, plan=plan)
+    parts = fp8_linear(x, w1, s1, plan=plan, residual=h, norm_weight=weight, eps=eps)
+    # (on the GPU fp32 sums may contract into an FMA: equal to rounding, not bitwise)
+    assert torch.equal(h, want_h) if DEVICE == "cpu" else _rel(h, want_h) < 1e-6
+    assert parts.sumsq.shape == (m, cdiv(hidden, plan.block_n if not tiles else 128))
+    torch.testing.assert_close(parts.sumsq.sum(1), h.float().pow(2).sum(1), rtol=1e-5, atol=0)
+    assert torch.equal(parts.scaled, h * weight)
+    got = fp8_linear(parts.scaled, w2, s2, plan=plan, norm=parts)
+    assert _rel(got, want) < tol
+
+
+def test_residual_and_norm_inputs_are_checked():
+    x, w, s, _ = _inputs(4, 32, 64, torch.float32)
+    g = torch.ones(32, device=DEVICE)
+    with pytest.raises(ValueError, match="residual must be"):
+        fp8_linear(x, w, s, residual=torch.zeros(4, 31, device=DEVICE), norm_weight=g)
+    with pytest.raises(ValueError, match="residual takes neither"):
+        fp8_linear(x, w, s, residual=torch.zeros(4, 32, device=DEVICE), swiglu=True)
+    with pytest.raises(ValueError, match="the next norm's weight"):
+        fp8_linear(x, w, s, residual=torch.zeros(4, 32, device=DEVICE), norm_weight=g[:31])
+    bad = RmsNormParts(x, torch.zeros(3, 2, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="norm.sumsq must be"):
+        fp8_linear(x, w, s, norm=bad)

@@ -141,3 +141,47 @@ def test_next_linear_is_the_order_layers_run_in(kind: str, tiny_dirs: dict[str, 
     assert len(called) == 4 * model.spec.n_layers + 1
     for name, after in zip(called, called[1:] + [None], strict=True):
         assert layers.next_linear(model, name) == (None if name.endswith("qkv") else after)
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen2"])
+def test_residual_hook_and_deferred_norms_leave_the_logits_unchanged(
+        kind: str, tiny_dirs: dict[str, Path]) -> None:
+    """`Ops.linear_residual` (the producing GEMM adds its product into the residual stream and
+    prepares the norm `norm_after` names, in parts, as `fp8_linear(residual=)` does) with
+    `deferred_add_norm` and the kernels' CPU path resolving the parts: the logits the plain
+    stages give. The deferred norm refuses parts made for another norm weight."""
+    from polarc.plugins.fp8_linear import RmsNormParts
+
+    from polarc.runtime.kernels import AddedDelta, deferred_add_norm, kernels_for
+
+    model = load_model(str(tiny_dirs[kind]))
+    kernels = kernels_for(torch.device("cpu"), model.spec.head_dim)
+    added = []
+
+    def linear_residual(model, x, name, h):
+        added.append(name)
+        h += layers.linear(model, x, name)
+        weight = model.weights[layers.norm_after(model, name) + ".weight"]
+        rows = h.view(-1, h.shape[-1])
+        sumsq = rows.float().pow(2).view(rows.shape[0], 4, -1).sum(-1)  # in 4 parts
+        return AddedDelta(RmsNormParts(rows * weight, sumsq, model.spec.norm_eps), weight)
+
+    fused = dataclasses.replace(layers.EAGER, add_norm=deferred_add_norm(layers.add_norm),
+                                linear=kernels.linear, linear_residual=linear_residual)
+    rope = layers.rope_cos_sin(model, torch.arange(2), torch.float32)
+    logits = {}
+    for name, ops in (("plain", layers.EAGER), ("fused", fused)):
+        h = torch.randn(1, 2, model.spec.hidden, generator=torch.Generator().manual_seed(0))
+        delta = torch.zeros_like(h)
+        for i in range(model.spec.n_layers):
+            with model.layer_weights(i):
+                h, delta = layers.decoder_layer(model, i, h, delta, rope,
+                                                lambda layer, x, q, k, v, extra: q, ops=ops)
+        logits[name] = layers.final_logits(model, h, ops, delta)
+    torch.testing.assert_close(logits["fused"], logits["plain"], rtol=1e-4, atol=1e-4)
+    assert len(added) == 2 * model.spec.n_layers  # every o and down
+    h = torch.randn(2, model.spec.hidden)
+    made = linear_residual(model, torch.randn(2, model.spec.hidden), "layers.0.o", h)
+    with pytest.raises(ValueError, match="the RMS norm its GEMM prepared"):
+        fused.add_norm(h, made, model.weights["layers.0.attn_norm.weight"], None,
+                       model.spec.norm_eps)

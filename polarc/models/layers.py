@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,10 @@ class Ops:
     # (model, x, name) -> swiglu(linear(model, x, name)) in one kernel, or None where the
     # runtime has no such kernel for that layer (then the two stages run)
     linear_swiglu: Callable | None = None
+    # (model, x, name, h) -> delta: linear(model, x, name) added into the residual stream h in
+    # place by the GEMM itself, and what this Ops' `add_norm` then takes as `delta` (having
+    # nothing left to add); or None where the runtime has no such kernel (then linear runs)
+    linear_residual: Callable | None = None
 
 
 EAGER = Ops()
@@ -153,14 +157,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
     return o.transpose(1, 2)
 
 
-def dense_mlp(model: Model, layer: int, x: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
+def residual_linear(model: Model, x: torch.Tensor, name: str, h: torch.Tensor | None,
+                    ops: Ops = EAGER) -> Any:
+    """The delta a linear layer adds to the residual stream h: ``linear(x)``, or what
+    `ops.linear_residual` returns having added it into h itself."""
+    delta = ops.linear_residual(model, x, name, h) \
+        if ops.linear_residual is not None and h is not None else None
+    return ops.linear(model, x, name) if delta is None else delta
+
+
+def dense_mlp(model: Model, layer: int, x: torch.Tensor, ops: Ops = EAGER,
+              h: torch.Tensor | None = None) -> Any:
+    """The MLP's output (`residual_linear`'s delta to h where h is given)."""
     p = f"layers.{layer}."
     if model.spec.relu_mlp:
-        return ops.linear(model, F.relu(ops.linear(model, x, p + "up")), p + "down")
-    act = ops.linear_swiglu(model, x, p + "gate_up") if ops.linear_swiglu else None
-    if act is None:
-        act = ops.swiglu(ops.linear(model, x, p + "gate_up"))
-    return ops.linear(model, act, p + "down")
+        act = F.relu(ops.linear(model, x, p + "up"))
+    else:
+        act = ops.linear_swiglu(model, x, p + "gate_up") if ops.linear_swiglu else None
+        if act is None:
+            act = ops.swiglu(ops.linear(model, x, p + "gate_up"))
+    return residual_linear(model, act, p + "down", h, ops)
 
 
 def decoder_layer(
@@ -181,10 +197,10 @@ def decoder_layer(
     q, k, v, extra = split_qkv(spec, ops.linear(model, x, p + "qkv"))
     q, k = ops.rope_qk(q, k, rope)
     o = attend(layer, x, q, k, v, extra)
-    attn_out = ops.linear(model, o.flatten(-2), p + "o")
+    attn_out = residual_linear(model, o.flatten(-2), p + "o", h, ops)
     h, x = ops.add_norm(h, attn_out, w[p + "mlp_norm.weight"], w.get(p + "mlp_norm.bias"),
                         spec.norm_eps)
-    return h, (mlp(layer, x) if mlp is not None else dense_mlp(model, layer, x, ops))
+    return h, (mlp(layer, x) if mlp is not None else dense_mlp(model, layer, x, ops, h))
 
 
 def next_linear(model: Model, name: str) -> str | None:
@@ -202,15 +218,31 @@ def next_linear(model: Model, name: str) -> str | None:
     return None
 
 
+def norm_after(model: Model, name: str) -> str:
+    """The norm `decoder_layer` applies to the residual stream after linear layer `name` (o
+    or down) adds to it: the layer's MLP norm after o, the next layer's attention norm (the
+    final norm after the last) after down."""
+    prefix, _, last = name.rpartition(".")
+    if last == "o":
+        return prefix + ".mlp_norm"
+    layer = int(prefix.rpartition(".")[2]) + 1
+    return f"layers.{layer}.attn_norm" if layer < model.spec.n_layers else "norm"
+
+
 def final_norm(model: Model, h: torch.Tensor) -> torch.Tensor:
     """The last layer's output (h + delta) normalised: the LM head's input."""
     w = model.weights
     return norm(h, w["norm.weight"], w.get("norm.bias"), model.spec.norm_eps)
 
 
-def final_logits(model: Model, h: torch.Tensor, ops: Ops = EAGER) -> torch.Tensor:
-    """Next-token logits from the last layer's output (h + delta)."""
-    return ops.linear(model, final_norm(model, h), "lm_head")
+def final_logits(model: Model, h: torch.Tensor, ops: Ops = EAGER, delta: Any = None
+                 ) -> torch.Tensor:
+    """Next-token logits from the last layer's output, h (+ delta: through `ops.add_norm`)."""
+    if delta is None:
+        return ops.linear(model, final_norm(model, h), "lm_head")
+    w = model.weights
+    _, x = ops.add_norm(h, delta, w["norm.weight"], w.get("norm.bias"), model.spec.norm_eps)
+    return ops.linear(model, x, "lm_head")
 
 
 # ------------------------------------------------------------------------ weight layout

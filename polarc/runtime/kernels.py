@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from polarc.format.engine_file import untile_fp8, widen_fp8
-from polarc.models.layers import apply_rope, next_linear
+from polarc.models.layers import apply_rope, next_linear, norm_after
 from polarc.plugins import reference
 
 # Rows up to which a float8-weight GEMM runs the FP8 linear kernel (decode: bound by the
@@ -55,6 +55,40 @@ def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return q
 
 
+@dataclass(frozen=True)
+class AddedDelta:
+    """A linear layer's delta that `Kernels.linear_residual` already added into the residual
+    stream, with the next RMS norm of the new rows in parts (its `weight` times the rows, and
+    their sums of squares)."""
+
+    norm: Any  # polarc.plugins.fp8_linear.RmsNormParts (the plugin imports triton)
+    weight: torch.Tensor
+
+
+@dataclass(frozen=True)
+class NormedRows:
+    """An RMS norm in parts, not yet applied: the next float8 GEMM applies it to its rows'
+    products (`fp8_linear(norm=)`); `h`: the residual rows it is the norm of."""
+
+    h: torch.Tensor
+    norm: Any  # RmsNormParts
+
+
+def deferred_add_norm(add_norm: Callable) -> Callable:
+    """`add_norm` that, given an `AddedDelta`, leaves the norm to the next GEMM (`NormedRows`):
+    the residual add and the norm then cost no launch of their own."""
+
+    def add_norm_or_defer(h: torch.Tensor, delta: Any, weight: torch.Tensor,
+                          bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, Any]:
+        if not isinstance(delta, AddedDelta):
+            return add_norm(h, delta, weight, bias, eps)
+        if bias is not None or delta.weight is not weight or delta.norm.eps != eps:
+            raise ValueError("a deferred norm must be the RMS norm its GEMM prepared")
+        return h, NormedRows(h, delta.norm)
+
+    return add_norm_or_defer
+
+
 @dataclass
 class Kernels:
     """attention(q, k_pool, v_pool, cache_seqlens, groups, block_table[, scales, sinks]) ->
@@ -78,6 +112,8 @@ class Kernels:
         through the FP8 linear kernel on CUDA, its reference elsewhere."""
         w = model.weights[name + ".weight"]
         bias = model.weights.get(name + ".bias")
+        if isinstance(x, NormedRows):
+            return self._fp8_normed(model, x, name)
         if w.dtype != reference.FP8:
             return F.linear(x, w, bias)
         scale = model.weights[name + ".weight_scale"]
@@ -105,6 +141,8 @@ class Kernels:
         """`Ops.linear_swiglu`: a float8 ``gate_up`` layer and its SwiGLU as one FP8 linear
         launch (the epilogue pairs gate and up) on CUDA for decode-sized inputs; None
         otherwise (bf16 weights, the CPU, prefill)."""
+        if isinstance(x, NormedRows):
+            return self._fp8_normed(model, x, name, swiglu=True)
         w = model.weights[name + ".weight"]
         x2 = x.reshape(-1, x.shape[-1])
         if w.dtype != reference.FP8 or self.device.type != "cuda" \
@@ -116,6 +154,47 @@ class Kernels:
                        model.weights[name + ".weight_scale"], model.weights.get(name + ".bias"),
                        swiglu=True, prefetch=_next_fp8_tiles(model, name))
         return y.view(*x.shape[:-1], y.shape[-1])
+
+    def linear_residual(self, model: Any, x: torch.Tensor, name: str, h: torch.Tensor
+                        ) -> AddedDelta | None:
+        """`Ops.linear_residual`: a float8 linear layer added into the residual stream h by its
+        GEMM's epilogue, for decode-sized inputs on CUDA (the next norm then reads the sums of
+        squares it leaves: `deferred_add_norm`); None otherwise."""
+        w = model.weights[name + ".weight"]
+        x2 = x.reshape(-1, x.shape[-1])
+        after = norm_after(model, name)
+        weight = model.weights[after + ".weight"]
+        if w.dtype != reference.FP8 or w.dim() != 4 or self.device.type != "cuda" \
+                or x2.shape[0] > FP8_KERNEL_ROWS or not h.is_contiguous() \
+                or h.dtype != x.dtype or after + ".bias" in model.weights:
+            return None
+        from polarc.plugins.fp8_linear import fp8_linear
+
+        parts = fp8_linear(
+            x2 if x2.stride(-1) == 1 else x2.contiguous(), w,
+            model.weights[name + ".weight_scale"], model.weights.get(name + ".bias"),
+            residual=h.view(-1, h.shape[-1]), norm_weight=weight, eps=model.spec.norm_eps,
+            prefetch=_next_fp8_tiles(model, name))
+        return AddedDelta(parts, weight)
+
+    def _fp8_normed(self, model: Any, x: NormedRows, name: str, *,
+                    swiglu: bool = False) -> torch.Tensor:
+        """Linear layer `name` (float8 tiles, CUDA) of the RMS norm `x` stands for."""
+        w = model.weights[name + ".weight"]
+        parts = x.norm
+        if w.dtype != reference.FP8 or w.dim() != 4 or self.device.type != "cuda":
+            # no kernel takes the parts: the norm they stand for, here
+            rms = torch.rsqrt(parts.sumsq.sum(1, keepdim=True) / parts.scaled.shape[-1]
+                              + parts.eps)
+            normed = (parts.scaled.float() * rms).to(x.h.dtype).view(x.h.shape)
+            return self.linear_swiglu(model, normed, name) if swiglu else \
+                self.linear(model, normed, name)
+        from polarc.plugins.fp8_linear import fp8_linear
+
+        y = fp8_linear(parts.scaled, w, model.weights[name + ".weight_scale"],
+                       model.weights.get(name + ".bias"), swiglu=swiglu,
+                       prefetch=_next_fp8_tiles(model, name), norm=parts)
+        return y.view(*x.h.shape[:-1], y.shape[-1])
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   cache_seqlens: torch.Tensor, groups: torch.Tensor,

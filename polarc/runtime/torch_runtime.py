@@ -37,7 +37,7 @@ from polarc.models.layers import (
     swiglu,
 )
 from polarc.plugins.reference import FP8, hadamard, quantize_kv, read_cache
-from polarc.runtime.kernels import kernels_for
+from polarc.runtime.kernels import deferred_add_norm, kernels_for
 from polarc.runtime.kv_cache import (
     PagedKVCache,
     cache_dtype,
@@ -152,6 +152,12 @@ class Runtime:
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear,
                                        linear_swiglu=self.kernels.linear_swiglu,
                                        rope_qk=_rope_in_kv_append)
+        # ... and, with float8 weights, each residual add and RMS norm inside the GEMMs either
+        # side of it (the producing GEMM adds into the stream and sums squares, the consuming
+        # one normalises as it reads): `step_ops`
+        self.residual_ops = dataclasses.replace(
+            self.ops, add_norm=deferred_add_norm(self.ops.add_norm),
+            linear_residual=self.kernels.linear_residual)
         # Prefill compiles them too from COMPILED_PREFILL_TOKENS on: eager element-wise stages
         # made a 2,048-token prefill 16% slower on the H200 (66.6 against 57.5 ms), while the
         # compiled ones' per-call host cost made 64- and 256-token prompts slower (RESULTS.md,
@@ -398,12 +404,20 @@ class Runtime:
                                           *scales, *sinks)[:, None]
 
         delta = torch.zeros_like(h)
+        ops = self.step_ops()
         for layer in range(self.spec.n_layers):
             mlp = self.sparse_mlp if layer in self.mlp_k else None
             h, delta = decoder_layer(self.model, layer, h, delta, rope, attend, mlp=mlp,
-                                     ops=self.ops)
+                                     ops=ops)
         seqlens.copy_(lens)
-        return final_logits(self.model, h + delta, self.ops)[:, 0]
+        return final_logits(self.model, h, ops, delta)[:, 0]
+
+    def step_ops(self) -> Ops:
+        """The decode step's stages: `residual_ops` on CUDA where every norm is an RMS norm
+        and no layer runs a sparse MLP (whose router reads the normalised rows), else `ops`."""
+        fuse = self.device.type == "cuda" and not self.mlp_k \
+            and "layers.0.attn_norm.bias" not in self.model.weights
+        return self.residual_ops if fuse else self.ops
 
     # ---------------------------------------------------------------------- CUDA graphs
 
