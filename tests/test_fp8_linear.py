@@ -424,6 +424,12 @@ def test_residual_add_and_norm_inside_the_gemms_are_add_then_norm(split, dtype, 
     assert torch.equal(parts.scaled, h * weight)
     got = fp8_linear(parts.scaled, w2, s2, plan=plan, norm=parts)
     assert _rel(got, want) < tol
+    # a SwiGLU consumer (gate_up): the rows scaled before the gate and up are paired
+    _, w3, s3, _ = _inputs(m, n2, hidden, dtype, seed=split + 2)
+    w3 = tile_fp8(w3, swiglu=True) if tiles else w3
+    want = fp8_linear(norm(want_h, weight, None, eps), w3, s3, plan=plan, swiglu=True)
+    assert _rel(fp8_linear(parts.scaled, w3, s3, plan=plan, norm=parts, swiglu=True),
+                want) < tol
 
 
 def test_residual_and_norm_inputs_are_checked():
