@@ -405,7 +405,7 @@ def _prefetch_segments(nxt: torch.Tensor | None, m: int,
     return (nt * split, stride, length) if length else (0, 0, 0)
 
 
-def _check_norm(norm: RmsNormParts | None, m: int, k: int, device: torch.device) -> None:
+def _check_norm(norm: RmsNormParts | None, m: int, device: torch.device) -> None:
     if norm is None:
         return
     ss = norm.sumsq
@@ -474,7 +474,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     if swiglu and n % 2:
         raise ValueError(f"fp8_linear: swiglu needs gate and up rows, an even N, got N={n}")
     n_out = n // 2 if swiglu else n
-    _check_norm(norm, m, k, x.device)
+    _check_norm(norm, m, x.device)
     if residual is not None:
         if swiglu or out is not None:
             raise ValueError("fp8_linear: residual takes neither swiglu nor out")

@@ -222,11 +222,10 @@ def norm_after(model: Model, name: str) -> str:
     """The norm `decoder_layer` applies to the residual stream after linear layer `name` (o
     or down) adds to it: the layer's MLP norm after o, the next layer's attention norm (the
     final norm after the last) after down."""
-    prefix, _, last = name.rpartition(".")
-    if last == "o":
-        return prefix + ".mlp_norm"
-    layer = int(prefix.rpartition(".")[2]) + 1
-    return f"layers.{layer}.attn_norm" if layer < model.spec.n_layers else "norm"
+    if name.endswith(".o"):
+        return name[:-len("o")] + "mlp_norm"
+    after = next_linear(model, name)  # the next layer's qkv, or the LM head
+    return "norm" if after == "lm_head" else after[:-len("qkv")] + "attn_norm"
 
 
 def final_norm(model: Model, h: torch.Tensor) -> torch.Tensor:

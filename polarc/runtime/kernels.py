@@ -162,12 +162,13 @@ class Kernels:
         squares it leaves: `deferred_add_norm`); None otherwise."""
         w = model.weights[name + ".weight"]
         x2 = x.reshape(-1, x.shape[-1])
-        after = norm_after(model, name)
-        weight = model.weights[after + ".weight"]
         if w.dtype != reference.FP8 or w.dim() != 4 or self.device.type != "cuda" \
-                or x2.shape[0] > FP8_KERNEL_ROWS or not h.is_contiguous() \
-                or h.dtype != x.dtype or after + ".bias" in model.weights:
+                or x2.shape[0] > FP8_KERNEL_ROWS or not h.is_contiguous() or h.dtype != x.dtype:
             return None
+        after = norm_after(model, name)
+        if after + ".bias" in model.weights:  # a LayerNorm: not an RMS norm in parts
+            return None
+        weight = model.weights[after + ".weight"]
         from polarc.plugins.fp8_linear import fp8_linear
 
         parts = fp8_linear(

@@ -413,11 +413,10 @@ class Runtime:
         return final_logits(self.model, h, ops, delta)[:, 0]
 
     def step_ops(self) -> Ops:
-        """The decode step's stages: `residual_ops` on CUDA where every norm is an RMS norm
-        and no layer runs a sparse MLP (whose router reads the normalised rows), else `ops`."""
-        fuse = self.device.type == "cuda" and not self.mlp_k \
-            and "layers.0.attn_norm.bias" not in self.model.weights
-        return self.residual_ops if fuse else self.ops
+        """The decode step's stages: `residual_ops` unless a layer runs a sparse MLP (whose
+        router reads the normalised rows); `Kernels.linear_residual` itself declines every
+        GEMM it has no kernel for (then the stages run as in `ops`)."""
+        return self.ops if self.mlp_k else self.residual_ops
 
     # ---------------------------------------------------------------------- CUDA graphs
 
