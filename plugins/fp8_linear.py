@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
-from .kv_write import _round_to_e4m3
+from .kv_write import round_to_e4m3
 from .reference import FP8, fp8_linear_reference
 
 __all__ = ["Fp8LinearPlan", "RmsNormParts", "fp8_linear", "fp8_linear_reference", "fp8_widen",
@@ -184,7 +184,7 @@ def _fp8_linear_kernel(
             x_scale = tl.where(amax > 0, amax / 448.0, 1.0)
             xq = xf / x_scale[:, None]
             if SOFT_ROUND:  # the interpreter's own conversion truncates
-                xq = _round_to_e4m3(xq)
+                xq = round_to_e4m3(xq)
             acc += tl.dot(xq.to(tl.float8e4nv), tl.trans(w)) * x_scale[:, None]
         elif DOT_FP16 and SWAP_AB:
             acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc)
