@@ -601,10 +601,9 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     as stored ([N, K]), laid out tile by tile as a loaded engine keeps them (`tile_fp8`), and
     tiled with each GEMM prefetching the next one's first bytes as the runtime's do (o the
     gate_up's, gate_up the down's, down the next qkv's or the LM head's); then once per entry
-    of `tiles`, ``ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xQUANT]]]]`` (e.g. ``128x256x4x3``):
-    tiles of that shape, the planner's plans with those warps and pipeline stages (and rows
-    per program, split-K (0: the planner's), the transposed product and the float8 product of
-    quantized rows (`quant_x`), where given), with the prefetch."""
+    of `tiles`, ``ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x256x4x3``): tiles of that
+    shape, the planner's plans with those warps and pipeline stages (and rows per program,
+    split-K (0: the planner's) and the transposed product, where given), with the prefetch."""
     from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
 
     from polarc.format.engine_file import FP8_TILE, quantize_rows, tile_fp8
@@ -645,8 +644,7 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
                     swap = bool(more[2]) if len(more) > 2 else plan.swap_ab
                     plan = dataclasses.replace(plan, num_warps=override[0],
                                                num_stages=override[1], block_m=block_m,
-                                               split_k=split, swap_ab=swap,
-                                               quant_x=len(more) > 3 and bool(more[3]))
+                                               split_k=split, swap_ab=swap)
                 return fp8_linear(x, *wp, swiglu=swiglu, plan=plan,
                                   prefetch=nxt[0] if prefetch and nxt else None)
 
@@ -904,8 +902,7 @@ def main() -> None:
     ap.add_argument("--chain-rows", default="32",
                     help="the chain's row counts, comma-separated (default: %(default)s)")
     ap.add_argument("--chain-tiles", default="",
-                    help="also tiles ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xQUANT]]]], "
-                         "comma-separated (e.g. 128x256x4x3, 128x128x8x3x128x0x0x1)")
+                    help="also tiles ROWSxKxWARPSxSTAGES, comma-separated (e.g. 128x256x4x3)")
     ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),
                     help="the sweep's row counts, comma-separated (default: %(default)s)")
     args = ap.parse_args()

@@ -30,7 +30,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-COUNTED = ("HMMA", "HGMMA", "QGMMA", "F2FP", "LDS", "LDSM", "STS", "LDGSTS", "PRMT", "BAR", "MUFU")
+COUNTED = ("HMMA", "HGMMA", "F2FP", "LDS", "LDSM", "STS", "LDGSTS", "PRMT", "BAR", "MUFU")
 
 
 def compile_counts(fn: Any, types: dict[str, str], constants: dict[str, Any], *, arch: int,
@@ -97,7 +97,7 @@ def attention_counts(arch: int) -> list[dict[str, Any]]:
 
 def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
     """The weight-only FP8 linear at 16-64 bf16 rows, 128-channel tiles; at 128 rows on
-    tiles, the transposed product and the float8 product of quantized rows."""
+    tiles, the transposed product."""
     from polarc.plugins.fp8_linear import _fp8_linear_kernel as kernel
 
     types = {n: "i32" for n in kernel.arg_names}
@@ -106,8 +106,7 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
                  Scaled="*bf16", norm_eps="fp32")
     # every constexpr set (one left out would compile as a run-time argument)
     plain = dict(HAS_BIAS=False, DOT_FP16=True, EVEN_K=True, SWIGLU=False, TILED=False,
-                 PREFETCH=False, SWAP_AB=False, RESIDUAL=False, NORM=False, SUMSQ_PAD=1,
-                 QUANT_X=False, SOFT_ROUND=False)
+                 PREFETCH=False, SWAP_AB=False, RESIDUAL=False, NORM=False, SUMSQ_PAD=1)
     rows = []
     for block_m, block_k in ((16, 128), (32, 128), (64, 64)):
         for warps in (4, 8):
@@ -116,13 +115,10 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
                                     num_stages=4)
             rows.append(dict(kernel="fp8_linear", variant=f"{block_m}x128x{block_k} w{warps}",
                              **counts))
-    # above 64 rows on tiles: the transposed product (planned) against the float8 product of
-    # quantized rows (`quant_x`)
-    for label, more in (("swap_ab", dict(SWAP_AB=True)), ("quant_x", dict(QUANT_X=True))):
-        constants = dict(plain, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, TILED=True,
-                         **more)
-        counts = compile_counts(kernel, types, constants, arch=arch, num_warps=8, num_stages=3)
-        rows.append(dict(kernel="fp8_linear", variant=f"128x128x128 w8 tiles {label}", **counts))
+    constants = dict(plain, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, TILED=True,
+                     SWAP_AB=True)
+    counts = compile_counts(kernel, types, constants, arch=arch, num_warps=8, num_stages=3)
+    rows.append(dict(kernel="fp8_linear", variant="128x128x128 w8 tiles swap_ab", **counts))
     return rows
 
 

@@ -53,7 +53,6 @@ import triton
 import triton.language as tl
 
 from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
-from .kv_write import round_to_e4m3
 from .reference import FP8, fp8_linear_reference
 
 __all__ = ["Fp8LinearPlan", "RmsNormParts", "fp8_linear", "fp8_linear_reference", "fp8_widen",
@@ -125,7 +124,6 @@ def _fp8_linear_kernel(
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     RESIDUAL: tl.constexpr = False, NORM: tl.constexpr = False, SUMSQ_PAD: tl.constexpr = 1,
-    QUANT_X: tl.constexpr = False, SOFT_ROUND: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -140,10 +138,7 @@ def _fp8_linear_kernel(
     only; the same sums, transposed back before the epilogue).
     RESIDUAL: Y is the residual stream, updated in place, and the next RMS norm's parts are
     written; NORM: the rows are scaled by the norm they stand for (`_fp8_linear_finish`): the
-    K loop is the same either way.
-    QUANT_X: each row of each x block is quantized to e4m3 (one scale a row and block: its
-    absmax / 448) and the block's product runs on float8 tensor cores with the weight as
-    stored (nothing widened), then is scaled into the fp32 accumulator."""
+    K loop is the same either way."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -178,15 +173,7 @@ def _fp8_linear_kernel(
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if QUANT_X:  # each row of the block to e4m3 with its own scale, absmax / 448
-            xf = x.to(tl.float32)
-            amax = tl.max(tl.abs(xf), axis=1)
-            x_scale = tl.where(amax > 0, amax / 448.0, 1.0)
-            xq = xf / x_scale[:, None]
-            if SOFT_ROUND:  # the interpreter's own conversion truncates
-                xq = round_to_e4m3(xq)
-            acc += tl.dot(xq.to(tl.float8e4nv), tl.trans(w)) * x_scale[:, None]
-        elif DOT_FP16 and SWAP_AB:
+        if DOT_FP16 and SWAP_AB:
             acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc)
         elif DOT_FP16:
             acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
@@ -309,10 +296,6 @@ class Fp8LinearPlan:
     num_stages: int
     split_k: int = 1
     swap_ab: bool = False  # the product formed transposed, the weight tile as the left operand
-    # x's rows quantized to e4m3 in runs of block_k columns, one scale each (the groups of
-    # `fp8_linear_reference`'s x_group), the products in float8: an MMA twice as fast and no
-    # widening, for rows where the widened product is bound by arithmetic (not yet planned)
-    quant_x: bool = False
 
 
 _SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product
@@ -511,8 +494,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
-    if plan.quant_x and (x.dtype == torch.float32 or plan.swap_ab):
-        raise ValueError("fp8_linear: plan.quant_x needs bf16/fp16 x and no swap_ab")
     if swiglu and plan.block_n % 2:
         raise ValueError(f"fp8_linear: swiglu needs an even plan.block_n, got {plan.block_n}")
     grid = (cdiv(n, plan.block_n), cdiv(m, plan.block_m), split)
@@ -538,8 +519,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWIGLU=swiglu,
-        TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, QUANT_X=plan.quant_x,
-        SOFT_ROUND=x.device.type != "cuda", RESIDUAL=residual is not None,
+        TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, RESIDUAL=residual is not None,
         NORM=norm is not None, SUMSQ_PAD=next_pow2(sumsq.shape[-1]) if norm is not None else 1,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out if residual is None else RmsNormParts(scaled, sumsq, eps)

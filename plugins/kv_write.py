@@ -34,7 +34,7 @@ __all__ = ["rope_write_kv", "write_kv", "write_kv_reference"]
 
 
 @triton.jit
-def round_to_e4m3(x):
+def _round_to_e4m3(x):
     """x (fp32, |x| <= 448) rounded to the nearest float8 e4m3 value, ties to even, in fp32
     arithmetic: the conversion that follows is then exact everywhere (Triton's interpreter
     truncates instead of rounding, and hardware and torch agree with this)."""
@@ -74,8 +74,8 @@ def _append(k, v, row, group, pos, K_Cache, V_Cache, Block_Table, K_Scale, V_Sca
         v = tl.math.div_rn(v.to(tl.float32), tl.load(V_Scale + group))
         k = tl.clamp(tl.where(k == k, k, 0.0), -448.0, 448.0)
         v = tl.clamp(tl.where(v == v, v, 0.0), -448.0, 448.0)
-        k = round_to_e4m3(k)
-        v = round_to_e4m3(v)
+        k = _round_to_e4m3(k)
+        v = _round_to_e4m3(v)
     tl.store(K_Cache + dst_row * stride_cb + group * stride_ch + pos * stride_cs + offs,
              k.to(K_Cache.dtype.element_ty), mask=mask)
     tl.store(V_Cache + dst_row * stride_vcb + group * stride_vch + pos * stride_vcs

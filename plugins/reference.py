@@ -70,25 +70,13 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.to(q.device, torch.float32)[None, :, None, None]
 
 
-def quantize_row_groups(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x ``[M, K]`` quantized to float8 e4m3 and back (fp32): each row's runs of `group`
-    columns with one scale, their absmax / FP8_MAX (1 for an all-zero run)."""
-    m, k = x.shape
-    xf = torch.nn.functional.pad(x.float(), (0, -k % group)).view(m, -1, group)
-    amax = xf.abs().amax(-1, keepdim=True)
-    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return ((xf / s).to(FP8).float() * s).view(m, -1)[:, :k]
-
-
 def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                         bias: torch.Tensor | None = None, swiglu: bool = False,
-                         x_group: int = 0) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, swiglu: bool = False
+                         ) -> torch.Tensor:
     """``x @ (w * scale[:, None]).T + bias`` for a float8 weight ``w [N, K]`` with a scale per
     output channel ``scale [N]`` (fp32 math, x's dtype out). `swiglu`: w's rows are a SwiGLU
-    MLP's gate then up (N = 2F): ``silu(gate) * up`` ``[.., F]``, rounded once at the end.
-    `x_group`: x first quantized to e4m3 in runs of that many columns (`quantize_row_groups`)."""
-    xa = quantize_row_groups(x, x_group).to(_acc(x).dtype) if x_group else _acc(x)
-    y = xa @ (w.to(_acc(x).dtype) * scale.to(_acc(x).dtype)[:, None]).T
+    MLP's gate then up (N = 2F): ``silu(gate) * up`` ``[.., F]``, rounded once at the end."""
+    y = _acc(x) @ (w.to(_acc(x).dtype) * scale.to(_acc(x).dtype)[:, None]).T
     if bias is not None:
         y = y + _acc(bias)
     if swiglu:

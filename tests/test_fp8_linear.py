@@ -347,48 +347,6 @@ def test_transposed_product_matches_reference(swiglu, split):
     assert _rel(got, plain) < 1e-3
 
 
-@needs_kernel
-@pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize("m, k, block_m, split", [(50, 1024, 64, 2), (100, 384, 128, 1),
-                                                  (130, 1024, 128, 4), (64, 300, 64, 1)])
-def test_float8_rows_product_matches_reference(swiglu, m, k, block_m, split):
-    """`quant_x`: x's rows quantized to e4m3 in runs of BLOCK_K columns, the products in
-    float8: the reference with the same groups (`x_group`), up to the fp16 output's rounding
-    and an odd e4m3 tie; further from the unquantized product by the quantization itself."""
-    from polarc.format.engine_file import tile_fp8
-
-    n = 256
-    x, w, scale, b = _inputs(m, n, k, torch.float16, bias=True, seed=m + k)
-    tiled = tile_fp8(w, swiglu=swiglu)
-    plan = dataclasses.replace(launch_plan(None, tiled, m, n, k, sms=132), block_m=block_m,
-                               split_k=split, swap_ab=False, quant_x=True)
-    got = fp8_linear(x, tiled, scale, b, plan=plan, swiglu=swiglu)
-    want = fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu, x_group=plan.block_k)
-    unquantized = fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu)
-    assert _rel(got, want) < 2e-3
-    assert 5e-3 < _rel(got, unquantized) < 0.1
-
-
-def test_quantize_row_groups_reference():
-    """Each run of `group` columns: its absmax maps to 448 and back exactly, every value to
-    its nearest e4m3 step (relative error at most 2**-4), zero runs stay zero."""
-    from polarc.plugins.reference import quantize_row_groups
-
-    x = torch.randn(3, 10, dtype=torch.float64) * torch.tensor([1.0, 100.0, 0.01])[:, None]
-    x[2, 4:8] = 0
-    q = quantize_row_groups(x, 4)
-    runs = [slice(0, 4), slice(4, 8), slice(8, 10)]
-    for r in range(3):
-        for run in runs:
-            amax = x[r, run].abs().max()
-            assert q[r, run].abs().max() == pytest.approx(amax.item(), rel=1e-6)
-    assert torch.all(q[2, 4:8] == 0)
-    assert torch.all((q - x).abs() <= x.abs() * 2 ** -4 + 1e-12)
-    with pytest.raises(ValueError, match="quant_x"):
-        fp8_linear(torch.zeros(2, 8), *quantize_rows(torch.ones(4, 8)),
-                   plan=Fp8LinearPlan(16, 128, 128, 4, 3, quant_x=True))
-
-
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("n, k, tile", [(48, 300, (128, 128)), (256, 384, (128, 128)),
                                         (128, 192, (32, 64))])
