@@ -62,32 +62,57 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n, N, K,
-                       SumSq, NormW, Scaled, sumsq_cols, norm_eps, HAS_BIAS: tl.constexpr,
+def _fp8_linear_operands(Scale, Bias, Y, SumSq, NormW, offs_m, rows, mask_m, mask_n, stride_ym,
+                         sumsq_cols, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+                         NORM: tl.constexpr, SUMSQ_PAD: tl.constexpr):
+    """What the epilogue reads besides the product: each column's scale and bias, each row's
+    sums of squares (NORM), the residual rows and the next norm's weight (RESIDUAL). Loaded
+    before the K loop, their round trips overlap the stream; after it, each would add one to
+    the GEMM's tail (a load waits behind the stores before it, and split-K's handover is
+    three round trips already). Unused ones are stand-ins."""
+    scale = tl.load(Scale + rows, mask=mask_n, other=0.0)
+    bias = scale
+    if HAS_BIAS:
+        bias = tl.load(Bias + rows, mask=mask_n, other=0.0).to(tl.float32)
+    sumsq = scale
+    if NORM:
+        offs_c = tl.arange(0, SUMSQ_PAD)
+        sumsq = tl.load(SumSq + offs_m[:, None].to(tl.int64) * sumsq_cols + offs_c[None, :],
+                        mask=mask_m[:, None] & (offs_c < sumsq_cols)[None, :], other=0.0)
+    h = scale
+    g = scale
+    if RESIDUAL:
+        h = tl.load(Y + offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :],
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        # [1, BLOCK_N], the layout of its use: a vector would be converted through shared
+        # memory before the loop, its warps waiting on the load there
+        g = tl.load(NormW + rows[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
+    return scale, bias, sumsq, h, g
+
+
+@triton.jit
+def _fp8_linear_finish(acc, scale, bias, sumsq, h, g, Y, offs_m, rows, mask_m, mask_n, stride_ym,
+                       pid_n, N, K, SumSq, Scaled, sumsq_cols, norm_eps, HAS_BIAS: tl.constexpr,
                        SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, RESIDUAL: tl.constexpr,
-                       NORM: tl.constexpr, SUMSQ_PAD: tl.constexpr):
-    """Epilogue: per-channel scale, bias (of weight rows `rows`), SwiGLU, cast, store.
+                       NORM: tl.constexpr):
+    """Epilogue (`_fp8_linear_operands` gave its inputs): per-channel scale, bias (of weight
+    rows `rows`), SwiGLU, cast, store.
     NORM: each row first times ``rsqrt(sum(SumSq[row, :sumsq_cols]) / K + norm_eps)``.
     RESIDUAL: Y is the residual stream: ``Y += product`` (the product rounded to Y's dtype
     first, as the unfused add sees it); each row's sum of squares over this block's columns
     of the new Y goes to ``SumSq[row, pid_n]`` and the new Y times NormW to Scaled."""
     if NORM:
-        offs_c = tl.arange(0, SUMSQ_PAD)
-        sumsq = tl.load(SumSq + offs_m[:, None].to(tl.int64) * sumsq_cols + offs_c[None, :],
-                        mask=mask_m[:, None] & (offs_c < sumsq_cols)[None, :], other=0.0)
         acc = acc * (1.0 / tl.sqrt(tl.sum(sumsq, axis=1) / K + norm_eps))[:, None]
-    acc = acc * tl.load(Scale + rows, mask=mask_n, other=0.0)[None, :]
+    acc = acc * scale[None, :]
     if HAS_BIAS:
-        acc = acc + tl.load(Bias + rows, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc = acc + bias[None, :]
     if RESIDUAL:
         mask = mask_m[:, None] & mask_n[None, :]
         at = offs_m[:, None].to(tl.int64) * stride_ym + rows[None, :]
-        h = tl.load(Y + at, mask=mask, other=0.0).to(tl.float32) \
-            + acc.to(Y.dtype.element_ty).to(tl.float32)
+        h = h.to(tl.float32) + acc.to(Y.dtype.element_ty).to(tl.float32)
         h = h.to(Y.dtype.element_ty)
         tl.store(Y + at, h, mask=mask)
-        g = tl.load(NormW + rows, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(Scaled + at, (h.to(tl.float32) * g[None, :]).to(Y.dtype.element_ty), mask=mask)
+        tl.store(Scaled + at, (h.to(tl.float32) * g).to(Y.dtype.element_ty), mask=mask)
         hf = tl.where(mask, h.to(tl.float32), 0.0)
         tl.store(SumSq + offs_m.to(tl.int64) * sumsq_cols + pid_n, tl.sum(hf * hf, axis=1),
                  mask=mask_m)
@@ -157,6 +182,9 @@ def _fp8_linear_kernel(
             + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
     else:
         w_ptrs = W + rows[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
+    scale, bias, sumsq, h, g = _fp8_linear_operands(
+        Scale, Bias, Y, SumSq, NormW, offs_m, rows, mask_m, mask_n, stride_ym, sumsq_cols,
+        HAS_BIAS, RESIDUAL, NORM, SUMSQ_PAD)
     if SWAP_AB and DOT_FP16:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
@@ -185,9 +213,9 @@ def _fp8_linear_kernel(
     if SWAP_AB and DOT_FP16:
         acc = tl.trans(acc)
     if SPLIT_K == 1:
-        _fp8_linear_finish(acc, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym, pid_n,
-                           N, K, SumSq, NormW, Scaled, sumsq_cols, norm_eps, HAS_BIAS, SWIGLU,
-                           BLOCK_N, RESIDUAL, NORM, SUMSQ_PAD)
+        _fp8_linear_finish(acc, scale, bias, sumsq, h, g, Y, offs_m, rows, mask_m, mask_n,
+                           stride_ym, pid_n, N, K, SumSq, Scaled, sumsq_cols, norm_eps, HAS_BIAS,
+                           SWIGLU, BLOCK_N, RESIDUAL, NORM)
     else:
         mask = mask_m[:, None] & mask_n[None, :]
         part = Part + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
@@ -200,9 +228,9 @@ def _fp8_linear_kernel(
             for _ in tl.static_range(SPLIT_K):  # split order, not arrival order: deterministic
                 total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # skip L1
                 part += stride_pk
-            _fp8_linear_finish(total, Scale, Bias, Y, offs_m, rows, mask_m, mask_n, stride_ym,
-                               pid_n, N, K, SumSq, NormW, Scaled, sumsq_cols, norm_eps,
-                               HAS_BIAS, SWIGLU, BLOCK_N, RESIDUAL, NORM, SUMSQ_PAD)
+            _fp8_linear_finish(total, scale, bias, sumsq, h, g, Y, offs_m, rows, mask_m,
+                               mask_n, stride_ym, pid_n, N, K, SumSq, Scaled, sumsq_cols,
+                               norm_eps, HAS_BIAS, SWIGLU, BLOCK_N, RESIDUAL, NORM)
             tl.atomic_xchg(Counters + tile, 0, sem="relaxed", scope="gpu")  # zero for next call
     if PREFETCH:
         _prefetch_next(Next, next_segs, next_seg_stride, next_seg_len)

@@ -133,8 +133,16 @@ def _selective_attention_kernel(
     mask_d = offs_d < HEAD_DIM
     mask_gd = mask_g[:, None] & mask_d[None, :]
 
+    # Every load the loop's first block waits on is issued before any of them is used: an
+    # instruction that waits on a load stalls its warp, so each use in between would add a
+    # round trip to the ramp of every launch (eight of them, in an earlier order).
     seqlen = tl.load(Seqlens + pid_b)
     grp = tl.load(Groups + pid_b * stride_gb + pid_j).to(tl.int64)
+    if PAGE > 0:  # the row's first page: its sink's row, and the one split's first block
+        first_page = tl.load(Block_Table + pid_b * stride_tb).to(tl.int64)
+    if ONE_LAUNCH:  # the row's selection, for the unselected groups' zeros at the end
+        offs_k = tl.arange(0, K_PAD)
+        sel = tl.load(Groups + pid_b * stride_gb + offs_k, mask=offs_k < n_sel, other=-1)
     # Each row's own length is cut into num_splits pieces of whole blocks.
     split_len = tl.cdiv(tl.cdiv(seqlen, num_splits), BLOCK_N) * BLOCK_N
     lo = pid_s * split_len
@@ -143,6 +151,26 @@ def _selective_attention_kernel(
     heads = grp * GROUP + offs_g
     q = tl.load(Q + pid_b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_gd, other=0.0)
+    if KV_FP8:
+        k_scale = tl.load(K_Scale + grp)
+        v_scale = tl.load(V_Scale + grp)
+    if PAGE > 0:
+        if ONE_LAUNCH:  # lo = 0
+            page = first_page
+        else:
+            page = tl.load(Block_Table + pid_b * stride_tb + lo // PAGE, mask=lo < hi,
+                           other=0).to(tl.int64)
+    if SINK:
+        sink_row = pid_b
+        if PAGE > 0:
+            sink_row = first_page
+        has_sink = (lo == 0) & (hi > 0)
+        sink = sink_row * stride_sb + grp * stride_sh + offs_d
+        # [1, D]: the layout of their use (a vector would be converted, through shared
+        # memory and a barrier, between its load and the next one)
+        mask_s = (offs_d < tl.where(has_sink, HEAD_DIM, 0))[None, :]
+        k0 = tl.load(K_Sink + sink[None, :], mask=mask_s, other=0.0).to(tl.float32)
+        v0 = tl.load(V_Sink + sink[None, :], mask=mask_s, other=0.0).to(tl.float32)
     if not USE_DOT:
         q = q.to(tl.float32)
     elif FP8_DOT_FP16:
@@ -152,25 +180,16 @@ def _selective_attention_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
     if SINK:
-        if (lo == 0) & (hi > 0):
-            sink_row = pid_b
-            if PAGE > 0:
-                sink_row = tl.load(Block_Table + pid_b * stride_tb).to(tl.int64)
-            sink = sink_row * stride_sb + grp * stride_sh + offs_d
-            k0 = tl.load(K_Sink + sink, mask=mask_d, other=0.0).to(tl.float32)
-            v0 = tl.load(V_Sink + sink, mask=mask_d, other=0.0).to(tl.float32)
-            m_i = tl.sum(q.to(tl.float32) * k0[None, :], axis=1) * qk_scale_log2
+        if has_sink:
+            m_i = tl.sum(q.to(tl.float32) * k0, axis=1) * qk_scale_log2
             l_i = tl.full([GROUP_PAD], 1.0, tl.float32)
             if KV_FP8:  # the output is scaled by V's scale at the end
-                v0 = v0 / tl.load(V_Scale + grp)
-            acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32) + v0[None, :]
+                v0 = v0 / v_scale
+            acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32) + v0
     if KV_FP8:
-        qk_scale_log2 = qk_scale_log2 * tl.load(K_Scale + grp)
+        qk_scale_log2 = qk_scale_log2 * k_scale
     k_base = K_Cache + pid_b * stride_kb + grp * stride_kh
     v_base = V_Cache + pid_b * stride_vb + grp * stride_vh
-    if PAGE > 0:
-        page = tl.load(Block_Table + pid_b * stride_tb + lo // PAGE, mask=lo < hi,
-                       other=0).to(tl.int64)
 
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -222,13 +241,11 @@ def _selective_attention_kernel(
     has = l_i > 0.0
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if KV_FP8:
-        o = o * tl.load(V_Scale + grp)
+        o = o * v_scale
     if ONE_LAUNCH:
         out_row = Out + pid_b * stride_outb
         tl.store(out_row + heads[:, None] * stride_outh + offs_d[None, :],
                  o.to(Out.dtype.element_ty), mask=mask_gd)
-        offs_k = tl.arange(0, K_PAD)
-        sel = tl.load(Groups + pid_b * stride_gb + offs_k, mask=offs_k < n_sel, other=-1)
         zeros = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32).to(Out.dtype.element_ty)
         for g in range(pid_j, n_kv, n_sel):
             if tl.sum((sel == g).to(tl.int32), axis=0) == 0:  # an unselected group of ours

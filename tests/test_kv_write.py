@@ -185,11 +185,17 @@ def test_rope_write_kv_is_rotary_rotation_then_write(kind, dtype, tol) -> None:
         if fp8 else []
     sinks_expected = [s.clone() for s in sinks]
     offset = torch.randn(hkv, d, generator=g).to(DEVICE, dtype) if fp8 else None
+    # the paged float8 step selects a group too (and, on CUDA, prefetches its first pages)
+    scores = torch.randn(b, hkv, generator=g).to(DEVICE) if fp8 else None
+    groups, groups_expected = ([torch.full((b, 1), -1, dtype=torch.int32, device=DEVICE)
+                                for _ in range(2)] if fp8 else (None, None))
     got_q = rope_write_kv(q, k, v, *caches, pos, table, *scales, *sinks, k_offset=offset,
-                          cos=cos, sin=sin, rotation=rot)
+                          cos=cos, sin=sin, rotation=rot, scores=scores, groups=groups)
     want_q = rope_write_kv_reference(q, k, v, *expected, pos, table, *scales,
                                      *sinks_expected, k_offset=offset, cos=cos, sin=sin,
-                                     rotation=rot)
+                                     rotation=rot, scores=scores, groups=groups_expected)
+    if fp8:
+        assert torch.equal(groups, groups_expected)
 
     def rel(a, b):
         return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
