@@ -6,6 +6,8 @@ import functools
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 
 def check_launchable(kernel: Any, device: torch.device, op: str) -> None:
@@ -43,3 +45,11 @@ def next_pow2(n: int) -> int:
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Asks L2 for the 128-byte lines holding `ptrs` (a tensor of pointers, any shape); no
+    wait, results unchanged (inline PTX: CUDA only, the interpreter cannot run it)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import cdiv, check_launchable, next_pow2, num_sms
+from ._triton_util import cdiv, check_launchable, next_pow2, num_sms, prefetch_l2
 from .reference import FP8, fp8_linear_reference
 
 __all__ = ["Fp8LinearPlan", "RmsNormParts", "fp8_linear", "fp8_linear_reference", "fp8_widen",
@@ -247,9 +247,7 @@ def _prefetch_next(Next, segs, seg_stride, seg_len):
     for seg in range(pid, segs, programs):
         base = Next + seg.to(tl.int64) * seg_stride
         for off in range(0, seg_len, 1024 * 128):
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
-                                      [base + tl.minimum(off + lines, seg_len - 128)],
-                                      dtype=tl.int32, is_pure=False, pack=1)
+            prefetch_l2(base + tl.minimum(off + lines, seg_len - 128))
 
 
 @triton.jit

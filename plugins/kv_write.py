@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import check_launchable, next_pow2
+from ._triton_util import check_launchable, next_pow2, prefetch_l2
 from .reference import FP8, write_kv_reference
 
 __all__ = ["rope_write_kv", "write_kv", "write_kv_reference"]
@@ -150,8 +150,8 @@ def _rope_write_kv_kernel(
     asks L2 for its first pages of K and V, which the attention that follows reads first."""
     row = tl.program_id(0).to(tl.int64)
     group = tl.program_id(1).to(tl.int64)
-    offs_g = tl.arange(0, HKV_PAD)
     if TOPK > 0:
+        offs_g = tl.arange(0, HKV_PAD)
         valid = offs_g < tl.num_programs(1)
         s = tl.load(Scores + row * stride_scb + offs_g, mask=valid, other=float("-inf"))
         mine = tl.load(Scores + row * stride_scb + group)
@@ -210,10 +210,8 @@ def _rope_write_kv_kernel(
             lines = tl.arange(0, PAGE * HEAD_DIM // 128) * 128
             k_pf = K_Cache + first[:, None] * stride_cb + group * stride_ch + lines[None, :]
             v_pf = V_Cache + first[:, None] * stride_vcb + group * stride_vch + lines[None, :]
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
-                                      [k_pf], dtype=tl.int32, is_pure=False, pack=1)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
-                                      [v_pf], dtype=tl.int32, is_pure=False, pack=1)
+            prefetch_l2(k_pf)
+            prefetch_l2(v_pf)
 
 
 # How many of a selected group's first pages of K and V the append asks L2 for, for the
