@@ -48,15 +48,19 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
-def _append_operands(row, group, pos, Block_Table, K_Scale, V_Scale, K_Offset, stride_tb,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-                     KV_FP8: tl.constexpr, OFFSET: tl.constexpr):
-    """What `_append` reads besides the key and value: the destination row (the page that
-    holds `pos`, when paged), the group's key offset and its two scales. Loaded before any of
-    the kernel's stores, which the compiler cannot move loads across (they might alias)."""
-    dst_row = row
+def _append_row(row, pos, Block_Table, stride_tb, PAGE: tl.constexpr):
+    """The cache row `_append` writes: the page that holds `pos` when paged."""
     if PAGE > 0:
-        dst_row = tl.load(Block_Table + row * stride_tb + tl.maximum(pos, 0) // PAGE).to(tl.int64)
+        return tl.load(Block_Table + row * stride_tb + tl.maximum(pos, 0) // PAGE).to(tl.int64)
+    return row
+
+
+@triton.jit
+def _append_operands(group, K_Scale, V_Scale, K_Offset, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, KV_FP8: tl.constexpr, OFFSET: tl.constexpr):
+    """What `_append` reads besides the key, the value and the row: the group's key offset
+    and its two scales. Loaded before any of the kernel's stores, which the compiler cannot
+    move loads across (they might alias)."""
     offs = tl.arange(0, BLOCK_D)
     k_off = tl.zeros([BLOCK_D], tl.float32)
     if OFFSET:
@@ -67,7 +71,7 @@ def _append_operands(row, group, pos, Block_Table, K_Scale, V_Scale, K_Offset, s
     if KV_FP8:
         k_scale = tl.load(K_Scale + group)
         v_scale = tl.load(V_Scale + group)
-    return dst_row, k_off, k_scale, v_scale
+    return k_off, k_scale, v_scale
 
 
 @triton.jit
@@ -117,9 +121,9 @@ def _write_kv_kernel(K, V, K_Cache, V_Cache, Positions, Block_Table, K_Scale, V_
     mask = offs < tl.where(pos >= 0, HEAD_DIM, 0)
     k = tl.load(K + row * stride_kb + group * stride_kh + offs, mask=mask)
     v = tl.load(V + row * stride_vb + group * stride_vh + offs, mask=mask)
-    dst_row, k_off, k_scale, v_scale = _append_operands(
-        row, group, pos, Block_Table, K_Scale, V_Scale, K_Offset, stride_tb, HEAD_DIM, BLOCK_D,
-        PAGE, KV_FP8, OFFSET)
+    k_off, k_scale, v_scale = _append_operands(group, K_Scale, V_Scale, K_Offset, HEAD_DIM,
+                                               BLOCK_D, KV_FP8, OFFSET)
+    dst_row = _append_row(row, pos, Block_Table, stride_tb, PAGE)
     _append(k, v, group, pos, dst_row, k_off, k_scale, v_scale, K_Cache, V_Cache, K_Sink,
             V_Sink, stride_cb, stride_ch, stride_cs, stride_vcb, stride_vch, stride_vcs,
             stride_vcd, stride_sb, stride_sh, HEAD_DIM, BLOCK_D, PAGE, KV_FP8, SINK, OFFSET)
@@ -170,16 +174,20 @@ def _rope_write_kv_kernel(
         other = tl.where(half, offs + HEAD_DIM // 2, offs - HEAD_DIM // 2)
         x_other = tl.load(q_rows + other[None, :], mask=is_q, other=0.0).to(tl.float32) \
             + tl.load(k_row + other[None, :], mask=is_k, other=0.0).to(tl.float32)
-        cos = tl.load(Cos + row * stride_rb + offs, mask=mask_d, other=0.0).to(tl.float32)
-        sin = tl.load(Sin + row * stride_rb + offs, mask=mask_d, other=0.0).to(tl.float32)
+        # as [ROWS, D] tiles, the layout of x (a vector would be converted through shared
+        # memory, a barrier between its load and the next one)
+        rope_at = row * stride_rb + 0 * offs_r[:, None] + offs[None, :]
+        cos = tl.load(Cos + rope_at, mask=mask_d[None, :], other=0.0).to(tl.float32)
+        sin = tl.load(Sin + rope_at, mask=mask_d[None, :], other=0.0).to(tl.float32)
     if ROTATE:
         rot = tl.load(Rotation + offs[:, None] * HEAD_DIM + offs[None, :],
                       mask=mask_d[:, None] & mask_d[None, :], other=0.0)
-    v = tl.load(V + row * stride_vb + group * stride_vh + offs,
-                mask=offs < tl.where(pos >= 0, HEAD_DIM, 0))
-    dst_row, k_off, k_scale, v_scale = _append_operands(
-        row, group, pos, Block_Table, K_Scale, V_Scale, K_Offset, stride_tb, HEAD_DIM, BLOCK_D,
-        PAGE, KV_FP8, OFFSET)
+    # after the tiles: these are converted to another layout, a wait on the load in between;
+    # V masked by pos only where it is stored (a load that waits on pos is a round trip more)
+    v = tl.load(V + row * stride_vb + group * stride_vh + offs, mask=mask_d)
+    k_off, k_scale, v_scale = _append_operands(group, K_Scale, V_Scale, K_Offset, HEAD_DIM,
+                                               BLOCK_D, KV_FP8, OFFSET)
+    dst_row = _append_row(row, pos, Block_Table, stride_tb, PAGE)
     if PREFETCH_PAGES > 0:  # the row's first pages (pages in use only: the last one again)
         ahead = tl.minimum(tl.arange(0, PREFETCH_PAGES), tl.maximum(pos, 0) // PAGE)
         first = tl.load(Block_Table + row * stride_tb + ahead).to(tl.int64)
@@ -189,7 +197,7 @@ def _rope_write_kv_kernel(
         beats = ((s > mine) | ((s == mine) & (offs_g < group))) & valid
         rank = tl.sum(beats.to(tl.int32), axis=0)
     if ROPE:  # x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-        x = x * cos[None, :] + tl.where(half, -x_other, x_other) * sin[None, :]
+        x = x * cos + tl.where(half, -x_other, x_other) * sin
         x = x.to(Q.dtype.element_ty)
     if ROTATE:
         if DOT_IEEE:

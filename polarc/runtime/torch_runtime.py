@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -80,6 +82,22 @@ def _rope_in_kv_append(q: torch.Tensor, k: torch.Tensor, rope: object
     """The decode step's rotary stage: none, its KV append applies the rotary positions (and
     an FP8 cache's key rotation) in the same launch (`Kernels.rope_write_kv`)."""
     return q, k
+
+
+def decode_inputs(model: Any, tokens: torch.Tensor, seqlens: torch.Tensor
+                  ) -> tuple[torch.Tensor, ...]:
+    """The decode step's inputs from its tokens [B] and the rows' lengths [B] before them:
+    the embedded rows h [B, 1, d], a zero residual delta like h, the rotary cos / sin
+    ``[B, 1, 1, D]`` (or None), the lengths after the step and the positions the KV append
+    writes (-1 for a slot that holds no sequence). A dozen tiny element-wise launches eagerly:
+    the runtime compiles it into a few (`compile_stage`)."""
+    live = seqlens > 0
+    positions = seqlens.long()[:, None]
+    h = embed(model, tokens[:, None], positions)
+    rope = rope_cos_sin(model, positions, h.dtype)
+    cos, sin = (None, None) if rope is None else rope
+    return (h, torch.zeros_like(h), cos, sin, seqlens + live.int(),
+            torch.where(live, seqlens, -1))
 
 
 def check_fp8_gpu(device: torch.device, *, kv: bool, weights: bool) -> None:
@@ -167,6 +185,9 @@ class Runtime:
                                                linear_swiglu=self.kernels.linear_swiglu)
         self.short_prefill_ops = dataclasses.replace(EAGER, linear=self.kernels.linear,
                                                      linear_swiglu=self.kernels.linear_swiglu)
+        # the step's inputs in a few launches where eagerly there were about fifteen
+        self.step_inputs = compile_stage(functools.partial(decode_inputs, self.model),
+                                         self.device)
         self.prefill_sdpa: tuple[str, ...] | None = PREFILL_SDPA
         self.all_groups = torch.arange(spec.n_kv_heads, dtype=torch.int32, device=self.device
                                        ).expand(batch, -1).contiguous()
@@ -381,12 +402,8 @@ class Runtime:
         B = tokens.shape[0]  # the first B slots of the cache (a batch-size bucket)
         seqlens = self.cache.seqlens[:B]
         table = self.cache.block_table[:B]
-        live = seqlens > 0
-        positions = seqlens.long()[:, None]
-        lens = seqlens + live.int()
-        write_at = torch.where(live, seqlens, -1)
-        h = embed(self.model, tokens[:, None], positions)  # [B, 1, d]
-        rope = rope_cos_sin(self.model, positions, h.dtype)
+        h, delta, cos4, sin4, lens, write_at = self.step_inputs(tokens, seqlens)
+        rope = None if cos4 is None else (cos4, sin4)
         cos, sin = (None, None) if rope is None else (t[:, 0, 0] for t in rope)  # [B, D]
 
         def attend(layer, x, q, k, v, extra):
@@ -403,7 +420,6 @@ class Runtime:
             return self.kernels.attention(q[:, 0], k_pool, v_pool, lens, groups, table,
                                           *scales, *sinks)[:, None]
 
-        delta = torch.zeros_like(h)
         ops = self.step_ops()
         for layer in range(self.spec.n_layers):
             mlp = self.sparse_mlp if layer in self.mlp_k else None
