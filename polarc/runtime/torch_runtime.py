@@ -87,17 +87,15 @@ def _rope_in_kv_append(q: torch.Tensor, k: torch.Tensor, rope: object
 def decode_inputs(model: Any, tokens: torch.Tensor, seqlens: torch.Tensor
                   ) -> tuple[torch.Tensor, ...]:
     """The decode step's inputs from its tokens [B] and the rows' lengths [B] before them:
-    the embedded rows h [B, 1, d], a zero residual delta like h, the rotary cos / sin
+    the embedded rows h [B, 1, d], a zero residual delta like h, the rotary (cos, sin)
     ``[B, 1, 1, D]`` (or None), the lengths after the step and the positions the KV append
     writes (-1 for a slot that holds no sequence). A dozen tiny element-wise launches eagerly:
     the runtime compiles it into a few (`compile_stage`)."""
     live = seqlens > 0
     positions = seqlens.long()[:, None]
     h = embed(model, tokens[:, None], positions)
-    rope = rope_cos_sin(model, positions, h.dtype)
-    cos, sin = (None, None) if rope is None else rope
-    return (h, torch.zeros_like(h), cos, sin, seqlens + live.int(),
-            torch.where(live, seqlens, -1))
+    return (h, torch.zeros_like(h), rope_cos_sin(model, positions, h.dtype),
+            seqlens + live.int(), torch.where(live, seqlens, -1))
 
 
 def check_fp8_gpu(device: torch.device, *, kv: bool, weights: bool) -> None:
@@ -402,8 +400,7 @@ class Runtime:
         B = tokens.shape[0]  # the first B slots of the cache (a batch-size bucket)
         seqlens = self.cache.seqlens[:B]
         table = self.cache.block_table[:B]
-        h, delta, cos4, sin4, lens, write_at = self.step_inputs(tokens, seqlens)
-        rope = None if cos4 is None else (cos4, sin4)
+        h, delta, rope, lens, write_at = self.step_inputs(tokens, seqlens)
         cos, sin = (None, None) if rope is None else (t[:, 0, 0] for t in rope)  # [B, D]
 
         def attend(layer, x, q, k, v, extra):
