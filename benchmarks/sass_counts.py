@@ -101,12 +101,14 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
     from polarc.plugins.fp8_linear import _fp8_linear_kernel as kernel
 
     types = {n: "i32" for n in kernel.arg_names}
-    types.update(X="*bf16", W="*fp8e4nv", Scale="*fp32", Bias="*fp32", Y="*bf16",
+    types.update(X="*bf16", X2="*fp8e4nv", XScale="*fp32", W="*fp8e4nv", Scale="*fp32",
+                 Bias="*fp32", Y="*bf16",
                  Part="*fp32", Counters="*i32", Next="*fp8e4nv", SumSq="*fp32", NormW="*bf16",
                  Scaled="*bf16", norm_eps="fp32")
     # every constexpr set (one left out would compile as a run-time argument)
     plain = dict(HAS_BIAS=False, DOT_FP16=True, EVEN_K=True, SWIGLU=False, TILED=False,
-                 PREFETCH=False, SWAP_AB=False, RESIDUAL=False, NORM=False, SUMSQ_PAD=1)
+                 PREFETCH=False, SWAP_AB=False, RESIDUAL=False, NORM=False, SUMSQ_PAD=1,
+                 X_PAIR=False)
     rows = []
     for block_m, block_k in ((16, 128), (32, 128), (64, 64)):
         for warps in (4, 8):

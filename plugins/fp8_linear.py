@@ -54,9 +54,10 @@ import triton.language as tl
 
 from ._triton_util import cdiv, check_launchable, next_pow2, num_sms, prefetch_l2
 from .reference import FP8, fp8_linear_reference
+from .reference import split_rows_fp8 as split_rows_fp8_reference
 
 __all__ = ["Fp8LinearPlan", "RmsNormParts", "fp8_linear", "fp8_linear_reference", "fp8_widen",
-           "plan_fp8_linear"]
+           "plan_fp8_linear", "split_rows_fp8", "split_rows_fp8_reference"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -141,7 +142,7 @@ def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
 # per plan instead of three; the row mask is all M feeds.
 @triton.jit(do_not_specialize=["M"])
 def _fp8_linear_kernel(
-    X, W, Scale, Bias, Y, Part, Counters, Next, SumSq, NormW, Scaled,
+    X, X2, XScale, W, Scale, Bias, Y, Part, Counters, Next, SumSq, NormW, Scaled,
     M, N, K, k_per_split, next_segs, next_seg_stride, next_seg_len, sumsq_cols, norm_eps,
     stride_xm, stride_ym, stride_pk,
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
@@ -149,6 +150,7 @@ def _fp8_linear_kernel(
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     RESIDUAL: tl.constexpr = False, NORM: tl.constexpr = False, SUMSQ_PAD: tl.constexpr = 1,
+    X_PAIR: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -163,7 +165,9 @@ def _fp8_linear_kernel(
     only; the same sums, transposed back before the epilogue).
     RESIDUAL: Y is the residual stream, updated in place, and the next RMS norm's parts are
     written; NORM: the rows are scaled by the norm they stand for (`_fp8_linear_finish`): the
-    K loop is the same either way."""
+    K loop is the same either way.
+    X_PAIR: x comes as two float8 terms, ``x ~ XScale[:, None] * (X + X2)`` (`split_rows_fp8`),
+    and each K block is two float8 products of the stored weight tile: no widening at all."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -176,6 +180,7 @@ def _fp8_linear_kernel(
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
+    x_lo_ptrs = X2 + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
     if TILED:  # tile (pid_n, k_lo / BLOCK_K) of [N / BLOCK_N, K / BLOCK_K, BLOCK_N, BLOCK_K]
         tile = pid_n * tl.cdiv(K, BLOCK_K) + k_lo // BLOCK_K
         w_ptrs = W + tile.to(tl.int64) * (BLOCK_N * BLOCK_K) \
@@ -185,23 +190,32 @@ def _fp8_linear_kernel(
     scale, bias, sumsq, h, g = _fp8_linear_operands(
         Scale, Bias, Y, SumSq, NormW, offs_m, rows, mask_m, mask_n, stride_ym, sumsq_cols,
         HAS_BIAS, RESIDUAL, NORM, SUMSQ_PAD)
+    if X_PAIR:  # (loaded with the other epilogue operands, before the K loop)
+        x_scale = tl.load(XScale + offs_m[:, None], mask=mask_m[:, None], other=0.0)
     if SWAP_AB and DOT_FP16:
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            x_mask = mask_m[:, None]
         else:
             mask_k = (k0 + offs_k) < K
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x_mask = mask_m[:, None] & mask_k[None, :]
+        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        if X_PAIR:
+            x_lo = tl.load(x_lo_ptrs, mask=x_mask, other=0.0)
+            x_lo_ptrs += BLOCK_K
         if TILED:  # padded: no mask
             w = tl.load(w_ptrs)
         elif EVEN_K:
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if DOT_FP16 and SWAP_AB:
+        if X_PAIR:
+            acc = tl.dot(x, tl.trans(w), acc)
+            acc = tl.dot(x_lo, tl.trans(w), acc)
+        elif DOT_FP16 and SWAP_AB:
             acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc)
         elif DOT_FP16:
             acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
@@ -212,6 +226,8 @@ def _fp8_linear_kernel(
         w_ptrs += BLOCK_N * BLOCK_K if TILED else BLOCK_K
     if SWAP_AB and DOT_FP16:
         acc = tl.trans(acc)
+    if X_PAIR:
+        acc = acc * x_scale
     if SPLIT_K == 1:
         _fp8_linear_finish(acc, scale, bias, sumsq, h, g, Y, offs_m, rows, mask_m, mask_n,
                            stride_ym, pid_n, N, K, SumSq, Scaled, sumsq_cols, norm_eps, HAS_BIAS,
@@ -248,6 +264,40 @@ def _prefetch_next(Next, segs, seg_stride, seg_len):
         base = Next + seg.to(tl.int64) * seg_stride
         for off in range(0, seg_len, 1024 * 128):
             prefetch_l2(base + tl.minimum(off + lines, seg_len - 128))
+
+
+@triton.jit
+def _split_rows_kernel(X, Hi, Lo, S, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Grid (M,): one row, whole (BLOCK_K >= K), in one load."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    mask = offs < K
+    x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-30)
+    t = tl.clamp(x * (448.0 / amax), -448.0, 448.0)  # FP8_MAX
+    hi = t.to(tl.float8e4nv)
+    tl.store(Hi + row * K + offs, hi, mask=mask)
+    tl.store(Lo + row * K + offs, (t - hi.to(tl.float32)).to(tl.float8e4nv), mask=mask)
+    tl.store(S + row, amax / 448.0)
+
+
+def split_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`split_rows_fp8_reference` in one launch: x ``[M, K]`` bf16/fp16/fp32 (last axis
+    contiguous) -> hi, lo ``[M, K]`` float8_e4m3fn contiguous and s ``[M]`` float32, with
+    ``x ~ s[:, None] * (hi + lo)``."""
+    if x.dim() != 2 or x.dtype not in _DTYPES or x.stride(-1) != 1:
+        raise ValueError(f"split_rows_fp8: x must be [M, K] bf16/fp16/fp32 with a contiguous "
+                         f"last axis, got {x.dtype} {tuple(x.shape)}")
+    check_launchable(_split_rows_kernel, x.device, "split_rows_fp8")
+    m, k = x.shape
+    hi = torch.empty(m, k, dtype=FP8, device=x.device)
+    lo = torch.empty_like(hi)
+    s = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block = next_pow2(k)
+        _split_rows_kernel[(m,)](x, hi, lo, s, k, x.stride(0), BLOCK_K=block,
+                                 num_warps=8 if block > 4096 else 4)
+    return hi, lo, s
 
 
 @triton.jit
@@ -322,6 +372,7 @@ class Fp8LinearPlan:
     num_stages: int
     split_k: int = 1
     swap_ab: bool = False  # the product formed transposed, the weight tile as the left operand
+    x_pair: bool = False  # x as two float8 terms (`split_rows_fp8`): float8 products, no widening
 
 
 _SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product
@@ -362,9 +413,10 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
 
 
 def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: int, *,
-                sms: int) -> Fp8LinearPlan:
+                sms: int, fp8_products: bool = False) -> Fp8LinearPlan:
     """The plan `fp8_linear` launches for weight `w` (rows or tiles): `plan`, else the
-    planner's; on tiles, the tile is the program's block of N and K."""
+    planner's; on tiles, the tile is the program's block of N and K. `fp8_products`: the
+    device runs float8 x float8 products on wgmma (sm_90) and x is bf16 / fp16."""
     tiled = w.dim() == 4
     if plan is None:
         plan = plan_fp8_linear(m, n, k, sms=sms)
@@ -380,9 +432,19 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
             # 13.14; at 64 rows half of each program's rows would be padding: 6.93)
             plan = dataclasses.replace(plan, block_m=128, num_warps=8, num_stages=3,
                                        swap_ab=True)
+        elif tiled and fp8_products and m > _DECODE_ROWS:
+            # 33-64 rows: x as two float8 terms, no widening. A step's 129 GEMMs at 64 rows
+            # (inputs split beforehand, H200 2026-12-06): 4.45 -> 3.37 ms; at 32 rows it loses
+            # (2.96 -> 3.49 ms: below 64 rows a program there is no float8 wgmma)
+            plan = dataclasses.replace(plan, x_pair=True)
     if tiled:
         plan = dataclasses.replace(plan, block_n=w.shape[2], block_k=w.shape[3])
     return plan
+
+
+def _wgmma(device: torch.device) -> bool:
+    """Hopper (sm_90): float8 x float8 products on wgmma."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -516,7 +578,10 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     if m == 0:
         return out if residual is None else RmsNormParts(
             torch.empty_like(out), torch.zeros(0, 1, device=x.device), eps)
-    plan = launch_plan(plan, w, m, n, k, sms=num_sms(x.device))
+    plan = launch_plan(plan, w, m, n, k, sms=num_sms(x.device),
+                       fp8_products=x.dtype != torch.float32 and _wgmma(x.device))
+    if plan.x_pair and (x.dtype == torch.float32 or plan.swap_ab):
+        raise ValueError("fp8_linear: plan.x_pair needs bf16 / fp16 x and no swap_ab")
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
@@ -536,16 +601,18 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         scaled = torch.empty(m, n, dtype=x.dtype, device=x.device)
         if residual.stride(0) != n:
             raise ValueError("fp8_linear: residual must be contiguous")
+    # x as two float8 terms and their row scales, or x itself (the other two unused)
+    x_hi, x_lo, x_scale = split_rows_fp8(x) if plan.x_pair else (x, x, scale)
     _fp8_linear_kernel[grid](
-        x, w, scale, bias if bias is not None else scale, out, part, counters,
+        x_hi, x_lo, x_scale, w, scale, bias if bias is not None else scale, out, part, counters,
         prefetch if seg_len else scale, sumsq,
         norm_weight if residual is not None else scale, scaled,
         m, n, k, k_per_split, segs, seg_stride, seg_len, sumsq.shape[-1],
-        float(norm.eps) if norm is not None else 0.0, x.stride(0), out.stride(0), m * n,
+        float(norm.eps) if norm is not None else 0.0, x_hi.stride(0), out.stride(0), m * n,
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWIGLU=swiglu,
         TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, RESIDUAL=residual is not None,
         NORM=norm is not None, SUMSQ_PAD=next_pow2(sumsq.shape[-1]) if norm is not None else 1,
-        num_warps=plan.num_warps, num_stages=plan.num_stages)
+        X_PAIR=plan.x_pair, num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out if residual is None else RmsNormParts(scaled, sumsq, eps)

@@ -22,7 +22,8 @@ Layouts are the kernels' (see each kernel module's docstring):
 - KV append: ``k``, ``v [B, Hkv, D]`` written at ``positions [B]`` of the caches (or of the
   rows' pages, with a block table); a negative position writes nothing;
 - selective GEMM pair: ``relu(x @ w1[idx].T + b1[idx])`` and ``h @ w2t[idx]``;
-- FP8 linear: ``x [M, K] @ (w [N, K] float8 * scale [N]).T + bias`` → ``[M, N]``.
+- FP8 linear: ``x [M, K] @ (w [N, K] float8 * scale [N]).T + bias`` → ``[M, N]``; x may be
+  taken as two float8 terms with a scale per row (`split_rows_fp8`).
 
 Math is fp32 (fp64 for fp64 inputs); results come back in the input dtype.
 """
@@ -70,13 +71,32 @@ def dequantize_kv(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.to(q.device, torch.float32)[None, :, None, None]
 
 
+def split_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows ``x [M, K]`` as two float8 e4m3 terms and a scale per row, ``x ~ s[:, None] * (hi +
+    lo)``: hi rounds x / s (s = the row's largest magnitude / 448), lo rounds what hi left
+    (fp32 math). Returns (hi, lo ``[M, K]`` float8_e4m3fn, s ``[M]`` float32). Each term keeps 3
+    mantissa bits and lo starts where hi's rounding error does, so together they hold x to
+    about bf16's precision, and a product with a float8 weight needs no widening."""
+    t = x.float()
+    amax = t.abs().amax(-1).clamp_min(1e-30)
+    t = (t * (FP8_MAX / amax)[:, None]).clamp(-FP8_MAX, FP8_MAX)
+    hi = t.to(FP8)
+    return hi, (t - hi.float()).to(FP8), amax / FP8_MAX
+
+
 def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                         bias: torch.Tensor | None = None, swiglu: bool = False
-                         ) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, swiglu: bool = False,
+                         x_pair: bool = False) -> torch.Tensor:
     """``x @ (w * scale[:, None]).T + bias`` for a float8 weight ``w [N, K]`` with a scale per
     output channel ``scale [N]`` (fp32 math, x's dtype out). `swiglu`: w's rows are a SwiGLU
-    MLP's gate then up (N = 2F): ``silu(gate) * up`` ``[.., F]``, rounded once at the end."""
-    y = _acc(x) @ (w.to(_acc(x).dtype) * scale.to(_acc(x).dtype)[:, None]).T
+    MLP's gate then up (N = 2F): ``silu(gate) * up`` ``[.., F]``, rounded once at the end.
+    `x_pair`: x ``[M, K]`` first rounded to its two float8 terms (`split_rows_fp8`)."""
+    if x_pair:
+        hi, lo, s = split_rows_fp8(x)
+        x_used = (s[:, None] * (hi.float() + lo.float())).to(_acc(x).dtype)
+    else:
+        x_used = _acc(x)
+    y = x_used @ (w.to(_acc(x).dtype) * scale.to(_acc(x).dtype)[:, None]).T
     if bias is not None:
         y = y + _acc(bias)
     if swiglu:

@@ -444,3 +444,80 @@ def test_residual_and_norm_inputs_are_checked():
     bad = RmsNormParts(x, torch.zeros(3, 2, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="norm.sumsq must be"):
         fp8_linear(x, w, s, norm=bad)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k", [(3, 200), (17, 64)])
+def test_split_rows_fp8_matches_reference(m, k):
+    """Two float8 terms and a scale per row hold x to about bf16's precision (3 + 3 mantissa
+    bits, the second starting where the first's rounding error does); a zero row stays zero."""
+    from polarc.plugins.fp8_linear import split_rows_fp8, split_rows_fp8_reference
+
+    g = torch.Generator().manual_seed(m)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 3, m)[:, None]).to(DEVICE)
+    x[:, 5] *= 50  # an outlier channel
+    x[1] = 0
+    hi, lo, s = split_rows_fp8(x)
+    want = split_rows_fp8_reference(x)
+    assert hi.dtype == lo.dtype == torch.float8_e4m3fn and s.shape == (m,)
+    torch.testing.assert_close(s, want[2], rtol=1e-6, atol=0)
+    if DEVICE == "cuda":  # (the interpreter's float8 rounding can miss a carry into the
+        # exponent, 7.76 -> 4.0: lo then holds the rest, so the pair still holds x)
+        assert torch.equal(hi.view(torch.uint8), want[0].view(torch.uint8))
+        assert torch.equal(lo.view(torch.uint8), want[1].view(torch.uint8))
+    got = s[:, None] * (hi.float() + lo.float())
+    assert not got[1].any()
+    assert _rel(got, x) < (3e-3 if DEVICE == "cuda" else 2e-2)
+    ref = want[2][:, None] * (want[0].float() + want[1].float())
+    # relative to x, down to half of float8's smallest step (2^-9) in units of s
+    assert ((ref - x).abs() <= 2 ** -7 * x.abs() + 2 ** -10 * want[2][:, None]).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("m, tiles", [(5, False), (40, True)])
+def test_x_pair_product_matches_reference(split, swiglu, m, tiles):
+    """`Fp8LinearPlan.x_pair`: x as two float8 terms times the stored float8 weight, no
+    widening: the reference on the same terms (fp32 products), and within bf16's precision of
+    the unrounded x; split-K, SwiGLU, the residual / norm seam and ragged K as the fp16 path."""
+    from polarc.format.engine_file import tile_fp8
+    from polarc.models.layers import norm
+
+    n, k = 64, 200
+    x, w, s, b = _inputs(m, n, k, torch.float16, bias=True, seed=split)
+    wt = tile_fp8(w, swiglu=swiglu, tile=(32, 64)) if tiles else w
+    plan = Fp8LinearPlan(16, 32 if tiles else 16, 64 if tiles else 32, num_warps=4,
+                         num_stages=2, split_k=split, x_pair=True)
+    want = fp8_linear_reference(x, w, s, b, swiglu=swiglu, x_pair=True)
+    got = fp8_linear(x, wt, s, b, plan=plan, swiglu=swiglu)
+    # (looser in the interpreter, whose float8 rounding can miss a carry: see above)
+    assert _rel(got, want) < (4e-3 if DEVICE == "cuda" else 1e-2)
+    assert _rel(got, fp8_linear_reference(x.double(), w, s, b, swiglu=swiglu)) < 1e-2
+    if swiglu:
+        return
+    # the seam: the product added into h, then the next GEMM on the norm of h
+    h = torch.randn(m, n, generator=torch.Generator().manual_seed(3)).to(DEVICE, x.dtype) * 3
+    weight = torch.ones(n, device=DEVICE, dtype=x.dtype)
+    want_h = h + fp8_linear(x, wt, s, b, plan=plan)
+    parts = fp8_linear(x, wt, s, b, plan=plan, residual=h, norm_weight=weight, eps=1e-5)
+    assert torch.equal(h, want_h) if DEVICE == "cpu" else _rel(h, want_h) < 1e-6
+    _, w2, s2, _ = _inputs(m, 48, n, torch.float16, seed=9)
+    plan2 = dataclasses.replace(plan, block_k=32 if tiles else plan.block_k)
+    w2t = tile_fp8(w2, tile=(32, 32)) if tiles else w2
+    got = fp8_linear(parts.scaled, w2t, s2, plan=plan2, norm=parts)
+    want = fp8_linear_reference(norm(want_h, weight, None, 1e-5), w2, s2)
+    assert _rel(got, want) < 1e-2
+
+
+def test_x_pair_is_planned_for_33_to_64_rows_on_hopper_tiles():
+    tiles = torch.zeros(32, 32, 128, 128, dtype=torch.float8_e4m3fn)
+    rows = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
+    for m in (1, 16, 32, 33, 48, 64, 65, 128):
+        plan = launch_plan(None, tiles, m, 4096, 4096, sms=132, fp8_products=True)
+        assert plan.x_pair == (32 < m <= 64), m
+        assert not launch_plan(None, tiles, m, 4096, 4096, sms=132).x_pair
+        assert not launch_plan(None, rows, m, 4096, 4096, sms=132, fp8_products=True).x_pair
+    with pytest.raises(ValueError, match="x_pair needs bf16 / fp16 x"):
+        x, w, s, _ = _inputs(4, 32, 64, torch.float32)
+        fp8_linear(x, w, s, plan=Fp8LinearPlan(16, 16, 32, 4, 2, x_pair=True))
