@@ -23,6 +23,10 @@ K); it streams its weight rows over its K range in blocks of BLOCK_K, widens eac
 to fp16 (one conversion instruction per two values on sm_89+; bf16 would take three) and
 accumulates ``x_block @ w_block.T`` in fp32 on the tensor cores with the rows of x cast to fp16
 (fp32 x: fp32 math throughout). The scale, the bias and the cast to x's dtype are the epilogue.
+With ``plan.x_pair`` (the planner's choice for 33-64 rows on Hopper) the weight is not widened:
+x is first split per row into two float8 terms and a scale (`split_rows_fp8`, one launch;
+together about bf16's precision) and each K block is two float8 x float8 products on wgmma,
+which at 64 rows is the multiply and widening work that held the GEMMs at 1.8x their floor.
 
 Split-K (``plan.split_k > 1``): a decode GEMM with few output blocks would otherwise leave SMs
 idle and run a long serial K loop per program, so K is cut into ``split_k`` equal ranges (a
