@@ -50,6 +50,7 @@ products of the models polarc builds.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -448,7 +449,13 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
 
 def _wgmma(device: torch.device) -> bool:
     """Hopper (sm_90): float8 x float8 products on wgmma."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    return device.type == "cuda" and _capability_major(
+        device.index if device.index is not None else torch.cuda.current_device()) == 9
+
+
+@functools.lru_cache(maxsize=16)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
