@@ -1,35 +1,55 @@
-"""Scratch (branch fp8-x-pair): the fp8-all step at 64 rows with the FP8 GEMMs' x as two
-float8 terms (the planner on Hopper) against the widened-weight product, in one process,
-alternating; then at 32 rows (unchanged: the planner keeps widening there)."""
-import gc, json, os
+"""Scratch (branch fp8-x-pair): the fp8-all step with the FP8 GEMMs' x as two float8 terms
+against the widened-weight product, in one process, alternating.
+  widen    - no float8 products (the planner as on main)
+  pair     - the planner on Hopper: x as two terms at 33-64 rows
+  pairswap - x as two terms at <= 64 rows, the product transposed (the weight tile as wgmma's
+             A: 128 rows a wgmma, so float8 wgmma below 64 rows too)"""
+import dataclasses, gc, json, os, time
 import torch
 from polarc.benchmarks.bench_e2e import STEP_REPS, case_runtime
 from polarc.benchmarks.timing import time_graph, copy_bandwidth, environment
 from polarc.plugins import fp8_linear as F
-real_wgmma = F._wgmma
-recs, check = [], {}
-for b, s in ((64, 4096),):
+real_wgmma, real_lp = F._wgmma, F.launch_plan
+
+
+def lp_swap(plan, w, m, n, k, *, sms, fp8_products=False):
+    p = real_lp(plan, w, m, n, k, sms=sms, fp8_products=fp8_products)
+    if w.dim() == 4 and fp8_products and m <= 64:
+        p = dataclasses.replace(p, x_pair=True, swap_ab=True)
+    return p
+
+
+def use(v):
+    F._wgmma = (lambda d: False) if v == "widen" else real_wgmma
+    F.launch_plan = lp_swap if v == "pairswap" else real_lp
+
+
+recs, check = [], []
+t0 = time.time()
+for b, s, variants in ((64, 4096, ("widen", "pair", "pairswap")),
+                       (32, 8192, ("widen", "pairswap"))):
     rt = case_runtime("llama3-8b", b, s, 0.5, "fp8-all")
     tokens = torch.randint(0, rt.engine.model.spec.vocab, (b,), device="cuda")
     def step():
         rt.seqlens.fill_(s - 1)
         return rt.decode_step(tokens)
-    def use(v):
-        F._wgmma = real_wgmma if v == "pair" else (lambda d: False)
     lg = {}
-    for v in ("widen", "pair"):
+    for v in variants:
         use(v); lg[v] = step().float().clone()
-    d = (lg["pair"] - lg["widen"]).norm() / lg["widen"].norm()
-    agree = (lg["pair"].argmax(-1) == lg["widen"].argmax(-1)).float().mean()
-    check[b] = dict(rel_diff=float(d), top1_agree=float(agree)); print(b, check[b], flush=True)
+    for v in variants[1:]:
+        d = (lg[v] - lg["widen"]).norm() / lg["widen"].norm()
+        agree = (lg[v].argmax(-1) == lg["widen"].argmax(-1)).float().mean()
+        check.append(dict(B=b, variant=v, rel_diff=float(d), top1_agree=float(agree)))
+        print(check[-1], flush=True)
     for mode in ("sparse", "dense"):
         rt.set_dense(mode == "dense")
         for rnd in range(2 if mode == "sparse" else 1):
-            for v in (("widen", "pair") if rnd % 2 == 0 else ("pair", "widen")):
+            for v in (variants if rnd % 2 == 0 else variants[::-1]):
                 use(v)
                 ms = time_graph([step], reps=STEP_REPS)
                 recs.append(dict(B=b, S=s, mode=mode, variant=v, round=rnd, step_ms=ms))
-                print(f"B={b} {mode} {v:6s} {ms:7.3f}", flush=True)
+                print(f"B={b} S={s} {mode} {v:8s} {ms:7.3f}  ({time.time() - t0:.0f} s)", flush=True)
+    rt.set_dense(False)
     del rt; gc.collect(); torch.cuda.empty_cache()
 json.dump({"env": environment(copy_bandwidth(torch.device("cuda"))), "check": check,
            "records": recs}, open(os.path.join(os.environ.get("OUT", "/tmp"), "exp-pair-step.json"), "w"), indent=1)

@@ -217,7 +217,10 @@ def _fp8_linear_kernel(
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if X_PAIR:
+        if X_PAIR and SWAP_AB:
+            acc = tl.dot(w, tl.trans(x), acc)
+            acc = tl.dot(w, tl.trans(x_lo), acc)
+        elif X_PAIR:
             acc = tl.dot(x, tl.trans(w), acc)
             acc = tl.dot(x_lo, tl.trans(w), acc)
         elif DOT_FP16 and SWAP_AB:
@@ -591,8 +594,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
             torch.empty_like(out), torch.zeros(0, 1, device=x.device), eps)
     plan = launch_plan(plan, w, m, n, k, sms=num_sms(x.device),
                        fp8_products=x.dtype != torch.float32 and _wgmma(x.device))
-    if plan.x_pair and (x.dtype == torch.float32 or plan.swap_ab):
-        raise ValueError("fp8_linear: plan.x_pair needs bf16 / fp16 x and no swap_ab")
+    if plan.x_pair and x.dtype == torch.float32:
+        raise ValueError("fp8_linear: plan.x_pair needs bf16 / fp16 x")
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
