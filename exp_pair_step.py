@@ -26,9 +26,10 @@ def use(v):
 
 recs, check = [], []
 t0 = time.time()
-for b, s, variants in ((64, 4096, ("widen", "pair", "pairswap")),
-                       (32, 8192, ("widen", "pairswap"))):
-    rt = case_runtime("llama3-8b", b, s, 0.5, "fp8-all")
+for model, b, s, variants in (("llama3-8b", 32, 8192, ("widen", "pairswap")),
+                              ("llama3-8b", 64, 4096, ("widen", "pair", "pairswap")),
+                              ("llama2-7b", 16, 4096, ("widen", "pairswap"))):
+    rt = case_runtime(model, b, s, 0.5, "fp8-all")
     tokens = torch.randint(0, rt.engine.model.spec.vocab, (b,), device="cuda")
     def step():
         rt.seqlens.fill_(s - 1)
@@ -39,7 +40,7 @@ for b, s, variants in ((64, 4096, ("widen", "pair", "pairswap")),
     for v in variants[1:]:
         d = (lg[v] - lg["widen"]).norm() / lg["widen"].norm()
         agree = (lg[v].argmax(-1) == lg["widen"].argmax(-1)).float().mean()
-        check.append(dict(B=b, variant=v, rel_diff=float(d), top1_agree=float(agree)))
+        check.append(dict(model=model, B=b, variant=v, rel_diff=float(d), top1_agree=float(agree)))
         print(check[-1], flush=True)
     for mode in ("sparse", "dense"):
         rt.set_dense(mode == "dense")
@@ -47,7 +48,7 @@ for b, s, variants in ((64, 4096, ("widen", "pair", "pairswap")),
             for v in (variants if rnd % 2 == 0 else variants[::-1]):
                 use(v)
                 ms = time_graph([step], reps=STEP_REPS)
-                recs.append(dict(B=b, S=s, mode=mode, variant=v, round=rnd, step_ms=ms))
+                recs.append(dict(model=model, B=b, S=s, mode=mode, variant=v, round=rnd, step_ms=ms))
                 print(f"B={b} S={s} {mode} {v:8s} {ms:7.3f}  ({time.time() - t0:.0f} s)", flush=True)
     rt.set_dense(False)
     del rt; gc.collect(); torch.cuda.empty_cache()
