@@ -25,6 +25,7 @@ def use(v):
 
 
 recs, check = [], []
+env = environment(copy_bandwidth(torch.device('cuda')))
 t0 = time.time()
 for model, b, s, variants in (("llama3-8b", 32, 8192, ("widen", "pairswap")),
                               ("llama3-8b", 64, 4096, ("widen", "pair", "pairswap")),
@@ -52,5 +53,5 @@ for model, b, s, variants in (("llama3-8b", 32, 8192, ("widen", "pairswap")),
                 print(f"B={b} S={s} {mode} {v:8s} {ms:7.3f}  ({time.time() - t0:.0f} s)", flush=True)
     rt.set_dense(False)
     del rt; gc.collect(); torch.cuda.empty_cache()
-json.dump({"env": environment(copy_bandwidth(torch.device("cuda"))), "check": check,
-           "records": recs}, open(os.path.join(os.environ.get("OUT", "/tmp"), "exp-pair-step.json"), "w"), indent=1)
+    json.dump({"env": env, "check": check, "records": recs},
+              open(os.path.join(os.environ.get("OUT", "/tmp"), "exp-pair-step.json"), "w"), indent=1)
