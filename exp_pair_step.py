@@ -28,8 +28,7 @@ recs, check = [], []
 env = environment(copy_bandwidth(torch.device('cuda')))
 t0 = time.time()
 for model, b, s, variants in (("llama3-8b", 32, 8192, ("widen", "pairswap")),
-                              ("llama3-8b", 64, 4096, ("widen", "pair", "pairswap")),
-                              ("llama2-7b", 16, 4096, ("widen", "pairswap"))):
+                              ("llama3-8b", 64, 4096, ("widen", "pair", "pairswap"))):
     rt = case_runtime(model, b, s, 0.5, "fp8-all")
     tokens = torch.randint(0, rt.engine.model.spec.vocab, (b,), device="cuda")
     def step():
