@@ -217,10 +217,7 @@ def _fp8_linear_kernel(
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
         else:
             w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if X_PAIR and SWAP_AB:
-            acc = tl.dot(w, tl.trans(x), acc)
-            acc = tl.dot(w, tl.trans(x_lo), acc)
-        elif X_PAIR:
+        if X_PAIR:
             acc = tl.dot(x, tl.trans(w), acc)
             acc = tl.dot(x_lo, tl.trans(w), acc)
         elif DOT_FP16 and SWAP_AB:
@@ -282,11 +279,13 @@ def _split_rows_kernel(X, Hi, Lo, S, K, stride_xm, BLOCK_K: tl.constexpr):
     mask = offs < K
     x = tl.load(X + row * stride_xm + offs, mask=mask, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-30)
-    t = tl.clamp(x * (448.0 / amax), -448.0, 448.0)  # FP8_MAX
+    fp8_max = tl.full([], 448.0, tl.float32)
+    # IEEE division (Triton's `/` is approximate), so the terms are the reference's bit for bit
+    t = tl.clamp(x * tl.math.div_rn(fp8_max, amax), -448.0, 448.0)
     hi = t.to(tl.float8e4nv)
     tl.store(Hi + row * K + offs, hi, mask=mask)
     tl.store(Lo + row * K + offs, (t - hi.to(tl.float32)).to(tl.float8e4nv), mask=mask)
-    tl.store(S + row, amax / 448.0)
+    tl.store(S + row, tl.math.div_rn(amax, fp8_max))
 
 
 def split_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -594,8 +593,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
             torch.empty_like(out), torch.zeros(0, 1, device=x.device), eps)
     plan = launch_plan(plan, w, m, n, k, sms=num_sms(x.device),
                        fp8_products=x.dtype != torch.float32 and _wgmma(x.device))
-    if plan.x_pair and x.dtype == torch.float32:
-        raise ValueError("fp8_linear: plan.x_pair needs bf16 / fp16 x")
+    if plan.x_pair and (x.dtype == torch.float32 or plan.swap_ab):
+        raise ValueError("fp8_linear: plan.x_pair needs bf16 / fp16 x and no swap_ab")
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
