@@ -441,8 +441,10 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
                                        swap_ab=True)
         elif tiled and fp8_products and m > _DECODE_ROWS:
             # 33-64 rows: x as two float8 terms, no widening. A step's 129 GEMMs at 64 rows
-            # (inputs split beforehand, H200 2026-12-06): 4.45 -> 3.37 ms; at 32 rows it loses
-            # (2.96 -> 3.49 ms: below 64 rows a program there is no float8 wgmma)
+            # (inputs split beforehand, H200 2026-12-06): 4.45 -> 3.37 ms; the step with the
+            # split's launches (Llama-3-8B B=64 fp8-all sparse, H100): 9.04 -> 8.59 ms. At 32
+            # rows it loses, transposed onto wgmma or not (GEMMs 2.96 -> 3.49 ms; step 6.93 ->
+            # 7.49 ms)
             plan = dataclasses.replace(plan, x_pair=True)
     if tiled:
         plan = dataclasses.replace(plan, block_n=w.shape[2], block_k=w.shape[3])
