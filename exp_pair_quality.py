@@ -3,7 +3,7 @@ ENGINE runtime of `polarc eval --engine` (the reference runtime is left untouche
 
 usage: python exp_pair_quality.py SCHEME [--scales S.json] -- <polarc eval args>
        python exp_pair_quality.py record --scales S.json --engine E.plan --calib-tokens N
-SCHEME: none | A (pair, dynamic row scale) | B (pair, static per-layer) | C (single, static)
+SCHEME: none | K (pair exactly as split_rows_fp8, LM head too) | A (pair, dynamic row scale) | B (pair, static per-layer) | C (single, static)
 """
 import json
 import sys
@@ -31,6 +31,13 @@ static = json.load(open(scales_path)) if scheme in ("B", "C") else None
 
 def quantize(x: torch.Tensor, name: str) -> torch.Tensor:
     xf = x.float()
+    if scheme == "K":  # the kernel's split_rows_fp8 exactly: lo rounded in units of s
+        t = xf
+        am = t.abs().amax(-1, keepdim=True).clamp_min(1e-30)
+        t = (t * (FMAX / am)).clamp(-FMAX, FMAX)
+        hi = t.to(FP8)
+        lo = (t - hi.float()).to(FP8)
+        return ((am / FMAX) * (hi.float() + lo.float())).to(x.dtype)
     if scheme == "A":
         s = (xf.abs().amax(-1, keepdim=True) / FMAX).clamp_min(1e-12)
         y = xf / s
@@ -59,7 +66,7 @@ def init(self, engine, **kw):
     base = self.kernels.linear
 
     def linear(model, x, name):
-        if name != "lm_head" and not isinstance(x, NormedRows):
+        if (name != "lm_head" or scheme == "K") and not isinstance(x, NormedRows):
             calls[name] += 1
             if scheme == "record":
                 amax[name] = max(amax[name], float(x.detach().abs().max()))
