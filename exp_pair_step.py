@@ -8,11 +8,11 @@ import torch
 from polarc.benchmarks.bench_e2e import STEP_REPS, case_runtime
 from polarc.benchmarks.timing import time_graph, copy_bandwidth, environment
 from polarc.plugins import fp8_linear as F
-real_wgmma = F._wgmma
+real_wgmma = F.has_wgmma
 
 
 def use(v):
-    F._wgmma = (lambda d: False) if v == "widen" else real_wgmma
+    F.has_wgmma = (lambda d: False) if v == "widen" else real_wgmma
 
 
 recs, check = [], []

@@ -28,15 +28,22 @@ def check_launchable(kernel: Any, device: torch.device, op: str) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _properties(index: int) -> Any:
+    return torch.cuda.get_device_properties(index)
+
+
+def _cuda_properties(device: torch.device) -> Any:
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small fixed number elsewhere."""
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+    return _cuda_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def has_wgmma(device: torch.device) -> bool:
+    """Hopper (sm_90): float8 x float8 products on wgmma."""
+    return device.type == "cuda" and _cuda_properties(device).major == 9
 
 
 def next_pow2(n: int) -> int:

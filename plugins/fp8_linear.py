@@ -50,14 +50,13 @@ products of the models polarc builds.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._triton_util import cdiv, check_launchable, next_pow2, num_sms, prefetch_l2
+from ._triton_util import cdiv, check_launchable, has_wgmma, next_pow2, num_sms, prefetch_l2
 from .reference import FP8, fp8_linear_reference
 from .reference import split_rows_fp8 as split_rows_fp8_reference
 
@@ -451,17 +450,6 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
     return plan
 
 
-def _wgmma(device: torch.device) -> bool:
-    """Hopper (sm_90): float8 x float8 products on wgmma."""
-    return device.type == "cuda" and _capability_major(
-        device.index if device.index is not None else torch.cuda.current_device()) == 9
-
-
-@functools.lru_cache(maxsize=16)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -594,7 +582,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         return out if residual is None else RmsNormParts(
             torch.empty_like(out), torch.zeros(0, 1, device=x.device), eps)
     plan = launch_plan(plan, w, m, n, k, sms=num_sms(x.device),
-                       fp8_products=x.dtype != torch.float32 and _wgmma(x.device))
+                       fp8_products=x.dtype != torch.float32 and has_wgmma(x.device))
     if plan.x_pair and (x.dtype == torch.float32 or plan.swap_ab):
         raise ValueError("fp8_linear: plan.x_pair needs bf16 / fp16 x and no swap_ab")
     split = plan.split_k
