@@ -79,7 +79,9 @@ def split_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     about bf16's precision, and a product with a float8 weight needs no widening."""
     t = x.float()
     amax = t.abs().amax(-1).clamp_min(1e-30)
-    t = (t * (FP8_MAX / amax)[:, None]).clamp(-FP8_MAX, FP8_MAX)
+    # a true division (`FP8_MAX / amax` would be reciprocal-then-multiply, torch's __rtruediv__,
+    # one ulp off the kernel's IEEE division; lo keeps that ulp)
+    t = (t * (torch.full_like(amax, FP8_MAX) / amax)[:, None]).clamp(-FP8_MAX, FP8_MAX)
     hi = t.to(FP8)
     return hi, (t - hi.float()).to(FP8), amax / FP8_MAX
 
