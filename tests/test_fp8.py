@@ -315,12 +315,12 @@ def test_fp8_kv_on_cuda_matches_cpu(fp8_engines: dict) -> None:
 PROMPTS = [[5, 9, 17, 33, 64, 101, 7], [200, 3, 12], [44, 45, 46, 47, 48, 49, 50, 51]]
 
 
-def _teacher_forced(runtimes: dict, steps: int = 10) -> dict:
-    """Each runtime's logits over the same three prompts and the same next tokens (the first
-    runtime's greedy choices)."""
+def _teacher_forced(runtimes: dict, steps: int = 10, prompts: list | None = None) -> dict:
+    """Each runtime's logits over the same prompts (`PROMPTS` unless given) and the same next
+    tokens (the first runtime's greedy choices)."""
     first, out = next(iter(runtimes)), {}
     for name, rt in runtimes.items():
-        logits = [rt.prefill(PROMPTS).float().cpu()]
+        logits = [rt.prefill(prompts or PROMPTS).float().cpu()]
         for step in range(steps):
             tokens = (out[first][step] if name != first else logits[-1]).argmax(-1)
             logits.append(rt.step(tokens.to(rt.device)).float().cpu())
@@ -328,11 +328,12 @@ def _teacher_forced(runtimes: dict, steps: int = 10) -> dict:
     return out
 
 
-def _calibrated_engine(tiny_dirs: dict, calibrated: dict, path: Path, **config: str) -> Path:
+def _calibrated_engine(tiny_dirs: dict, calibrated: dict, path: Path, max_batch: int = 4,
+                       **config: str) -> Path:
     """The tiny GQA model built with its calibration (the sparse plan) and `config`."""
     build_engine(load_model(str(tiny_dirs["llama-gqa"])),
                  artifact.read_calibration(calibrated["llama-gqa"]),
-                 BuildConfig(out=path, max_batch=4, max_seq=64, **config))
+                 BuildConfig(out=path, max_batch=max_batch, max_seq=64, **config))
     return path
 
 
@@ -373,6 +374,30 @@ def test_fp8_weights_on_cuda_match_cpu(fp8_weight_engine: Path) -> None:
                             "cuda": Runtime(gpu, batch=3, device="cuda")})
     for a, b in zip(runs["cuda"], runs["cpu"], strict=True):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_weights_at_33_to_64_rows_on_cuda_match_cpu(tiny_dirs: dict, calibrated: dict,
+                                                        tmp_path: Path) -> None:
+    """A bf16 engine's step at 40 rows, where on Hopper the FP8 linear splits x into two float8
+    terms (`split_rows_fp8`) instead of widening the weight, against the CPU path's."""
+    from polarc.plugins._triton_util import has_wgmma
+    from polarc.plugins.fp8_linear import launch_plan
+
+    path = _calibrated_engine(tiny_dirs, calibrated, tmp_path / "w8.plan", max_batch=40,
+                              dtype="bf16", weight_dtype="fp8")
+    gpu = load_engine(path, device="cuda")
+    w = gpu.model.weights["layers.0.qkv.weight"]
+    plan = launch_plan(None, w, 40, w.shape[0] * w.shape[2], w.shape[1] * w.shape[3], sms=132,
+                       fp8_products=has_wgmma(w.device))
+    assert plan.x_pair == has_wgmma(w.device)
+    prompts = [PROMPTS[i % 3][: 3 + i % 5] for i in range(40)]
+    runs = _teacher_forced({"cpu": Runtime(load_engine(path), batch=40),
+                            "cuda": Runtime(gpu, batch=40, device="cuda")}, steps=4,
+                           prompts=prompts)
+    for a, b in zip(runs["cuda"], runs["cpu"], strict=True):
+        assert ((a - b).norm() / b.norm()).item() < 3e-2
 
 
 def test_fp8_weights(tiny_dirs: dict, tmp_path: Path) -> None:
