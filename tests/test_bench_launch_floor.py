@@ -1,0 +1,37 @@
+"""The launch-floor benchmark's model of a step: its reads add up to the byte floor's bytes,
+and its plain reader reads every element once (the interpreter on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from polarc.benchmarks.bench_launch_floor import check_readers, step_reads
+
+from polarc.models.layers import stored_weights
+from polarc.models.load import random_weights
+from tests.conftest import TINY
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "opt"])
+def test_step_reads_are_the_weights_and_kv_a_step_reads(kind: str) -> None:
+    spec = TINY[kind]
+    weights = stored_weights(random_weights(spec, seed=0, dtype=torch.bfloat16), spec)
+    linear = sum(t.numel() * 2 for name, t in weights.items()
+                 if t.dim() == 2 and name not in ("embed.weight", "pos_embed.weight"))
+    if spec.tie_embeddings:
+        linear += weights["embed.weight"].numel() * 2
+    reads = step_reads(spec, batch=3, seqlen=40, density=1.0, weight_bytes=2, kv_bytes=1)
+    assert len(reads) == 5 * spec.n_layers + 1 and reads[-1][0] == "lm_head"
+    assert sum(n for name, n in reads if not name.endswith("attention")) == linear
+    kv = spec.n_layers * 3 * 40 * spec.n_kv_heads * spec.head_dim * 2
+    assert sum(n for name, n in reads if name.endswith("attention")) == kv
+    half = step_reads(spec, batch=3, seqlen=40, density=0.5, weight_bytes=2, kv_bytes=1)
+    assert sum(n for name, n in half if name.endswith("attention")) == kv // 2
+
+
+def test_plain_reader_reads_every_element_once() -> None:
+    from polarc.benchmarks.bench_launch_floor import _read_kernel
+
+    if not torch.cuda.is_available() and type(_read_kernel()).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set and there is no CUDA")
+    check_readers(torch.device("cuda" if torch.cuda.is_available() else "cpu"), sms=2)
