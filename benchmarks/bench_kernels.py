@@ -601,9 +601,10 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     as stored ([N, K]), laid out tile by tile as a loaded engine keeps them (`tile_fp8`), and
     tiled with each GEMM prefetching the next one's first bytes as the runtime's do (o the
     gate_up's, gate_up the down's, down the next qkv's or the LM head's); then once per entry
-    of `tiles`, ``ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x256x4x3``): tiles of that
-    shape, the planner's plans with those warps and pipeline stages (and rows per program,
-    split-K (0: the planner's) and the transposed product, where given), with the prefetch."""
+    of `tiles`, ``ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xPAIR]]]]`` (e.g. ``128x256x4x3``):
+    tiles of that shape, the planner's plans with those warps and pipeline stages (and rows
+    per program, split-K (0: the planner's), the transposed product and x as two float8
+    terms, where given), with the prefetch."""
     from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
 
     from polarc.format.engine_file import FP8_TILE, quantize_rows, tile_fp8
@@ -642,9 +643,10 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
                     block_m = more[0] if more else plan.block_m
                     split = more[1] if len(more) > 1 and more[1] else plan.split_k
                     swap = bool(more[2]) if len(more) > 2 else plan.swap_ab
+                    pair = bool(more[3]) if len(more) > 3 else plan.x_pair
                     plan = dataclasses.replace(plan, num_warps=override[0],
                                                num_stages=override[1], block_m=block_m,
-                                               split_k=split, swap_ab=swap)
+                                               split_k=split, swap_ab=swap, x_pair=pair)
                 return fp8_linear(x, *wp, swiglu=swiglu, plan=plan,
                                   prefetch=nxt[0] if prefetch and nxt else None)
 
@@ -902,7 +904,8 @@ def main() -> None:
     ap.add_argument("--chain-rows", default="32",
                     help="the chain's row counts, comma-separated (default: %(default)s)")
     ap.add_argument("--chain-tiles", default="",
-                    help="also tiles ROWSxKxWARPSxSTAGES, comma-separated (e.g. 128x256x4x3)")
+                    help="also tiles ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xPAIR]]]], "
+                         "comma-separated (e.g. 128x256x4x3, 256x128x8x3x64x0x0x1)")
     ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),
                     help="the sweep's row counts, comma-separated (default: %(default)s)")
     args = ap.parse_args()
