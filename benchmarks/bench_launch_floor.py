@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +41,7 @@ DENSITY = 0.515625  # bench_e2e's sparse engines' mean density (random routers)
 VARIANTS = {"bf16": (2, 2), "fp8-kv": (2, 1), "fp8-all": (1, 1)}  # weight, KV bytes a value
 CURVE_MB = (4, 8, 17, 25, 34, 59, 67, 117, 134, 268, 525, 1073)
 BLOCK = 16384  # int32 a program reads per loop step: 64 KB
+ONE_READ = "one read of it all"
 
 
 def step_reads(spec: ModelSpec, batch: int, seqlen: int, density: float, weight_bytes: int,
@@ -148,30 +148,44 @@ def time_sequence(reads: list[tuple[str, int]], device: torch.device, sms: int
             for v in views:
                 read(v, scratch)
         out[name] = time_graph([step], reps=10)
-    out["one read of it all"] = min(
-        time_graph([functools.partial(read, pool, scratch)], reps=10)
-        for name, read in readers(device, sms).items() if name.startswith("triton"))
+    try:  # (a pool past 2^31 elements: a failure here must not lose the sequences' times)
+        out[ONE_READ] = min(
+            time_graph([functools.partial(read, pool, scratch)], reps=10)
+            for name, read in readers(device, sms).items() if name.startswith("triton"))
+    except Exception as exc:
+        print(f"one read of {pool.numel() * 4 / 1e9:.1f} GB failed: {str(exc)[:200]}", flush=True)
+        out[ONE_READ] = float("nan")
     del pool, views
     torch.cuda.empty_cache()
     return out
 
 
-def run(cases: list[tuple[str, int, int]], variants: list[str]) -> dict[str, Any]:
-    device = torch.device("cuda")
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+def run(cases: list[tuple[str, int, int]], variants: list[str], *, json_path: Path | None = None,
+        device: torch.device | None = None, sms: int | None = None) -> dict[str, Any]:
+    """The efficiency curve, then each case x variant x mode; printed as tables and, after each
+    part, written to `json_path`."""
+    device = device or torch.device("cuda")
+    sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
     check_readers(device, sms)
     bw = copy_bandwidth(device)
-    env = environment(bw, device)
+    result: dict[str, Any] = dict(environment=environment(bw, device), curve=[], records=[])
+    env = result["environment"]
+
+    def save() -> None:
+        if json_path is not None:
+            write_json(json_path, result, force=True)
+
     print(f"{env['device']}, torch {env['torch']}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    curve = efficiency_curve(device, sms, bw)
+    result["curve"] = efficiency_curve(device, sms, bw)
+    save()
     print("| MB | " + " | ".join(readers(device, sms)) + " |  (us, % of copy bandwidth)")
     for mb in CURVE_MB:
-        cells = [f"{r['us']:.1f} {100 * r['of_copy']:.0f}%" for r in curve if r["mb"] == mb]
+        cells = [f"{r['us']:.1f} {100 * r['of_copy']:.0f}%" for r in result["curve"]
+                 if r["mb"] == mb]
         print(f"| {mb} | " + " | ".join(cells) + " |")
-    records = []
     print("| model | B | S | dtypes | mode | launches | floor ms | launch ms (reader) | x floor "
           "| one read ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name, batch, seqlen in cases:
         spec = get_preset(name)
         for variant in variants:
@@ -180,16 +194,17 @@ def run(cases: list[tuple[str, int, int]], variants: list[str]) -> dict[str, Any
                 reads = step_reads(spec, batch, seqlen, density, w_bytes, kv_bytes)
                 floor_ms = sum(n for _, n in reads) / bw * 1e3
                 times = time_sequence(reads, device, sms)
-                best = min((k for k in times if k != "one read of it all"), key=times.get)
+                best = min((k for k in times if k != ONE_READ), key=times.get)
                 rec = dict(model=name, batch=batch, seqlen=seqlen, variant=variant, mode=mode,
                            density=density, launches=len(reads), floor_ms=floor_ms,
-                           launch_ms=times[best], reader=best,
-                           one_read_ms=times["one read of it all"], readers_ms=times)
-                records.append(rec)
+                           launch_ms=times[best], reader=best, one_read_ms=times[ONE_READ],
+                           readers_ms=times)
+                result["records"].append(rec)
+                save()
                 print(f"| {name} | {batch} | {seqlen} | {variant} | {mode} | {len(reads)} | "
                       f"{floor_ms:.2f} | {times[best]:.2f} ({best}) | "
                       f"{times[best] / floor_ms:.2f} | {rec['one_read_ms']:.2f} |", flush=True)
-    return dict(env=env, curve=curve, records=records)
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,10 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     if bad := [v for v in variants if v not in VARIANTS]:
         raise SystemExit(f"bench_launch_floor: unknown variant {bad[0]!r} (one of "
                          f"{', '.join(VARIANTS)})")
-    result = run(cases, variants)
-    if args.json:
-        write_json(args.json, result)
-        print(json.dumps({"json": str(args.json)}))
+    run(cases, variants, json_path=args.json)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,41 @@ def test_plain_reader_reads_every_element_once() -> None:
     if not torch.cuda.is_available() and type(_read_kernel()).__name__ != "InterpretedFunction":
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set and there is no CUDA")
     check_readers(torch.device("cuda" if torch.cuda.is_available() else "cpu"), sms=2)
+
+
+def test_the_run_prints_and_writes_every_part(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """The whole run on the CPU with a tiny model and a stand-in clock (the readers still run
+    through the interpreter): the curve and every case x variant x mode in the tables and the
+    JSON."""
+    import json
+
+    from polarc.benchmarks import bench_launch_floor as lf
+
+    if type(lf._read_kernel()).__name__ != "InterpretedFunction":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1 before triton loads)")
+    calls = []
+
+    def clock(fns, reps=15, target_ms=3.0):
+        for fn in fns:
+            fn()
+        calls.append(len(fns))
+        return 0.5
+
+    monkeypatch.setattr(lf, "time_graph", clock)
+    monkeypatch.setattr(lf, "copy_bandwidth", lambda device: 1e9)
+    monkeypatch.setattr(lf, "environment", lambda bw, device: {"device": "cpu", "torch": "-"})
+    monkeypatch.setattr(lf, "get_preset", lambda name: TINY["llama-gqa"])
+    monkeypatch.setattr(lf, "CURVE_MB", (1,))
+    monkeypatch.setattr(lf, "sets_to_rotate", lambda size: 2)
+    out = tmp_path / "lf.json"
+    lf.run([("tiny", 2, 16)], ["bf16", "fp8-all"], json_path=out,
+           device=torch.device("cpu"), sms=2)
+    saved = json.loads(out.read_text())
+    assert [(r["variant"], r["mode"]) for r in saved["records"]] == [
+        ("bf16", "dense"), ("bf16", "sparse"), ("fp8-all", "dense"), ("fp8-all", "sparse")]
+    assert {r["reader"] for r in saved["curve"]} == {"triton x1/SM", "triton x2/SM",
+                                                     "triton x4/SM"}
+    assert all(r["launch_ms"] == 0.5 and r["launches"] == 5 * TINY["llama-gqa"].n_layers + 1
+               for r in saved["records"])
+    assert "| tiny | 2 | 16 | fp8-all | sparse |" in capsys.readouterr().out
