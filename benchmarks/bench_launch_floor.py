@@ -16,7 +16,7 @@ no better at reading than a plain read. Readers: a Triton loop over 64 KB blocks
 programs per SM) and `torch.sum`, each timed for the whole sequence; the best is reported, and
 the same readers on single reads of a range of sizes (the efficiency curve).
 
-Compare the `launch ms` column with the step of the same case in BENCHMARKS.md §3
+Compare the `launch ms` column with the step of the same case in benchmarks/README.md §3
 (`bench_e2e`): step / launch-floor near 1 means the kernels read as well as a plain read at
 their sizes, and the rest of the gap to the byte floor belongs to the launch structure.
 """
