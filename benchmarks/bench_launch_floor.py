@@ -2,6 +2,7 @@
 launches, in the same order.
 
     python -m polarc.benchmarks.bench_launch_floor [--cases llama3-8b:32:8192,...] [--json OUT]
+        [--e2e E2E.json]    # a bench_e2e run's steps set beside
 
 A step of polarc's runtime reads its bytes in one launch per linear layer and one per
 attention (plus small launches: the KV append, the norms where they are not inside the FP8
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -160,10 +162,18 @@ def time_sequence(reads: list[tuple[str, int]], device: torch.device, sms: int
     return out
 
 
+def e2e_steps(path: Path) -> dict[tuple, float]:
+    """A `bench_e2e --json` file's step times by (model, batch, seqlen, variant, mode)."""
+    records = json.loads(path.read_text())["records"]
+    return {(r["model"], r["batch"], r["seqlen"], r.get("variant", "bf16"), r["mode"]):
+            r["step_ms"] for r in records if "step_ms" in r}
+
+
 def run(cases: list[tuple[str, int, int]], variants: list[str], *, json_path: Path | None = None,
-        device: torch.device | None = None, sms: int | None = None) -> dict[str, Any]:
+        steps: dict[tuple, float] | None = None, device: torch.device | None = None,
+        sms: int | None = None) -> dict[str, Any]:
     """The efficiency curve, then each case x variant x mode; printed as tables and, after each
-    part, written to `json_path`."""
+    part, written to `json_path`. `steps` (`e2e_steps`): the measured steps, set beside."""
     device = device or torch.device("cuda")
     sms = sms or torch.cuda.get_device_properties(device).multi_processor_count
     check_readers(device, sms)
@@ -184,8 +194,8 @@ def run(cases: list[tuple[str, int, int]], variants: list[str], *, json_path: Pa
                  if r["mb"] == mb]
         print(f"| {mb} | " + " | ".join(cells) + " |")
     print("| model | B | S | dtypes | mode | launches | floor ms | launch ms (reader) | x floor "
-          "| one read ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "| one read ms | step ms | step / launch |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name, batch, seqlen in cases:
         spec = get_preset(name)
         for variant in variants:
@@ -199,11 +209,16 @@ def run(cases: list[tuple[str, int, int]], variants: list[str], *, json_path: Pa
                            density=density, launches=len(reads), floor_ms=floor_ms,
                            launch_ms=times[best], reader=best, one_read_ms=times[ONE_READ],
                            readers_ms=times)
+                step = (steps or {}).get((name, batch, seqlen, variant, mode))
+                if step is not None:
+                    rec.update(step_ms=step, step_over_launch=step / times[best])
                 result["records"].append(rec)
                 save()
+                measured = f"{step:.2f} | {step / times[best]:.3f}" if step else " | "
                 print(f"| {name} | {batch} | {seqlen} | {variant} | {mode} | {len(reads)} | "
                       f"{floor_ms:.2f} | {times[best]:.2f} ({best}) | "
-                      f"{times[best] / floor_ms:.2f} | {rec['one_read_ms']:.2f} |", flush=True)
+                      f"{times[best] / floor_ms:.2f} | {rec['one_read_ms']:.2f} | {measured} |",
+                      flush=True)
     return result
 
 
@@ -215,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variants", default="bf16,fp8-kv,fp8-all",
                     help="comma-separated of " + ", ".join(VARIANTS))
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
+    ap.add_argument("--e2e", type=Path, default=None,
+                    help="a `bench_e2e --json` file of the same cases: its steps set beside")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_launch_floor: needs a CUDA GPU")
@@ -224,7 +241,11 @@ def main(argv: list[str] | None = None) -> None:
     if bad := [v for v in variants if v not in VARIANTS]:
         raise SystemExit(f"bench_launch_floor: unknown variant {bad[0]!r} (one of "
                          f"{', '.join(VARIANTS)})")
-    run(cases, variants, json_path=args.json)
+    try:
+        steps = e2e_steps(args.e2e) if args.e2e else None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(f"bench_launch_floor: cannot read --e2e {args.e2e}: {exc}") from None
+    run(cases, variants, json_path=args.json, steps=steps)
 
 
 if __name__ == "__main__":

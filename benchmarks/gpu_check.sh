@@ -36,7 +36,7 @@ for what in "$@"; do
                   --json $OUT/sweep-step.json 2>&1 | tee $OUT/sweep-step.log | grep -v Warning | tail -60 ;;
     fp8-sweep) timeout ${SWEEP_TIMEOUT:-480} python3 -m polarc.benchmarks.bench_kernels --fp8-linear-sweep ${SWEEP_ROWS:+--sweep-rows $SWEEP_ROWS} --json $OUT/fp8-sweep.json 2>&1 | tee $OUT/fp8-sweep.log | tail -40 ;;
     paged) timeout 240 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;
-    launch-floor) timeout ${LF_TIMEOUT:-300} python3 -m polarc.benchmarks.bench_launch_floor ${LF_ARGS:-} --json $OUT/launch-floor.json 2>&1 | tee $OUT/launch-floor.log | tail -${LF_TAIL:-34} ;;
+    launch-floor) timeout ${LF_TIMEOUT:-300} python3 -m polarc.benchmarks.bench_launch_floor ${LF_ARGS:-} $( [ -f $OUT/e2e-fp8.json ] && echo --e2e $OUT/e2e-fp8.json ) --json $OUT/launch-floor.json 2>&1 | tee $OUT/launch-floor.log | tail -${LF_TAIL:-34} ;;
     stream) timeout ${STREAM_TIMEOUT:-590} python3 -m polarc.benchmarks.bench_stream ${STREAM_ARGS:-} --json $OUT/stream.json 2>&1 | tee $OUT/stream.log | tail -16 ;;
     fp8-tests) timeout ${FP8_TESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
                  tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py -k "fp8 or gpu_paged or paged_write or gpu_llama or rope" \

@@ -64,7 +64,7 @@ def test_the_run_prints_and_writes_every_part(monkeypatch: pytest.MonkeyPatch, t
     monkeypatch.setattr(lf, "sets_to_rotate", lambda size: 2)
     out = tmp_path / "lf.json"
     lf.run([("tiny", 2, 16)], ["bf16", "fp8-all"], json_path=out,
-           device=torch.device("cpu"), sms=2)
+           steps={("tiny", 2, 16, "bf16", "dense"): 1.0}, device=torch.device("cpu"), sms=2)
     saved = json.loads(out.read_text())
     assert [(r["variant"], r["mode"]) for r in saved["records"]] == [
         ("bf16", "dense"), ("bf16", "sparse"), ("fp8-all", "dense"), ("fp8-all", "sparse")]
@@ -72,4 +72,17 @@ def test_the_run_prints_and_writes_every_part(monkeypatch: pytest.MonkeyPatch, t
                                                      "triton x4/SM"}
     assert all(r["launch_ms"] == 0.5 and r["launches"] == 5 * TINY["llama-gqa"].n_layers + 1
                for r in saved["records"])
+    assert saved["records"][0]["step_over_launch"] == 2.0
+    assert "step_ms" not in saved["records"][1]
     assert "| tiny | 2 | 16 | fp8-all | sparse |" in capsys.readouterr().out
+
+
+def test_e2e_steps_reads_a_bench_e2e_file() -> None:
+    from pathlib import Path
+
+    from polarc.benchmarks.bench_launch_floor import e2e_steps
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    steps = e2e_steps(results / "e2e-fp8-llama3-8b-32-8192-h100-2026-12-07-s46.json")
+    assert len(steps) == 6
+    assert steps[("llama3-8b", 32, 8192, "fp8-all", "sparse")] == pytest.approx(6.78, abs=0.005)
