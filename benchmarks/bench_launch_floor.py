@@ -80,8 +80,10 @@ def _read_kernel() -> Any:
     return read_kernel
 
 
-def readers(device: torch.device, sms: int
-            ) -> dict[str, Callable[[torch.Tensor, torch.Tensor], None]]:
+Readers = dict[str, Callable[[torch.Tensor, torch.Tensor], None]]
+
+
+def readers(device: torch.device, sms: int) -> Readers:
     """Ways to read an int32 tensor whole: name -> fn(src, scratch); `scratch` holds an int32
     per program."""
     kernel = _read_kernel()
@@ -121,7 +123,8 @@ def check_readers(device: torch.device, sms: int) -> None:
                                    f"{src.numel()} elements")
 
 
-def efficiency_curve(device: torch.device, sms: int, bw: float) -> list[dict[str, Any]]:
+def efficiency_curve(fns: Readers, device: torch.device, sms: int, bw: float
+                     ) -> list[dict[str, Any]]:
     """Each reader on single reads of CURVE_MB sizes (input sets rotated past L2)."""
     rows = []
     scratch = torch.zeros(8 * sms, dtype=torch.int32, device=device)
@@ -129,7 +132,7 @@ def efficiency_curve(device: torch.device, sms: int, bw: float) -> list[dict[str
         size = mb << 20
         sets = _regions(torch.ones(sets_to_rotate(size) * size // 4, dtype=torch.int32,
                                    device=device), [size] * sets_to_rotate(size))
-        for name, read in readers(device, sms).items():
+        for name, read in fns.items():
             ms = time_graph([functools.partial(read, s, scratch) for s in sets])
             rows.append(dict(mb=mb, reader=name, us=ms * 1e3, of_copy=size / bw / (ms * 1e-3)))
         del sets
@@ -137,7 +140,7 @@ def efficiency_curve(device: torch.device, sms: int, bw: float) -> list[dict[str
     return rows
 
 
-def time_sequence(reads: list[tuple[str, int]], device: torch.device, sms: int
+def time_sequence(reads: list[tuple[str, int]], fns: Readers, device: torch.device, sms: int
                   ) -> dict[str, float]:
     """ms of the whole sequence as one graph, per reader; and of all its bytes in one read."""
     sizes = [n for _, n in reads]
@@ -145,7 +148,7 @@ def time_sequence(reads: list[tuple[str, int]], device: torch.device, sms: int
     views = _regions(pool, sizes)
     scratch = torch.zeros(8 * sms, dtype=torch.int32, device=device)
     out = {}
-    for name, read in readers(device, sms).items():
+    for name, read in fns.items():
         def step(read: Callable = read, views: list = views) -> None:
             for v in views:
                 read(v, scratch)
@@ -153,7 +156,7 @@ def time_sequence(reads: list[tuple[str, int]], device: torch.device, sms: int
     try:  # (a pool past 2^31 elements: a failure here must not lose the sequences' times)
         out[ONE_READ] = min(
             time_graph([functools.partial(read, pool, scratch)], reps=10)
-            for name, read in readers(device, sms).items() if name.startswith("triton"))
+            for name, read in fns.items() if name.startswith("triton"))
     except Exception as exc:
         print(f"one read of {pool.numel() * 4 / 1e9:.1f} GB failed: {str(exc)[:200]}", flush=True)
         out[ONE_READ] = float("nan")
@@ -186,9 +189,10 @@ def run(cases: list[tuple[str, int, int]], variants: list[str], *, json_path: Pa
             write_json(json_path, result, force=True)
 
     print(f"{env['device']}, torch {env['torch']}, copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    result["curve"] = efficiency_curve(device, sms, bw)
+    fns = readers(device, sms)
+    result["curve"] = efficiency_curve(fns, device, sms, bw)
     save()
-    print("| MB | " + " | ".join(readers(device, sms)) + " |  (us, % of copy bandwidth)")
+    print("| MB | " + " | ".join(fns) + " |  (us, % of copy bandwidth)")
     for mb in CURVE_MB:
         cells = [f"{r['us']:.1f} {100 * r['of_copy']:.0f}%" for r in result["curve"]
                  if r["mb"] == mb]
@@ -203,7 +207,7 @@ def run(cases: list[tuple[str, int, int]], variants: list[str], *, json_path: Pa
             for mode, density in (("dense", 1.0), ("sparse", DENSITY)):
                 reads = step_reads(spec, batch, seqlen, density, w_bytes, kv_bytes)
                 floor_ms = sum(n for _, n in reads) / bw * 1e3
-                times = time_sequence(reads, device, sms)
+                times = time_sequence(reads, fns, device, sms)
                 best = min((k for k in times if k != ONE_READ), key=times.get)
                 rec = dict(model=name, batch=batch, seqlen=seqlen, variant=variant, mode=mode,
                            density=density, launches=len(reads), floor_ms=floor_ms,
