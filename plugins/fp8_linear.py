@@ -30,9 +30,11 @@ which at 64 rows is the multiply and widening work that held the GEMMs at 1.8x t
 
 Split-K (``plan.split_k > 1``): a decode GEMM with few output blocks would otherwise leave SMs
 idle and run a long serial K loop per program, so K is cut into ``split_k`` equal ranges (a
-whole number of BLOCK_K each). Each split stores its fp32 partial to a workspace
-``[split_k, M, N]`` and bumps its output tile's int32 counter (acq_rel atomic); the split that
-sees ``split_k - 1`` adds the partials in split order (deterministic whichever finishes last),
+whole number of BLOCK_K each). Each split stores its partial to a workspace
+``[split_k, M, N]`` (fp32; in x's dtype with ``plan.narrow_partials``, which the planner sets:
+the last split's wait and read-back of the others' partials is most of a split GEMM's tail
+at 64 rows, and half the bytes took 0.44 ms off a Llama-3-8B step there) and bumps its
+output tile's int32 counter (acq_rel atomic); the split that sees ``split_k - 1`` adds the partials in split order (deterministic whichever finishes last),
 runs the epilogue and resets the counter to 0. One launch, no host sync, no memset:
 CUDA-graph safe. The partials are allocated per call (caching allocator, no launch); the
 counters once per device, zeroed, and kept zero by the kernel (`_tile_counters`). So split
@@ -154,7 +156,7 @@ def _fp8_linear_kernel(
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     RESIDUAL: tl.constexpr = False, NORM: tl.constexpr = False, SUMSQ_PAD: tl.constexpr = 1,
-    X_PAIR: tl.constexpr = False,
+    X_PAIR: tl.constexpr = False, TILE_SLICES: tl.constexpr = 1,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -162,7 +164,9 @@ def _fp8_linear_kernel(
     (`_weight_rows`), so the epilogue writes ``silu(gate) * up`` of BLOCK_N / 2 channels (y
     is ``[M, N / 2]``).
     TILED: w is laid out tile by tile (module docstring), so each K block of a program's
-    weight is one contiguous BLOCK_N x BLOCK_K run of bytes, zero-padded past N and K.
+    weight is one contiguous BLOCK_N x BLOCK_K run of bytes, zero-padded past N and K; the
+    tiles hold TILE_SLICES x BLOCK_N channels, and program pid_n reads slice pid_n % TILE_SLICES
+    of tile pid_n // TILE_SLICES (its rows are the same ones: a tile's rows are consecutive).
     PREFETCH: once its own work is done, each program asks L2 for a share of the next GEMM's
     first weight bytes (`_prefetch_segments`). SWAP_AB: the product formed as ``w @ x.T``, the
     widened weight tile as the MMA's register operand and x from shared memory (fp16 dots
@@ -185,10 +189,11 @@ def _fp8_linear_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
     x_lo_ptrs = X2 + offs_m[:, None].to(tl.int64) * stride_xm + (k_lo + offs_k)[None, :]
-    if TILED:  # tile (pid_n, k_lo / BLOCK_K) of [N / BLOCK_N, K / BLOCK_K, BLOCK_N, BLOCK_K]
-        tile = pid_n * tl.cdiv(K, BLOCK_K) + k_lo // BLOCK_K
-        w_ptrs = W + tile.to(tl.int64) * (BLOCK_N * BLOCK_K) \
-            + tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + offs_k[None, :]
+    if TILED:  # tile (pid_n / S, k_lo / BLOCK_K) of [N / (S BLOCK_N), K / BLOCK_K, S BLOCK_N, BLOCK_K]
+        tile = (pid_n // TILE_SLICES) * tl.cdiv(K, BLOCK_K) + k_lo // BLOCK_K
+        w_ptrs = W + tile.to(tl.int64) * (TILE_SLICES * BLOCK_N * BLOCK_K) \
+            + ((pid_n % TILE_SLICES) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * BLOCK_K \
+            + offs_k[None, :]
     else:
         w_ptrs = W + rows[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
     scale, bias, sumsq, h, g = _fp8_linear_operands(
@@ -227,7 +232,7 @@ def _fp8_linear_kernel(
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
                          input_precision="ieee")
         x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_N * BLOCK_K if TILED else BLOCK_K
+        w_ptrs += TILE_SLICES * BLOCK_N * BLOCK_K if TILED else BLOCK_K
     if SWAP_AB and DOT_FP16:
         acc = tl.trans(acc)
     if X_PAIR:
@@ -239,14 +244,16 @@ def _fp8_linear_kernel(
     else:
         mask = mask_m[:, None] & mask_n[None, :]
         part = Part + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(part + pid_k.to(tl.int64) * stride_pk, acc, mask=mask)
+        tl.store(part + pid_k.to(tl.int64) * stride_pk, acc.to(Part.dtype.element_ty),
+                 mask=mask)
         tl.debug_barrier()  # every thread's partial stores precede the release below
         tile = pid_m * tl.num_programs(0) + pid_n
         done = tl.atomic_add(Counters + tile, 1, sem="acq_rel", scope="gpu")
         if done == SPLIT_K - 1:  # the last split of this tile: the others' partials are visible
             total = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for _ in tl.static_range(SPLIT_K):  # split order, not arrival order: deterministic
-                total += tl.load(part, mask=mask, other=0.0, cache_modifier=".cg")  # skip L1
+                total += tl.load(part, mask=mask, other=0.0,
+                                 cache_modifier=".cg").to(tl.float32)  # skip L1
                 part += stride_pk
             _fp8_linear_finish(total, scale, bias, sumsq, h, g, Y, offs_m, rows, mask_m,
                                mask_n, stride_ym, pid_n, N, K, SumSq, Scaled, sumsq_cols,
@@ -379,6 +386,7 @@ class Fp8LinearPlan:
     split_k: int = 1
     swap_ab: bool = False  # the product formed transposed, the weight tile as the left operand
     x_pair: bool = False  # x as two float8 terms (`split_rows_fp8`): float8 products, no widening
+    narrow_partials: bool = False  # split-K partials stored in x's dtype, not fp32
 
 
 _SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product
@@ -415,17 +423,22 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     split = next((s for s in splits if tiles * s >= _PROGRAMS_PER_SM * sms), splits[-1])
     few = tiles * split <= sms
     return Fp8LinearPlan(block_m, 128, block_k, num_warps=4,
-                         num_stages=4 if few or not decode else 3, split_k=split)
+                         num_stages=4 if few or not decode else 3, split_k=split,
+                         narrow_partials=split > 1)
 
 
 def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: int, *,
                 sms: int, fp8_products: bool = False) -> Fp8LinearPlan:
     """The plan `fp8_linear` launches for weight `w` (rows or tiles): `plan`, else the
     planner's; on tiles, the tile is the program's block of N and K. `fp8_products`: the
-    device runs float8 x float8 products on wgmma (sm_90) and x is bf16 / fp16."""
+    device runs float8 x float8 products on wgmma (sm_90) and x is bf16 / fp16. A plan's
+    block_n that divides the tile's channels reads a slice of each tile (the kernel's
+    TILE_SLICES); any other is the tile's."""
     tiled = w.dim() == 4
     if plan is None:
         plan = plan_fp8_linear(m, n, k, sms=sms)
+        if tiled:
+            plan = dataclasses.replace(plan, block_n=w.shape[2])
         if tiled and w.shape[3] > plan.block_k:
             # the tiles' K block holds more bytes a stage than the plan's: 3 stages, not 4
             # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
@@ -445,8 +458,17 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
             # rows it loses, transposed onto wgmma or not (GEMMs 2.96 -> 3.49 ms; step 6.93 ->
             # 7.49 ms)
             plan = dataclasses.replace(plan, x_pair=True)
+            if plan.split_k > 1 and w.shape[2] % 2 == 0:
+                # half a tile's channels a program and half the splits: as many programs,
+                # each with half the partials to store and merge (the merge was most of the
+                # GEMMs' tail). Llama-3-8B B=64 fp8-all step (qkv, o, down; H100, 2026-12-07,
+                # weights re-tiled to 64 columns): 8.39 -> 7.38 ms sparse, 11.18 -> 10.17
+                # dense. At 32 rows (widened fp16 products) it loses: 6.77 -> 7.06 ms
+                plan = dataclasses.replace(plan, block_n=w.shape[2] // 2,
+                                           split_k=plan.split_k // 2)
     if tiled:
-        plan = dataclasses.replace(plan, block_n=w.shape[2], block_k=w.shape[3])
+        block_n = plan.block_n if w.shape[2] % plan.block_n == 0 else w.shape[2]
+        plan = dataclasses.replace(plan, block_n=block_n, block_k=w.shape[3])
     return plan
 
 
@@ -593,7 +615,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     grid = (cdiv(n, plan.block_n), cdiv(m, plan.block_m), split)
     k_per_split = cdiv(cdiv(k, split), plan.block_k) * plan.block_k
     if split > 1:
-        part = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+        part = torch.empty(split, m, n, device=x.device,
+                           dtype=x.dtype if plan.narrow_partials else torch.float32)
         counters = _tile_counters(x.device, grid[0] * grid[1])
     else:  # single pass: no workspace (any tensor serves as the unused pointers)
         part = counters = scale
@@ -617,5 +640,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWIGLU=swiglu,
         TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, RESIDUAL=residual is not None,
         NORM=norm is not None, SUMSQ_PAD=next_pow2(sumsq.shape[-1]) if norm is not None else 1,
-        X_PAIR=plan.x_pair, num_warps=plan.num_warps, num_stages=plan.num_stages)
+        X_PAIR=plan.x_pair, TILE_SLICES=w.shape[2] // plan.block_n if tiled else 1,
+        num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out if residual is None else RmsNormParts(scaled, sumsq, eps)

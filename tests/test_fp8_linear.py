@@ -175,7 +175,7 @@ def test_tiled_weights_cap_the_planned_stages_at_three(m, stages):
     # above 64 rows: 128 rows a program, 8 warps, the product transposed
     assert (plan.swap_ab, plan.block_m, plan.num_warps) == ((True, 128, 8) if m > 64 else (
         False, plan_fp8_linear(m, 4096, 4096, sms=132).block_m, 4))
-    given = Fp8LinearPlan(64, 64, 64, num_warps=8, num_stages=4, split_k=2)
+    given = Fp8LinearPlan(64, 96, 64, num_warps=8, num_stages=4, split_k=2)
     assert launch_plan(given, tiles, m, 4096, 4096, sms=132) == Fp8LinearPlan(
         64, 128, 128, num_warps=8, num_stages=4, split_k=2)
     rows = torch.zeros(4096, 4096, dtype=torch.float8_e4m3fn)
@@ -303,13 +303,16 @@ def test_gpu_split_k_graph_replays_match_eager_bitwise():
 
 
 @needs_kernel
+@pytest.mark.parametrize("block_n", [24, 16])
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("m, n, k", [(5, 40, 200), (17, 48, 300), (3, 256, 128)])
-def test_tiled_weight_matches_reference(swiglu, split, m, n, k):
+def test_tiled_weight_matches_reference(block_n, swiglu, split, m, n, k):
     """The weight laid out tile by tile as a loaded engine keeps it on CUDA (each program's K
     block one contiguous run, padded past N and K; SwiGLU's gate and up rows interleaved in
-    the layout): the same products; `untile_fp8` gives the weight back."""
+    the layout): the same products; `untile_fp8` gives the weight back. A plan's block_n that
+    divides the tile's rows (16) reads slices of each tile (8 of a 128-row tile, 2 of a
+    32-row one); any other (24) reads whole tiles."""
     from polarc.format.engine_file import tile_fp8, untile_fp8
 
     x, w, scale, b = _inputs(m, n, k, torch.float32, bias=True, seed=split)
@@ -317,8 +320,9 @@ def test_tiled_weight_matches_reference(swiglu, split, m, n, k):
     assert tiled.shape == (cdiv(n, 128), cdiv(k, 128), 128, 128)
     assert torch.equal(untile_fp8(tiled, n, k, swiglu=swiglu).view(torch.uint8),
                        w.view(torch.uint8))
-    plan = Fp8LinearPlan(block_m=16, block_n=16, block_k=32, num_warps=4, num_stages=2,
-                         split_k=split)  # (the tiles set BLOCK_N and BLOCK_K)
+    plan = Fp8LinearPlan(block_m=16, block_n=block_n, block_k=32, num_warps=4, num_stages=2,
+                         split_k=split)  # (the tiles set BLOCK_K)
+    assert launch_plan(plan, tiled, m, n, k, sms=4).block_n == (16 if block_n == 16 else 128)
     want = fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu)
     assert _rel(fp8_linear(x, tiled, scale, b, plan=plan, swiglu=swiglu), want) < 1e-5
     other = tile_fp8(w, swiglu=swiglu, tile=(32, 64))  # a benchmark's other tile shape
@@ -476,7 +480,7 @@ def test_split_rows_fp8_matches_reference(m, k):
 @needs_kernel
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("swiglu", [False, True])
-@pytest.mark.parametrize("m, tiles", [(5, False), (40, True)])
+@pytest.mark.parametrize("m, tiles", [(5, False), (40, True), (40, "halves")])
 def test_x_pair_product_matches_reference(split, swiglu, m, tiles):
     """`Fp8LinearPlan.x_pair`: x as two float8 terms times the stored float8 weight, no
     widening: the reference on the same terms (fp32 products), and within bf16's precision of
@@ -487,8 +491,10 @@ def test_x_pair_product_matches_reference(split, swiglu, m, tiles):
     n, k = 64, 200
     x, w, s, b = _inputs(m, n, k, torch.float16, bias=True, seed=split)
     wt = tile_fp8(w, swiglu=swiglu, tile=(32, 64)) if tiles else w
-    plan = Fp8LinearPlan(16, 32 if tiles else 16, 64 if tiles else 32, num_warps=4,
-                         num_stages=2, split_k=split, x_pair=True)
+    # "halves": each program reads half a tile, the split partials in x's dtype, as planned
+    plan = Fp8LinearPlan(16, {False: 16, True: 32, "halves": 16}[tiles], 64 if tiles else 32,
+                         num_warps=4, num_stages=2, split_k=split, x_pair=True,
+                         narrow_partials=tiles == "halves")
     want = fp8_linear_reference(x, w, s, b, swiglu=swiglu, x_pair=True)
     got = fp8_linear(x, wt, s, b, plan=plan, swiglu=swiglu)
     # (looser in the interpreter, whose float8 rounding can miss a carry: see above)
@@ -518,6 +524,42 @@ def test_x_pair_is_planned_for_33_to_64_rows_on_hopper_tiles():
         assert plan.x_pair == (32 < m <= 64), m
         assert not launch_plan(None, tiles, m, 4096, 4096, sms=132).x_pair
         assert not launch_plan(None, rows, m, 4096, 4096, sms=132, fp8_products=True).x_pair
+    assert plan_fp8_linear(33, 4096, 4096, sms=132).narrow_partials
+    assert not plan_fp8_linear(256, 28672, 4096, sms=132).narrow_partials  # no split
     with pytest.raises(ValueError, match="x_pair needs bf16 / fp16 x"):
         x, w, s, _ = _inputs(4, 32, 64, torch.float32)
         fp8_linear(x, w, s, plan=Fp8LinearPlan(16, 16, 32, 4, 2, x_pair=True))
+
+
+@pytest.mark.parametrize("m", [33, 48, 64])
+def test_x_pair_plans_take_half_tiles_and_half_the_splits(m):
+    """At 33-64 rows a split GEMM's programs each take half a tile's channels and the split is
+    halved (as many programs, half the partials each); an unsplit one keeps whole tiles, and
+    32 rows (no float8 products) keep the planner's split."""
+    tiles = torch.zeros(32, 32, 128, 128, dtype=torch.float8_e4m3fn)  # o: [4096, 4096]
+    planned = plan_fp8_linear(m, 4096, 4096, sms=132)
+    assert planned.split_k > 1
+    plan = launch_plan(None, tiles, m, 4096, 4096, sms=132, fp8_products=True)
+    assert (plan.block_n, plan.split_k, plan.x_pair) == (64, planned.split_k // 2, True)
+    gate_up = torch.zeros(224, 32, 128, 128, dtype=torch.float8_e4m3fn)  # [28672, 4096]
+    assert plan_fp8_linear(m, 28672, 4096, sms=132).split_k == 1
+    assert launch_plan(None, gate_up, m, 28672, 4096, sms=132, fp8_products=True).block_n == 128
+    plan = launch_plan(None, tiles, 32, 4096, 4096, sms=132, fp8_products=True)
+    assert (plan.block_n, plan.split_k) == (128, plan_fp8_linear(32, 4096, 4096, sms=132).split_k)
+
+
+@needs_kernel
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_narrow_partials_stay_within_a_rounding_of_fp32_partials(swiglu):
+    """`Fp8LinearPlan.narrow_partials`: each split's partial rounded once to x's dtype before
+    the merge; the sum moves by about one rounding of x's dtype, and an fp32 x keeps fp32."""
+    m, n, k, split = 9, 64, 512, 4
+    for dtype, tol in ((torch.float16, 2e-3), (torch.float32, 0.0)):
+        x, w, scale, b = _inputs(m, n, k, dtype, bias=True, seed=5)
+        plan = Fp8LinearPlan(16, 32, 64, num_warps=4, num_stages=2, split_k=split)
+        wide = fp8_linear(x, w, scale, b, plan=plan, swiglu=swiglu)
+        narrow = fp8_linear(x, w, scale, b, swiglu=swiglu,
+                            plan=dataclasses.replace(plan, narrow_partials=True))
+        assert _rel(narrow, wide) <= tol
+        want = fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu)
+        assert _rel(narrow, want) < (3e-3 if dtype == torch.float16 else 1e-5)
