@@ -437,13 +437,9 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
     tiled = w.dim() == 4
     if plan is None:
         plan = plan_fp8_linear(m, n, k, sms=sms)
+        planned_stage = plan.block_n * plan.block_k  # weight bytes a pipeline stage holds
         if tiled:
             plan = dataclasses.replace(plan, block_n=w.shape[2])
-        if tiled and w.shape[3] > plan.block_k:
-            # the tiles' K block holds more bytes a stage than the plan's: 3 stages, not 4
-            # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
-            # chain benchmark, 2026-12-06)
-            plan = dataclasses.replace(plan, num_stages=min(plan.num_stages, 3))
         if tiled and m > _SWAP_ROWS:
             # 128 rows a program, 8 warps, the product transposed (the weight tile as wgmma's
             # register operand): a step's 129 GEMMs at 128 / 256 rows 7.70 / 13.55 -> 7.36 /
@@ -466,6 +462,12 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
                 # dense. At 32 rows (widened fp16 products) it loses: 6.77 -> 7.06 ms
                 plan = dataclasses.replace(plan, block_n=w.shape[2] // 2,
                                            split_k=plan.split_k // 2)
+        if tiled and plan.block_n * w.shape[3] > planned_stage:
+            # the tiles' K block holds more bytes a stage than the plan's: 3 stages, not 4
+            # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
+            # chain benchmark, 2026-12-06). Half tiles hold the plan's: the B=64 step with
+            # 4 stages, not 3: 7.26 -> 7.03 ms sparse, 10.05 -> 9.83 dense (H100, 2026-12-07)
+            plan = dataclasses.replace(plan, num_stages=min(plan.num_stages, 3))
     if tiled:
         block_n = plan.block_n if w.shape[2] % plan.block_n == 0 else w.shape[2]
         plan = dataclasses.replace(plan, block_n=block_n, block_k=w.shape[3])

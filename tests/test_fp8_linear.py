@@ -541,6 +541,8 @@ def test_x_pair_plans_take_half_tiles_and_half_the_splits(m):
     assert planned.split_k > 1
     plan = launch_plan(None, tiles, m, 4096, 4096, sms=132, fp8_products=True)
     assert (plan.block_n, plan.split_k, plan.x_pair) == (64, planned.split_k // 2, True)
+    # a half tile's K block holds the planned stage's bytes (64 x 128): the planned stages
+    assert plan.num_stages == planned.num_stages == 4
     gate_up = torch.zeros(224, 32, 128, 128, dtype=torch.float8_e4m3fn)  # [28672, 4096]
     assert plan_fp8_linear(m, 28672, 4096, sms=132).split_k == 1
     assert launch_plan(None, gate_up, m, 28672, 4096, sms=132, fp8_products=True).block_n == 128
