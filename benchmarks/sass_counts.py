@@ -96,8 +96,10 @@ def attention_counts(arch: int) -> list[dict[str, Any]]:
 
 
 def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
-    """The weight-only FP8 linear at 16-64 bf16 rows, 128-channel tiles; at 128 rows on
-    tiles, the transposed product."""
+    """The weight-only FP8 linear at 16-64 bf16 rows, 128-channel tiles; at 64 rows on tiles
+    as x's float8 terms (o / down with the step's flags: residual, prefetch), whole tiles with
+    4 splits against `launch_plan`'s half tiles with 2; at 128 rows on tiles, the transposed
+    product."""
     from polarc.plugins.fp8_linear import _fp8_linear_kernel as kernel
 
     types = {n: "i32" for n in kernel.arg_names}
@@ -108,7 +110,7 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
     # every constexpr set (one left out would compile as a run-time argument)
     plain = dict(HAS_BIAS=False, DOT_FP16=True, EVEN_K=True, SWIGLU=False, TILED=False,
                  PREFETCH=False, SWAP_AB=False, RESIDUAL=False, NORM=False, SUMSQ_PAD=1,
-                 X_PAIR=False)
+                 X_PAIR=False, TILE_SLICES=1)
     rows = []
     for block_m, block_k in ((16, 128), (32, 128), (64, 64)):
         for warps in (4, 8):
@@ -117,6 +119,15 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
                                     num_stages=4)
             rows.append(dict(kernel="fp8_linear", variant=f"{block_m}x128x{block_k} w{warps}",
                              **counts))
+    for label, block_n, split, part, stages in (
+            ("64x128x128 w4 tiles x_pair split 4", 128, 4, "*fp32", 3),
+            ("64x64x128 w4 half tiles x_pair split 2", 64, 2, "*bf16", 4)):
+        constants = dict(plain, BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=128, SPLIT_K=split,
+                         TILED=True, X_PAIR=True, TILE_SLICES=128 // block_n, RESIDUAL=True,
+                         PREFETCH=True)
+        counts = compile_counts(kernel, dict(types, X="*fp8e4nv", Part=part), constants,
+                                arch=arch, num_warps=4, num_stages=stages)
+        rows.append(dict(kernel="fp8_linear", variant=f"{label} s{stages}", **counts))
     constants = dict(plain, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, TILED=True,
                      SWAP_AB=True)
     counts = compile_counts(kernel, types, constants, arch=arch, num_warps=8, num_stages=3)

@@ -13,7 +13,8 @@ Layouts:
   columns TK*j.., zero-padded; with ``swiglu`` its rows interleaved gate 0, up 0, gate 1, ...),
   as `polarc.format.engine_file.tile_fp8` keeps a loaded engine's weights on CUDA: each K
   block a program reads is then one contiguous run of bytes (-7% for a step's FP8 GEMMs on
-  the H100); the tiles set BLOCK_N and BLOCK_K, and N comes from ``scale``.
+  the H100); the tiles set BLOCK_K and BLOCK_N (or BLOCK_N is a slice of their
+  rows: `launch_plan`), and N comes from ``scale``.
 - ``scale``  ``[N]`` float32: output channel n's weights are ``w[n] * scale[n]``.
 - ``bias``   ``[N]`` x's dtype, or None.
 - out        ``[M, N]`` x's dtype; ``[M, N / 2]`` with ``swiglu`` (w = ``[gate; up]``).
@@ -31,15 +32,15 @@ which at 64 rows is the multiply and widening work that held the GEMMs at 1.8x t
 Split-K (``plan.split_k > 1``): a decode GEMM with few output blocks would otherwise leave SMs
 idle and run a long serial K loop per program, so K is cut into ``split_k`` equal ranges (a
 whole number of BLOCK_K each). Each split stores its partial to a workspace
-``[split_k, M, N]`` (fp32; in x's dtype with ``plan.narrow_partials``, which the planner sets:
-the last split's wait and read-back of the others' partials is most of a split GEMM's tail
-at 64 rows, and half the bytes took 0.44 ms off a Llama-3-8B step there) and bumps its
-output tile's int32 counter (acq_rel atomic); the split that sees ``split_k - 1`` adds the partials in split order (deterministic whichever finishes last),
-runs the epilogue and resets the counter to 0. One launch, no host sync, no memset:
-CUDA-graph safe. The partials are allocated per call (caching allocator, no launch); the
-counters once per device, zeroed, and kept zero by the kernel (`_tile_counters`). So split
-calls on one device must not run concurrently on two streams (they would share counters);
-calls in sequence on one stream, graphs included, are fine.
+``[split_k, M, N]`` (fp32; in x's dtype with ``plan.narrow_partials``, which the planner sets: the last
+split's wait and read-back of the others' partials is most of a split GEMM's tail at 64 rows,
+and half the bytes took 0.44 ms off a Llama-3-8B step there) and bumps its output tile's int32
+counter (acq_rel atomic); the split that sees ``split_k - 1`` adds the partials in split order
+(deterministic whichever finishes last), runs the epilogue and resets the counter to 0. One
+launch, no host sync, no memset: CUDA-graph safe. The partials are allocated per call (caching
+allocator, no launch); the counters once per device, zeroed, and kept zero by the kernel
+(`_tile_counters`). So split calls on one device must not run concurrently on two streams
+(they would share counters); calls in sequence on one stream, graphs included, are fine.
 
 Prefill (hundreds of rows and up, bound by arithmetic) hands cuBLAS a bf16 weight instead:
 `fp8_widen` makes it from the tiles in one pass.
