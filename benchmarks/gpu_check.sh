@@ -8,6 +8,9 @@ OUT=${OUT:-/tmp/out}
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | grep -v "root. user" | tail -3
 [ -d .devcarry/wheels ] && python3 -m pip install -q --no-index --no-deps .devcarry/wheels/*.whl 2>&1 | tail -3
 python3 -c "import polarc, polarc.plugins.selective_attention, torch; print('polarc', polarc.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+# pytest-xdist, where carried: the fp8-tests stage on 8 workers (on a bare machine compiling each
+# kernel plan is most of a test run: 269 FP8 tests 109 s on 8 workers, under half in 200 s on one)
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 cal() {  # cal NAME ARGS: a timed calibration to /tmp/NAME; its calibration.json and log to $OUT
   local name=$1; shift
   /usr/bin/time -v polarc calibrate "$@" --out /tmp/$name --force > $OUT/cal-$name.log 2>&1
@@ -38,8 +41,9 @@ for what in "$@"; do
     paged) timeout 240 python3 -m polarc.benchmarks.bench_kernels --paged --json $OUT/paged.json 2>&1 | tee $OUT/paged.log | tail -16 ;;
     launch-floor) timeout ${LF_TIMEOUT:-300} python3 -m polarc.benchmarks.bench_launch_floor ${LF_ARGS:-} $( [ -f $OUT/e2e-fp8.json ] && echo --e2e $OUT/e2e-fp8.json ) --json $OUT/launch-floor.json 2>&1 | tee $OUT/launch-floor.log | tail -${LF_TAIL:-34} ;;
     stream) timeout ${STREAM_TIMEOUT:-590} python3 -m polarc.benchmarks.bench_stream ${STREAM_ARGS:-} --json $OUT/stream.json 2>&1 | tee $OUT/stream.log | tail -16 ;;
-    fp8-tests) timeout ${FP8_TESTS_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
-                 tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py -k "fp8 or gpu_paged or paged_write or gpu_llama or rope" \
+    fp8-tests) timeout ${FP8_TESTS_TIMEOUT:-300} python3 -m pytest -q $XDIST -p no:cacheprovider --tb=short -rf tests/test_fp8.py \
+                 tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py tests/test_runtime_gpu.py \
+                 -k "fp8 or gpu_paged or paged_write or gpu_llama or rope or runtime_gpu" \
                  2>&1 | tee $OUT/fp8-tests.log | tail -15 ;;
     e2e-fp8) timeout ${E2E_TIMEOUT:-200} python3 -m polarc.benchmarks.bench_e2e --no-hf --variants ${E2E_VARIANTS:-bf16,fp8-kv,fp8-all} ${E2E_CASES:+--cases $E2E_CASES} ${E2E_PROFILE:+--profile} \
                --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | grep -v "^{" | tail -${E2E_TAIL:-10} ;;
