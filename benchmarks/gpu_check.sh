@@ -9,7 +9,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | 
 [ -d .devcarry/wheels ] && python3 -m pip install -q --no-index --no-deps .devcarry/wheels/*.whl 2>&1 | tail -3
 python3 -c "import polarc, polarc.plugins.selective_attention, torch; print('polarc', polarc.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
 # pytest-xdist, where carried: the fp8-tests stage on 8 workers (on a bare machine compiling each
-# kernel plan is most of a test run: 269 FP8 tests 109 s on 8 workers, under half in 200 s on one)
+# kernel plan is most of a test run: 269 FP8 tests in 109 s on 8 workers; one ran out of 200 s)
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 cal() {  # cal NAME ARGS: a timed calibration to /tmp/NAME; its calibration.json and log to $OUT
   local name=$1; shift
