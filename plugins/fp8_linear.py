@@ -34,7 +34,7 @@ idle and run a long serial K loop per program, so K is cut into ``split_k`` equa
 whole number of BLOCK_K each). Each split stores its partial to a workspace
 ``[split_k, M, N]`` (fp32; in x's dtype with ``plan.narrow_partials``, which the planner sets: the last
 split's wait and read-back of the others' partials is most of a split GEMM's tail at 64 rows,
-and half the bytes took 0.44 ms off a Llama-3-8B step there) and bumps its output tile's int32
+and half the bytes took 0.47 ms off a Llama-3-8B step there, 0.15 ms at 32 rows; H100) and bumps its output tile's int32
 counter (acq_rel atomic); the split that sees ``split_k - 1`` adds the partials in split order
 (deterministic whichever finishes last), runs the epilogue and resets the counter to 0. One
 launch, no host sync, no memset: CUDA-graph safe. The partials are allocated per call (caching
@@ -458,9 +458,9 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
             if plan.split_k > 1 and w.shape[2] % 2 == 0:
                 # half a tile's channels a program and half the splits: as many programs,
                 # each with half the partials to store and merge (the merge was most of the
-                # GEMMs' tail). Llama-3-8B B=64 fp8-all step (qkv, o, down; H100, 2026-12-07,
-                # weights re-tiled to 64 columns): 8.39 -> 7.38 ms sparse, 11.18 -> 10.17
-                # dense. At 32 rows (widened fp16 products) it loses: 6.77 -> 7.06 ms
+                # GEMMs' tail). Llama-3-8B B=64 fp8-all step (qkv, o, down; fp32 partials;
+                # H100, 2026-12-07): 8.42 -> 7.36 ms sparse, 11.20 -> 10.15 dense. At 32 rows
+                # (widened fp16 products) 64-column tiles lose: 6.77 -> 7.06 ms
                 plan = dataclasses.replace(plan, block_n=w.shape[2] // 2,
                                            split_k=plan.split_k // 2)
         if tiled and plan.block_n * w.shape[3] > planned_stage:
