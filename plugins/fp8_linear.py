@@ -32,15 +32,16 @@ which at 64 rows is the multiply and widening work that held the GEMMs at 1.8x t
 Split-K (``plan.split_k > 1``): a decode GEMM with few output blocks would otherwise leave SMs
 idle and run a long serial K loop per program, so K is cut into ``split_k`` equal ranges (a
 whole number of BLOCK_K each). Each split stores its partial to a workspace
-``[split_k, M, N]`` (fp32; in x's dtype with ``plan.narrow_partials``, which the planner sets: the last
-split's wait and read-back of the others' partials is most of a split GEMM's tail at 64 rows,
-and half the bytes took 0.47 ms off a Llama-3-8B step there, 0.15 ms at 32 rows; H100) and bumps its output tile's int32
-counter (acq_rel atomic); the split that sees ``split_k - 1`` adds the partials in split order
-(deterministic whichever finishes last), runs the epilogue and resets the counter to 0. One
-launch, no host sync, no memset: CUDA-graph safe. The partials are allocated per call (caching
-allocator, no launch); the counters once per device, zeroed, and kept zero by the kernel
-(`_tile_counters`). So split calls on one device must not run concurrently on two streams
-(they would share counters); calls in sequence on one stream, graphs included, are fine.
+``[split_k, M, N]``, fp32, or in x's dtype with ``plan.narrow_partials`` (the planner's
+choice: the last split's wait for and read-back of the others' partials is most of a split
+GEMM's tail, and half the bytes took 0.47 ms off a Llama-3-8B step at 64 rows, 0.15 ms at
+32; H100), and bumps its output tile's int32 counter (acq_rel atomic); the split that sees
+``split_k - 1`` adds the partials in split order (deterministic whichever finishes last),
+runs the epilogue and resets the counter to 0. One launch, no host sync, no memset:
+CUDA-graph safe. The partials are allocated per call (caching allocator, no launch); the
+counters once per device, zeroed, and kept zero by the kernel (`_tile_counters`). So split
+calls on one device must not run concurrently on two streams (they would share counters);
+calls in sequence on one stream, graphs included, are fine.
 
 Prefill (hundreds of rows and up, bound by arithmetic) hands cuBLAS a bf16 weight instead:
 `fp8_widen` makes it from the tiles in one pass.
