@@ -674,14 +674,70 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     return records
 
 
+def bf16_linear_chain_cases(*, bw: float, device: torch.device,
+                            rows: tuple[int, ...] = (32,)) -> list[dict]:
+    """`linear_chain_cases`' chain with bf16 weights, a step's linear layers when only the KV
+    cache is float8: cuBLAS (`F.linear` on ``[N, K]``, the runtime's path; gate_up's output
+    halved by slicing, its SwiGLU left out: the GEMMs alone) against `fp8_linear` on the same
+    ``[N, K]`` rows (what the runtime could hand it without changing prefill's weights) and
+    on 16-bit tiles of 128 x 64 values, no widening either way, SwiGLU in gate_up's epilogue,
+    the tiles without and with the L2 prefetch; floor = the bf16 weight bytes / copy
+    bandwidth."""
+    from polarc.plugins.fp8_linear import fp8_linear
+
+    from polarc.format.engine_file import tile_fp8
+
+    shapes = dict((name, (n, k)) for name, n, k in LINEAR_SHAPES)
+    rows_first = [{name: torch.randn(n, k, device=device, dtype=torch.bfloat16) / math.sqrt(k)
+                   for name, (n, k) in shapes.items() if name != "lm_head"}
+                  for _ in range(CHAIN_LAYERS)]
+    head = torch.randn(*shapes["lm_head"], device=device, dtype=torch.bfloat16) / 64
+    floor = 2 * (sum(w.numel() for layer in rows_first for w in layer.values())
+                 + head.numel()) / bw * 1e3
+    ones = {name: torch.ones(n, device=device) for name, (n, _) in shapes.items()}
+    tiles = [{name: tile_fp8(w, swiglu=name == "gate_up", tile=(128, 64))
+              for name, w in layer.items()} for layer in rows_first]
+    head_tiles = tile_fp8(head, tile=(128, 64))
+    records = []
+    for layout in ("cublas", "rows", "tiles", "tiles+pf"):
+        ws, lm = (rows_first, head) if layout in ("cublas", "rows") else (tiles, head_tiles)
+        for m in rows:
+            x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
+
+            def lin(x, w, name, nxt=None, layout=layout):
+                if layout == "cublas":
+                    y = torch.nn.functional.linear(x, w)
+                    return y[:, :y.shape[1] // 2] if name == "gate_up" else y
+                return fp8_linear(x, w, ones[name], swiglu=name == "gate_up",
+                                  prefetch=nxt if layout == "tiles+pf" else None)
+
+            def chain(x0=x0, ws=ws, lm=lm, lin=lin):
+                x = x0
+                for i, layer in enumerate(ws):
+                    after = ws[i + 1]["qkv"] if i + 1 < len(ws) else lm
+                    a = lin(lin(x, layer["qkv"], "qkv")[:, :4096], layer["o"], "o",
+                            layer["gate_up"])
+                    x = lin(lin(a, layer["gate_up"], "gate_up", layer["down"]), layer["down"],
+                            "down", after)
+                return lin(x, lm, "lm_head")
+
+            ms = time_graph([chain], reps=15)
+            records.append(dict(op="bf16_linear_chain", M=m, layout=layout, floor_ms=floor,
+                                ms=ms, x_floor=ms / floor))
+            _log(f"bf16 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
+    return records
+
+
 def format_linear_chain(records: list[dict]) -> str:
-    rows = [r for r in records if r["op"] == "fp8_linear_chain" and "ms" in r]
-    if not rows:
-        return ""
-    lines = ["", f"A step's FP8 linear layers alone (Llama-3-8B, {CHAIN_LAYERS} layers + LM head, "
-                 f"{rows[0]['weight_gb']:.2f} GB, floor {rows[0]['floor_ms']:.3f} ms)",
-             f"{'M':>4}  {'weights':<8}{'ms':>8}{'x floor':>9}"]
-    lines += [f"{r['M']:>4}  {r['layout']:<8}{r['ms']:>8.3f}{r['x_floor']:>9.2f}" for r in rows]
+    lines = []
+    for op, what in (("fp8_linear_chain", "FP8"), ("bf16_linear_chain", "bf16")):
+        rows = [r for r in records if r["op"] == op and "ms" in r]
+        if rows:
+            lines += ["", f"A step's {what} linear layers alone (Llama-3-8B, {CHAIN_LAYERS} layers "
+                          f"+ LM head, floor {rows[0]['floor_ms']:.3f} ms)",
+                      f"{'M':>4}  {'weights':<9}{'ms':>8}{'x floor':>9}"]
+            lines += [f"{r['M']:>4}  {r['layout']:<9}{r['ms']:>8.3f}{r['x_floor']:>9.2f}"
+                      for r in rows]
     return "\n".join(lines)
 
 
@@ -852,7 +908,8 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           linear: bool = False, linear_sweep: bool = False,
                           sweep_rows: tuple[int, ...] = SWEEP_ROWS,
                           linear_chain: bool = False, chain_rows: tuple[int, ...] = (32,),
-                          chain_tiles: tuple[str, ...] = ()) -> list[dict]:
+                          chain_tiles: tuple[str, ...] = (),
+                          bf16_chain: bool = False) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -880,6 +937,8 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
         records += linear_sweep_cases(bw=bw, device=device, rows=sweep_rows)
     if linear_chain:
         records += linear_chain_cases(bw=bw, device=device, rows=chain_rows, tiles=chain_tiles)
+    if bf16_chain:
+        records += bf16_linear_chain_cases(bw=bw, device=device, rows=chain_rows)
     print(format_table(records, env) + format_paged(records) + format_linear(records)
           + format_linear_sweep(records) + format_linear_chain(records))
     if json_path is not None:
@@ -901,6 +960,9 @@ def main() -> None:
                     help="only the FP8-weight GEMM plan sweep (planner's plan vs the best found)")
     ap.add_argument("--fp8-linear-chain", action="store_true",
                     help="only a step's FP8 linear layers, in step order in one graph")
+    ap.add_argument("--bf16-linear-chain", action="store_true",
+                    help="only a step's bf16 linear layers in one graph: cuBLAS against "
+                         "fp8_linear on 16-bit tiles")
     ap.add_argument("--chain-rows", default="32",
                     help="the chain's row counts, comma-separated (default: %(default)s)")
     ap.add_argument("--chain-tiles", default="",
@@ -911,7 +973,8 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("Error: kernel benchmarks need a CUDA GPU (none is visible here).")
-    linear_only = args.fp8_linear or args.fp8_linear_sweep or args.fp8_linear_chain
+    linear_only = args.fp8_linear or args.fp8_linear_sweep or args.fp8_linear_chain \
+        or args.bf16_linear_chain
     only = args.paged or args.fp8 or linear_only
     run_kernel_benchmarks(args.json, args.quick, attention=not (args.no_attention or only),
                           gemm=not (args.no_gemm or only), paged=not linear_only,
@@ -920,7 +983,8 @@ def main() -> None:
                           sweep_rows=tuple(int(m) for m in args.sweep_rows.split(",")),
                           linear_chain=args.fp8_linear_chain,
                           chain_rows=tuple(int(m) for m in args.chain_rows.split(",")),
-                          chain_tiles=tuple(t for t in args.chain_tiles.split(",") if t))
+                          chain_tiles=tuple(t for t in args.chain_tiles.split(",") if t),
+                          bf16_chain=args.bf16_linear_chain)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ Layouts:
   as `polarc.format.engine_file.tile_fp8` keeps a loaded engine's weights on CUDA: each K
   block a program reads is then one contiguous run of bytes (-7% for a step's FP8 GEMMs on
   the H100); the tiles set BLOCK_K and BLOCK_N (or BLOCK_N is a slice of their
-  rows: `launch_plan`), and N comes from ``scale``.
+  rows: `launch_plan`), and N comes from ``scale``. Or the same in x's bf16 / fp16 (16-bit
+  weights, nothing to widen: the same kernel, for the bf16 weights' GEMMs; ``scale`` ones).
 - ``scale``  ``[N]`` float32: output channel n's weights are ``w[n] * scale[n]``.
 - ``bias``   ``[N]`` x's dtype, or None.
 - out        ``[M, N]`` x's dtype; ``[M, N / 2]`` with ``swiglu`` (w = ``[gate; up]``).
@@ -158,7 +159,7 @@ def _fp8_linear_kernel(
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
     PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     RESIDUAL: tl.constexpr = False, NORM: tl.constexpr = False, SUMSQ_PAD: tl.constexpr = 1,
-    X_PAIR: tl.constexpr = False, TILE_SLICES: tl.constexpr = 1,
+    X_PAIR: tl.constexpr = False, TILE_SLICES: tl.constexpr = 1, W_WIDE: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -177,7 +178,8 @@ def _fp8_linear_kernel(
     written; NORM: the rows are scaled by the norm they stand for (`_fp8_linear_finish`): the
     K loop is the same either way.
     X_PAIR: x comes as two float8 terms, ``x ~ XScale[:, None] * (X + X2)`` (`split_rows_fp8`),
-    and each K block is two float8 products of the stored weight tile: no widening at all."""
+    and each K block is two float8 products of the stored weight tile: no widening at all.
+    W_WIDE: w holds x's 16-bit dtype, not float8: the dots run in that dtype, nothing widened."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -226,10 +228,17 @@ def _fp8_linear_kernel(
         if X_PAIR:
             acc = tl.dot(x, tl.trans(w), acc)
             acc = tl.dot(x_lo, tl.trans(w), acc)
-        elif DOT_FP16 and SWAP_AB:
-            acc = tl.dot(w.to(tl.float16), tl.trans(x.to(tl.float16)), acc)
         elif DOT_FP16:
-            acc = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc)
+            if W_WIDE:
+                xd = x.to(W.dtype.element_ty)
+                wd = w
+            else:
+                xd = x.to(tl.float16)
+                wd = w.to(tl.float16)
+            if SWAP_AB:
+                acc = tl.dot(wd, tl.trans(xd), acc)
+            else:
+                acc = tl.dot(xd, tl.trans(wd), acc)
         else:
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc,
                          input_precision="ieee")
@@ -439,7 +448,7 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
     tiled = w.dim() == 4
     if plan is None:
         plan = plan_fp8_linear(m, n, k, sms=sms)
-        planned_stage = plan.block_n * plan.block_k  # weight bytes a pipeline stage holds
+        planned_stage = plan.block_n * plan.block_k  # float8 weight bytes a stage holds
         if tiled:
             plan = dataclasses.replace(plan, block_n=w.shape[2])
         if tiled and m > _SWAP_ROWS:
@@ -449,7 +458,7 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
             # 13.14; at 64 rows half of each program's rows would be padding: 6.93)
             plan = dataclasses.replace(plan, block_m=128, num_warps=8, num_stages=3,
                                        swap_ab=True)
-        elif tiled and fp8_products and m > _DECODE_ROWS:
+        elif tiled and fp8_products and w.dtype == FP8 and m > _DECODE_ROWS:
             # 33-64 rows: x as two float8 terms, no widening. A step's 129 GEMMs at 64 rows
             # (inputs split beforehand, H200 2026-12-06): 4.45 -> 3.37 ms; the step with the
             # split's launches (Llama-3-8B B=64 fp8-all sparse, H100): 9.04 -> 8.59 ms. At 32
@@ -464,7 +473,7 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
                 # (widened fp16 products) 64-column tiles lose: 6.77 -> 7.06 ms
                 plan = dataclasses.replace(plan, block_n=w.shape[2] // 2,
                                            split_k=plan.split_k // 2)
-        if tiled and plan.block_n * w.shape[3] > planned_stage:
+        if tiled and plan.block_n * w.shape[3] * w.element_size() > planned_stage:
             # the tiles' K block holds more bytes a stage than the plan's: 3 stages, not 4
             # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
             # chain benchmark, 2026-12-06). Half tiles hold the plan's: the B=64 step with
@@ -508,16 +517,17 @@ def _prefetch_segments(nxt: torch.Tensor | None, m: int,
     its plan for `m` rows, `PREFETCH_BYTES` in all; zeros where nothing is prefetched."""
     if nxt is None:
         return 0, 0, 0
-    if nxt.dtype != FP8 or nxt.dim() != 4 or not nxt.is_contiguous() or nxt.device != device:
-        raise ValueError(f"fp8_linear: prefetch must be a contiguous float8_e4m3fn tiled weight "
-                         f"[NT, KT, TN, TK] on {device}, got {nxt.dtype} {tuple(nxt.shape)} "
-                         f"on {nxt.device}")
+    if nxt.dtype not in (FP8, torch.bfloat16, torch.float16) or nxt.dim() != 4 or \
+            not nxt.is_contiguous() or nxt.device != device:
+        raise ValueError(f"fp8_linear: prefetch must be a contiguous float8_e4m3fn (or 16-bit) "
+                         f"tiled weight [NT, KT, TN, TK] on {device}, got {nxt.dtype} "
+                         f"{tuple(nxt.shape)} on {nxt.device}")
     if device.type != "cuda":  # (inline PTX: the interpreter cannot run it)
         return 0, 0, 0
     nt, kt, tn, tk = nxt.shape
     split = plan_fp8_linear(m, nt * tn, kt * tk, sms=num_sms(device)).split_k
     split = split if kt % split == 0 else 1
-    stride = kt // split * tn * tk
+    stride = kt // split * tn * tk * nxt.element_size()
     length = min(stride, PREFETCH_BYTES // (nt * split)) // 128 * 128
     return (nt * split, stride, length) if length else (0, 0, 0)
 
@@ -544,10 +554,12 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     n = scale.shape[0] if w.dim() == 4 and scale.dim() == 1 else w.shape[0]
     tiled_shape = w.dim() == 4 and tuple(w.shape[:2]) == (cdiv(n, w.shape[2]),
                                                           cdiv(k, w.shape[3]))
-    if w.dtype != FP8 or not w.is_contiguous() or not (
+    wide = w.dtype == x.dtype and x.dtype != torch.float32  # 16-bit weights, x's dtype
+    if (w.dtype != FP8 and not wide) or not w.is_contiguous() or not (
             (w.dim() == 2 and w.shape[1] == k) or tiled_shape):
-        raise ValueError(f"fp8_linear: w must be contiguous float8_e4m3fn [N, K={k}] (or "
-                         f"its tiles, module docstring), got {w.dtype} {tuple(w.shape)}")
+        raise ValueError(f"fp8_linear: w must be contiguous float8_e4m3fn (or x's bf16 / fp16) "
+                         f"[N, K={k}] or its tiles (module docstring), got {w.dtype} "
+                         f"{tuple(w.shape)} for {x.dtype} x")
     if scale.dtype != torch.float32 or tuple(scale.shape) != (n,) or scale.stride(0) != 1:
         raise ValueError(f"fp8_linear: scale must be contiguous float32 [N={n}], got "
                          f"{scale.dtype} {tuple(scale.shape)}")
@@ -609,8 +621,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
             torch.empty_like(out), torch.zeros(0, 1, device=x.device), eps)
     plan = launch_plan(plan, w, m, n, k, sms=num_sms(x.device),
                        fp8_products=x.dtype != torch.float32 and has_wgmma(x.device))
-    if plan.x_pair and (x.dtype == torch.float32 or plan.swap_ab):
-        raise ValueError("fp8_linear: plan.x_pair needs bf16 / fp16 x and no swap_ab")
+    if plan.x_pair and (x.dtype == torch.float32 or plan.swap_ab or w.dtype != FP8):
+        raise ValueError("fp8_linear: plan.x_pair needs bf16 / fp16 x, float8 w and no swap_ab")
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
@@ -635,7 +647,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     x_hi, x_lo, x_scale = split_rows_fp8(x) if plan.x_pair else (x, x, scale)
     _fp8_linear_kernel[grid](
         x_hi, x_lo, x_scale, w, scale, bias if bias is not None else scale, out, part, counters,
-        prefetch if seg_len else scale, sumsq,
+        prefetch.view(torch.uint8) if seg_len else scale, sumsq,
         norm_weight if residual is not None else scale, scaled,
         m, n, k, k_per_split, segs, seg_stride, seg_len, sumsq.shape[-1],
         float(norm.eps) if norm is not None else 0.0, x_hi.stride(0), out.stride(0), m * n,
@@ -645,5 +657,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, RESIDUAL=residual is not None,
         NORM=norm is not None, SUMSQ_PAD=next_pow2(sumsq.shape[-1]) if norm is not None else 1,
         X_PAIR=plan.x_pair, TILE_SLICES=w.shape[2] // plan.block_n if tiled else 1,
+        W_WIDE=w.dtype != FP8,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out if residual is None else RmsNormParts(scaled, sumsq, eps)

@@ -221,12 +221,13 @@ def test_wrong_inputs_raise_clear_errors(change, message):
 
 @needs_kernel
 @pytest.mark.parametrize("prefetch", [
-    torch.zeros(2, 2, 128, 128),  # not float8
+    torch.zeros(2, 2, 128, 128),  # fp32, neither float8 nor 16-bit
     torch.zeros(256, 256).to(torch.float8_e4m3fn),  # rows, not tiles
 ])
 def test_prefetch_must_be_float8_tiles(prefetch):
     x, w, scale, _ = _inputs(3, 16, 64, torch.float32)
-    with pytest.raises(ValueError, match=r"prefetch must be a contiguous float8_e4m3fn tiled"):
+    with pytest.raises(ValueError, match=r"prefetch must be a contiguous float8_e4m3fn \(or "
+                                         r"16-bit\) tiled"):
         fp8_linear(x, w, scale, prefetch=prefetch.to(DEVICE))
 
 
@@ -565,3 +566,57 @@ def test_narrow_partials_stay_within_a_rounding_of_fp32_partials(swiglu):
         assert _rel(narrow, wide) <= tol
         want = fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu)
         assert _rel(narrow, want) < (3e-3 if dtype == torch.float16 else 1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("tile", [None, (128, 64), (32, 32)])
+def test_wide_weights_match_reference(split, swiglu, tile):
+    """A 16-bit weight in x's dtype (fp16 here: the interpreter's bf16 dots are wrong; bf16 on
+    the GPU), as rows or tiles: no widening, the same split-K, SwiGLU and residual / norm
+    seam as float8 weights."""
+    from polarc.format.engine_file import tile_fp8, untile_fp8
+    from polarc.models.layers import norm
+
+    m, n, k = 7, 64, 200
+    g = torch.Generator().manual_seed(split)
+    x = torch.randn(m, k, generator=g).to(DEVICE, torch.float16)
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).to(DEVICE, torch.float16)
+    b = torch.randn(n, generator=g).to(DEVICE, torch.float16)
+    ones = torch.ones(n, device=DEVICE)
+    wt = w if tile is None else tile_fp8(w, swiglu=swiglu, tile=tile)
+    if tile is not None:
+        assert torch.equal(untile_fp8(wt, n, k, swiglu=swiglu), w)
+    plan = Fp8LinearPlan(16, 32, 32, num_warps=4, num_stages=2, split_k=split,
+                         narrow_partials=True)
+    want = fp8_linear_reference(x.double(), w, ones, b, swiglu=swiglu)
+    assert _rel(fp8_linear(x, wt, ones, b, plan=plan, swiglu=swiglu), want) < 2e-3
+    if swiglu:
+        return
+    h = torch.randn(m, n, generator=g).to(DEVICE, torch.float16) * 3
+    weight = torch.ones(n, device=DEVICE, dtype=x.dtype)
+    want_h = h + fp8_linear(x, wt, ones, b, plan=plan)
+    parts = fp8_linear(x, wt, ones, b, plan=plan, residual=h, norm_weight=weight, eps=1e-5)
+    assert _rel(h, want_h) < 1e-3
+    w2 = (torch.randn(48, n, generator=g) / n ** 0.5).to(DEVICE, torch.float16)
+    w2t = w2 if tile is None else tile_fp8(w2, tile=tile)
+    got = fp8_linear(parts.scaled, w2t, torch.ones(48, device=DEVICE), plan=plan, norm=parts)
+    want = fp8_linear_reference(norm(want_h, weight, None, 1e-5), w2, torch.ones(48))
+    assert _rel(got, want) < 1e-2
+
+
+def test_wide_weight_plans_and_bad_dtypes():
+    """bf16 tiles of 128 x 64 values: never x as float8 terms, 3 stages where a tile's K block
+    holds more bytes than the planned stage; 16-bit weights only in x's own dtype."""
+    tiles = torch.zeros(32, 64, 128, 64, dtype=torch.bfloat16)  # [4096, 4096]
+    for m in (16, 32, 64):
+        plan = launch_plan(None, tiles, m, 4096, 4096, sms=132, fp8_products=True)
+        planned = plan_fp8_linear(m, 4096, 4096, sms=132)
+        assert not plan.x_pair and (plan.block_n, plan.block_k) == (128, 64)
+        assert plan.split_k == planned.split_k
+        assert plan.num_stages == (min(planned.num_stages, 3) if m > 32 else planned.num_stages)
+    x = torch.randn(4, 64)
+    for xd, wd in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        with pytest.raises(ValueError, match="w must be contiguous float8_e4m3fn"):
+            fp8_linear(x.to(xd), torch.zeros(8, 64, dtype=wd), torch.ones(8))

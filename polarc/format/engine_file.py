@@ -151,16 +151,21 @@ def tile_fp8(w: torch.Tensor, *, swiglu: bool = False,
     holds rows 128i.. and columns 128j.., zero-padded past N and K), with `swiglu` (a fused
     gate_up ``[gate; up]``) its rows first interleaved gate 0, up 0, gate 1, ... so that a
     tile pairs the two halves of the same channels (`polarc.plugins.fp8_linear`). `tile`:
-    another (rows, K) tile, for benchmarks."""
+    another (rows, K) tile, for benchmarks. A 16-bit weight is tiled alike (`tile` in its
+    values: (128, 64) keeps a K block at 16 KB; `fp8_linear` reads 16-bit tiles too)."""
     n, k = w.shape
     if swiglu:
         w = w.view(2, n // 2, k).transpose(0, 1).reshape(n, k)
-    (bn, bk), u8 = tile, w.view(torch.uint8)
+    bits = _SAME_SIZE_INT[w.element_size()]
+    (bn, bk), u = tile, w.view(bits)
     nb, kb = -(-n // bn), -(-k // bk)
     if (nb * bn, kb * bk) != (n, k):  # (a copy only where padding is needed: big weights)
-        u8 = torch.zeros(nb * bn, kb * bk, dtype=torch.uint8, device=w.device)
-        u8[:n, :k] = w.view(torch.uint8)
-    return u8.reshape(nb, bn, kb, bk).transpose(1, 2).contiguous().view(w.dtype)
+        u = torch.zeros(nb * bn, kb * bk, dtype=bits, device=w.device)
+        u[:n, :k] = w.view(bits)
+    return u.reshape(nb, bn, kb, bk).transpose(1, 2).contiguous().view(w.dtype)
+
+
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16}  # (views that copy and pad bit for bit)
 
 
 def tile_fp8_weights(weights: dict[str, torch.Tensor]) -> None:
@@ -173,7 +178,7 @@ def tile_fp8_weights(weights: dict[str, torch.Tensor]) -> None:
 def untile_fp8(t: torch.Tensor, n: int, k: int, *, swiglu: bool = False) -> torch.Tensor:
     """`tile_fp8`'s inverse: the weight ``[n, k]`` (a copy)."""
     nb, kb, bn, bk = t.shape
-    w = t.view(torch.uint8).transpose(1, 2).reshape(nb * bn, kb * bk)[:n, :k]
+    w = t.view(_SAME_SIZE_INT[t.element_size()]).transpose(1, 2).reshape(nb * bn, kb * bk)[:n, :k]
     if swiglu:
         w = w.reshape(n // 2, 2, k).transpose(0, 1).reshape(n, k)
     return w.contiguous().view(t.dtype)
