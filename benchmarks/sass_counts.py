@@ -98,19 +98,19 @@ def attention_counts(arch: int) -> list[dict[str, Any]]:
 def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
     """The weight-only FP8 linear at 16-64 bf16 rows, 128-channel tiles; at 64 rows on tiles
     as x's float8 terms (o / down with the step's flags: residual, prefetch), whole tiles with
-    4 splits against `launch_plan`'s half tiles with 2; at 128 rows on tiles, the transposed
-    product."""
+    4 splits against `launch_plan`'s half tiles with 2; bf16 weights (nothing widened) at 16-64
+    rows; at 128 rows on tiles, the transposed product."""
     from polarc.plugins.fp8_linear import _fp8_linear_kernel as kernel
 
     types = {n: "i32" for n in kernel.arg_names}
     types.update(X="*bf16", X2="*fp8e4nv", XScale="*fp32", W="*fp8e4nv", Scale="*fp32",
                  Bias="*fp32", Y="*bf16",
-                 Part="*fp32", Counters="*i32", Next="*fp8e4nv", SumSq="*fp32", NormW="*bf16",
+                 Part="*fp32", Counters="*i32", Next="*u8", SumSq="*fp32", NormW="*bf16",
                  Scaled="*bf16", norm_eps="fp32")
     # every constexpr set (one left out would compile as a run-time argument)
     plain = dict(HAS_BIAS=False, DOT_FP16=True, EVEN_K=True, SWIGLU=False, TILED=False,
                  PREFETCH=False, SWAP_AB=False, RESIDUAL=False, NORM=False, SUMSQ_PAD=1,
-                 X_PAIR=False, TILE_SLICES=1)
+                 X_PAIR=False, TILE_SLICES=1, W_WIDE=False)
     rows = []
     for block_m, block_k in ((16, 128), (32, 128), (64, 64)):
         for warps in (4, 8):
@@ -128,6 +128,13 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
         counts = compile_counts(kernel, dict(types, X="*fp8e4nv", Part=part), constants,
                                 arch=arch, num_warps=4, num_stages=stages)
         rows.append(dict(kernel="fp8_linear", variant=f"{label} s{stages}", **counts))
+    for block_m in (16, 32, 64):  # 16-bit weights (W_WIDE), tiles of 128 x 64 bf16 values
+        constants = dict(plain, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, SPLIT_K=4,
+                         TILED=True, PREFETCH=True, W_WIDE=True)
+        counts = compile_counts(kernel, dict(types, W="*bf16", Part="*bf16"), constants,
+                                arch=arch, num_warps=4, num_stages=4 if block_m < 64 else 3)
+        rows.append(dict(kernel="fp8_linear", variant=f"{block_m}x128x64 w4 bf16 tiles split 4",
+                         **counts))
     constants = dict(plain, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, SPLIT_K=2, TILED=True,
                      SWAP_AB=True)
     counts = compile_counts(kernel, types, constants, arch=arch, num_warps=8, num_stages=3)
