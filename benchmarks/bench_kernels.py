@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -592,6 +593,18 @@ def format_linear_sweep(records: list[dict]) -> str:
 CHAIN_LAYERS = 32
 
 
+def _step_order_chain(x: torch.Tensor, layers: list[dict], head: Any,
+                      lin: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """x through each layer's qkv (its first 4096 outputs on), o, gate_up (SwiGLU), down,
+    then the LM head: ``lin(x, name, weight, next_weight)``, next_weight being what the
+    runtime's GEMM prefetches (o gate_up's, gate_up down's, down the next qkv's or the head's)."""
+    for i, layer in enumerate(layers):
+        after = layers[i + 1]["qkv"] if i + 1 < len(layers) else head
+        a = lin(lin(x, "qkv", layer["qkv"])[:, :4096], "o", layer["o"], layer["gate_up"])
+        x = lin(lin(a, "gate_up", layer["gate_up"], layer["down"]), "down", layer["down"], after)
+    return lin(x, "lm_head", head)
+
+
 def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,),
                        tiles: tuple[str, ...] = ()) -> list[dict]:
     """A decode step's FP8 linear layers alone, in step order: Llama-3-8B's 32 layers (qkv,
@@ -635,7 +648,7 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
         for m in rows:
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
-            def lin(x, wp, nxt=None, swiglu=False, m=m, override=override, prefetch=prefetch):
+            def lin(x, name, wp, nxt=None, m=m, override=override, prefetch=prefetch):
                 plan = None
                 if override is not None:
                     plan = plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device))
@@ -647,17 +660,11 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
                     plan = dataclasses.replace(plan, num_warps=override[0],
                                                num_stages=override[1], block_m=block_m,
                                                split_k=split, swap_ab=swap, x_pair=pair)
-                return fp8_linear(x, *wp, swiglu=swiglu, plan=plan,
+                return fp8_linear(x, *wp, swiglu=name == "gate_up", plan=plan,
                                   prefetch=nxt[0] if prefetch and nxt else None)
 
             def chain(x0=x0, ws=ws, lm=lm, lin=lin):
-                x = x0
-                for i, layer in enumerate(ws):
-                    after = ws[i + 1]["qkv"] if i + 1 < len(ws) else lm
-                    a = lin(lin(x, layer["qkv"])[:, :4096], layer["o"], layer["gate_up"])
-                    x = lin(lin(a, layer["gate_up"], layer["down"], swiglu=True),
-                            layer["down"], after)
-                return lin(x, lm)
+                return _step_order_chain(x0, ws, lm, lin)
 
             rec = dict(op="fp8_linear_chain", M=m, layout=layout, floor_ms=floor,
                        weight_gb=wbytes / 1e9)
@@ -692,8 +699,8 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device,
                    for name, (n, k) in shapes.items() if name != "lm_head"}
                   for _ in range(CHAIN_LAYERS)]
     head = torch.randn(*shapes["lm_head"], device=device, dtype=torch.bfloat16) / 64
-    floor = 2 * (sum(w.numel() for layer in rows_first for w in layer.values())
-                 + head.numel()) / bw * 1e3
+    wbytes = 2 * (sum(w.numel() for layer in rows_first for w in layer.values()) + head.numel())
+    floor = wbytes / bw * 1e3
     ones = {name: torch.ones(n, device=device) for name, (n, _) in shapes.items()}
     tiles = [{name: tile_fp8(w, swiglu=name == "gate_up", tile=(128, 64))
               for name, w in layer.items()} for layer in rows_first]
@@ -704,26 +711,19 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device,
         for m in rows:
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
-            def lin(x, w, name, nxt=None, layout=layout):
+            def lin(x, name, w, nxt=None, layout=layout):
                 if layout == "cublas":
-                    y = torch.nn.functional.linear(x, w)
+                    y = F.linear(x, w)
                     return y[:, :y.shape[1] // 2] if name == "gate_up" else y
                 return fp8_linear(x, w, ones[name], swiglu=name == "gate_up",
                                   prefetch=nxt if layout == "tiles+pf" else None)
 
             def chain(x0=x0, ws=ws, lm=lm, lin=lin):
-                x = x0
-                for i, layer in enumerate(ws):
-                    after = ws[i + 1]["qkv"] if i + 1 < len(ws) else lm
-                    a = lin(lin(x, layer["qkv"], "qkv")[:, :4096], layer["o"], "o",
-                            layer["gate_up"])
-                    x = lin(lin(a, layer["gate_up"], "gate_up", layer["down"]), layer["down"],
-                            "down", after)
-                return lin(x, lm, "lm_head")
+                return _step_order_chain(x0, ws, lm, lin)
 
             ms = time_graph([chain], reps=15)
             records.append(dict(op="bf16_linear_chain", M=m, layout=layout, floor_ms=floor,
-                                ms=ms, x_floor=ms / floor))
+                                weight_gb=wbytes / 1e9, ms=ms, x_floor=ms / floor))
             _log(f"bf16 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
     return records
 
@@ -734,7 +734,8 @@ def format_linear_chain(records: list[dict]) -> str:
         rows = [r for r in records if r["op"] == op and "ms" in r]
         if rows:
             lines += ["", f"A step's {what} linear layers alone (Llama-3-8B, {CHAIN_LAYERS} layers "
-                          f"+ LM head, floor {rows[0]['floor_ms']:.3f} ms)",
+                          f"+ LM head, {rows[0]['weight_gb']:.2f} GB, floor "
+                          f"{rows[0]['floor_ms']:.3f} ms)",
                       f"{'M':>4}  {'weights':<9}{'ms':>8}{'x floor':>9}"]
             lines += [f"{r['M']:>4}  {r['layout']:<9}{r['ms']:>8.3f}{r['x_floor']:>9.2f}"
                       for r in rows]
