@@ -11,7 +11,8 @@ KV bytes read) ÷ the copy bandwidth measured in the same run. `--variants bf16,
 runs each case with the cache in bf16, with the cache in float8 e4m3 (the same engine with
 per-group scales: one byte a value read and written by the Triton kernels), and with the
 linear layers' weights in float8 too (a scale per output channel, read by the FP8 linear
-kernel; embeddings and norms stay bf16).
+kernel; embeddings and norms stay bf16). `--linears kernel,cublas` times each step twice in
+the same runtime, its 16-bit linear layers through the FP8 linear kernel and through cuBLAS.
 """
 
 from __future__ import annotations
@@ -130,40 +131,51 @@ def case_runtime(name: str, batch: int, seqlen: int, density: float, variant: st
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
              variant: str = "bf16", engine: Engine | None = None,
-             profile: bool = False) -> list[dict[str, Any]]:
+             profile: bool = False, linears: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Dense and sparse steps of one case; `linears`: time each mode with the 16-bit linear
+    layers through each of ``kernel`` (the FP8 linear kernel, `Kernels.wide_linears`) and
+    ``cublas`` (F.linear), interleaved; default: the runtime's choice. Float8 weights always
+    take the kernel."""
     device = torch.device("cuda")
     rt = case_runtime(name, batch, seqlen, density, variant, engine)
     engine = rt.engine
     spec = engine.model.spec
     wbytes = weight_bytes(engine.model)
     tokens = torch.randint(0, spec.vocab, (batch,), device=device)
+    if variant == "fp8-all" or not linears:
+        linears = ("kernel" if variant == "fp8-all" or rt.kernels.wide_linears else "cublas",)
     records = []
     for mode in ("dense", "sparse"):
         rt.set_dense(mode == "dense")
-        ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
-                        reps=STEP_REPS)
-        ks = rt.k_per_layer
-        kv = sum(ks) * batch * seqlen * spec.head_dim * 2 * rt.cache.k[0].element_size()
-        floor_ms = (wbytes + kv) / bw * 1000
-        rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode, "variant": variant,
-               "density": sum(ks) / (spec.n_kv_heads * spec.n_layers), "step_ms": ms,
-               "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
-               "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9, "kv_gb": kv / 1e9}
-        if mode == "sparse":
-            rec["router_ms"] = router_ms(rt, bw)
-            rec["router_share"] = rec["router_ms"] / ms
-        if profile:
-            try:
-                rec["kernels"] = kernel_breakdown(lambda: (rt.seqlens.fill_(seqlen - 1),
-                                                           rt.decode_step(tokens)))
-                print(format_kernels(rec), flush=True)
-            except Exception as exc:  # a failed profile must not lose the timed table
-                print(f"profile failed: {str(exc)[:200]}", flush=True)
-        records.append(rec)
-        print(json.dumps(rec), flush=True)
-    dense, sparse = records
-    sparse["speedup"] = dense["step_ms"] / sparse["step_ms"]
-    sparse["floor_ratio"] = dense["floor_ms"] / sparse["floor_ms"]
+        for through in linears:
+            rt.kernels.wide_linears = through == "kernel"
+            ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
+                            reps=STEP_REPS)
+            ks = rt.k_per_layer
+            kv = sum(ks) * batch * seqlen * spec.head_dim * 2 * rt.cache.k[0].element_size()
+            floor_ms = (wbytes + kv) / bw * 1000
+            rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode,
+                   "variant": variant, "linears": through,
+                   "density": sum(ks) / (spec.n_kv_heads * spec.n_layers), "step_ms": ms,
+                   "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
+                   "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9,
+                   "kv_gb": kv / 1e9}
+            if mode == "sparse":
+                rec["router_ms"] = router_ms(rt, bw)
+                rec["router_share"] = rec["router_ms"] / ms
+            if profile:
+                try:
+                    rec["kernels"] = kernel_breakdown(lambda: (rt.seqlens.fill_(seqlen - 1),
+                                                               rt.decode_step(tokens)))
+                    print(format_kernels(rec), flush=True)
+                except Exception as exc:  # a failed profile must not lose the timed table
+                    print(f"profile failed: {str(exc)[:200]}", flush=True)
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    for through in linears:
+        dense, sparse = (r for r in records if r["linears"] == through)
+        sparse["speedup"] = dense["step_ms"] / sparse["step_ms"]
+        sparse["floor_ratio"] = dense["floor_ms"] / sparse["floor_ms"]
     return records
 
 
@@ -214,8 +226,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
             continue
         sp = f"{r['speedup']:.2f} ({r['floor_ratio']:.2f})" if "speedup" in r else ""
         rs = f"{r['router_share'] * 100:.1f}%" if "router_share" in r else ""
+        cublas = ", cuBLAS linears" if r.get("linears") == "cublas" else ""
         lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | "
-                     f"{r.get('variant', 'bf16')} | {r['mode']} | "
+                     f"{r.get('variant', 'bf16')}{cublas} | {r['mode']} | "
                      f"{r['density']:.3f} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
                      f"{r['ratio_to_floor']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {rs} |")
     return "\n".join(lines)
@@ -224,7 +237,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
                        with_hf: bool = True, cases: list | None = None,
                        variants: tuple[str, ...] = ("bf16",),
-                       profile: bool = False) -> list[dict[str, Any]]:
+                       profile: bool = False, linears: tuple[str, ...] = ()
+                       ) -> list[dict[str, Any]]:
     """Run §3 on the current CUDA device; print the table; write JSON if asked."""
     device = torch.device("cuda", torch.cuda.current_device())
     cases = cases or CASES
@@ -236,7 +250,8 @@ def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
         engine = sparse_engine_in_memory(name, batch=batch, max_seq=seqlen, density=density,
                                          device=device)
         for variant in variants:
-            records += run_case(name, batch, seqlen, bw, density, variant, engine, profile)
+            records += run_case(name, batch, seqlen, bw, density, variant, engine, profile,
+                                linears)
             gc.collect()  # the last runtime's cache goes before the next one's is made
             torch.cuda.empty_cache()
             if json_path is not None:  # what is measured survives a run cut short
@@ -265,19 +280,25 @@ def main() -> None:
     ap.add_argument("--variants", default="bf16", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--cases", default=None,
                     help="comma-separated model:B:S, e.g. llama3-8b:32:8192 (default: §3's)")
+    ap.add_argument("--linears", default=None,
+                    help="comma-separated kernel,cublas: time the 16-bit linear layers through "
+                         "each (default: the runtime's choice)")
     ap.add_argument("--profile", action="store_true",
                     help="also list each step's kernels (torch profiler over graph replays)")
     args = ap.parse_args()
     variants = tuple(args.variants.split(","))
     if not set(variants) <= set(VARIANTS):
         sys.exit(f"Error: --variants takes {', '.join(VARIANTS)}, got {args.variants!r}")
+    linears = tuple(args.linears.split(",")) if args.linears else ()
+    if not set(linears) <= {"kernel", "cublas"}:
+        sys.exit(f"Error: --linears takes kernel, cublas, got {args.linears!r}")
     cases = None
     if args.cases:
         cases = [(m, int(b), int(s)) for m, b, s in (c.split(":") for c in args.cases.split(","))]
     if not torch.cuda.is_available():
         sys.exit("Error: end-to-end benchmarks need a CUDA GPU (none is visible here).")
     run_e2e_benchmarks(args.json, with_hf=not args.no_hf, cases=cases, variants=variants,
-                       profile=args.profile)
+                       profile=args.profile, linears=linears)
 
 
 if __name__ == "__main__":

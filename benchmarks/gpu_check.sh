@@ -47,7 +47,7 @@ for what in "$@"; do
                  tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py tests/test_runtime_gpu.py \
                  -k "fp8 or gpu_paged or paged_write or gpu_llama or rope or runtime_gpu" \
                  2>&1 | tee $OUT/fp8-tests.log | tail -15 ;;
-    e2e-fp8) timeout ${E2E_TIMEOUT:-200} python3 -m polarc.benchmarks.bench_e2e --no-hf --variants ${E2E_VARIANTS:-bf16,fp8-kv,fp8-all} ${E2E_CASES:+--cases $E2E_CASES} ${E2E_PROFILE:+--profile} \
+    e2e-fp8) timeout ${E2E_TIMEOUT:-200} python3 -m polarc.benchmarks.bench_e2e --no-hf --variants ${E2E_VARIANTS:-bf16,fp8-kv,fp8-all} ${E2E_CASES:+--cases $E2E_CASES} ${E2E_PROFILE:+--profile} ${E2E_LINEARS:+--linears $E2E_LINEARS} \
                --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | grep -v "^{" | tail -${E2E_TAIL:-10} ;;
     first-pass) timeout 300 python3 -m polarc.benchmarks.bench_stream --requests 0 --modes '' --first-pass \
                   --json $OUT/first-pass.json 2>&1 | tee $OUT/first-pass.log | grep -E "first pass|Error" ;;

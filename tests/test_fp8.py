@@ -530,3 +530,31 @@ def test_gpu_residual_and_norms_inside_the_fp8_gemms_match_their_own_launches(mo
     for got, want, was in zip(runs[True][1], runs[False][1], before, strict=True):
         assert (want - was.float()).abs().sum() > 0  # the step wrote keys / values ...
         assert rel(got - was.float(), want - was.float()) < 5e-2  # ... and alike
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["bf16", "fp8-kv"])
+def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, variant: str
+                                                                  ) -> None:
+    """A sparse decode step of a Llama-architecture model with bf16 weights: its linear
+    layers through the FP8 linear kernel (`Kernels.wide_linears`, with the SwiGLU, residual
+    add and RMS norm fusions) against the same step through cuBLAS and separate launches: the
+    same logits up to rounding, the same next tokens."""
+    import polarc.benchmarks.bench_e2e as bench_e2e
+
+    from polarc.models.presets import get_preset
+
+    small = dataclasses.replace(get_preset("llama3-8b"), n_layers=2, hidden=1024, n_heads=8,
+                                n_kv_heads=2, intermediate=2048, vocab=512)
+    monkeypatch.setattr(bench_e2e, "get_preset", lambda name: small)
+    rt = bench_e2e.case_runtime("small", 4, 300, 0.5, variant)
+    tokens = torch.tensor([5, 7, 11, 13], device="cuda")
+    logits = {}
+    for wide in (False, True):
+        rt.kernels.wide_linears = wide
+        rt.seqlens.fill_(299)
+        logits[wide] = rt.decode_step(tokens).float()
+    err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
+    assert err < 2e-2
+    assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1))

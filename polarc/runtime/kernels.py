@@ -24,6 +24,9 @@ from polarc.plugins import reference
 # Rows up to which a float8-weight GEMM runs the FP8 linear kernel (decode: bound by the
 # weight bytes); beyond, a prefill, the weight is widened for cuBLAS (bound by arithmetic).
 FP8_KERNEL_ROWS = 256
+# ... and a 16-bit one (`Kernels.wide_linears`): at 16 and 32 rows the kernel's steps are
+# 0.15-0.35 ms shorter than cuBLAS's, at 64 rows 0.04-0.07 ms longer (H200, RESULTS.md s51)
+WIDE_KERNEL_ROWS = 32
 
 
 def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -103,67 +106,92 @@ class Kernels:
     rope_write_kv: Callable
     gemm_up: Callable
     gemm_down: Callable
+    # 16-bit [N, K] weights through the FP8 linear kernel too, with its fusions (SwiGLU,
+    # residual add and RMS norm), not cuBLAS: `_kernel_weight`
+    wide_linears: bool = True
     _plans: dict = field(default_factory=dict)
     _workspaces: dict = field(default_factory=dict)
+    _ones: dict = field(default_factory=dict)
 
     def linear(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor:
-        """`model`'s linear layer `name` on x [..., K] (`layers.linear`'s contract); float8
-        weights (with `<name>.weight_scale` rows; in `load_engine`'s tiles or ``[N, K]``)
-        through the FP8 linear kernel on CUDA, its reference elsewhere."""
-        w = model.weights[name + ".weight"]
-        bias = model.weights.get(name + ".bias")
+        """`model`'s linear layer `name` on x [..., K] (`layers.linear`'s contract): through
+        the FP8 linear kernel where `_kernel_weight` gives it one, else float8 weights (with
+        `<name>.weight_scale` rows; in `load_engine`'s tiles or ``[N, K]``) widened for
+        cuBLAS on CUDA, through their reference elsewhere, and 16-bit weights by F.linear."""
         if isinstance(x, NormedRows):
             return self._fp8_normed(model, x, name)
-        if w.dtype != reference.FP8:
-            return F.linear(x, w, bias)
-        scale = model.weights[name + ".weight_scale"]
+        w = model.weights[name + ".weight"]
+        bias = model.weights.get(name + ".bias")
         x2 = x.reshape(-1, x.shape[-1])
         # (a tiled gate_up pairs gate and up rows for `linear_swiglu`: read alone, it is
         # widened back in order, as prefill's are)
         paired = w.dim() == 4 and name.endswith("gate_up")
-        if self.device.type != "cuda":
+        operands = None if paired else self._kernel_weight(model, name, x2)
+        if operands is not None:
+            from polarc.plugins.fp8_linear import fp8_linear
+
+            y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), *operands, bias,
+                           prefetch=_next_fp8_tiles(model, name))
+        elif w.dtype != reference.FP8:
+            return F.linear(x, w, bias)
+        elif self.device.type != "cuda":
+            scale = model.weights[name + ".weight_scale"]
             if w.dim() == 4:
                 w = untile_fp8(w, scale.shape[0], x.shape[-1], swiglu=paired)
             y = reference.fp8_linear_reference(x2, w, scale, bias)
-        elif x2.shape[0] > FP8_KERNEL_ROWS or paired:
+        else:
             from polarc.plugins.fp8_linear import fp8_widen
 
             widen = fp8_widen if w.dim() == 4 else widen_fp8
-            y = F.linear(x2, widen(w, scale, x.shape[-1], x.dtype, swiglu=paired), bias)
-        else:
-            from polarc.plugins.fp8_linear import fp8_linear
-
-            y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, scale, bias,
-                           prefetch=_next_fp8_tiles(model, name))
+            y = F.linear(x2, widen(w, model.weights[name + ".weight_scale"], x.shape[-1],
+                                   x.dtype, swiglu=paired), bias)
         return y.view(*x.shape[:-1], y.shape[-1])
 
+    def _kernel_weight(self, model: Any, name: str, x2: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight and per-channel scale with which the FP8 linear kernel runs linear layer
+        `name` on the rows x2 (CUDA, decode-sized): float8 weights, or, with `wide_linears`,
+        16-bit ``[N, K]`` rows in x's dtype (scale: ones); None where the kernel does not."""
+        if self.device.type != "cuda" or x2.shape[0] > FP8_KERNEL_ROWS:
+            return None
+        w = model.weights[name + ".weight"]
+        if w.dtype == reference.FP8:
+            return w, model.weights[name + ".weight_scale"]
+        if not (self.wide_linears and w.dtype == x2.dtype and w.dim() == 2
+                and w.is_contiguous() and x2.dtype != torch.float32
+                and x2.shape[0] <= WIDE_KERNEL_ROWS):
+            return None
+        ones = self._ones.get(w.shape[0])
+        if ones is None:  # made in the eager warm-up before a capture, as the workspaces are
+            ones = self._ones[w.shape[0]] = torch.ones(w.shape[0], device=self.device)
+        return w, ones
+
     def linear_swiglu(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor | None:
-        """`Ops.linear_swiglu`: a float8 ``gate_up`` layer and its SwiGLU as one FP8 linear
-        launch (the epilogue pairs gate and up) on CUDA for decode-sized inputs; None
-        otherwise (bf16 weights, the CPU, prefill)."""
+        """`Ops.linear_swiglu`: a ``gate_up`` layer and its SwiGLU as one FP8 linear launch
+        (the epilogue pairs gate and up) where `_kernel_weight` gives the kernel its weight;
+        None otherwise (the CPU, prefill)."""
         if isinstance(x, NormedRows):
             return self._fp8_normed(model, x, name, swiglu=True)
-        w = model.weights[name + ".weight"]
         x2 = x.reshape(-1, x.shape[-1])
-        if w.dtype != reference.FP8 or self.device.type != "cuda" \
-                or x2.shape[0] > FP8_KERNEL_ROWS:
+        operands = self._kernel_weight(model, name, x2)
+        if operands is None:
             return None
         from polarc.plugins.fp8_linear import fp8_linear
 
-        y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), w,
-                       model.weights[name + ".weight_scale"], model.weights.get(name + ".bias"),
-                       swiglu=True, prefetch=_next_fp8_tiles(model, name))
+        y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), *operands,
+                       model.weights.get(name + ".bias"), swiglu=True,
+                       prefetch=_next_fp8_tiles(model, name))
         return y.view(*x.shape[:-1], y.shape[-1])
 
     def linear_residual(self, model: Any, x: torch.Tensor, name: str, h: torch.Tensor
                         ) -> AddedDelta | None:
-        """`Ops.linear_residual`: a float8 linear layer added into the residual stream h by its
-        GEMM's epilogue, for decode-sized inputs on CUDA (the next norm then reads the sums of
-        squares it leaves: `deferred_add_norm`); None otherwise."""
-        w = model.weights[name + ".weight"]
+        """`Ops.linear_residual`: a linear layer added into the residual stream h by its GEMM's
+        epilogue where `_kernel_weight` gives the kernel its weight (the next norm then reads
+        the sums of squares it leaves: `deferred_add_norm`); None otherwise."""
         x2 = x.reshape(-1, x.shape[-1])
-        if w.dtype != reference.FP8 or w.dim() != 4 or self.device.type != "cuda" \
-                or x2.shape[0] > FP8_KERNEL_ROWS or not h.is_contiguous() or h.dtype != x.dtype:
+        operands = self._kernel_weight(model, name, x2)
+        if operands is None or _fp8_rows(operands[0]) or not h.is_contiguous() \
+                or h.dtype != x.dtype:
             return None
         after = norm_after(model, name)
         if after + ".bias" in model.weights:  # a LayerNorm: not an RMS norm in parts
@@ -172,18 +200,18 @@ class Kernels:
         from polarc.plugins.fp8_linear import fp8_linear
 
         parts = fp8_linear(
-            x2 if x2.stride(-1) == 1 else x2.contiguous(), w,
-            model.weights[name + ".weight_scale"], model.weights.get(name + ".bias"),
+            x2 if x2.stride(-1) == 1 else x2.contiguous(), *operands,
+            model.weights.get(name + ".bias"),
             residual=h.view(-1, h.shape[-1]), norm_weight=weight, eps=model.spec.norm_eps,
             prefetch=_next_fp8_tiles(model, name))
         return AddedDelta(parts, weight)
 
     def _fp8_normed(self, model: Any, x: NormedRows, name: str, *,
                     swiglu: bool = False) -> torch.Tensor:
-        """Linear layer `name` (float8 tiles, CUDA) of the RMS norm `x` stands for."""
-        w = model.weights[name + ".weight"]
+        """Linear layer `name` (through the kernel) of the RMS norm `x` stands for."""
         parts = x.norm
-        if w.dtype != reference.FP8 or w.dim() != 4 or self.device.type != "cuda":
+        operands = self._kernel_weight(model, name, parts.scaled)
+        if operands is None or _fp8_rows(operands[0]):
             # no kernel takes the parts: the norm they stand for, here
             rms = torch.rsqrt(parts.sumsq.sum(1, keepdim=True) / parts.scaled.shape[-1]
                               + parts.eps)
@@ -192,9 +220,8 @@ class Kernels:
                 self.linear(model, normed, name)
         from polarc.plugins.fp8_linear import fp8_linear
 
-        y = fp8_linear(parts.scaled, w, model.weights[name + ".weight_scale"],
-                       model.weights.get(name + ".bias"), swiglu=swiglu,
-                       prefetch=_next_fp8_tiles(model, name), norm=parts)
+        y = fp8_linear(parts.scaled, *operands, model.weights.get(name + ".bias"),
+                       swiglu=swiglu, prefetch=_next_fp8_tiles(model, name), norm=parts)
         return y.view(*x.h.shape[:-1], y.shape[-1])
 
     def attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -231,6 +258,12 @@ class Kernels:
                                    plan=plan, workspace=workspace, check_indices=False,
                                    block_table=block_table, k_scale=k_scale, v_scale=v_scale,
                                    k_sink=k_sink, v_sink=v_sink)
+
+
+def _fp8_rows(w: torch.Tensor) -> bool:
+    """Float8 weights left ``[N, K]`` (not `load_engine`'s tiles): no residual or norm fusion
+    (the runtime tiles every float8 weight it runs)."""
+    return w.dtype == reference.FP8 and w.dim() != 4
 
 
 def _next_fp8_tiles(model: Any, name: str) -> torch.Tensor | None:

@@ -160,16 +160,15 @@ class Runtime:
                                            page_size=page_size, dtype=self.kv_dtype,
                                            device=self.device, sinks=sinks)
         self.kernels = kernels_for(self.device, spec.head_dim)
-        # float8 weights go through the kernels' linear, in prefill and in the step
-        # The decode step's stages: float8 linear layers through the kernels (a float8
-        # gate_up with its SwiGLU in the same launch), the rotary stage inside the KV append
-        # (both one launch where there were two and three: -0.2 ms a Llama-3-8B step on the
-        # H100, RESULTS.md 2026-12-05)
+        # The decode step's stages: float8 linear layers through the kernels, 16-bit ones too
+        # at up to 32 rows (`Kernels.wide_linears`; a gate_up with its SwiGLU in one launch),
+        # the rotary stage inside the KV append (both one launch where there were two and
+        # three: -0.2 ms a Llama-3-8B step on the H100, RESULTS.md 2026-12-05)
         self.ops = dataclasses.replace(compiled_ops(self.device), linear=self.kernels.linear,
                                        linear_swiglu=self.kernels.linear_swiglu,
                                        rope_qk=_rope_in_kv_append)
-        # ... and, with float8 weights, each residual add and RMS norm inside the GEMMs either
-        # side of it (the producing GEMM adds into the stream and sums squares, the consuming
+        # ... and, where the kernel runs the GEMMs, each residual add and RMS norm inside the
+        # GEMMs either side of it (the producing GEMM adds into the stream and sums squares, the consuming
         # one normalises as it reads): `step_ops`
         self.residual_ops = dataclasses.replace(
             self.ops, add_norm=deferred_add_norm(self.ops.add_norm),
