@@ -42,6 +42,7 @@ from polarc.models.load import Model, random_identity, random_weights, rope_para
 from polarc.models.presets import get_preset, hf_config
 from polarc.models.tokenizer import ByteTokenizer
 from polarc.outputs import write_json
+from polarc.runtime.kernels import WIDE_KERNEL_ROWS
 from polarc.runtime.torch_runtime import Runtime
 
 CASES = [("llama3-8b", 32, 8192), ("llama3-8b", 64, 4096), ("llama2-7b", 16, 4096)]
@@ -135,15 +136,19 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
     """Dense and sparse steps of one case; `linears`: time each mode with the 16-bit linear
     layers through each of ``kernel`` (the FP8 linear kernel, `Kernels.wide_linears`) and
     ``cublas`` (F.linear), interleaved; default: the runtime's choice. Float8 weights always
-    take the kernel."""
+    take the kernel, 16-bit ones above `WIDE_KERNEL_ROWS` rows never."""
     device = torch.device("cuda")
     rt = case_runtime(name, batch, seqlen, density, variant, engine)
     engine = rt.engine
     spec = engine.model.spec
     wbytes = weight_bytes(engine.model)
     tokens = torch.randint(0, spec.vocab, (batch,), device=device)
-    if variant == "fp8-all" or not linears:
-        linears = ("kernel" if variant == "fp8-all" or rt.kernels.wide_linears else "cublas",)
+    if variant == "fp8-all":
+        linears = ("kernel",)
+    elif batch > WIDE_KERNEL_ROWS:  # where the runtime sends 16-bit weights to cuBLAS only
+        linears = ("cublas",)
+    elif not linears:
+        linears = ("kernel" if rt.kernels.wide_linears else "cublas",)
     records = []
     for mode in ("dense", "sparse"):
         rt.set_dense(mode == "dense")
