@@ -490,6 +490,19 @@ def test_tiled_fp8_linears_on_cuda_match_cpu(rows: int, fp8_weight_engine: Path)
         assert ((got - want).norm() / want.norm()).item() < 1e-3, name
 
 
+def _small_llama_runtime(monkeypatch, variant: str):
+    """A CUDA runtime on a 2-layer Llama-3-architecture engine (random weights, `variant`'s
+    dtypes as in `bench_e2e`), 4 rows of 300 positions, sparse."""
+    import polarc.benchmarks.bench_e2e as bench_e2e
+
+    from polarc.models.presets import get_preset
+
+    small = dataclasses.replace(get_preset("llama3-8b"), n_layers=2, hidden=1024, n_heads=8,
+                                n_kv_heads=2, intermediate=2048, vocab=512)
+    monkeypatch.setattr(bench_e2e, "get_preset", lambda name: small)
+    return bench_e2e.case_runtime("small", 4, 300, 0.5, variant)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_residual_and_norms_inside_the_fp8_gemms_match_their_own_launches(monkeypatch
@@ -498,14 +511,7 @@ def test_gpu_residual_and_norms_inside_the_fp8_gemms_match_their_own_launches(mo
     with each residual add and RMS norm inside the float8 GEMMs either side of it (the
     default, `Runtime.residual_ops`) against the same step with them as their own launches:
     the same logits and cache writes up to rounding, the same next tokens."""
-    import polarc.benchmarks.bench_e2e as bench_e2e
-
-    from polarc.models.presets import get_preset
-
-    small = dataclasses.replace(get_preset("llama3-8b"), n_layers=2, hidden=1024, n_heads=8,
-                                n_kv_heads=2, intermediate=2048, vocab=512)
-    monkeypatch.setattr(bench_e2e, "get_preset", lambda name: small)
-    rt = bench_e2e.case_runtime("small", 4, 300, 0.5, "fp8-all")
+    rt = _small_llama_runtime(monkeypatch, "fp8-all")
     assert rt.step_ops() is rt.residual_ops
     for b, length in enumerate((299, 1, 129, 0)):  # row 3 holds no sequence
         rt.cache.set_length(b, length)
@@ -541,14 +547,7 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
     layers through the FP8 linear kernel (`Kernels.wide_linears`, with the SwiGLU, residual
     add and RMS norm fusions) against the same step through cuBLAS and separate launches: the
     same logits up to rounding, the same next tokens."""
-    import polarc.benchmarks.bench_e2e as bench_e2e
-
-    from polarc.models.presets import get_preset
-
-    small = dataclasses.replace(get_preset("llama3-8b"), n_layers=2, hidden=1024, n_heads=8,
-                                n_kv_heads=2, intermediate=2048, vocab=512)
-    monkeypatch.setattr(bench_e2e, "get_preset", lambda name: small)
-    rt = bench_e2e.case_runtime("small", 4, 300, 0.5, variant)
+    rt = _small_llama_runtime(monkeypatch, variant)
     tokens = torch.tensor([5, 7, 11, 13], device="cuda")
     logits = {}
     for wide in (False, True):

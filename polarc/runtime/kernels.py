@@ -70,7 +70,7 @@ class AddedDelta:
 
 @dataclass(frozen=True)
 class NormedRows:
-    """An RMS norm in parts, not yet applied: the next float8 GEMM applies it to its rows'
+    """An RMS norm in parts, not yet applied: the next GEMM applies it to its rows'
     products (`fp8_linear(norm=)`); `h`: the residual rows it is the norm of."""
 
     h: torch.Tensor
@@ -119,7 +119,7 @@ class Kernels:
         `<name>.weight_scale` rows; in `load_engine`'s tiles or ``[N, K]``) widened for
         cuBLAS on CUDA, through their reference elsewhere, and 16-bit weights by F.linear."""
         if isinstance(x, NormedRows):
-            return self._fp8_normed(model, x, name)
+            return self._linear_of_norm(model, x, name)
         w = model.weights[name + ".weight"]
         bias = model.weights.get(name + ".bias")
         x2 = x.reshape(-1, x.shape[-1])
@@ -171,7 +171,7 @@ class Kernels:
         (the epilogue pairs gate and up) where `_kernel_weight` gives the kernel its weight;
         None otherwise (the CPU, prefill)."""
         if isinstance(x, NormedRows):
-            return self._fp8_normed(model, x, name, swiglu=True)
+            return self._linear_of_norm(model, x, name, swiglu=True)
         x2 = x.reshape(-1, x.shape[-1])
         operands = self._kernel_weight(model, name, x2)
         if operands is None:
@@ -206,7 +206,7 @@ class Kernels:
             prefetch=_next_fp8_tiles(model, name))
         return AddedDelta(parts, weight)
 
-    def _fp8_normed(self, model: Any, x: NormedRows, name: str, *,
+    def _linear_of_norm(self, model: Any, x: NormedRows, name: str, *,
                     swiglu: bool = False) -> torch.Tensor:
         """Linear layer `name` (through the kernel) of the RMS norm `x` stands for."""
         parts = x.norm
