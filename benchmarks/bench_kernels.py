@@ -605,6 +605,22 @@ def _step_order_chain(x: torch.Tensor, layers: list[dict], head: Any,
     return lin(x, "lm_head", head)
 
 
+def _plan_override(spec: tuple[int, ...], m: int, n: int, k: int,
+                   device: torch.device) -> Any:
+    """The planner's plan for an ``[m, k] x [k, n]`` GEMM with `spec`'s fields in place:
+    ``(WARPS, STAGES[, BLOCK_M[, SPLIT[, SWAP[, PAIR]]]])``, a SPLIT of 0 the planner's."""
+    from polarc.plugins.fp8_linear import plan_fp8_linear
+
+    plan = plan_fp8_linear(m, n, k, sms=num_sms(device))
+    warps, stages, *more = spec
+    return dataclasses.replace(
+        plan, num_warps=warps, num_stages=stages,
+        block_m=more[0] if more else plan.block_m,
+        split_k=more[1] if len(more) > 1 and more[1] else plan.split_k,
+        swap_ab=bool(more[2]) if len(more) > 2 else plan.swap_ab,
+        x_pair=bool(more[3]) if len(more) > 3 else plan.x_pair)
+
+
 def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,),
                        tiles: tuple[str, ...] = ()) -> list[dict]:
     """A decode step's FP8 linear layers alone, in step order: Llama-3-8B's 32 layers (qkv,
@@ -618,7 +634,7 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     tiles of that shape, the planner's plans with those warps and pipeline stages (and rows
     per program, split-K (0: the planner's), the transposed product and x as two float8
     terms, where given), with the prefetch."""
-    from polarc.plugins.fp8_linear import fp8_linear, plan_fp8_linear
+    from polarc.plugins.fp8_linear import fp8_linear
 
     from polarc.format.engine_file import FP8_TILE, quantize_rows, tile_fp8
 
@@ -649,17 +665,8 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
             def lin(x, name, wp, nxt=None, m=m, override=override, prefetch=prefetch):
-                plan = None
-                if override is not None:
-                    plan = plan_fp8_linear(m, wp[1].shape[0], x.shape[1], sms=num_sms(device))
-                    more = override[2:]
-                    block_m = more[0] if more else plan.block_m
-                    split = more[1] if len(more) > 1 and more[1] else plan.split_k
-                    swap = bool(more[2]) if len(more) > 2 else plan.swap_ab
-                    pair = bool(more[3]) if len(more) > 3 else plan.x_pair
-                    plan = dataclasses.replace(plan, num_warps=override[0],
-                                               num_stages=override[1], block_m=block_m,
-                                               split_k=split, swap_ab=swap, x_pair=pair)
+                plan = None if override is None else _plan_override(
+                    override, m, wp[1].shape[0], x.shape[1], device)
                 return fp8_linear(x, *wp, swiglu=name == "gate_up", plan=plan,
                                   prefetch=nxt[0] if prefetch and nxt else None)
 
@@ -681,15 +688,17 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
     return records
 
 
-def bf16_linear_chain_cases(*, bw: float, device: torch.device,
-                            rows: tuple[int, ...] = (32,)) -> list[dict]:
+def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,),
+                            plans: tuple[str, ...] = ()) -> list[dict]:
     """`linear_chain_cases`' chain with bf16 weights, a step's linear layers when only the KV
     cache is float8: cuBLAS (`F.linear` on ``[N, K]``, the runtime's path; gate_up's output
     halved by slicing, its SwiGLU left out: the GEMMs alone) against `fp8_linear` on the same
     ``[N, K]`` rows (what the runtime could hand it without changing prefill's weights) and
     on 16-bit tiles of 128 x 64 values, no widening either way, SwiGLU in gate_up's epilogue,
-    the tiles without and with the L2 prefetch; floor = the bf16 weight bytes / copy
-    bandwidth."""
+    the tiles without and with the L2 prefetch; then once per entry of `plans`,
+    ``BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x64x4x5``): the kernel
+    on the ``[N, K]`` rows with the planner's plans so changed (a SPLIT of 0 the planner's);
+    floor = the bf16 weight bytes / copy bandwidth."""
     from polarc.plugins.fp8_linear import fp8_linear
 
     from polarc.format.engine_file import tile_fp8
@@ -706,25 +715,37 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device,
               for name, w in layer.items()} for layer in rows_first]
     head_tiles = tile_fp8(head, tile=(128, 64))
     records = []
-    for layout in ("cublas", "rows", "tiles", "tiles+pf"):
-        ws, lm = (rows_first, head) if layout in ("cublas", "rows") else (tiles, head_tiles)
+    for layout in ("cublas", "rows", "tiles", "tiles+pf", *(f"rows {p}" for p in plans)):
+        ws, lm = (tiles, head_tiles) if layout.startswith("tiles") else (rows_first, head)
+        spec = tuple(int(v) for v in layout.split()[1].split("x")) if " " in layout else None
         for m in rows:
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
-            def lin(x, name, w, nxt=None, layout=layout):
+            def lin(x, name, w, nxt=None, layout=layout, spec=spec, m=m):
                 if layout == "cublas":
                     y = F.linear(x, w)
                     return y[:, :y.shape[1] // 2] if name == "gate_up" else y
-                return fp8_linear(x, w, ones[name], swiglu=name == "gate_up",
+                plan = None
+                if spec is not None:
+                    plan = dataclasses.replace(
+                        _plan_override(spec[2:], m, w.shape[0], x.shape[1], device),
+                        block_n=spec[0], block_k=spec[1])
+                return fp8_linear(x, w, ones[name], swiglu=name == "gate_up", plan=plan,
                                   prefetch=nxt if layout == "tiles+pf" else None)
 
             def chain(x0=x0, ws=ws, lm=lm, lin=lin):
                 return _step_order_chain(x0, ws, lm, lin)
 
-            ms = time_graph([chain], reps=15)
-            records.append(dict(op="bf16_linear_chain", M=m, layout=layout, floor_ms=floor,
-                                weight_gb=wbytes / 1e9, ms=ms, x_floor=ms / floor))
-            _log(f"bf16 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
+            rec = dict(op="bf16_linear_chain", M=m, layout=layout, floor_ms=floor,
+                       weight_gb=wbytes / 1e9)
+            try:
+                ms = time_graph([chain], reps=15)
+                rec.update(ms=ms, x_floor=ms / floor)
+                _log(f"bf16 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
+            except Exception as exc:  # e.g. a plan over the shared memory: keep going
+                rec["error"] = str(exc)[:200]
+                _log(f"bf16 linear chain M={m} {layout}: {str(exc)[:200]}")
+            records.append(rec)
     return records
 
 
@@ -736,8 +757,8 @@ def format_linear_chain(records: list[dict]) -> str:
             lines += ["", f"A step's {what} linear layers alone (Llama-3-8B, {CHAIN_LAYERS} layers "
                           f"+ LM head, {rows[0]['weight_gb']:.2f} GB, floor "
                           f"{rows[0]['floor_ms']:.3f} ms)",
-                      f"{'M':>4}  {'weights':<9}{'ms':>8}{'x floor':>9}"]
-            lines += [f"{r['M']:>4}  {r['layout']:<9}{r['ms']:>8.3f}{r['x_floor']:>9.2f}"
+                      f"{'M':>4}  {'weights':<24}{'ms':>8}{'x floor':>9}"]
+            lines += [f"{r['M']:>4}  {r['layout']:<24}{r['ms']:>8.3f}{r['x_floor']:>9.2f}"
                       for r in rows]
     return "\n".join(lines)
 
@@ -909,7 +930,7 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           linear: bool = False, linear_sweep: bool = False,
                           sweep_rows: tuple[int, ...] = SWEEP_ROWS,
                           linear_chain: bool = False, chain_rows: tuple[int, ...] = (32,),
-                          chain_tiles: tuple[str, ...] = (),
+                          chain_tiles: tuple[str, ...] = (), chain_plans: tuple[str, ...] = (),
                           bf16_chain: bool = False) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
@@ -939,7 +960,8 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
     if linear_chain:
         records += linear_chain_cases(bw=bw, device=device, rows=chain_rows, tiles=chain_tiles)
     if bf16_chain:
-        records += bf16_linear_chain_cases(bw=bw, device=device, rows=chain_rows)
+        records += bf16_linear_chain_cases(bw=bw, device=device, rows=chain_rows,
+                                           plans=chain_plans)
     print(format_table(records, env) + format_paged(records) + format_linear(records)
           + format_linear_sweep(records) + format_linear_chain(records))
     if json_path is not None:
@@ -969,6 +991,10 @@ def main() -> None:
     ap.add_argument("--chain-tiles", default="",
                     help="also tiles ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xPAIR]]]], "
                          "comma-separated (e.g. 128x256x4x3, 256x128x8x3x64x0x0x1)")
+    ap.add_argument("--chain-plans", default="",
+                    help="the bf16 chain also on [N, K] rows with plans "
+                         "BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]], "
+                         "comma-separated (e.g. 128x64x4x5,128x128x8x3x64)")
     ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),
                     help="the sweep's row counts, comma-separated (default: %(default)s)")
     args = ap.parse_args()
@@ -985,6 +1011,7 @@ def main() -> None:
                           linear_chain=args.fp8_linear_chain,
                           chain_rows=tuple(int(m) for m in args.chain_rows.split(",")),
                           chain_tiles=tuple(t for t in args.chain_tiles.split(",") if t),
+                          chain_plans=tuple(t for t in args.chain_plans.split(",") if t),
                           bf16_chain=args.bf16_linear_chain)
 
 
