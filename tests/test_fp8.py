@@ -556,4 +556,6 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
         logits[wide] = rt.decode_step(tokens).float()
     err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
     assert err < 2e-2
-    assert torch.equal(logits[True].argmax(-1), logits[False].argmax(-1))
+    # the same next tokens, up to near ties (bf16 logits differ by ~0.01 between the routes)
+    picked = logits[False].gather(1, logits[True].argmax(-1, keepdim=True))[:, 0]
+    assert (logits[False].max(-1).values - picked).max() < 0.05

@@ -602,7 +602,7 @@ def test_wide_weights_match_reference(split, swiglu, tile):
     w2 = (torch.randn(48, n, generator=g) / n ** 0.5).to(DEVICE, torch.float16)
     w2t = w2 if tile is None else tile_fp8(w2, tile=tile)
     got = fp8_linear(parts.scaled, w2t, torch.ones(48, device=DEVICE), plan=plan, norm=parts)
-    want = fp8_linear_reference(norm(want_h, weight, None, 1e-5), w2, torch.ones(48))
+    want = fp8_linear_reference(norm(want_h, weight, None, 1e-5), w2, torch.ones(48, device=DEVICE))
     assert _rel(got, want) < 1e-2
 
 
