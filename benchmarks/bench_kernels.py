@@ -697,7 +697,8 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
     on 16-bit tiles of 128 x 64 values, no widening either way, SwiGLU in gate_up's epilogue,
     the tiles without and with the L2 prefetch; then once per entry of `plans`,
     ``BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x64x4x5``): the kernel
-    on the ``[N, K]`` rows with the planner's plans so changed (a SPLIT of 0 the planner's);
+    on the ``[N, K]`` rows with the planner's plans so changed (a SPLIT of 0 the planner's),
+    or, as ``tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]``, on the tiles with the prefetch;
     floor = the bf16 weight bytes / copy bandwidth."""
     from polarc.plugins.fp8_linear import fp8_linear
 
@@ -715,9 +716,12 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
               for name, w in layer.items()} for layer in rows_first]
     head_tiles = tile_fp8(head, tile=(128, 64))
     records = []
-    for layout in ("cublas", "rows", "tiles", "tiles+pf", *(f"rows {p}" for p in plans)):
+    for layout in ("cublas", "rows", "tiles", "tiles+pf",
+                   *(f"tiles+pf {p[1:]}" if p.startswith("t") else f"rows {p}" for p in plans)):
         ws, lm = (tiles, head_tiles) if layout.startswith("tiles") else (rows_first, head)
         spec = tuple(int(v) for v in layout.split()[1].split("x")) if " " in layout else None
+        if spec is not None and layout.startswith("tiles"):  # (the tile fixes N and K)
+            spec = (128, 64, *spec)
         for m in rows:
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
@@ -731,7 +735,7 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
                         _plan_override(spec[2:], m, w.shape[0], x.shape[1], device),
                         block_n=spec[0], block_k=spec[1])
                 return fp8_linear(x, w, ones[name], swiglu=name == "gate_up", plan=plan,
-                                  prefetch=nxt if layout == "tiles+pf" else None)
+                                  prefetch=nxt if layout.startswith("tiles+pf") else None)
 
             def chain(x0=x0, ws=ws, lm=lm, lin=lin):
                 return _step_order_chain(x0, ws, lm, lin)
