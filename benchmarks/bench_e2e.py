@@ -130,13 +130,25 @@ def case_runtime(name: str, batch: int, seqlen: int, density: float, variant: st
     return rt
 
 
+def tile_wide_weights(rt: Runtime) -> None:
+    """The runtime's 16-bit linear weights laid out tile by tile in place
+    (`tile_fp8_weights(wide=True)`), their part views dropped first so the rows are freed."""
+    w, spec = rt.model.weights, rt.model.spec
+    for name in set(w) - set(stored_weights(w, spec)) - {"lm_head.weight"}:
+        del w[name]
+    tile_fp8_weights(w, wide=True)
+    add_part_views(w, spec)
+
+
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
              variant: str = "bf16", engine: Engine | None = None,
              profile: bool = False, linears: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Dense and sparse steps of one case; `linears`: time each mode with the 16-bit linear
-    layers through each of ``kernel`` (the FP8 linear kernel, `Kernels.wide_linears`) and
-    ``cublas`` (F.linear), interleaved; default: the runtime's choice. Float8 weights always
-    take the kernel, 16-bit ones above `WIDE_KERNEL_ROWS` rows never."""
+    layers through each of ``kernel`` (the FP8 linear kernel on their ``[N, K]`` rows,
+    `Kernels.wide_linears`), ``cublas`` (F.linear) and ``tiles`` (the kernel on them laid out
+    tile by tile, `tile_wide_weights`; last, as it re-lays the weights), interleaved by mode
+    for the first two; default: the runtime's choice. Float8 weights always take the kernel,
+    16-bit rows above `WIDE_KERNEL_ROWS` never."""
     device = torch.device("cuda")
     rt = case_runtime(name, batch, seqlen, density, variant, engine)
     engine = rt.engine
@@ -145,38 +157,42 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
     tokens = torch.randint(0, spec.vocab, (batch,), device=device)
     if variant == "fp8-all":
         linears = ("kernel",)
-    elif batch > WIDE_KERNEL_ROWS:  # where the runtime sends 16-bit weights to cuBLAS only
-        linears = ("cublas",)
     elif not linears:
-        linears = ("kernel" if rt.kernels.wide_linears else "cublas",)
+        linears = ("kernel" if rt.kernels.wide_linears and batch <= WIDE_KERNEL_ROWS
+                   else "cublas",)
+    elif batch > WIDE_KERNEL_ROWS:  # where the runtime sends 16-bit rows to cuBLAS only
+        linears = tuple(dict.fromkeys("cublas" if t == "kernel" else t for t in linears))
+    rows_first = [t for t in linears if t != "tiles"]
     records = []
-    for mode in ("dense", "sparse"):
+    for mode, through in [(m, t) for m in ("dense", "sparse") for t in rows_first] + [
+            (m, "tiles") for m in ("dense", "sparse") if "tiles" in linears]:
+        if through == "tiles" and mode == "dense":
+            tile_wide_weights(rt)
         rt.set_dense(mode == "dense")
-        for through in linears:
-            rt.kernels.wide_linears = through == "kernel"
-            ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
-                            reps=STEP_REPS)
-            ks = rt.k_per_layer
-            kv = sum(ks) * batch * seqlen * spec.head_dim * 2 * rt.cache.k[0].element_size()
-            floor_ms = (wbytes + kv) / bw * 1000
-            rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode,
-                   "variant": variant, "linears": through,
-                   "density": sum(ks) / (spec.n_kv_heads * spec.n_layers), "step_ms": ms,
-                   "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
-                   "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9,
-                   "kv_gb": kv / 1e9}
-            if mode == "sparse":
-                rec["router_ms"] = router_ms(rt, bw)
-                rec["router_share"] = rec["router_ms"] / ms
-            if profile:
-                try:
-                    rec["kernels"] = kernel_breakdown(lambda: (rt.seqlens.fill_(seqlen - 1),
-                                                               rt.decode_step(tokens)))
-                    print(format_kernels(rec), flush=True)
-                except Exception as exc:  # a failed profile must not lose the timed table
-                    print(f"profile failed: {str(exc)[:200]}", flush=True)
-            records.append(rec)
-            print(json.dumps(rec), flush=True)
+        rt.kernels.wide_linears = through != "cublas"
+        ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
+                        reps=STEP_REPS)
+        ks = rt.k_per_layer
+        kv = sum(ks) * batch * seqlen * spec.head_dim * 2 * rt.cache.k[0].element_size()
+        floor_ms = (wbytes + kv) / bw * 1000
+        rec = {"model": name, "batch": batch, "seqlen": seqlen, "mode": mode,
+               "variant": variant, "linears": through,
+               "density": sum(ks) / (spec.n_kv_heads * spec.n_layers), "step_ms": ms,
+               "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
+               "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9,
+               "kv_gb": kv / 1e9}
+        if mode == "sparse":
+            rec["router_ms"] = router_ms(rt, bw)
+            rec["router_share"] = rec["router_ms"] / ms
+        if profile:
+            try:
+                rec["kernels"] = kernel_breakdown(lambda: (rt.seqlens.fill_(seqlen - 1),
+                                                           rt.decode_step(tokens)))
+                print(format_kernels(rec), flush=True)
+            except Exception as exc:  # a failed profile must not lose the timed table
+                print(f"profile failed: {str(exc)[:200]}", flush=True)
+        records.append(rec)
+        print(json.dumps(rec), flush=True)
     for through in linears:
         dense, sparse = (r for r in records if r["linears"] == through)
         sparse["speedup"] = dense["step_ms"] / sparse["step_ms"]
@@ -231,7 +247,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
             continue
         sp = f"{r['speedup']:.2f} ({r['floor_ratio']:.2f})" if "speedup" in r else ""
         rs = f"{r['router_share'] * 100:.1f}%" if "router_share" in r else ""
-        cublas = ", cuBLAS linears" if r.get("linears") == "cublas" else ""
+        cublas = {"cublas": ", cuBLAS linears", "tiles": ", tiled linears"}.get(
+            r.get("linears"), "")
         lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | "
                      f"{r.get('variant', 'bf16')}{cublas} | {r['mode']} | "
                      f"{r['density']:.3f} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
@@ -286,7 +303,7 @@ def main() -> None:
     ap.add_argument("--cases", default=None,
                     help="comma-separated model:B:S, e.g. llama3-8b:32:8192 (default: §3's)")
     ap.add_argument("--linears", default=None,
-                    help="comma-separated kernel,cublas: time the 16-bit linear layers through "
+                    help="comma-separated kernel,cublas,tiles: time the 16-bit linear layers through "
                          "each (default: the runtime's choice)")
     ap.add_argument("--profile", action="store_true",
                     help="also list each step's kernels (torch profiler over graph replays)")
@@ -295,8 +312,8 @@ def main() -> None:
     if not set(variants) <= set(VARIANTS):
         sys.exit(f"Error: --variants takes {', '.join(VARIANTS)}, got {args.variants!r}")
     linears = tuple(args.linears.split(",")) if args.linears else ()
-    if not set(linears) <= {"kernel", "cublas"}:
-        sys.exit(f"Error: --linears takes kernel, cublas, got {args.linears!r}")
+    if not set(linears) <= {"kernel", "cublas", "tiles"}:
+        sys.exit(f"Error: --linears takes kernel, cublas, tiles, got {args.linears!r}")
     cases = None
     if args.cases:
         cases = [(m, int(b), int(s)) for m, b, s in (c.split(":") for c in args.cases.split(","))]

@@ -350,7 +350,8 @@ def fp8_widen(w: torch.Tensor, scale: torch.Tensor, k: int, dtype: torch.dtype, 
     docstring; `swiglu`: a gate_up's paired rows, put back in order), N = ``len(scale)``:
     ``w[n] * scale[n]`` in fp32, rounded once to `dtype`: what prefill hands cuBLAS. One read
     of the tiles and one write (about 3 bytes a value for bf16, against 5 and two passes for
-    its torch form, `polarc.format.engine_file.widen_fp8`, which defines it bitwise).
+    its torch form, `polarc.format.engine_file.widen_fp8`, which defines it bitwise). Tiles
+    of `dtype` itself (16-bit weights kept tile by tile, scale ones) come back untiled.
 
     Example::
 
@@ -358,10 +359,11 @@ def fp8_widen(w: torch.Tensor, scale: torch.Tensor, k: int, dtype: torch.dtype, 
     """
     check_launchable(_fp8_widen_kernel, w.device, "fp8_widen")
     n = scale.shape[0]
-    if w.dtype != FP8 or w.dim() != 4 or not w.is_contiguous() or tuple(w.shape[:2]) != (
-            cdiv(n, w.shape[2]), cdiv(k, w.shape[3])):
-        raise ValueError(f"fp8_widen: w must be contiguous float8_e4m3fn tiles [cdiv(N={n}, TN), "
-                         f"cdiv(K={k}, TK), TN, TK], got {w.dtype} {tuple(w.shape)}")
+    if w.dtype not in (FP8, dtype) or w.dim() != 4 or not w.is_contiguous() or tuple(
+            w.shape[:2]) != (cdiv(n, w.shape[2]), cdiv(k, w.shape[3])):
+        raise ValueError(f"fp8_widen: w must be contiguous float8_e4m3fn (or {dtype}) tiles "
+                         f"[cdiv(N={n}, TN), cdiv(K={k}, TK), TN, TK], got {w.dtype} "
+                         f"{tuple(w.shape)}")
     if scale.dtype != torch.float32 or scale.dim() != 1 or scale.stride(0) != 1:
         raise ValueError(f"fp8_widen: scale must be contiguous float32 [N], got {scale.dtype} "
                          f"{tuple(scale.shape)}")

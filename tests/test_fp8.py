@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from polarc.calibration import artifact
 from polarc.exporters.engine import BuildConfig, KVStats, build_engine, fp8_cache_layout
 from polarc.plugins.reference import (
@@ -545,17 +546,33 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
                                                                   ) -> None:
     """A sparse decode step of a Llama-architecture model with bf16 weights: its linear
     layers through the FP8 linear kernel (`Kernels.wide_linears`, with the SwiGLU, residual
-    add and RMS norm fusions) against the same step through cuBLAS and separate launches: the
-    same logits up to rounding, the same next tokens."""
+    add and RMS norm fusions), on their ``[N, K]`` rows and laid out tile by tile
+    (`bench_e2e.tile_wide_weights`), against the same step through cuBLAS and separate
+    launches: the same logits up to rounding, the same next tokens. The tiles at prefill's
+    row counts (widened back for cuBLAS) give the rows' products exactly."""
+    import polarc.benchmarks.bench_e2e as bench_e2e
+
     rt = _small_llama_runtime(monkeypatch, variant)
     tokens = torch.tensor([5, 7, 11, 13], device="cuda")
+    names = ("layers.0.qkv", "layers.0.o", "layers.0.gate_up", "layers.0.down", "lm_head")
+    x = {name: torch.randn(300, rt.model.weights[name + ".weight"].shape[1], device="cuda",
+                           dtype=torch.bfloat16) for name in names}
+    want = {name: F.linear(x[name], rt.model.weights[name + ".weight"]) for name in names}
     logits = {}
-    for wide in (False, True):
-        rt.kernels.wide_linears = wide
+    for route in ("cublas", "kernel", "tiles"):
+        if route == "tiles":
+            bench_e2e.tile_wide_weights(rt)
+        rt.kernels.wide_linears = route != "cublas"
         rt.seqlens.fill_(299)
-        logits[wide] = rt.decode_step(tokens).float()
-    err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
-    assert err < 2e-2
-    # the same next tokens, up to near ties (bf16 logits differ by ~0.01 between the routes)
-    picked = logits[False].gather(1, logits[True].argmax(-1, keepdim=True))[:, 0]
-    assert (logits[False].max(-1).values - picked).max() < 0.05
+        logits[route] = rt.decode_step(tokens).float()
+    for route in ("kernel", "tiles"):
+        err = ((logits[route] - logits["cublas"]).norm() / logits["cublas"].norm()).item()
+        assert err < 2e-2, route
+        # the same next tokens, up to near ties (bf16 logits differ by ~0.01 between routes)
+        picked = logits["cublas"].gather(1, logits[route].argmax(-1, keepdim=True))[:, 0]
+        assert (logits["cublas"].max(-1).values - picked).max() < 0.05, route
+    assert rt.model.weights["layers.0.gate_up.weight"].dim() == 4
+    tied = rt.model.spec.tie_embeddings
+    assert rt.model.weights["lm_head.weight"].dim() == (2 if tied else 4)
+    for name in names:
+        assert torch.equal(rt.kernels.linear(rt.model, x[name], name), want[name]), name

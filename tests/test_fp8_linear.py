@@ -392,8 +392,55 @@ def test_widen_refuses_weights_that_are_not_tiles():
     from polarc.plugins.fp8_linear import fp8_widen
 
     _, w, scale, _ = _inputs(1, 16, 64, torch.float32)
-    with pytest.raises(ValueError, match="fp8_widen: w must be contiguous float8_e4m3fn tiles"):
+    with pytest.raises(ValueError, match="fp8_widen: w must be contiguous float8_e4m3fn"):
         fp8_widen(w, scale, 64, torch.float32)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_16_bit_linear_weights_tiled_with_unit_scales(tied):
+    """`tile_fp8_weights(wide=True)`: each 16-bit linear layer's weight in `WIDE_TILE` tiles
+    (gate_up's rows paired) with a ``_scale`` of ones, the rows back by `untile_fp8`; an LM
+    head that is the embedding table, the table itself and norms stay as they are; without
+    `wide` nothing 16-bit moves."""
+    from polarc.format.engine_file import WIDE_TILE, tile_fp8_weights, untile_fp8
+
+    g = torch.Generator().manual_seed(0)
+    w = {name: torch.randn(*shape, generator=g).half() for name, shape in (
+        ("embed.weight", (50, 64)), ("layers.0.qkv.weight", (200, 64)),
+        ("layers.0.gate_up.weight", (256, 64)), ("layers.0.down.weight", (64, 128)),
+        ("layers.0.attn_norm.weight", (64,)))}
+    w["lm_head.weight"] = w["embed.weight"] if tied else torch.randn(50, 64, generator=g).half()
+    before = dict(w)
+    tile_fp8_weights(w)
+    assert all(w[n] is t for n, t in before.items()) and len(w) == len(before)
+    tile_fp8_weights(w, wide=True)
+    tiled = ["layers.0.qkv.weight", "layers.0.gate_up.weight", "layers.0.down.weight"]
+    tiled += [] if tied else ["lm_head.weight"]
+    for name in tiled:
+        n, k = before[name].shape
+        assert w[name].shape[2:] == WIDE_TILE and w[name].dtype == torch.float16
+        assert torch.equal(w[name + "_scale"], torch.ones(n))
+        swiglu = name.endswith("gate_up.weight")
+        assert torch.equal(untile_fp8(w[name], n, k, swiglu=swiglu), before[name])
+    for name in {"embed.weight", "layers.0.attn_norm.weight", "lm_head.weight"} - set(tiled):
+        assert w[name] is before[name]
+
+
+@needs_kernel
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_widen_of_16_bit_tiles_is_the_weight(swiglu):
+    """16-bit weights kept tile by tile (`tile_fp8_weights(wide=True)`: scale ones) come back
+    as the ``[N, K]`` weight, bit for bit (padded tiles included); in another dtype, refused."""
+    from polarc.plugins.fp8_linear import fp8_widen
+
+    from polarc.format.engine_file import tile_fp8
+
+    w = torch.randn(96, 200, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.float16)
+    tiles = tile_fp8(w, swiglu=swiglu, tile=(64, 64))
+    ones = torch.ones(96, device=DEVICE)
+    assert torch.equal(fp8_widen(tiles, ones, 200, torch.float16, swiglu=swiglu), w)
+    with pytest.raises(ValueError, match=r"float8_e4m3fn \(or torch.bfloat16\) tiles"):
+        fp8_widen(tiles, ones, 200, torch.bfloat16)
 
 
 @needs_kernel

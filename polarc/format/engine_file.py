@@ -168,11 +168,28 @@ def tile_fp8(w: torch.Tensor, *, swiglu: bool = False,
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16}  # (views that copy and pad bit for bit)
 
 
-def tile_fp8_weights(weights: dict[str, torch.Tensor]) -> None:
+# 16-bit weights' tiles: 128 x 64 values keep a K block at the float8 tiles' 16 KB
+WIDE_TILE = (128, 64)
+
+
+def tile_fp8_weights(weights: dict[str, torch.Tensor], *, wide: bool = False) -> None:
     """Every float8 ``[N, K]`` weight of a weights dict laid out by `tile_fp8`, in place (a
-    gate_up's rows paired for its SwiGLU): how float8 weights are kept on CUDA."""
+    gate_up's rows paired for its SwiGLU): how float8 weights are kept on CUDA. `wide`: the
+    16-bit linear layers' weights too (`fp8_weight_names`; an LM head that is the embedding
+    table stays ``[N, K]``), in `WIDE_TILE` tiles, each with ``<name>_scale`` ones (float32
+    [N]), so that they take the float8 tiles' paths: the FP8 linear kernel at decode sizes,
+    widened (here: untiled) for cuBLAS beyond. No part views may point into them (add them
+    after: `add_part_views` skips tiles)."""
     for name in [n for n, t in weights.items() if t.dtype == FP8_WEIGHT_DTYPE and t.dim() == 2]:
         weights[name] = tile_fp8(weights[name], swiglu=name.endswith(".gate_up.weight"))
+    if not wide:
+        return
+    tied = weights.get("lm_head.weight") is weights.get("embed.weight")
+    for name in fp8_weight_names(weights):
+        w = weights[name]
+        if w.dim() == 2 and w.element_size() == 2 and not (name == "lm_head.weight" and tied):
+            weights[name + "_scale"] = torch.ones(w.shape[0], device=w.device)
+            weights[name] = tile_fp8(w, swiglu=name.endswith(".gate_up.weight"), tile=WIDE_TILE)
 
 
 def untile_fp8(t: torch.Tensor, n: int, k: int, *, swiglu: bool = False) -> torch.Tensor:

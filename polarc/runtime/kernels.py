@@ -116,8 +116,9 @@ class Kernels:
     def linear(self, model: Any, x: torch.Tensor, name: str) -> torch.Tensor:
         """`model`'s linear layer `name` on x [..., K] (`layers.linear`'s contract): through
         the FP8 linear kernel where `_kernel_weight` gives it one, else float8 weights (with
-        `<name>.weight_scale` rows; in `load_engine`'s tiles or ``[N, K]``) widened for
-        cuBLAS on CUDA, through their reference elsewhere, and 16-bit weights by F.linear."""
+        `<name>.weight_scale` rows; in `load_engine`'s tiles or ``[N, K]``) and 16-bit tiles
+        (`tile_fp8_weights(wide=True)`, scales ones) widened for cuBLAS on CUDA, through
+        their reference elsewhere, and 16-bit ``[N, K]`` weights by F.linear."""
         if isinstance(x, NormedRows):
             return self._linear_of_norm(model, x, name)
         w = model.weights[name + ".weight"]
@@ -132,7 +133,7 @@ class Kernels:
 
             y = fp8_linear(x2 if x2.stride(-1) == 1 else x2.contiguous(), *operands, bias,
                            prefetch=_next_fp8_tiles(model, name))
-        elif w.dtype != reference.FP8:
+        elif w.dim() == 2 and w.dtype != reference.FP8:
             return F.linear(x, w, bias)
         elif self.device.type != "cuda":
             scale = model.weights[name + ".weight_scale"]
@@ -150,12 +151,13 @@ class Kernels:
     def _kernel_weight(self, model: Any, name: str, x2: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weight and per-channel scale with which the FP8 linear kernel runs linear layer
-        `name` on the rows x2 (CUDA, decode-sized): float8 weights, or, with `wide_linears`,
-        16-bit ``[N, K]`` rows in x's dtype (scale: ones); None where the kernel does not."""
+        `name` on the rows x2 (CUDA, decode-sized): float8 weights or tiles of any dtype
+        (`tile_fp8_weights`), or, with `wide_linears`, 16-bit ``[N, K]`` rows in x's dtype
+        (scale: ones); None where the kernel does not."""
         if self.device.type != "cuda" or x2.shape[0] > FP8_KERNEL_ROWS:
             return None
         w = model.weights[name + ".weight"]
-        if w.dtype == reference.FP8:
+        if w.dtype == reference.FP8 or w.dim() == 4:
             return w, model.weights[name + ".weight_scale"]
         if not (self.wide_linears and w.dtype == x2.dtype and w.dim() == 2
                 and w.is_contiguous() and x2.dtype != torch.float32
@@ -267,11 +269,12 @@ def _fp8_rows(w: torch.Tensor) -> bool:
 
 
 def _next_fp8_tiles(model: Any, name: str) -> torch.Tensor | None:
-    """The next linear layer's weight where it is float8 tiles, which `fp8_linear` prefetches
-    into L2 (the fp8-all step 1% shorter on the H100, RESULTS.md 2026-12-06)."""
+    """The next linear layer's weight where it is tiles (`tile_fp8_weights`), which
+    `fp8_linear` prefetches into L2 (the fp8-all step 1% shorter on the H100, RESULTS.md
+    2026-12-06)."""
     after = next_linear(model, name)
     w = model.weights.get(after + ".weight") if after else None
-    return w if w is not None and w.dtype == reference.FP8 and w.dim() == 4 else None
+    return w if w is not None and w.dim() == 4 else None
 
 
 def kernels_for(device: torch.device, head_dim: int) -> Kernels:
