@@ -621,6 +621,24 @@ def _plan_override(spec: tuple[int, ...], m: int, n: int, k: int,
         x_pair=bool(more[3]) if len(more) > 3 else plan.x_pair)
 
 
+def _time_chain(what: str, x0: torch.Tensor, layers: list[dict], head: Any,
+                lin: Callable[..., torch.Tensor], *, layout: str, floor: float,
+                weight_gb: float) -> dict:
+    """One chain (`_step_order_chain`) timed in a CUDA graph: its record, with the error
+    where it cannot run (e.g. a plan over the shared memory), so a sweep keeps going."""
+    m = x0.shape[0]
+    rec = dict(op=f"{what}_linear_chain", M=m, layout=layout, floor_ms=floor,
+               weight_gb=weight_gb)
+    try:
+        ms = time_graph([lambda: _step_order_chain(x0, layers, head, lin)], reps=15)
+        rec.update(ms=ms, x_floor=ms / floor)
+        _log(f"{what} linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
+    except Exception as exc:
+        rec["error"] = str(exc)[:200]
+        _log(f"{what} linear chain M={m} {layout}: {str(exc)[:200]}")
+    return rec
+
+
 def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,),
                        tiles: tuple[str, ...] = ()) -> list[dict]:
     """A decode step's FP8 linear layers alone, in step order: Llama-3-8B's 32 layers (qkv,
@@ -670,19 +688,8 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
                 return fp8_linear(x, *wp, swiglu=name == "gate_up", plan=plan,
                                   prefetch=nxt[0] if prefetch and nxt else None)
 
-            def chain(x0=x0, ws=ws, lm=lm, lin=lin):
-                return _step_order_chain(x0, ws, lm, lin)
-
-            rec = dict(op="fp8_linear_chain", M=m, layout=layout, floor_ms=floor,
-                       weight_gb=wbytes / 1e9)
-            try:
-                ms = time_graph([chain], reps=15)
-                rec.update(ms=ms, x_floor=ms / floor)
-                _log(f"fp8 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
-            except Exception as exc:  # e.g. a tile over the shared memory: keep going
-                rec["error"] = str(exc)[:200]
-                _log(f"fp8 linear chain M={m} {layout}: {str(exc)[:200]}")
-            records.append(rec)
+            records.append(_time_chain("fp8", x0, ws, lm, lin, layout=layout, floor=floor,
+                                       weight_gb=wbytes / 1e9))
         del ws, lm
         torch.cuda.empty_cache()
     return records
@@ -737,19 +744,8 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
                 return fp8_linear(x, w, ones[name], swiglu=name == "gate_up", plan=plan,
                                   prefetch=nxt if layout.startswith("tiles+pf") else None)
 
-            def chain(x0=x0, ws=ws, lm=lm, lin=lin):
-                return _step_order_chain(x0, ws, lm, lin)
-
-            rec = dict(op="bf16_linear_chain", M=m, layout=layout, floor_ms=floor,
-                       weight_gb=wbytes / 1e9)
-            try:
-                ms = time_graph([chain], reps=15)
-                rec.update(ms=ms, x_floor=ms / floor)
-                _log(f"bf16 linear chain M={m} {layout}: {ms:.3f} ms ({ms / floor:.2f}x floor)")
-            except Exception as exc:  # e.g. a plan over the shared memory: keep going
-                rec["error"] = str(exc)[:200]
-                _log(f"bf16 linear chain M={m} {layout}: {str(exc)[:200]}")
-            records.append(rec)
+            records.append(_time_chain("bf16", x0, ws, lm, lin, layout=layout, floor=floor,
+                                       weight_gb=wbytes / 1e9))
     return records
 
 
