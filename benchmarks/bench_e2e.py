@@ -130,25 +130,45 @@ def case_runtime(name: str, batch: int, seqlen: int, density: float, variant: st
     return rt
 
 
-def tile_wide_weights(rt: Runtime) -> None:
-    """The runtime's 16-bit linear weights laid out tile by tile in place
-    (`tile_fp8_weights(wide=True)`), their part views dropped first so the rows are freed."""
+ROW_PAD = 64  # values past K between padded rows (a row stride of 8320 bytes at K = 4096)
+
+
+def relayout_wide_weights(rt: Runtime, layout: str) -> None:
+    """The runtime's 16-bit linear weights re-laid in place, their part views dropped first
+    (so the old rows are freed) and made again: ``tiles`` (`tile_fp8_weights(wide=True)`) or
+    ``padded`` (``[N, K]`` rows `ROW_PAD` values apart, views of ``[N, K + ROW_PAD]``: a row
+    stride off a power of two, for cuBLAS and the kernel alike)."""
     w, spec = rt.model.weights, rt.model.spec
     for name in set(w) - set(stored_weights(w, spec)) - {"lm_head.weight"}:
         del w[name]
-    tile_fp8_weights(w, wide=True)
+    if layout == "tiles":
+        tile_fp8_weights(w, wide=True)
+    else:
+        tied = w.get("lm_head.weight") is w.get("embed.weight")
+        for name in fp8_weight_names(w):
+            t = w[name]
+            if t.dim() == 2 and t.element_size() == 2 and not (name == "lm_head.weight" and tied):
+                rows = torch.empty(t.shape[0], t.shape[1] + ROW_PAD, device=t.device, dtype=t.dtype)
+                w[name] = rows[:, :t.shape[1]].copy_(t)
     add_part_views(w, spec)
+
+
+# --linears routes: (the weights' layout, the 16-bit linears through the kernel); layouts are
+# re-laid in this order, once each
+ROUTES = {"kernel": ("rows", True), "cublas": ("rows", False), "padded": ("padded", True),
+          "padded-cublas": ("padded", False), "tiles": ("tiles", True)}
 
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
              variant: str = "bf16", engine: Engine | None = None,
              profile: bool = False, linears: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Dense and sparse steps of one case; `linears`: time each mode with the 16-bit linear
-    layers through each of ``kernel`` (the FP8 linear kernel on their ``[N, K]`` rows,
-    `Kernels.wide_linears`), ``cublas`` (F.linear) and ``tiles`` (the kernel on them laid out
-    tile by tile, `tile_wide_weights`; last, as it re-lays the weights), interleaved by mode
-    for the first two; default: the runtime's choice. Float8 weights always take the kernel,
-    16-bit rows above `WIDE_KERNEL_ROWS` never."""
+    layers through each of `ROUTES`: ``kernel`` (the FP8 linear kernel on their ``[N, K]``
+    rows, `Kernels.wide_linears`), ``cublas`` (F.linear), ``padded`` and ``padded-cublas``
+    (the same on padded rows) and ``tiles`` (the kernel on tiles), `relayout_wide_weights`
+    between layouts, the routes of one layout interleaved by mode; default: the runtime's
+    choice. Float8 weights always take the kernel, 16-bit rows above `WIDE_KERNEL_ROWS`
+    never."""
     device = torch.device("cuda")
     rt = case_runtime(name, batch, seqlen, density, variant, engine)
     engine = rt.engine
@@ -161,15 +181,18 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
         linears = ("kernel" if rt.kernels.wide_linears and batch <= WIDE_KERNEL_ROWS
                    else "cublas",)
     elif batch > WIDE_KERNEL_ROWS:  # where the runtime sends 16-bit rows to cuBLAS only
-        linears = tuple(dict.fromkeys("cublas" if t == "kernel" else t for t in linears))
-    rows_first = [t for t in linears if t != "tiles"]
-    records = []
-    for mode, through in [(m, t) for m in ("dense", "sparse") for t in rows_first] + [
-            (m, "tiles") for m in ("dense", "sparse") if "tiles" in linears]:
-        if through == "tiles" and mode == "dense":
-            tile_wide_weights(rt)
+        linears = tuple(dict.fromkeys({"kernel": "cublas", "padded": "padded-cublas"}.get(t, t)
+                                      for t in linears))
+    layouts = list(dict.fromkeys(layout for layout, _ in ROUTES.values()))
+    steps = [(m, t) for layout in layouts for m in ("dense", "sparse") for t in linears
+             if ROUTES[t][0] == layout]
+    records, current = [], "rows"
+    for mode, through in steps:
+        if ROUTES[through][0] != current:
+            current = ROUTES[through][0]
+            relayout_wide_weights(rt, current)
         rt.set_dense(mode == "dense")
-        rt.kernels.wide_linears = through != "cublas"
+        rt.kernels.wide_linears = ROUTES[through][1]
         ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
                         reps=STEP_REPS)
         ks = rt.k_per_layer
@@ -247,7 +270,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
             continue
         sp = f"{r['speedup']:.2f} ({r['floor_ratio']:.2f})" if "speedup" in r else ""
         rs = f"{r['router_share'] * 100:.1f}%" if "router_share" in r else ""
-        cublas = {"cublas": ", cuBLAS linears", "tiles": ", tiled linears"}.get(
+        cublas = {"cublas": ", cuBLAS linears", "tiles": ", tiled linears",
+                  "padded": ", padded rows", "padded-cublas": ", cuBLAS on padded rows"}.get(
             r.get("linears"), "")
         lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | "
                      f"{r.get('variant', 'bf16')}{cublas} | {r['mode']} | "
@@ -303,8 +327,8 @@ def main() -> None:
     ap.add_argument("--cases", default=None,
                     help="comma-separated model:B:S, e.g. llama3-8b:32:8192 (default: §3's)")
     ap.add_argument("--linears", default=None,
-                    help="comma-separated kernel,cublas,tiles: time the 16-bit linear layers through "
-                         "each (default: the runtime's choice)")
+                    help=f"comma-separated {','.join(ROUTES)}: time the 16-bit linear layers "
+                         "through each (default: the runtime's choice)")
     ap.add_argument("--profile", action="store_true",
                     help="also list each step's kernels (torch profiler over graph replays)")
     args = ap.parse_args()
@@ -312,8 +336,8 @@ def main() -> None:
     if not set(variants) <= set(VARIANTS):
         sys.exit(f"Error: --variants takes {', '.join(VARIANTS)}, got {args.variants!r}")
     linears = tuple(args.linears.split(",")) if args.linears else ()
-    if not set(linears) <= {"kernel", "cublas", "tiles"}:
-        sys.exit(f"Error: --linears takes kernel, cublas, tiles, got {args.linears!r}")
+    if not set(linears) <= set(ROUTES):
+        sys.exit(f"Error: --linears takes {', '.join(ROUTES)}, got {args.linears!r}")
     cases = None
     if args.cases:
         cases = [(m, int(b), int(s)) for m, b, s in (c.split(":") for c in args.cases.split(","))]

@@ -7,8 +7,9 @@ bytes halves their floor; the activations stay in their dtype (no activation qua
 Layouts:
 
 - ``x``      ``[M, K]`` bf16/fp16/fp32, last axis contiguous (any row stride).
-- ``w``      ``[N, K]`` float8_e4m3fn, contiguous: ``nn.Linear(K, N).weight`` quantized row by
-  row (row n = output channel n), as `polarc.format.engine_file.quantize_rows` stores it;
+- ``w``      ``[N, K]`` float8_e4m3fn, last axis contiguous (any row stride >= K):
+  ``nn.Linear(K, N).weight`` quantized row by row (row n = output channel n), as
+  `polarc.format.engine_file.quantize_rows` stores it;
   or laid out tile by tile, ``[cdiv(N, TN), cdiv(K, TK), TN, TK]`` (tile (i, j): rows TN*i..,
   columns TK*j.., zero-padded; with ``swiglu`` its rows interleaved gate 0, up 0, gate 1, ...),
   as `polarc.format.engine_file.tile_fp8` keeps a loaded engine's weights on CUDA: each K
@@ -154,7 +155,7 @@ def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
 def _fp8_linear_kernel(
     X, X2, XScale, W, Scale, Bias, Y, Part, Counters, Next, SumSq, NormW, Scaled,
     M, N, K, k_per_split, next_segs, next_seg_stride, next_seg_len, sumsq_cols, norm_eps,
-    stride_xm, stride_ym, stride_pk,
+    stride_xm, stride_ym, stride_pk, stride_wn,
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, SWIGLU: tl.constexpr = False, TILED: tl.constexpr = False,
@@ -200,7 +201,7 @@ def _fp8_linear_kernel(
             + ((pid_n % TILE_SLICES) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * BLOCK_K \
             + offs_k[None, :]
     else:
-        w_ptrs = W + rows[:, None].to(tl.int64) * K + (k_lo + offs_k)[None, :]
+        w_ptrs = W + rows[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     scale, bias, sumsq, h, g = _fp8_linear_operands(
         Scale, Bias, Y, SumSq, NormW, offs_m, rows, mask_m, mask_n, stride_ym, sumsq_cols,
         HAS_BIAS, RESIDUAL, NORM, SUMSQ_PAD)
@@ -558,11 +559,12 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     tiled_shape = w.dim() == 4 and tuple(w.shape[:2]) == (cdiv(n, w.shape[2]),
                                                           cdiv(k, w.shape[3]))
     wide = w.dtype == x.dtype and x.dtype != torch.float32  # 16-bit weights, x's dtype
-    if (w.dtype != FP8 and not wide) or not w.is_contiguous() or not (
-            (w.dim() == 2 and w.shape[1] == k) or tiled_shape):
-        raise ValueError(f"fp8_linear: w must be contiguous float8_e4m3fn (or x's bf16 / fp16) "
-                         f"[N, K={k}] or its tiles (module docstring), got {w.dtype} "
-                         f"{tuple(w.shape)} for {x.dtype} x")
+    rows = w.dim() == 2 and w.shape[1] == k and w.stride(1) == 1 and w.stride(0) >= k
+    if (w.dtype != FP8 and not wide) or not (rows or (tiled_shape and w.is_contiguous())):
+        raise ValueError(f"fp8_linear: w must be float8_e4m3fn (or x's bf16 / fp16) [N, K={k}] "
+                         f"rows with a contiguous last axis, or its contiguous tiles (module "
+                         f"docstring), got {w.dtype} {tuple(w.shape)} with strides "
+                         f"{w.stride()} for {x.dtype} x")
     if scale.dtype != torch.float32 or tuple(scale.shape) != (n,) or scale.stride(0) != 1:
         raise ValueError(f"fp8_linear: scale must be contiguous float32 [N={n}], got "
                          f"{scale.dtype} {tuple(scale.shape)}")
@@ -654,6 +656,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         norm_weight if residual is not None else scale, scaled,
         m, n, k, k_per_split, segs, seg_stride, seg_len, sumsq.shape[-1],
         float(norm.eps) if norm is not None else 0.0, x_hi.stride(0), out.stride(0), m * n,
+        0 if tiled else w.stride(0),
         HAS_BIAS=bias is not None, DOT_FP16=x.dtype != torch.float32,
         EVEN_K=k % plan.block_k == 0, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
         BLOCK_K=plan.block_k, SPLIT_K=split, SWIGLU=swiglu,

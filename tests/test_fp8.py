@@ -546,10 +546,10 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
                                                                   ) -> None:
     """A sparse decode step of a Llama-architecture model with bf16 weights: its linear
     layers through the FP8 linear kernel (`Kernels.wide_linears`, with the SwiGLU, residual
-    add and RMS norm fusions), on their ``[N, K]`` rows and laid out tile by tile
-    (`bench_e2e.tile_wide_weights`), against the same step through cuBLAS and separate
-    launches: the same logits up to rounding, the same next tokens. The tiles at prefill's
-    row counts (widened back for cuBLAS) give the rows' products exactly."""
+    add and RMS norm fusions), on their ``[N, K]`` rows, on rows with a padded stride and
+    laid out tile by tile (`bench_e2e.relayout_wide_weights`), against the same step through
+    cuBLAS and separate launches: the same logits up to rounding, the same next tokens. The
+    tiles at prefill's row counts (widened back for cuBLAS) give the rows' products exactly."""
     import polarc.benchmarks.bench_e2e as bench_e2e
 
     rt = _small_llama_runtime(monkeypatch, variant)
@@ -559,13 +559,15 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
                            dtype=torch.bfloat16) for name in names}
     want = {name: F.linear(x[name], rt.model.weights[name + ".weight"]) for name in names}
     logits = {}
-    for route in ("cublas", "kernel", "tiles"):
-        if route == "tiles":
-            bench_e2e.tile_wide_weights(rt)
+    for route in ("cublas", "kernel", "padded", "tiles"):
+        if route in ("padded", "tiles"):
+            bench_e2e.relayout_wide_weights(rt, route)
+        if route == "padded":
+            assert rt.model.weights["layers.0.o.weight"].stride(0) > rt.model.spec.hidden
         rt.kernels.wide_linears = route != "cublas"
         rt.seqlens.fill_(299)
         logits[route] = rt.decode_step(tokens).float()
-    for route in ("kernel", "tiles"):
+    for route in ("kernel", "padded", "tiles"):
         err = ((logits[route] - logits["cublas"]).norm() / logits["cublas"].norm()).item()
         assert err < 2e-2, route
         # the same next tokens, up to near ties (bf16 logits differ by ~0.01 between routes)

@@ -206,7 +206,7 @@ def test_plans_are_valid_for_many_shapes():
 @needs_kernel
 @pytest.mark.parametrize(("change", "message"), [
     (dict(x=torch.randn(3, 8, 64)), r"x must be \[M, K\]"),
-    (dict(w=torch.randn(16, 64)), "w must be contiguous float8_e4m3fn"),
+    (dict(w=torch.randn(16, 64)), "w must be float8_e4m3fn"),
     (dict(w=torch.zeros(16, 32).to(torch.float8_e4m3fn)), r"\[N, K=64\]"),
     (dict(scale=torch.ones(16, dtype=torch.float64)), "scale must be contiguous float32"),
     (dict(bias=torch.ones(15)), r"bias must be contiguous \[N=16\]"),
@@ -394,6 +394,26 @@ def test_widen_refuses_weights_that_are_not_tiles():
     _, w, scale, _ = _inputs(1, 16, 64, torch.float32)
     with pytest.raises(ValueError, match="fp8_widen: w must be contiguous float8_e4m3fn"):
         fp8_widen(w, scale, 64, torch.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("wide", [False, True])
+def test_row_strided_weights_match_contiguous_ones(wide):
+    """``[N, K]`` rows with a row stride past K (a view of ``[N, K + pad]``, float8 or x's
+    16-bit dtype): the same products as the contiguous weight, bit for bit."""
+    m, n, k = 5, 48, 200
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(m, k, generator=g).to(DEVICE, torch.float16)
+    w = torch.randn(n, k, generator=g) / k ** 0.5
+    w = w.to(DEVICE, torch.float16) if wide else w.to(torch.float8_e4m3fn).to(DEVICE)
+    padded = torch.zeros(n, k + 24, dtype=w.dtype, device=DEVICE)[:, :k]
+    padded.copy_(w)
+    scale = torch.rand(n, generator=g).to(DEVICE) + 0.5
+    plan = Fp8LinearPlan(16, 32, 32, num_warps=4, num_stages=2, split_k=2)
+    want = fp8_linear(x, w, scale, plan=plan)
+    assert torch.equal(fp8_linear(x, padded, scale, plan=plan), want)
+    with pytest.raises(ValueError, match="rows with a contiguous last axis"):
+        fp8_linear(x, torch.zeros(k, n, dtype=w.dtype, device=DEVICE).T, scale)
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -665,5 +685,5 @@ def test_wide_weight_plans_and_bad_dtypes():
         assert plan.num_stages == (min(planned.num_stages, 3) if m > 32 else planned.num_stages)
     x = torch.randn(4, 64)
     for xd, wd in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)):
-        with pytest.raises(ValueError, match="w must be contiguous float8_e4m3fn"):
+        with pytest.raises(ValueError, match="w must be float8_e4m3fn"):
             fp8_linear(x.to(xd), torch.zeros(8, 64, dtype=wd), torch.ones(8))

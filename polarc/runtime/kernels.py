@@ -153,14 +153,14 @@ class Kernels:
         """The weight and per-channel scale with which the FP8 linear kernel runs linear layer
         `name` on the rows x2 (CUDA, decode-sized): float8 weights or tiles of any dtype
         (`tile_fp8_weights`), or, with `wide_linears`, 16-bit ``[N, K]`` rows in x's dtype
-        (scale: ones); None where the kernel does not."""
+        (any row stride; not a transposed view; scale: ones); None where the kernel does not."""
         if self.device.type != "cuda" or x2.shape[0] > FP8_KERNEL_ROWS:
             return None
         w = model.weights[name + ".weight"]
         if w.dtype == reference.FP8 or w.dim() == 4:
             return w, model.weights[name + ".weight_scale"]
         if not (self.wide_linears and w.dtype == x2.dtype and w.dim() == 2
-                and w.is_contiguous() and x2.dtype != torch.float32
+                and w.stride(1) == 1 and w.stride(0) >= w.shape[1] and x2.dtype != torch.float32
                 and x2.shape[0] <= WIDE_KERNEL_ROWS):
             return None
         ones = self._ones.get(w.shape[0])
