@@ -12,7 +12,8 @@ runs each case with the cache in bf16, with the cache in float8 e4m3 (the same e
 per-group scales: one byte a value read and written by the Triton kernels), and with the
 linear layers' weights in float8 too (a scale per output channel, read by the FP8 linear
 kernel; embeddings and norms stay bf16). `--linears kernel,cublas` times each step twice in
-the same runtime, its 16-bit linear layers through the FP8 linear kernel and through cuBLAS.
+the same runtime, its 16-bit linear layers through the FP8 linear kernel and through cuBLAS
+(and `padded`, `padded-cublas`, `tiles`: the same on the weights re-laid, `ROUTES`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from polarc.exporters.engine import BuildConfig, KVStats, assemble, fp8_cache_la
 from polarc.format.engine_file import (
     Engine,
     fp8_weight_names,
+    pad_rows,
     quantize_rows,
     tile_fp8_weights,
+    wide_linear_names,
 )
 from polarc.models.layers import add_part_views, stored_weights
 from polarc.models.load import Model, random_identity, random_weights, rope_parameters
@@ -144,12 +147,8 @@ def relayout_wide_weights(rt: Runtime, layout: str) -> None:
     if layout == "tiles":
         tile_fp8_weights(w, wide=True)
     else:
-        tied = w.get("lm_head.weight") is w.get("embed.weight")
-        for name in fp8_weight_names(w):
-            t = w[name]
-            if t.dim() == 2 and t.element_size() == 2 and not (name == "lm_head.weight" and tied):
-                rows = torch.empty(t.shape[0], t.shape[1] + ROW_PAD, device=t.device, dtype=t.dtype)
-                w[name] = rows[:, :t.shape[1]].copy_(t)
+        for name in wide_linear_names(w):
+            w[name] = pad_rows(w[name], ROW_PAD)
     add_part_views(w, spec)
 
 
@@ -270,11 +269,11 @@ def format_table(records: list[dict[str, Any]]) -> str:
             continue
         sp = f"{r['speedup']:.2f} ({r['floor_ratio']:.2f})" if "speedup" in r else ""
         rs = f"{r['router_share'] * 100:.1f}%" if "router_share" in r else ""
-        cublas = {"cublas": ", cuBLAS linears", "tiles": ", tiled linears",
-                  "padded": ", padded rows", "padded-cublas": ", cuBLAS on padded rows"}.get(
+        route = {"cublas": ", cuBLAS linears", "tiles": ", tiled linears",
+                 "padded": ", padded rows", "padded-cublas": ", cuBLAS on padded rows"}.get(
             r.get("linears"), "")
         lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | "
-                     f"{r.get('variant', 'bf16')}{cublas} | {r['mode']} | "
+                     f"{r.get('variant', 'bf16')}{route} | {r['mode']} | "
                      f"{r['density']:.3f} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | "
                      f"{r['ratio_to_floor']:.2f} | {r['tokens_per_s']:.0f} | {sp} | {rs} |")
     return "\n".join(lines)

@@ -711,7 +711,7 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
     weight bytes / copy bandwidth."""
     from polarc.plugins.fp8_linear import fp8_linear
 
-    from polarc.format.engine_file import tile_fp8
+    from polarc.format.engine_file import pad_rows, tile_fp8
 
     shapes = dict((name, (n, k)) for name, n, k in LINEAR_SHAPES)
     rows_first = [{name: torch.randn(n, k, device=device, dtype=torch.bfloat16) / math.sqrt(k)
@@ -725,12 +725,8 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
               for name, w in layer.items()} for layer in rows_first]
     head_tiles = tile_fp8(head, tile=(128, 64))
 
-    def padded(w: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(w.shape[0], w.shape[1] + pad, device=device, dtype=w.dtype)
-        return out[:, :w.shape[1]].copy_(w)
-
-    by_rows_padded = ([{name: padded(w) for name, w in layer.items()} for layer in rows_first],
-                      padded(head)) if pad else None
+    by_rows_padded = ([{name: pad_rows(w, pad) for name, w in layer.items()}
+                       for layer in rows_first], pad_rows(head, pad)) if pad else None
     records = []
     for layout in ("cublas", "rows", *(("cublas+pad", "rows+pad") if pad else ()), "tiles",
                    "tiles+pf",

@@ -182,14 +182,25 @@ def tile_fp8_weights(weights: dict[str, torch.Tensor], *, wide: bool = False) ->
     after: `add_part_views` skips tiles)."""
     for name in [n for n, t in weights.items() if t.dtype == FP8_WEIGHT_DTYPE and t.dim() == 2]:
         weights[name] = tile_fp8(weights[name], swiglu=name.endswith(".gate_up.weight"))
-    if not wide:
-        return
-    tied = weights.get("lm_head.weight") is weights.get("embed.weight")
-    for name in fp8_weight_names(weights):
+    for name in wide_linear_names(weights) if wide else ():
         w = weights[name]
-        if w.dim() == 2 and w.element_size() == 2 and not (name == "lm_head.weight" and tied):
-            weights[name + "_scale"] = torch.ones(w.shape[0], device=w.device)
-            weights[name] = tile_fp8(w, swiglu=name.endswith(".gate_up.weight"), tile=WIDE_TILE)
+        weights[name + "_scale"] = torch.ones(w.shape[0], device=w.device)
+        weights[name] = tile_fp8(w, swiglu=name.endswith(".gate_up.weight"), tile=WIDE_TILE)
+
+
+def wide_linear_names(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The 16-bit ``[N, K]`` linear layers' weights of a weights dict (`fp8_weight_names`),
+    less an LM head that is the embedding table (the embedding gathers its rows)."""
+    tied = weights.get("lm_head.weight") is weights.get("embed.weight")
+    return [n for n in fp8_weight_names(weights) if weights[n].dim() == 2
+            and weights[n].element_size() == 2 and not (n == "lm_head.weight" and tied)]
+
+
+def pad_rows(w: torch.Tensor, pad: int) -> torch.Tensor:
+    """``w`` ``[N, K]`` as rows `pad` values apart: a view of a new ``[N, K + pad]`` (a row
+    stride off a power of two; cuBLAS and `fp8_linear` take such rows as they are)."""
+    rows = torch.empty(w.shape[0], w.shape[1] + pad, device=w.device, dtype=w.dtype)
+    return rows[:, :w.shape[1]].copy_(w)
 
 
 def untile_fp8(t: torch.Tensor, n: int, k: int, *, swiglu: bool = False) -> torch.Tensor:
