@@ -11,9 +11,9 @@ KV bytes read) ÷ the copy bandwidth measured in the same run. `--variants bf16,
 runs each case with the cache in bf16, with the cache in float8 e4m3 (the same engine with
 per-group scales: one byte a value read and written by the Triton kernels), and with the
 linear layers' weights in float8 too (a scale per output channel, read by the FP8 linear
-kernel; embeddings and norms stay bf16). `--linears kernel,cublas` times each step twice in
-the same runtime, its 16-bit linear layers through the FP8 linear kernel and through cuBLAS
-(and `padded`, `padded-cublas`, `tiles`: the same on the weights re-laid, `ROUTES`).
+kernel; embeddings and norms stay bf16). The 16-bit linear layers take the runtime's route
+(tiles through the FP8 linear kernel up to `TILED_LINEAR_ROWS` rows); `--linears
+tiles,kernel,cublas` times each step on each of `ROUTES` in the same runtime.
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from polarc.exporters.engine import BuildConfig, KVStats, assemble, fp8_cache_la
 from polarc.format.engine_file import (
     Engine,
     fp8_weight_names,
-    pad_rows,
+    lay_out_wide_linears,
     quantize_rows,
     tile_fp8_weights,
-    wide_linear_names,
 )
 from polarc.models.layers import add_part_views, stored_weights
 from polarc.models.load import Model, random_identity, random_weights, rope_parameters
@@ -98,6 +97,7 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
                               spec.head_dim)
     model = engine.model
     if weights:
+        lay_out_wide_linears(engine, tiles=False)  # (a runtime before may have tiled them)
         w = dict(model.weights)
         for name in fp8_weight_names(stored_weights(w, spec)):
             w[name], w[name + "_scale"] = quantize_rows(w[name])
@@ -133,41 +133,44 @@ def case_runtime(name: str, batch: int, seqlen: int, density: float, variant: st
     return rt
 
 
-ROW_PAD = 64  # values past K between padded rows (a row stride of 8320 bytes at K = 4096)
+# --linears routes: (16-bit linear weights as tiles, the kernel on their [N, K] rows)
+ROUTES = {"tiles": (True, True), "kernel": (False, True), "cublas": (False, False)}
 
 
-def relayout_wide_weights(rt: Runtime, layout: str) -> None:
-    """The runtime's 16-bit linear weights re-laid in place, their part views dropped first
-    (so the old rows are freed) and made again: ``tiles`` (`tile_fp8_weights(wide=True)`) or
-    ``padded`` (``[N, K]`` rows `ROW_PAD` values apart, views of ``[N, K + ROW_PAD]``: a row
-    stride off a power of two, for cuBLAS and the kernel alike)."""
-    w, spec = rt.model.weights, rt.model.spec
-    for name in set(w) - set(stored_weights(w, spec)) - {"lm_head.weight"}:
-        del w[name]
-    if layout == "tiles":
-        tile_fp8_weights(w, wide=True)
-    else:
-        for name in wide_linear_names(w):
-            w[name] = pad_rows(w[name], ROW_PAD)
-    add_part_views(w, spec)
+def tiled_linears(rt: Runtime) -> bool:
+    """Whether the runtime's 16-bit linear weights are tiles (`lay_out_wide_linears`)."""
+    return any(t.dim() == 4 and t.element_size() == 2 for t in rt.model.weights.values())
 
 
-# --linears routes: (the weights' layout, the 16-bit linears through the kernel); layouts are
-# re-laid in this order, once each
-ROUTES = {"kernel": ("rows", True), "cublas": ("rows", False), "padded": ("padded", True),
-          "padded-cublas": ("padded", False), "tiles": ("tiles", True)}
+PREFILL_LENGTHS = (256, 2048)  # `--prefill`: a short chunk (the kernel's rows) and a pack
+
+
+def prefill_ms(rt: Runtime, length: int, reps: int = 5) -> float:
+    """Median wall ms of a `length`-token prefill chunk into slot 0 (whose pages hold it),
+    after two calls not timed (compilation, cuBLAS's choices)."""
+    g = torch.Generator().manual_seed(length)
+    ids = torch.randint(3, rt.spec.vocab, (length,), generator=g).tolist()
+    times = []
+    for _ in range(reps + 2):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        rt.prefill_chunk(0, ids, 0)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times[2:])[reps // 2]
 
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
              variant: str = "bf16", engine: Engine | None = None,
-             profile: bool = False, linears: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+             profile: bool = False, linears: tuple[str, ...] = (), prefill: bool = False
+             ) -> list[dict[str, Any]]:
     """Dense and sparse steps of one case; `linears`: time each mode with the 16-bit linear
-    layers through each of `ROUTES`: ``kernel`` (the FP8 linear kernel on their ``[N, K]``
-    rows, `Kernels.wide_linears`), ``cublas`` (F.linear), ``padded`` and ``padded-cublas``
-    (the same on padded rows) and ``tiles`` (the kernel on tiles), `relayout_wide_weights`
-    between layouts, the routes of one layout interleaved by mode; default: the runtime's
-    choice. Float8 weights always take the kernel, 16-bit rows above `WIDE_KERNEL_ROWS`
-    never."""
+    layers through each of `ROUTES`: ``tiles`` (the FP8 linear kernel on tiles), ``kernel``
+    (the kernel on their ``[N, K]`` rows, `Kernels.wide_linears`) and ``cublas`` (F.linear
+    on the rows), re-laid in place between layouts (`lay_out_wide_linears`), the routes of
+    one layout interleaved by mode; default: the runtime's choice. Float8 weights always take
+    the kernel, 16-bit rows above `WIDE_KERNEL_ROWS` never. `prefill`: each dense record
+    also times prefill chunks of `PREFILL_LENGTHS` tokens (``prefill_ms``)."""
     device = torch.device("cuda")
     rt = case_runtime(name, batch, seqlen, density, variant, engine)
     engine = rt.engine
@@ -177,19 +180,17 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
     if variant == "fp8-all":
         linears = ("kernel",)
     elif not linears:
-        linears = ("kernel" if rt.kernels.wide_linears and batch <= WIDE_KERNEL_ROWS
-                   else "cublas",)
+        linears = ("tiles" if tiled_linears(rt) else "kernel"
+                   if rt.kernels.wide_linears and batch <= WIDE_KERNEL_ROWS else "cublas",)
     elif batch > WIDE_KERNEL_ROWS:  # where the runtime sends 16-bit rows to cuBLAS only
-        linears = tuple(dict.fromkeys({"kernel": "cublas", "padded": "padded-cublas"}.get(t, t)
-                                      for t in linears))
-    layouts = list(dict.fromkeys(layout for layout, _ in ROUTES.values()))
-    steps = [(m, t) for layout in layouts for m in ("dense", "sparse") for t in linears
-             if ROUTES[t][0] == layout]
-    records, current = [], "rows"
+        linears = tuple(dict.fromkeys("cublas" if t == "kernel" else t for t in linears))
+    tiled = tiled_linears(rt)
+    steps = [(m, t) for layout in (tiled, not tiled) for m in ("dense", "sparse")
+             for t in linears if ROUTES[t][0] == layout]
+    records = []
     for mode, through in steps:
-        if ROUTES[through][0] != current:
-            current = ROUTES[through][0]
-            relayout_wide_weights(rt, current)
+        if ROUTES[through][0] != tiled_linears(rt):
+            lay_out_wide_linears(engine, tiles=ROUTES[through][0])
         rt.set_dense(mode == "dense")
         rt.kernels.wide_linears = ROUTES[through][1]
         ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
@@ -203,6 +204,10 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
                "floor_ms": floor_ms, "ratio_to_floor": ms / floor_ms,
                "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9,
                "kv_gb": kv / 1e9}
+        if prefill and mode == "dense":
+            rec["prefill_ms"] = {n: prefill_ms(rt, n) for n in PREFILL_LENGTHS}
+            print(f"{name} {variant} {through}: prefill " + ", ".join(
+                f"{n} tokens {ms:.1f} ms" for n, ms in rec["prefill_ms"].items()), flush=True)
         if mode == "sparse":
             rec["router_ms"] = router_ms(rt, bw)
             rec["router_share"] = rec["router_ms"] / ms
@@ -269,8 +274,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
             continue
         sp = f"{r['speedup']:.2f} ({r['floor_ratio']:.2f})" if "speedup" in r else ""
         rs = f"{r['router_share'] * 100:.1f}%" if "router_share" in r else ""
-        route = {"cublas": ", cuBLAS linears", "tiles": ", tiled linears",
-                 "padded": ", padded rows", "padded-cublas": ", cuBLAS on padded rows"}.get(
+        route = {"cublas": ", cuBLAS linears", "tiles": ", tiled linears"}.get(
             r.get("linears"), "")
         lines.append(f"| {r['model']} | {r['batch']} | {r['seqlen']} | "
                      f"{r.get('variant', 'bf16')}{route} | {r['mode']} | "
@@ -282,8 +286,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
 def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
                        with_hf: bool = True, cases: list | None = None,
                        variants: tuple[str, ...] = ("bf16",),
-                       profile: bool = False, linears: tuple[str, ...] = ()
-                       ) -> list[dict[str, Any]]:
+                       profile: bool = False, linears: tuple[str, ...] = (),
+                       prefill: bool = False) -> list[dict[str, Any]]:
     """Run §3 on the current CUDA device; print the table; write JSON if asked."""
     device = torch.device("cuda", torch.cuda.current_device())
     cases = cases or CASES
@@ -296,7 +300,7 @@ def run_e2e_benchmarks(json_path: Path | None = None, *, density: float = 0.5,
                                          device=device)
         for variant in variants:
             records += run_case(name, batch, seqlen, bw, density, variant, engine, profile,
-                                linears)
+                                linears, prefill)
             gc.collect()  # the last runtime's cache goes before the next one's is made
             torch.cuda.empty_cache()
             if json_path is not None:  # what is measured survives a run cut short
@@ -328,6 +332,8 @@ def main() -> None:
     ap.add_argument("--linears", default=None,
                     help=f"comma-separated {','.join(ROUTES)}: time the 16-bit linear layers "
                          "through each (default: the runtime's choice)")
+    ap.add_argument("--prefill", action="store_true",
+                    help=f"also time dense prefill chunks of {PREFILL_LENGTHS} tokens")
     ap.add_argument("--profile", action="store_true",
                     help="also list each step's kernels (torch profiler over graph replays)")
     args = ap.parse_args()
@@ -343,7 +349,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("Error: end-to-end benchmarks need a CUDA GPU (none is visible here).")
     run_e2e_benchmarks(args.json, with_hf=not args.no_hf, cases=cases, variants=variants,
-                       profile=args.profile, linears=linears)
+                       profile=args.profile, linears=linears, prefill=args.prefill)
 
 
 if __name__ == "__main__":

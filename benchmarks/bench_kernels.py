@@ -696,7 +696,7 @@ def linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...]
 
 
 def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int, ...] = (32,),
-                            plans: tuple[str, ...] = (), pad: int = 0) -> list[dict]:
+                            plans: tuple[str, ...] = ()) -> list[dict]:
     """`linear_chain_cases`' chain with bf16 weights, a step's linear layers when only the KV
     cache is float8: cuBLAS (`F.linear` on ``[N, K]``, the runtime's path; gate_up's output
     halved by slicing, its SwiGLU left out: the GEMMs alone) against `fp8_linear` on the same
@@ -705,13 +705,12 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
     the tiles without and with the L2 prefetch; then once per entry of `plans`,
     ``BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x64x4x5``): the kernel
     on the ``[N, K]`` rows with the planner's plans so changed (a SPLIT of 0 the planner's),
-    or, as ``tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]``, on the tiles with the prefetch; with
-    `pad`, cuBLAS and the kernel also on rows `pad` values apart past K (views of ``[N, K +
-    pad]``: whether a row stride off a power of two reads like the tiles); floor = the bf16
-    weight bytes / copy bandwidth."""
+    or, as ``tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]``, on the tiles with the prefetch; floor
+    = the bf16 weight bytes / copy bandwidth. (Rows padded to a stride off a power of two
+    read like the rows, cuBLAS's too: H100, RESULTS.md session 53.)"""
     from polarc.plugins.fp8_linear import fp8_linear
 
-    from polarc.format.engine_file import pad_rows, tile_fp8
+    from polarc.format.engine_file import tile_fp8
 
     shapes = dict((name, (n, k)) for name, n, k in LINEAR_SHAPES)
     rows_first = [{name: torch.randn(n, k, device=device, dtype=torch.bfloat16) / math.sqrt(k)
@@ -725,14 +724,10 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
               for name, w in layer.items()} for layer in rows_first]
     head_tiles = tile_fp8(head, tile=(128, 64))
 
-    by_rows_padded = ([{name: pad_rows(w, pad) for name, w in layer.items()}
-                       for layer in rows_first], pad_rows(head, pad)) if pad else None
     records = []
-    for layout in ("cublas", "rows", *(("cublas+pad", "rows+pad") if pad else ()), "tiles",
-                   "tiles+pf",
+    for layout in ("cublas", "rows", "tiles", "tiles+pf",
                    *(f"tiles+pf {p[1:]}" if p.startswith("t") else f"rows {p}" for p in plans)):
-        ws, lm = (tiles, head_tiles) if layout.startswith("tiles") else \
-            by_rows_padded if layout.endswith("+pad") else (rows_first, head)
+        ws, lm = (tiles, head_tiles) if layout.startswith("tiles") else (rows_first, head)
         spec = tuple(int(v) for v in layout.split()[1].split("x")) if " " in layout else None
         if spec is not None and layout.startswith("tiles"):  # (the tile fixes N and K)
             spec = (128, 64, *spec)
@@ -740,7 +735,7 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
             def lin(x, name, w, nxt=None, layout=layout, spec=spec, m=m):
-                if layout.startswith("cublas"):
+                if layout == "cublas":
                     y = F.linear(x, w)
                     return y[:, :y.shape[1] // 2] if name == "gate_up" else y
                 plan = None
@@ -938,7 +933,7 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
                           sweep_rows: tuple[int, ...] = SWEEP_ROWS,
                           linear_chain: bool = False, chain_rows: tuple[int, ...] = (32,),
                           chain_tiles: tuple[str, ...] = (), chain_plans: tuple[str, ...] = (),
-                          chain_pad: int = 0, bf16_chain: bool = False) -> list[dict]:
+                          bf16_chain: bool = False) -> list[dict]:
     """Run §1 and §2 on the current CUDA device; print the tables; write JSON if asked.
 
     Returns the records (one per case). Raises RuntimeError without CUDA (the CLI turns that
@@ -968,7 +963,7 @@ def run_kernel_benchmarks(json_path: Path | None = None, quick: bool = False,
         records += linear_chain_cases(bw=bw, device=device, rows=chain_rows, tiles=chain_tiles)
     if bf16_chain:
         records += bf16_linear_chain_cases(bw=bw, device=device, rows=chain_rows,
-                                           plans=chain_plans, pad=chain_pad)
+                                           plans=chain_plans)
     print(format_table(records, env) + format_paged(records) + format_linear(records)
           + format_linear_sweep(records) + format_linear_chain(records))
     if json_path is not None:
@@ -1002,8 +997,6 @@ def main() -> None:
                     help="the bf16 chain also on [N, K] rows with plans "
                          "BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]], "
                          "comma-separated (e.g. 128x64x4x5,128x128x8x3x64)")
-    ap.add_argument("--chain-pad", type=int, default=0,
-                    help="the bf16 chain also on rows this many values apart past K")
     ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),
                     help="the sweep's row counts, comma-separated (default: %(default)s)")
     args = ap.parse_args()
@@ -1021,7 +1014,6 @@ def main() -> None:
                           chain_rows=tuple(int(m) for m in args.chain_rows.split(",")),
                           chain_tiles=tuple(t for t in args.chain_tiles.split(",") if t),
                           chain_plans=tuple(t for t in args.chain_plans.split(",") if t),
-                          chain_pad=args.chain_pad,
                           bf16_chain=args.bf16_linear_chain)
 
 

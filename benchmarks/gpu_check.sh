@@ -28,7 +28,7 @@ for what in "$@"; do
     fp8-kernels) timeout 420 python3 -m polarc.benchmarks.bench_kernels --fp8 --json $OUT/fp8-kernels.json 2>&1 | tee $OUT/fp8-kernels.log | tail -16 ;;
     fp8-linear) timeout 200 python3 -m polarc.benchmarks.bench_kernels --fp8-linear --json $OUT/fp8-linear.json 2>&1 | tee $OUT/fp8-linear.log | tail -32 ;;
     # a step's linear layers with bf16 weights: cuBLAS against fp8_linear on 16-bit rows / tiles
-    bf16-chain) timeout ${CHAIN_TIMEOUT:-400} python3 -m polarc.benchmarks.bench_kernels --bf16-linear-chain ${CHAIN_ROWS:+--chain-rows $CHAIN_ROWS} ${CHAIN_PLANS:+--chain-plans $CHAIN_PLANS} ${CHAIN_PAD:+--chain-pad $CHAIN_PAD} --json $OUT/bf16-chain.json 2>&1 | tee $OUT/bf16-chain.log | tail -${CHAIN_TAIL:-12} ;;
+    bf16-chain) timeout ${CHAIN_TIMEOUT:-400} python3 -m polarc.benchmarks.bench_kernels --bf16-linear-chain ${CHAIN_ROWS:+--chain-rows $CHAIN_ROWS} ${CHAIN_PLANS:+--chain-plans $CHAIN_PLANS} --json $OUT/bf16-chain.json 2>&1 | tee $OUT/bf16-chain.log | tail -${CHAIN_TAIL:-12} ;;
     fp8-chain) timeout 400 python3 -m polarc.benchmarks.bench_kernels --fp8-linear-chain ${CHAIN_ROWS:+--chain-rows $CHAIN_ROWS} ${CHAIN_TILES:+--chain-tiles $CHAIN_TILES} --json $OUT/fp8-chain.json 2>&1 | tee $OUT/fp8-chain.log | tail -22 ;;
     # Nsight Compute over the fp8-all step's GEMMs and attention at NCU_ROWS rows (memory workload, stalls)
     fp8-ncu) timeout 400 ncu --nvtx --nvtx-include "profile/" --section SpeedOfLight \
@@ -47,7 +47,7 @@ for what in "$@"; do
                  tests/test_kv_write.py tests/test_selective_attention.py tests/test_fp8_linear.py tests/test_runtime_gpu.py \
                  -k "fp8 or gpu_paged or paged_write or gpu_llama or rope or runtime_gpu" \
                  2>&1 | tee $OUT/fp8-tests.log | tail -15 ;;
-    e2e-fp8) timeout ${E2E_TIMEOUT:-200} python3 -m polarc.benchmarks.bench_e2e --no-hf --variants ${E2E_VARIANTS:-bf16,fp8-kv,fp8-all} ${E2E_CASES:+--cases $E2E_CASES} ${E2E_PROFILE:+--profile} ${E2E_LINEARS:+--linears $E2E_LINEARS} \
+    e2e-fp8) timeout ${E2E_TIMEOUT:-200} python3 -m polarc.benchmarks.bench_e2e --no-hf --variants ${E2E_VARIANTS:-bf16,fp8-kv,fp8-all} ${E2E_CASES:+--cases $E2E_CASES} ${E2E_PROFILE:+--profile} ${E2E_LINEARS:+--linears $E2E_LINEARS} ${E2E_PREFILL:+--prefill} \
                --json $OUT/e2e-fp8.json 2>&1 | tee $OUT/e2e-fp8.log | grep -v "^{" | tail -${E2E_TAIL:-10} ;;
     first-pass) timeout 300 python3 -m polarc.benchmarks.bench_stream --requests 0 --modes '' --first-pass \
                   --json $OUT/first-pass.json 2>&1 | tee $OUT/first-pass.log | grep -E "first pass|Error" ;;

@@ -545,36 +545,39 @@ def test_gpu_residual_and_norms_inside_the_fp8_gemms_match_their_own_launches(mo
 def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, variant: str
                                                                   ) -> None:
     """A sparse decode step of a Llama-architecture model with bf16 weights: its linear
-    layers through the FP8 linear kernel (`Kernels.wide_linears`, with the SwiGLU, residual
-    add and RMS norm fusions), on their ``[N, K]`` rows, on rows with a padded stride and
-    laid out tile by tile (`bench_e2e.relayout_wide_weights`), against the same step through
-    cuBLAS and separate launches: the same logits up to rounding, the same next tokens. The
-    tiles at prefill's row counts (widened back for cuBLAS) give the rows' products exactly."""
-    import polarc.benchmarks.bench_e2e as bench_e2e
+    layers through the FP8 linear kernel (with the SwiGLU, residual add and RMS norm
+    fusions) on tiles (the runtime's choice at 4 rows, `lay_out_wide_linears`) and on their
+    ``[N, K]`` rows (`Kernels.wide_linears`), against the same step through cuBLAS and
+    separate launches: the same logits up to rounding, the same next tokens; the tiles laid
+    out again give the first step's logits bit for bit. The tiles at prefill's row counts
+    (widened back for cuBLAS) give the rows' products exactly."""
+    from polarc.format.engine_file import lay_out_wide_linears
 
     rt = _small_llama_runtime(monkeypatch, variant)
     tokens = torch.tensor([5, 7, 11, 13], device="cuda")
+
+    def step() -> torch.Tensor:
+        rt.seqlens.fill_(299)
+        return rt.decode_step(tokens).float()
+
+    assert rt.model.weights["layers.0.gate_up.weight"].dim() == 4
+    logits = {"tiles": step()}
+    lay_out_wide_linears(rt.engine, tiles=False)
     names = ("layers.0.qkv", "layers.0.o", "layers.0.gate_up", "layers.0.down", "lm_head")
     x = {name: torch.randn(300, rt.model.weights[name + ".weight"].shape[1], device="cuda",
                            dtype=torch.bfloat16) for name in names}
     want = {name: F.linear(x[name], rt.model.weights[name + ".weight"]) for name in names}
-    logits = {}
-    for route in ("cublas", "kernel", "padded", "tiles"):
-        if route in ("padded", "tiles"):
-            bench_e2e.relayout_wide_weights(rt, route)
-        if route == "padded":
-            o = rt.model.weights["layers.0.o.weight"]
-            assert o.stride(0) == o.shape[1] + bench_e2e.ROW_PAD
-        rt.kernels.wide_linears = route != "cublas"
-        rt.seqlens.fill_(299)
-        logits[route] = rt.decode_step(tokens).float()
-    for route in ("kernel", "padded", "tiles"):
+    for route in ("cublas", "kernel"):
+        rt.kernels.wide_linears = route == "kernel"
+        logits[route] = step()
+    for route in ("kernel", "tiles"):
         err = ((logits[route] - logits["cublas"]).norm() / logits["cublas"].norm()).item()
         assert err < 2e-2, route
         # the same next tokens, up to near ties (bf16 logits differ by ~0.01 between routes)
         picked = logits["cublas"].gather(1, logits[route].argmax(-1, keepdim=True))[:, 0]
         assert (logits["cublas"].max(-1).values - picked).max() < 0.05, route
-    assert rt.model.weights["layers.0.gate_up.weight"].dim() == 4
+    lay_out_wide_linears(rt.engine, tiles=True)
+    assert torch.equal(step(), logits["tiles"])
     tied = rt.model.spec.tie_embeddings
     assert rt.model.weights["lm_head.weight"].dim() == (2 if tied else 4)
     for name in names:

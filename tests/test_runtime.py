@@ -10,7 +10,7 @@ from polarc.exporters.engine import BuildConfig, build_engine
 from polarc.plugins.reference import selective_attention_reference as attention_torch
 
 from polarc.errors import PolarcError
-from polarc.format.engine_file import load_engine
+from polarc.format.engine_file import lay_out_wide_linears, load_engine
 from polarc.models import load_model
 from polarc.models.forward import forward
 from polarc.runtime.generate import generate
@@ -192,3 +192,38 @@ def test_sparse_mlp_matches_masked_reference(tiny_dirs: dict, tmp_path: Path,
         logits = rt.decode_step(torch.tensor([nxt]))
         ref = forward(model, torch.tensor([seq]), select=select, mlp_select=mlp_select)[0, -1]
         assert (logits[0] - ref).abs().max().item() < 1e-4
+
+
+def test_16_bit_linears_as_tiles_give_the_rows_results(tiny_dirs: dict, tmp_path: Path,
+                                                       calibrated: dict) -> None:
+    """`Runtime(tile_linears=True)` lays a 16-bit engine's linear weights out as tiles
+    (`lay_out_wide_linears`: the head routers get rows of their own, the q/k/v and gate/up
+    views come back); prefill and sparse decode steps then give the rows' logits up to
+    rounding, and the rows come back bit for bit. The CPU default keeps the rows."""
+    cal = artifact.read_calibration(calibrated["llama-mha"])
+    engine = load_engine(_engine(tmp_path, tiny_dirs["llama-mha"], calibration=cal,
+                                 dtype="bf16"))
+    rows = {n: t.clone() for n, t in engine.model.weights.items()}
+    routers = {layer: r.weight.clone() for layer, r in engine.head_routers.items()}
+    assert routers
+    logits = {}
+    for tiles in (False, True):
+        rt = Runtime(engine, batch=2, tile_linears=tiles or None)
+        w = engine.model.weights
+        assert (w["layers.0.qkv.weight"].dim() == 4) == tiles
+        out = [rt.prefill(PROMPTS[:2])]
+        for step in range(3):  # (the same tokens both times: no near ties to follow)
+            out.append(rt.decode_step(torch.tensor([11 + step, 40 + step])))
+        logits[tiles] = torch.stack(out).float()
+    qkv = engine.model.weights["layers.0.qkv.weight"]
+    for layer, r in engine.head_routers.items():  # not views of the old rows
+        assert torch.equal(r.weight, routers[layer])
+        assert r.weight.untyped_storage().data_ptr() != qkv.untyped_storage().data_ptr()
+    err = (logits[True] - logits[False]).norm() / logits[False].norm()
+    assert err < 1e-2
+    lay_out_wide_linears(engine, tiles=False)
+    w = engine.model.weights
+    assert set(w) == set(rows)
+    assert all(torch.equal(w[n], t) for n, t in rows.items())
+    q = w["layers.0.q.weight"]
+    assert q.untyped_storage().data_ptr() == w["layers.0.qkv.weight"].untyped_storage().data_ptr()

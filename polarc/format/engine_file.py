@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,11 +196,28 @@ def wide_linear_names(weights: dict[str, torch.Tensor]) -> list[str]:
             and weights[n].element_size() == 2 and not (n == "lm_head.weight" and tied)]
 
 
-def pad_rows(w: torch.Tensor, pad: int) -> torch.Tensor:
-    """``w`` ``[N, K]`` as rows `pad` values apart: a view of a new ``[N, K + pad]`` (a row
-    stride off a power of two; cuBLAS and `fp8_linear` take such rows as they are)."""
-    rows = torch.empty(w.shape[0], w.shape[1] + pad, device=w.device, dtype=w.dtype)
-    return rows[:, :w.shape[1]].copy_(w)
+def lay_out_wide_linears(engine: Engine, *, tiles: bool) -> None:
+    """An engine's 16-bit linear layers' weights re-laid in place: as `WIDE_TILE` tiles with
+    ``<name>_scale`` ones (`tile_fp8_weights(wide=True)`), or back to ``[N, K]`` rows (those
+    scales dropped). Part views go first, so that each old layout is freed as its new one is
+    made, and are made again; the head routers, views of the rows appended to a qkv weight,
+    get rows of their own. A ReLU model's (its down weight a transposed view) is left as is."""
+    w, spec = engine.model.weights, engine.model.spec
+    if spec.relu_mlp:
+        return
+    for layer, router in engine.head_routers.items():
+        engine.head_routers[layer] = replace(router, weight=router.weight.clone())
+    for name in set(w) - set(stored_weights(w, spec)) - {"lm_head.weight"}:
+        del w[name]
+    if tiles:
+        tile_fp8_weights(w, wide=True)
+    else:
+        k_of = {"o": spec.n_heads * spec.head_dim, "down": spec.intermediate}
+        for name in [n for n, t in w.items() if t.dim() == 4 and t.element_size() == 2]:
+            w[name] = untile_fp8(w[name], w.pop(name + "_scale").shape[0],
+                                 k_of.get(name.split(".")[-2], spec.hidden),
+                                 swiglu=name.endswith(".gate_up.weight"))
+    add_part_views(w, spec)
 
 
 def untile_fp8(t: torch.Tensor, n: int, k: int, *, swiglu: bool = False) -> torch.Tensor:

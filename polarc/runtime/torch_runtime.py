@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from polarc.errors import PolarcError
-from polarc.format.engine_file import Engine
+from polarc.format.engine_file import Engine, lay_out_wide_linears, wide_linear_names
 from polarc.format.plan import sparse_mlp_layers
 from polarc.models.layers import (
     EAGER,
@@ -39,7 +39,7 @@ from polarc.models.layers import (
     swiglu,
 )
 from polarc.plugins.reference import FP8, hadamard, quantize_kv, read_cache
-from polarc.runtime.kernels import deferred_add_norm, kernels_for
+from polarc.runtime.kernels import TILED_LINEAR_ROWS, deferred_add_norm, kernels_for
 from polarc.runtime.kv_cache import (
     PagedKVCache,
     cache_dtype,
@@ -117,12 +117,16 @@ def batch_buckets(batch: int) -> list[int]:
 class Runtime:
     """One engine on one device, with a paged cache for `batch` slots of up to `max_seq`
     positions each, `pages` pages in all (default: every slot can hold `max_seq` positions at
-    once); implements `polarc.runtime.generate.DecodeRuntime`."""
+    once); implements `polarc.runtime.generate.DecodeRuntime`.
+
+    `tile_linears`: lay the engine's 16-bit linear weights out as tiles, in place
+    (`lay_out_wide_linears`; a later runtime on the same engine finds them so); default: on
+    CUDA for a `batch` of up to `TILED_LINEAR_ROWS`."""
 
     def __init__(self, engine: Engine, *, batch: int, max_seq: int | None = None,
                  dense: bool = False, device: str | torch.device = "cpu",
                  page_size: int | None = None, pages: int | None = None,
-                 quantized: bool = True) -> None:
+                 quantized: bool = True, tile_linears: bool | None = None) -> None:
         self.engine = engine
         self.model = engine.model
         self.spec = spec = engine.model.spec
@@ -147,6 +151,13 @@ class Runtime:
         if self.device.type == "cuda":
             check_fp8_gpu(self.device, kv=fp8,
                           weights=any(t.dtype == FP8 for t in self.model.weights.values()))
+        # The FP8 linear kernel reads a tile's 16 KB in one run where [N, K] rows are 128
+        # runs 8 KB apart: at 16 and 32 rows a Llama-3-8B step 0.4 ms shorter than on rows
+        # (H100, RESULTS.md session 53); prefill widens them back for cuBLAS beyond 256 rows
+        if tile_linears is None:
+            tile_linears = self.device.type == "cuda" and batch <= TILED_LINEAR_ROWS
+        if tile_linears and wide_linear_names(self.model.weights):
+            lay_out_wide_linears(engine, tiles=True)
         page_size = page_size or default_page_size(self.kv_dtype)
         per_row = pages_for(self.max_seq, page_size)
         pages = batch * per_row if pages is None else pages
