@@ -11,9 +11,8 @@ KV bytes read) ÷ the copy bandwidth measured in the same run. `--variants bf16,
 runs each case with the cache in bf16, with the cache in float8 e4m3 (the same engine with
 per-group scales: one byte a value read and written by the Triton kernels), and with the
 linear layers' weights in float8 too (a scale per output channel, read by the FP8 linear
-kernel; embeddings and norms stay bf16). The 16-bit linear layers take the runtime's route
-(tiles through the FP8 linear kernel up to `TILED_LINEAR_ROWS` rows); `--linears
-tiles,kernel,cublas` times each step on each of `ROUTES` in the same runtime.
+kernel; embeddings and norms stay bf16). The 16-bit linear layers take the runtime's route;
+`--linears kernel,cublas,tiles` times each step on each of `ROUTES` in the same runtime.
 """
 
 from __future__ import annotations
@@ -97,7 +96,6 @@ def as_fp8(engine: Engine, *, weights: bool) -> Engine:
                               spec.head_dim)
     model = engine.model
     if weights:
-        lay_out_wide_linears(engine, tiles=False)  # (a runtime before may have tiled them)
         w = dict(model.weights)
         for name in fp8_weight_names(stored_weights(w, spec)):
             w[name], w[name + "_scale"] = quantize_rows(w[name])
@@ -134,7 +132,7 @@ def case_runtime(name: str, batch: int, seqlen: int, density: float, variant: st
 
 
 # --linears routes: (16-bit linear weights as tiles, the kernel on their [N, K] rows)
-ROUTES = {"tiles": (True, True), "kernel": (False, True), "cublas": (False, False)}
+ROUTES = {"kernel": (False, True), "cublas": (False, False), "tiles": (True, True)}
 
 
 def tiled_linears(rt: Runtime) -> bool:
@@ -180,12 +178,11 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
     if variant == "fp8-all":
         linears = ("kernel",)
     elif not linears:
-        linears = ("tiles" if tiled_linears(rt) else "kernel"
-                   if rt.kernels.wide_linears and batch <= WIDE_KERNEL_ROWS else "cublas",)
+        linears = ("kernel" if rt.kernels.wide_linears and batch <= WIDE_KERNEL_ROWS
+                   else "cublas",)
     elif batch > WIDE_KERNEL_ROWS:  # where the runtime sends 16-bit rows to cuBLAS only
         linears = tuple(dict.fromkeys("cublas" if t == "kernel" else t for t in linears))
-    tiled = tiled_linears(rt)
-    steps = [(m, t) for layout in (tiled, not tiled) for m in ("dense", "sparse")
+    steps = [(m, t) for layout in (False, True) for m in ("dense", "sparse")
              for t in linears if ROUTES[t][0] == layout]
     records = []
     for mode, through in steps:
@@ -220,6 +217,8 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
                 print(f"profile failed: {str(exc)[:200]}", flush=True)
         records.append(rec)
         print(json.dumps(rec), flush=True)
+    if tiled_linears(rt):  # the engine's rows back, as the next variant's runtime takes them
+        lay_out_wide_linears(engine, tiles=False)
     for through in linears:
         dense, sparse = (r for r in records if r["linears"] == through)
         sparse["speedup"] = dense["step_ms"] / sparse["step_ms"]

@@ -17,7 +17,8 @@ Layouts:
   the H100); the tiles set BLOCK_K and BLOCK_N (or BLOCK_N is a slice of their
   rows: `launch_plan`), and N comes from ``scale``. Or the same in x's bf16 / fp16: 16-bit
   weights, nothing to widen (``scale`` ones): the runtime's bf16 / fp16 linears at decode
-  sizes up to 32 rows, on their ``[N, K]`` rows (`Kernels.wide_linears`).
+  sizes up to 32 rows, on their ``[N, K]`` rows (`Kernels.wide_linears`), or as 128 x 64
+  tiles (`Runtime(tile_linears=True)`, `lay_out_wide_linears`).
 - ``scale``  ``[N]`` float32: output channel n's weights are ``w[n] * scale[n]``.
 - ``bias``   ``[N]`` x's dtype, or None.
 - out        ``[M, N]`` x's dtype; ``[M, N / 2]`` with ``swiglu`` (w = ``[gate; up]``).

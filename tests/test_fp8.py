@@ -546,11 +546,11 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
                                                                   ) -> None:
     """A sparse decode step of a Llama-architecture model with bf16 weights: its linear
     layers through the FP8 linear kernel (with the SwiGLU, residual add and RMS norm
-    fusions) on tiles (the runtime's choice at 4 rows, `lay_out_wide_linears`) and on their
-    ``[N, K]`` rows (`Kernels.wide_linears`), against the same step through cuBLAS and
-    separate launches: the same logits up to rounding, the same next tokens; the tiles laid
-    out again give the first step's logits bit for bit. The tiles at prefill's row counts
-    (widened back for cuBLAS) give the rows' products exactly."""
+    fusions) on their ``[N, K]`` rows (`Kernels.wide_linears`) and on tiles
+    (`lay_out_wide_linears`), against the same step through cuBLAS and separate launches:
+    the same logits up to rounding, the same next tokens; the rows laid out again give the
+    kernel's logits bit for bit. The tiles at prefill's row counts (widened back for cuBLAS)
+    give the rows' products exactly."""
     from polarc.format.engine_file import lay_out_wide_linears
 
     rt = _small_llama_runtime(monkeypatch, variant)
@@ -560,25 +560,27 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
         rt.seqlens.fill_(299)
         return rt.decode_step(tokens).float()
 
-    assert rt.model.weights["layers.0.gate_up.weight"].dim() == 4
-    logits = {"tiles": step()}
-    lay_out_wide_linears(rt.engine, tiles=False)
+    assert rt.model.weights["layers.0.gate_up.weight"].dim() == 2  # (tiles: opt-in)
     names = ("layers.0.qkv", "layers.0.o", "layers.0.gate_up", "layers.0.down", "lm_head")
     x = {name: torch.randn(300, rt.model.weights[name + ".weight"].shape[1], device="cuda",
                            dtype=torch.bfloat16) for name in names}
     want = {name: F.linear(x[name], rt.model.weights[name + ".weight"]) for name in names}
+    logits = {}
     for route in ("cublas", "kernel"):
         rt.kernels.wide_linears = route == "kernel"
         logits[route] = step()
+    lay_out_wide_linears(rt.engine, tiles=True)
+    assert rt.model.weights["layers.0.gate_up.weight"].dim() == 4
+    tied = rt.model.spec.tie_embeddings
+    assert rt.model.weights["lm_head.weight"].dim() == (2 if tied else 4)
+    logits["tiles"] = step()
     for route in ("kernel", "tiles"):
         err = ((logits[route] - logits["cublas"]).norm() / logits["cublas"].norm()).item()
         assert err < 2e-2, route
         # the same next tokens, up to near ties (bf16 logits differ by ~0.01 between routes)
         picked = logits["cublas"].gather(1, logits[route].argmax(-1, keepdim=True))[:, 0]
         assert (logits["cublas"].max(-1).values - picked).max() < 0.05, route
-    lay_out_wide_linears(rt.engine, tiles=True)
-    assert torch.equal(step(), logits["tiles"])
-    tied = rt.model.spec.tie_embeddings
-    assert rt.model.weights["lm_head.weight"].dim() == (2 if tied else 4)
     for name in names:
         assert torch.equal(rt.kernels.linear(rt.model, x[name], name), want[name]), name
+    lay_out_wide_linears(rt.engine, tiles=False)
+    assert torch.equal(step(), logits["kernel"])

@@ -199,7 +199,7 @@ def test_16_bit_linears_as_tiles_give_the_rows_results(tiny_dirs: dict, tmp_path
     """`Runtime(tile_linears=True)` lays a 16-bit engine's linear weights out as tiles
     (`lay_out_wide_linears`: the head routers get rows of their own, the q/k/v and gate/up
     views come back); prefill and sparse decode steps then give the rows' logits up to
-    rounding, and the rows come back bit for bit. The CPU default keeps the rows."""
+    rounding, and the rows come back bit for bit."""
     cal = artifact.read_calibration(calibrated["llama-mha"])
     engine = load_engine(_engine(tmp_path, tiny_dirs["llama-mha"], calibration=cal,
                                  dtype="bf16"))
@@ -208,7 +208,7 @@ def test_16_bit_linears_as_tiles_give_the_rows_results(tiny_dirs: dict, tmp_path
     assert routers
     logits = {}
     for tiles in (False, True):
-        rt = Runtime(engine, batch=2, tile_linears=tiles or None)
+        rt = Runtime(engine, batch=2, tile_linears=tiles)
         w = engine.model.weights
         assert (w["layers.0.qkv.weight"].dim() == 4) == tiles
         out = [rt.prefill(PROMPTS[:2])]

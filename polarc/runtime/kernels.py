@@ -27,8 +27,6 @@ FP8_KERNEL_ROWS = 256
 # ... and a 16-bit one (`Kernels.wide_linears`): at 16 and 32 rows the kernel's steps are
 # 0.15-0.35 ms shorter than cuBLAS's, at 64 rows 0.04-0.07 ms longer (H200, RESULTS.md s51)
 WIDE_KERNEL_ROWS = 32
-# Batch sizes up to which a CUDA runtime keeps 16-bit linear weights as tiles (`Runtime`)
-TILED_LINEAR_ROWS = 64
 
 
 def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -39,7 +39,7 @@ from polarc.models.layers import (
     swiglu,
 )
 from polarc.plugins.reference import FP8, hadamard, quantize_kv, read_cache
-from polarc.runtime.kernels import TILED_LINEAR_ROWS, deferred_add_norm, kernels_for
+from polarc.runtime.kernels import deferred_add_norm, kernels_for
 from polarc.runtime.kv_cache import (
     PagedKVCache,
     cache_dtype,
@@ -120,13 +120,14 @@ class Runtime:
     once); implements `polarc.runtime.generate.DecodeRuntime`.
 
     `tile_linears`: lay the engine's 16-bit linear weights out as tiles, in place
-    (`lay_out_wide_linears`; a later runtime on the same engine finds them so); default: on
-    CUDA for a `batch` of up to `TILED_LINEAR_ROWS`."""
+    (`lay_out_wide_linears`; a later runtime on the same engine finds them so): on CUDA,
+    decode steps of up to 32 rows 0.16-0.42 ms shorter (H100, RESULTS.md session 53), but a
+    prefill above 256 tokens widens every weight back for cuBLAS, so off by default."""
 
     def __init__(self, engine: Engine, *, batch: int, max_seq: int | None = None,
                  dense: bool = False, device: str | torch.device = "cpu",
                  page_size: int | None = None, pages: int | None = None,
-                 quantized: bool = True, tile_linears: bool | None = None) -> None:
+                 quantized: bool = True, tile_linears: bool = False) -> None:
         self.engine = engine
         self.model = engine.model
         self.spec = spec = engine.model.spec
@@ -151,11 +152,7 @@ class Runtime:
         if self.device.type == "cuda":
             check_fp8_gpu(self.device, kv=fp8,
                           weights=any(t.dtype == FP8 for t in self.model.weights.values()))
-        # The FP8 linear kernel reads a tile's 16 KB in one run where [N, K] rows are 128
-        # runs 8 KB apart: at 16 and 32 rows a Llama-3-8B step 0.4 ms shorter than on rows
-        # (H100, RESULTS.md session 53); prefill widens them back for cuBLAS beyond 256 rows
-        if tile_linears is None:
-            tile_linears = self.device.type == "cuda" and batch <= TILED_LINEAR_ROWS
+        # (the FP8 linear kernel reads a tile's K block in one 16 KB run, rows' in 128 runs)
         if tile_linears and wide_linear_names(self.model.weights):
             lay_out_wide_linears(engine, tiles=True)
         page_size = page_size or default_page_size(self.kv_dtype)
