@@ -705,12 +705,15 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
     the tiles without and with the L2 prefetch; then once per entry of `plans`,
     ``BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x64x4x5``): the kernel
     on the ``[N, K]`` rows with the planner's plans so changed (a SPLIT of 0 the planner's),
-    or, as ``tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]``, on the tiles with the prefetch; floor
-    = the bf16 weight bytes / copy bandwidth. (Rows padded to a stride off a power of two
-    read like the rows, cuBLAS's too: H100, RESULTS.md session 53.)"""
-    from polarc.plugins.fp8_linear import fp8_linear
+    or, as ``tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]``, on the tiles with the prefetch; above
+    `FP8_KERNEL_ROWS` rows (prefill) also ``widen``: each tile widened back to ``[N, K]``
+    (`fp8_widen`) for cuBLAS, what the runtime does there; floor = the bf16 weight bytes /
+    copy bandwidth. (Rows padded to a stride off a power of two read like the rows, cuBLAS's
+    too: H100, RESULTS.md session 53.)"""
+    from polarc.plugins.fp8_linear import fp8_linear, fp8_widen
 
     from polarc.format.engine_file import tile_fp8
+    from polarc.runtime.kernels import FP8_KERNEL_ROWS
 
     shapes = dict((name, (n, k)) for name, n, k in LINEAR_SHAPES)
     rows_first = [{name: torch.randn(n, k, device=device, dtype=torch.bfloat16) / math.sqrt(k)
@@ -725,23 +728,26 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
     head_tiles = tile_fp8(head, tile=(128, 64))
 
     records = []
-    for layout in ("cublas", "rows", "tiles", "tiles+pf",
+    for layout in ("cublas", "rows", "tiles", "tiles+pf", "widen",
                    *(f"tiles+pf {p[1:]}" if p.startswith("t") else f"rows {p}" for p in plans)):
-        ws, lm = (tiles, head_tiles) if layout.startswith("tiles") else (rows_first, head)
+        ws, lm = (tiles, head_tiles) if layout.startswith(("tiles", "widen")) else \
+            (rows_first, head)
         spec = tuple(int(v) for v in layout.split()[1].split("x")) if " " in layout else None
         if spec is not None and layout.startswith("tiles"):  # (the tile fixes N and K)
             spec = (128, 64, *spec)
-        for m in rows:
+        for m in rows if layout != "widen" else [m for m in rows if m > FP8_KERNEL_ROWS]:
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
             def lin(x, name, w, nxt=None, layout=layout, spec=spec, m=m):
-                if layout == "cublas":
+                if layout in ("cublas", "widen"):
+                    if layout == "widen":
+                        w = fp8_widen(w, ones[name], x.shape[1], x.dtype, swiglu=name == "gate_up")
                     y = F.linear(x, w)
                     return y[:, :y.shape[1] // 2] if name == "gate_up" else y
                 plan = None
-                if spec is not None:
+                if spec is not None:  # (N from the scales: a tiled weight's first axis is N's tiles)
                     plan = dataclasses.replace(
-                        _plan_override(spec[2:], m, w.shape[0], x.shape[1], device),
+                        _plan_override(spec[2:], m, ones[name].shape[0], x.shape[1], device),
                         block_n=spec[0], block_k=spec[1])
                 return fp8_linear(x, w, ones[name], swiglu=name == "gate_up", plan=plan,
                                   prefetch=nxt if layout.startswith("tiles+pf") else None)
