@@ -135,27 +135,7 @@ def case_runtime(name: str, batch: int, seqlen: int, density: float, variant: st
 ROUTES = {"kernel": (False, True), "cublas": (False, False), "tiles": (True, True)}
 
 
-def tiled_linears(rt: Runtime) -> bool:
-    """Whether the runtime's 16-bit linear weights are tiles (`lay_out_wide_linears`)."""
-    return any(t.dim() == 4 and t.element_size() == 2 for t in rt.model.weights.values())
-
-
 PREFILL_LENGTHS = (256, 2048)  # `--prefill`: a short chunk (the kernel's rows) and a pack
-
-
-def prefill_ms(rt: Runtime, length: int, reps: int = 5) -> float:
-    """Median wall ms of a `length`-token prefill chunk into slot 0 (whose pages hold it),
-    after two calls not timed (compilation, cuBLAS's choices)."""
-    g = torch.Generator().manual_seed(length)
-    ids = torch.randint(3, rt.spec.vocab, (length,), generator=g).tolist()
-    times = []
-    for _ in range(reps + 2):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        rt.prefill_chunk(0, ids, 0)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times[2:])[reps // 2]
 
 
 def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
@@ -168,7 +148,8 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
     on the rows), re-laid in place between layouts (`lay_out_wide_linears`), the routes of
     one layout interleaved by mode; default: the runtime's choice. Float8 weights always take
     the kernel, 16-bit rows above `WIDE_KERNEL_ROWS` never. `prefill`: each dense record
-    also times prefill chunks of `PREFILL_LENGTHS` tokens (``prefill_ms``)."""
+    also times prefill chunks of `PREFILL_LENGTHS` tokens (`bench_stream.prefill_speed`, on
+    the engine as the route lays it out)."""
     device = torch.device("cuda")
     rt = case_runtime(name, batch, seqlen, density, variant, engine)
     engine = rt.engine
@@ -186,8 +167,7 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
              for t in linears if ROUTES[t][0] == layout]
     records = []
     for mode, through in steps:
-        if ROUTES[through][0] != tiled_linears(rt):
-            lay_out_wide_linears(engine, tiles=ROUTES[through][0])
+        lay_out_wide_linears(engine, tiles=ROUTES[through][0])
         rt.set_dense(mode == "dense")
         rt.kernels.wide_linears = ROUTES[through][1]
         ms = time_graph([lambda: (rt.seqlens.fill_(seqlen - 1), rt.decode_step(tokens))],
@@ -202,7 +182,10 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
                "tokens_per_s": batch / ms * 1000, "weight_gb": wbytes / 1e9,
                "kv_gb": kv / 1e9}
         if prefill and mode == "dense":
-            rec["prefill_ms"] = {n: prefill_ms(rt, n) for n in PREFILL_LENGTHS}
+            from polarc.benchmarks.bench_stream import prefill_speed  # (it imports this module)
+
+            rec["prefill_ms"] = {n: n / prefill_speed(engine, device, prompts=5, length=n)[
+                "prefill_tokens_per_s"] * 1e3 for n in PREFILL_LENGTHS}
             print(f"{name} {variant} {through}: prefill " + ", ".join(
                 f"{n} tokens {ms:.1f} ms" for n, ms in rec["prefill_ms"].items()), flush=True)
         if mode == "sparse":
@@ -217,8 +200,7 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
                 print(f"profile failed: {str(exc)[:200]}", flush=True)
         records.append(rec)
         print(json.dumps(rec), flush=True)
-    if tiled_linears(rt):  # the engine's rows back, as the next variant's runtime takes them
-        lay_out_wide_linears(engine, tiles=False)
+    lay_out_wide_linears(engine, tiles=False)  # the rows back, for the next variant's runtime
     for through in linears:
         dense, sparse = (r for r in records if r["linears"] == through)
         sparse["speedup"] = dense["step_ms"] / sparse["step_ms"]

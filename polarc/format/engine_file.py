@@ -196,24 +196,32 @@ def wide_linear_names(weights: dict[str, torch.Tensor]) -> list[str]:
             and weights[n].element_size() == 2 and not (n == "lm_head.weight" and tied)]
 
 
+def wide_tile_names(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The 16-bit linear layers' weights of a weights dict kept as tiles
+    (`tile_fp8_weights(wide=True)`)."""
+    return [n for n, t in weights.items() if t.dim() == 4 and t.element_size() == 2]
+
+
 def lay_out_wide_linears(engine: Engine, *, tiles: bool) -> None:
     """An engine's 16-bit linear layers' weights re-laid in place: as `WIDE_TILE` tiles with
     ``<name>_scale`` ones (`tile_fp8_weights(wide=True)`), or back to ``[N, K]`` rows (those
     scales dropped). Part views go first, so that each old layout is freed as its new one is
     made, and are made again; the head routers, views of the rows appended to a qkv weight,
-    get rows of their own. A ReLU model's (its down weight a transposed view) is left as is."""
+    get rows of their own. Nothing moves where the weights are so laid out already, or in a
+    ReLU model (its down weight a transposed view)."""
     w, spec = engine.model.weights, engine.model.spec
-    if spec.relu_mlp:
+    if spec.relu_mlp or not (wide_linear_names(w) if tiles else wide_tile_names(w)):
         return
-    for layer, router in engine.head_routers.items():
-        engine.head_routers[layer] = replace(router, weight=router.weight.clone())
+    if tiles:
+        for layer, router in engine.head_routers.items():
+            engine.head_routers[layer] = replace(router, weight=router.weight.clone())
     for name in set(w) - set(stored_weights(w, spec)) - {"lm_head.weight"}:
         del w[name]
     if tiles:
         tile_fp8_weights(w, wide=True)
     else:
         k_of = {"o": spec.n_heads * spec.head_dim, "down": spec.intermediate}
-        for name in [n for n, t in w.items() if t.dim() == 4 and t.element_size() == 2]:
+        for name in wide_tile_names(w):
             w[name] = untile_fp8(w[name], w.pop(name + "_scale").shape[0],
                                  k_of.get(name.split(".")[-2], spec.hidden),
                                  swiglu=name.endswith(".gate_up.weight"))

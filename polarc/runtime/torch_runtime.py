@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from polarc.errors import PolarcError
-from polarc.format.engine_file import Engine, lay_out_wide_linears, wide_linear_names
+from polarc.format.engine_file import Engine, lay_out_wide_linears
 from polarc.format.plan import sparse_mlp_layers
 from polarc.models.layers import (
     EAGER,
@@ -153,7 +153,7 @@ class Runtime:
             check_fp8_gpu(self.device, kv=fp8,
                           weights=any(t.dtype == FP8 for t in self.model.weights.values()))
         # (the FP8 linear kernel reads a tile's K block in one 16 KB run, rows' in 128 runs)
-        if tile_linears and wide_linear_names(self.model.weights):
+        if tile_linears:
             lay_out_wide_linears(engine, tiles=True)
         page_size = page_size or default_page_size(self.kv_dtype)
         per_row = pages_for(self.max_seq, page_size)
