@@ -43,6 +43,7 @@ from polarc.models.load import Model, random_identity, random_weights, rope_para
 from polarc.models.presets import get_preset, hf_config
 from polarc.models.tokenizer import ByteTokenizer
 from polarc.outputs import write_json
+from polarc.runtime import kernels
 from polarc.runtime.kernels import WIDE_KERNEL_ROWS
 from polarc.runtime.torch_runtime import Runtime
 
@@ -184,10 +185,23 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
         if prefill and mode == "dense":
             from polarc.benchmarks.bench_stream import prefill_speed  # (it imports this module)
 
-            rec["prefill_ms"] = {n: n / prefill_speed(engine, device, prompts=5, length=n)[
-                "prefill_tokens_per_s"] * 1e3 for n in PREFILL_LENGTHS}
+            def prefill_ms() -> dict[int, float]:
+                return {n: n / prefill_speed(engine, device, prompts=5, length=n)[
+                    "prefill_tokens_per_s"] * 1e3 for n in PREFILL_LENGTHS}
+
+            rec["prefill_ms"] = prefill_ms()
             print(f"{name} {variant} {through}: prefill " + ", ".join(
                 f"{n} tokens {ms:.1f} ms" for n, ms in rec["prefill_ms"].items()), flush=True)
+            if ROUTES[through][0]:  # tiles: also the kernel on them at every row count
+                rows, kernels.TILE_KERNEL_ROWS = kernels.TILE_KERNEL_ROWS, 1 << 30
+                try:
+                    rec["prefill_kernel_ms"] = prefill_ms()
+                finally:
+                    kernels.TILE_KERNEL_ROWS = rows
+                print(f"{name} {variant} {through}: prefill, kernel on the tiles at every row "
+                      f"count: " + ", ".join(f"{n} tokens {ms:.1f} ms"
+                                             for n, ms in rec["prefill_kernel_ms"].items()),
+                      flush=True)
         if mode == "sparse":
             rec["router_ms"] = router_ms(rt, bw)
             rec["router_share"] = rec["router_ms"] / ms

@@ -608,7 +608,8 @@ def _step_order_chain(x: torch.Tensor, layers: list[dict], head: Any,
 def _plan_override(spec: tuple[int, ...], m: int, n: int, k: int,
                    device: torch.device) -> Any:
     """The planner's plan for an ``[m, k] x [k, n]`` GEMM with `spec`'s fields in place:
-    ``(WARPS, STAGES[, BLOCK_M[, SPLIT[, SWAP[, PAIR]]]])``, a SPLIT of 0 the planner's."""
+    ``(WARPS, STAGES[, BLOCK_M[, SPLIT[, SWAP[, PAIR[, GROUP]]]]])``, a SPLIT of 0 the
+    planner's (GROUP: row blocks per weight block in launch order, `Fp8LinearPlan.group_m`)."""
     from polarc.plugins.fp8_linear import plan_fp8_linear
 
     plan = plan_fp8_linear(m, n, k, sms=num_sms(device))
@@ -618,7 +619,8 @@ def _plan_override(spec: tuple[int, ...], m: int, n: int, k: int,
         block_m=more[0] if more else plan.block_m,
         split_k=more[1] if len(more) > 1 and more[1] else plan.split_k,
         swap_ab=bool(more[2]) if len(more) > 2 else plan.swap_ab,
-        x_pair=bool(more[3]) if len(more) > 3 else plan.x_pair)
+        x_pair=bool(more[3]) if len(more) > 3 else plan.x_pair,
+        group_m=more[4] if len(more) > 4 else plan.group_m)
 
 
 def _time_chain(what: str, x0: torch.Tensor, layers: list[dict], head: Any,

@@ -163,6 +163,7 @@ def _fp8_linear_kernel(
     PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     RESIDUAL: tl.constexpr = False, NORM: tl.constexpr = False, SUMSQ_PAD: tl.constexpr = 1,
     X_PAIR: tl.constexpr = False, TILE_SLICES: tl.constexpr = 1, W_WIDE: tl.constexpr = False,
+    GROUP_M: tl.constexpr = 1,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -182,10 +183,20 @@ def _fp8_linear_kernel(
     K loop is the same either way.
     X_PAIR: x comes as two float8 terms, ``x ~ XScale[:, None] * (X + X2)`` (`split_rows_fp8`),
     and each K block is two float8 products of the stored weight tile: no widening at all.
-    W_WIDE: w holds x's 16-bit dtype, not float8: the dots run in that dtype, nothing widened."""
+    W_WIDE: w holds x's 16-bit dtype, not float8: the dots run in that dtype, nothing widened.
+    GROUP_M > 1 (prefill): programs in launch order take GROUP_M row blocks of one weight block
+    before the next weight block, so a weight block comes from DRAM once per group of rows, not
+    once per row block (x's rows stay in L2 meanwhile)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
+    if GROUP_M > 1:
+        blocks_n = tl.num_programs(0)
+        pid = pid_m * blocks_n + pid_n  # launch order (axis 0 first)
+        first_m = pid // (GROUP_M * blocks_n) * GROUP_M
+        group_rows = tl.minimum(tl.num_programs(1) - first_m, GROUP_M)
+        pid_m = first_m + pid % (GROUP_M * blocks_n) % group_rows
+        pid_n = pid % (GROUP_M * blocks_n) // group_rows
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the block's columns of [M, N]
     rows = _weight_rows(pid_n, N, BLOCK_N, SWIGLU)  # ... and their weight rows
@@ -403,12 +414,15 @@ class Fp8LinearPlan:
     swap_ab: bool = False  # the product formed transposed, the weight tile as the left operand
     x_pair: bool = False  # x as two float8 terms (`split_rows_fp8`): float8 products, no widening
     narrow_partials: bool = False  # split-K partials stored in x's dtype, not fp32
+    group_m: int = 1  # consecutive programs take up to this many row blocks of one weight block
 
 
 _SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
 _SPLIT_8_ROWS = 16  # up to here K may be split 8 ways; above, at most 4
 _PROGRAMS_PER_SM = 1.5
+_GROUP_ROWS = 256  # above, a prefill GEMM: consecutive programs share a weight block
+_GROUP_M = 8  # ... over this many row blocks (x's rows a group reads stay in L2)
 
 
 def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
@@ -440,7 +454,7 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     few = tiles * split <= sms
     return Fp8LinearPlan(block_m, 128, block_k, num_warps=4,
                          num_stages=4 if few or not decode else 3, split_k=split,
-                         narrow_partials=split > 1)
+                         narrow_partials=split > 1, group_m=_GROUP_M if m > _GROUP_ROWS else 1)
 
 
 def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: int, *,
@@ -632,6 +646,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     split = plan.split_k
     if not isinstance(split, int) or split < 1:
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
+    if not isinstance(plan.group_m, int) or plan.group_m < 1:
+        raise ValueError(f"fp8_linear: plan.group_m must be an int >= 1, got {plan.group_m!r}")
     if swiglu and plan.block_n % 2:
         raise ValueError(f"fp8_linear: swiglu needs an even plan.block_n, got {plan.block_n}")
     grid = (cdiv(n, plan.block_n), cdiv(m, plan.block_m), split)
@@ -664,6 +680,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, RESIDUAL=residual is not None,
         NORM=norm is not None, SUMSQ_PAD=next_pow2(sumsq.shape[-1]) if norm is not None else 1,
         X_PAIR=plan.x_pair, TILE_SLICES=w.shape[2] // plan.block_n if tiled else 1,
-        W_WIDE=w.dtype != FP8,
+        W_WIDE=w.dtype != FP8, GROUP_M=plan.group_m,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out if residual is None else RmsNormParts(scaled, sumsq, eps)
