@@ -184,7 +184,7 @@ def _fp8_linear_kernel(
     X_PAIR: x comes as two float8 terms, ``x ~ XScale[:, None] * (X + X2)`` (`split_rows_fp8`),
     and each K block is two float8 products of the stored weight tile: no widening at all.
     W_WIDE: w holds x's 16-bit dtype, not float8: the dots run in that dtype, nothing widened.
-    GROUP_M > 1 (prefill): programs in launch order take GROUP_M row blocks of one weight block
+    GROUP_M > 1 (several row blocks): programs in launch order take GROUP_M row blocks of one weight block
     before the next weight block, so a weight block comes from DRAM once per group of rows, not
     once per row block (x's rows stay in L2 meanwhile)."""
     pid_n = tl.program_id(0)
@@ -421,8 +421,12 @@ _SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
 _SPLIT_8_ROWS = 16  # up to here K may be split 8 ways; above, at most 4
 _PROGRAMS_PER_SM = 1.5
-_GROUP_ROWS = 256  # above, a prefill GEMM: consecutive programs share a weight block
-_GROUP_M = 8  # ... over this many row blocks (x's rows a group reads stay in L2)
+# Above this many rows a GEMM has several row blocks (BLOCK_M is at most 64 on rows, 128 on
+# tiles), and consecutive programs share a weight block over up to 8 of them: launched weight
+# block by weight block instead, each block was read once per row block (at 256 rows, twice
+# the bytes; at a prefill pack's 2,048, sixteen times), and x's rows a group reads stay in L2
+_GROUP_ROWS = 64
+_GROUP_M = 8
 
 
 def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
@@ -443,6 +447,7 @@ def plan_fp8_linear(m: int, n: int, k: int, *, sms: int) -> Fp8LinearPlan:
     one program keeps in flight are then all its SM streams: a step's GEMMs 1.5% faster at
     32 rows on the H100, 2026-12-06), and 4 above decode rows (K blocks of 64; `fp8_linear`
     caps it at 3 on tiled weights, whose K blocks of 128 hold twice the bytes a stage).
+    Above 64 rows (several row blocks) programs are grouped by weight block (`_GROUP_ROWS`).
     """
     block_m = min(64, max(16, next_pow2(m)))
     decode = m <= _DECODE_ROWS

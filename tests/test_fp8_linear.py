@@ -355,9 +355,10 @@ def test_transposed_product_matches_reference(swiglu, split):
 @needs_kernel
 @pytest.mark.parametrize("group_m, split", [(2, 1), (3, 2), (8, 1)])
 def test_grouped_program_order_gives_the_same_products(group_m, split):
-    """Prefill's program order (`Fp8LinearPlan.group_m`: GROUP_M row blocks of one weight
-    block before the next, the last group shorter where the row blocks do not divide): every
-    output block computed once, the same sums as the plain order, on rows and on tiles."""
+    """The program order of GEMMs with several row blocks (`Fp8LinearPlan.group_m`: GROUP_M
+    row blocks of one weight block before the next, the last group shorter where the row
+    blocks do not divide): every output block computed once, the same sums as the plain
+    order, on rows and on tiles."""
     from polarc.format.engine_file import tile_fp8
 
     m, n, k = 80, 72, 96  # 5 row blocks of 16, 9 weight blocks of 8 (rows) or 1 tile of 128
@@ -372,9 +373,9 @@ def test_grouped_program_order_gives_the_same_products(group_m, split):
         assert _rel(grouped, want) < 1e-5
 
 
-def test_prefill_plans_group_row_blocks_and_decode_plans_do_not():
-    assert plan_fp8_linear(2048, 14336, 4096, sms=132).group_m > 1
-    assert all(plan_fp8_linear(m, 14336, 4096, sms=132).group_m == 1 for m in (1, 32, 256))
+def test_plans_group_row_blocks_where_there_are_several():
+    assert all(plan_fp8_linear(m, 14336, 4096, sms=132).group_m > 1 for m in (65, 256, 2048))
+    assert all(plan_fp8_linear(m, 14336, 4096, sms=132).group_m == 1 for m in (1, 32, 64))
     x, w, scale, _ = _inputs(4, 8, 32, torch.float32)
     bad = Fp8LinearPlan(block_m=16, block_n=8, block_k=32, num_warps=4, num_stages=2,
                         group_m=0)
