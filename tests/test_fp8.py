@@ -550,7 +550,7 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
     (`lay_out_wide_linears`), against the same step through cuBLAS and separate launches:
     the same logits up to rounding, the same next tokens; the rows laid out again give the
     kernel's logits bit for bit. The tiles at prefill's row counts (widened back for cuBLAS)
-    give the rows' products exactly."""
+    give the rows' products exactly, and through the kernel up to rounding."""
     from polarc.format.engine_file import lay_out_wide_linears
 
     rt = _small_llama_runtime(monkeypatch, variant)
@@ -582,5 +582,10 @@ def test_gpu_16_bit_weights_through_the_linear_kernel_match_cublas(monkeypatch, 
         assert (logits["cublas"].max(-1).values - picked).max() < 0.05, route
     for name in names:
         assert torch.equal(rt.kernels.linear(rt.model, x[name], name), want[name]), name
+    # ... and the kernel on the tiles at those row counts (grouped row blocks): up to rounding
+    monkeypatch.setattr("polarc.runtime.kernels.TILE_KERNEL_ROWS", 1 << 30)
+    for name in names:
+        got = rt.kernels.linear(rt.model, x[name], name).float()
+        assert (got - want[name]).norm() / want[name].float().norm() < 1e-2, name
     lay_out_wide_linears(rt.engine, tiles=False)
     assert torch.equal(step(), logits["kernel"])
