@@ -184,9 +184,9 @@ def _fp8_linear_kernel(
     X_PAIR: x comes as two float8 terms, ``x ~ XScale[:, None] * (X + X2)`` (`split_rows_fp8`),
     and each K block is two float8 products of the stored weight tile: no widening at all.
     W_WIDE: w holds x's 16-bit dtype, not float8: the dots run in that dtype, nothing widened.
-    GROUP_M > 1 (several row blocks): programs in launch order take GROUP_M row blocks of one weight block
-    before the next weight block, so a weight block comes from DRAM once per group of rows, not
-    once per row block (x's rows stay in L2 meanwhile)."""
+    GROUP_M > 1 (several row blocks): programs in launch order take GROUP_M row blocks of one
+    weight block before the next weight block, so a weight block comes from DRAM once per group
+    of row blocks, not once per row block (x's rows stay in L2 meanwhile)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -423,8 +423,8 @@ _SPLIT_8_ROWS = 16  # up to here K may be split 8 ways; above, at most 4
 _PROGRAMS_PER_SM = 1.5
 # Above this many rows a GEMM has several row blocks (BLOCK_M is at most 64 on rows, 128 on
 # tiles), and consecutive programs share a weight block over up to 8 of them: launched weight
-# block by weight block instead, each block was read once per row block (at 256 rows, twice
-# the bytes; at a prefill pack's 2,048, sixteen times), and x's rows a group reads stay in L2
+# block by weight block instead, each block was read once per row block (at 256 rows, up to
+# twice the bytes; at a prefill pack's 2,048, sixteen times), and x's rows a group reads stay in L2
 _GROUP_ROWS = 64
 _GROUP_M = 8
 
