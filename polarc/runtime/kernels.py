@@ -154,7 +154,8 @@ class Kernels:
     def _kernel_weight(self, model: Any, name: str, x2: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weight and per-channel scale with which the FP8 linear kernel runs linear layer
-        `name` on the rows x2 (CUDA, decode-sized): float8 weights or tiles of any dtype
+        `name` on the rows x2 (CUDA; up to `FP8_KERNEL_ROWS` rows, `TILE_KERNEL_ROWS` on
+        16-bit tiles): float8 weights or tiles of any dtype
         (`tile_fp8_weights`), or, with `wide_linears`, 16-bit ``[N, K]`` rows in x's dtype
         (any row stride; not a transposed view; scale: ones); None where the kernel does not."""
         if self.device.type != "cuda":
