@@ -43,7 +43,6 @@ from polarc.models.load import Model, random_identity, random_weights, rope_para
 from polarc.models.presets import get_preset, hf_config
 from polarc.models.tokenizer import ByteTokenizer
 from polarc.outputs import write_json
-from polarc.runtime import kernels
 from polarc.runtime.kernels import WIDE_KERNEL_ROWS
 from polarc.runtime.torch_runtime import Runtime
 
@@ -192,16 +191,6 @@ def run_case(name: str, batch: int, seqlen: int, bw: float, density: float,
             rec["prefill_ms"] = prefill_ms()
             print(f"{name} {variant} {through}: prefill " + ", ".join(
                 f"{n} tokens {ms:.1f} ms" for n, ms in rec["prefill_ms"].items()), flush=True)
-            if ROUTES[through][0]:  # tiles: also the kernel on them at every row count
-                rows, kernels.TILE_KERNEL_ROWS = kernels.TILE_KERNEL_ROWS, 1 << 30
-                try:
-                    rec["prefill_kernel_ms"] = prefill_ms()
-                finally:
-                    kernels.TILE_KERNEL_ROWS = rows
-                print(f"{name} {variant} {through}: prefill, kernel on the tiles at every row "
-                      f"count: " + ", ".join(f"{n} tokens {ms:.1f} ms"
-                                             for n, ms in rec["prefill_kernel_ms"].items()),
-                      flush=True)
         if mode == "sparse":
             rec["router_ms"] = router_ms(rt, bw)
             rec["router_share"] = rec["router_ms"] / ms

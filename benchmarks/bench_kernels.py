@@ -708,14 +708,14 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
     ``BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x64x4x5``): the kernel
     on the ``[N, K]`` rows with the planner's plans so changed (a SPLIT of 0 the planner's),
     or, as ``tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]``, on the tiles with the prefetch; above
-    `TILE_KERNEL_ROWS` rows (prefill) also ``widen``: each tile widened back to ``[N, K]``
-    (`fp8_widen`) for cuBLAS, what the runtime does there; floor = the bf16 weight bytes /
-    copy bandwidth. (Rows padded to a stride off a power of two read like the rows, cuBLAS's
-    too: H100, RESULTS.md session 53.)"""
+    `FP8_KERNEL_ROWS` rows (prefill) also ``widen``: each tile widened back to ``[N, K]``
+    (`fp8_widen`) for cuBLAS, what the runtime does there with float8 tiles; floor = the bf16
+    weight bytes / copy bandwidth. (Rows padded to a stride off a power of two read like the
+    rows, cuBLAS's too: H100, RESULTS.md session 53.)"""
     from polarc.plugins.fp8_linear import fp8_linear, fp8_widen
 
     from polarc.format.engine_file import tile_fp8
-    from polarc.runtime.kernels import TILE_KERNEL_ROWS
+    from polarc.runtime.kernels import FP8_KERNEL_ROWS
 
     shapes = dict((name, (n, k)) for name, n, k in LINEAR_SHAPES)
     rows_first = [{name: torch.randn(n, k, device=device, dtype=torch.bfloat16) / math.sqrt(k)
@@ -737,7 +737,7 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
         spec = tuple(int(v) for v in layout.split()[1].split("x")) if " " in layout else None
         if spec is not None and layout.startswith("tiles"):  # (the tile fixes N and K)
             spec = (128, 64, *spec)
-        for m in rows if layout != "widen" else [m for m in rows if m > TILE_KERNEL_ROWS]:
+        for m in rows if layout != "widen" else [m for m in rows if m > FP8_KERNEL_ROWS]:
             x0 = torch.randn(m, 4096, device=device, dtype=torch.bfloat16)
 
             def lin(x, name, w, nxt=None, layout=layout, spec=spec, m=m):

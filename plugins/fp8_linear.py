@@ -417,14 +417,16 @@ class Fp8LinearPlan:
     group_m: int = 1  # consecutive programs take up to this many row blocks of one weight block
 
 
-_SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product
+_SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product ...
+_PREFILL_ROWS = 256  # ... up to here; above, 16-bit tiles take its prefill plans
 _DECODE_ROWS = 32  # up to here a GEMM streams its weight (decode); above, MMA work grows
 _SPLIT_8_ROWS = 16  # up to here K may be split 8 ways; above, at most 4
 _PROGRAMS_PER_SM = 1.5
 # Above this many rows a GEMM has several row blocks (BLOCK_M is at most 64 on rows, 128 on
 # tiles), and consecutive programs share a weight block over up to 8 of them: launched weight
 # block by weight block instead, each block was read once per row block (at 256 rows, up to
-# twice the bytes; at a prefill pack's 2,048, sixteen times), and x's rows a group reads stay in L2
+# twice the bytes; at a prefill pack's 2,048, sixteen times), and x's rows a group reads stay
+# in L2
 _GROUP_ROWS = 64
 _GROUP_M = 8
 
@@ -475,7 +477,17 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
         planned_stage = plan.block_n * plan.block_k  # float8 weight bytes a stage holds
         if tiled:
             plan = dataclasses.replace(plan, block_n=w.shape[2])
-        if tiled and m > _SWAP_ROWS:
+        prefill = tiled and m > _PREFILL_ROWS and w.dtype != FP8
+        if prefill:
+            # prefill on 16-bit tiles: a step's 129 GEMMs at 512 / 1,024 / 2,048 rows 13.50 /
+            # 24.97 / 52.17 ms with the transposed plan below; 128 rows and 4 warps a program
+            # 12.53 at 512; 256 rows and 8 warps 23.46 / 45.83 at 1,024 / 2,048 (H100 chain
+            # benchmark, 2026-12-07). The stage count is set here, not capped below
+            wide = m >= 1024
+            plan = dataclasses.replace(plan, block_m=256 if wide else 128,
+                                       num_warps=8 if wide else 4,
+                                       num_stages=3 if wide else 4, swap_ab=False)
+        elif tiled and m > _SWAP_ROWS:
             # 128 rows a program, 8 warps, the product transposed (the weight tile as wgmma's
             # register operand): a step's 129 GEMMs at 128 / 256 rows 7.70 / 13.55 -> 7.36 /
             # 12.58 ms (H100 chain benchmark, 2026-12-06; the same plan untransposed 7.82 /
@@ -497,7 +509,8 @@ def launch_plan(plan: Fp8LinearPlan | None, w: torch.Tensor, m: int, n: int, k: 
                 # (widened fp16 products) 64-column tiles lose: 6.77 -> 7.06 ms
                 plan = dataclasses.replace(plan, block_n=w.shape[2] // 2,
                                            split_k=plan.split_k // 2)
-        if tiled and plan.block_n * w.shape[3] * w.element_size() > planned_stage:
+        if (tiled and not prefill
+                and plan.block_n * w.shape[3] * w.element_size() > planned_stage):
             # the tiles' K block holds more bytes a stage than the plan's: 3 stages, not 4
             # (a step's 129 GEMMs at 64 / 128 rows 5.52 -> 4.49 / 10.08 -> 7.58 ms, H100
             # chain benchmark, 2026-12-06). Half tiles hold the plan's: the B=64 step with

@@ -383,6 +383,40 @@ def test_plans_group_row_blocks_where_there_are_several():
         fp8_linear(x, w, scale, plan=bad)
 
 
+def test_16_bit_tiles_take_prefill_plans_above_decode_rows():
+    """Above 256 rows 16-bit tiles run untransposed with wider row blocks (128 rows and 4
+    warps a program, 256 and 8 from 1,024 rows); up to 256 rows, and float8 tiles at any row
+    count, the transposed plan as before."""
+    from polarc.format.engine_file import tile_fp8
+
+    w, _ = quantize_rows(torch.randn(256, 256))
+    fp8_tiles, wide_tiles = tile_fp8(w), tile_fp8(w.to(torch.bfloat16), tile=(128, 64))
+
+    def plan(m, tiles):
+        p = launch_plan(None, tiles, m, 256, 256, sms=132)
+        return p.block_m, p.num_warps, p.num_stages, p.swap_ab, p.block_k
+
+    assert plan(256, wide_tiles) == (128, 8, 3, True, 64)
+    assert plan(300, wide_tiles) == (128, 4, 4, False, 64)
+    assert plan(1024, wide_tiles) == plan(5000, wide_tiles) == (256, 8, 3, False, 64)
+    assert plan(300, fp8_tiles) == plan(1024, fp8_tiles) == (128, 8, 3, True, 128)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [300, 1030])
+def test_16_bit_tiles_at_prefill_rows_match_the_reference(m):
+    """The kernel on 16-bit tiles with the planner's prefill plan, a last row block partly
+    past the rows: the reference product up to the output's fp16 rounding (fp16 here: the
+    interpreter has no bf16)."""
+    from polarc.format.engine_file import tile_fp8
+
+    x, _, _, b = _inputs(m, 24, 48, torch.float16, bias=True, seed=m)
+    w = torch.randn(24, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.float16)
+    ones = torch.ones(24, device=DEVICE)
+    got = fp8_linear(x, tile_fp8(w, tile=(16, 16)), ones, b)
+    assert _rel(got, x.double() @ w.double().T + b.double()) < 2e-3
+
+
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("n, k, tile", [(48, 300, (128, 128)), (256, 384, (128, 128)),
                                         (128, 192, (32, 64))])

@@ -177,8 +177,8 @@ def tile_fp8_weights(weights: dict[str, torch.Tensor], *, wide: bool = False) ->
     gate_up's rows paired for its SwiGLU): how float8 weights are kept on CUDA. `wide`: the
     16-bit linear layers' weights too (`fp8_weight_names`; an LM head that is the embedding
     table stays ``[N, K]``), in `WIDE_TILE` tiles, each with ``<name>_scale`` ones (float32
-    [N]), so that they take the float8 tiles' paths: the FP8 linear kernel at decode sizes,
-    widened (here: untiled) for cuBLAS beyond. No part views may point into them (add them
+    [N]), so that they take the FP8 linear kernel at every row count (`Kernels`; a gate_up
+    read without its SwiGLU is untiled for cuBLAS). No part views may point into them (add them
     after: `add_part_views` skips tiles)."""
     for name in [n for n, t in weights.items() if t.dtype == FP8_WEIGHT_DTYPE and t.dim() == 2]:
         weights[name] = tile_fp8(weights[name], swiglu=name.endswith(".gate_up.weight"))

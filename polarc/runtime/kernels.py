@@ -27,9 +27,9 @@ FP8_KERNEL_ROWS = 256
 # ... and a 16-bit one (`Kernels.wide_linears`): at 16 and 32 rows the kernel's steps are
 # 0.15-0.35 ms shorter than cuBLAS's, at 64 rows 0.04-0.07 ms longer (H200, RESULTS.md s51)
 WIDE_KERNEL_ROWS = 32
-# ... and 16-bit weights kept as tiles (`Runtime(tile_linears=True)`); beyond, widened back
-# for cuBLAS (`fp8_widen`: a read and a write of the weight per call)
-TILE_KERNEL_ROWS = FP8_KERNEL_ROWS
+# 16-bit weights kept as tiles (`Runtime(tile_linears=True)`) run the kernel at every row
+# count: at prefill's 512-2,048 rows it took a step's GEMMs 0-14% longer than cuBLAS on rows,
+# and 16-42% shorter than widening the tiles back for cuBLAS (H100, RESULTS.md session 55)
 
 
 def rope_write_kv_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -154,15 +154,14 @@ class Kernels:
     def _kernel_weight(self, model: Any, name: str, x2: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The weight and per-channel scale with which the FP8 linear kernel runs linear layer
-        `name` on the rows x2 (CUDA; up to `FP8_KERNEL_ROWS` rows, `TILE_KERNEL_ROWS` on
-        16-bit tiles): float8 weights or tiles of any dtype
+        `name` on the rows x2 (CUDA; up to `FP8_KERNEL_ROWS` rows, any number on 16-bit
+        tiles): float8 weights or tiles of any dtype
         (`tile_fp8_weights`), or, with `wide_linears`, 16-bit ``[N, K]`` rows in x's dtype
         (any row stride; not a transposed view; scale: ones); None where the kernel does not."""
         if self.device.type != "cuda":
             return None
         w = model.weights[name + ".weight"]
-        wide_tiles = w.dim() == 4 and w.dtype != reference.FP8
-        if x2.shape[0] > (TILE_KERNEL_ROWS if wide_tiles else FP8_KERNEL_ROWS):
+        if x2.shape[0] > FP8_KERNEL_ROWS and (w.dim() == 2 or w.dtype == reference.FP8):
             return None
         if w.dtype == reference.FP8 or w.dim() == 4:
             return w, model.weights[name + ".weight_scale"]

@@ -122,7 +122,8 @@ class Runtime:
     `tile_linears`: lay the engine's 16-bit linear weights out as tiles, in place
     (`lay_out_wide_linears`; a later runtime on the same engine finds them so): on CUDA,
     decode steps of up to 32 rows 0.16-0.42 ms shorter (H100, RESULTS.md session 53), but a
-    prefill above 256 tokens widens every weight back for cuBLAS, so off by default."""
+    prefill's linear layers up to 14% longer than cuBLAS's on rows (session 55), so off by
+    default."""
 
     def __init__(self, engine: Engine, *, batch: int, max_seq: int | None = None,
                  dense: bool = False, device: str | torch.device = "cpu",
