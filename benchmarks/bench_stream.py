@@ -29,6 +29,7 @@ import torch
 from polarc.benchmarks.bench_e2e import sparse_engine_in_memory, weight_bytes
 from polarc.benchmarks.timing import copy_bandwidth, environment, time_graph
 
+from polarc.format.engine_file import lay_out_wide_linears
 from polarc.models.layers import stored_weights
 from polarc.outputs import write_json
 from polarc.runtime.generate import generate
@@ -163,10 +164,12 @@ def first_pass_cost(engine: Any, device: torch.device, *, seed: int, n_packs: in
 
 
 def run_scheduler(engine: Any, requests: list[tuple[list[int], int]], *, slots: int, pages: int,
-                  dense: bool, device: torch.device, detokenize: bool = False
-                  ) -> dict[str, Any]:
+                  dense: bool, device: torch.device, detokenize: bool = False,
+                  tiles: bool = False) -> dict[str, Any]:
+    """`tiles`: the engine's linear weights laid out as tiles for the run
+    (`Runtime(tile_linears=True)`), and back to rows after it."""
     rt = Runtime(engine, batch=slots, dense=dense, device=device, page_size=PAGE_SIZE,
-                 pages=pages)
+                 pages=pages, tile_linears=tiles)
     sched = Scheduler(rt, prefill_chunk=PREFILL_CHUNK, detokenize=detokenize)
     # warm-up, not timed: the step's CUDA graph, compiled kernels, the prefill's GEMM choices
     for _ in drive(sched, iter([Request(p[:64], 4, id=-1 - i, ignore_eos=True)
@@ -191,6 +194,7 @@ def run_scheduler(engine: Any, requests: list[tuple[list[int], int]], *, slots: 
            "prefill_tokens_per_s": stats["prompt_tokens"] / stats["prefill_s"],
            "decode_tokens_per_s": stats["output_tokens"] / stats["decode_s"], **stats}
     del sched, rt
+    lay_out_wide_linears(engine, tiles=False)
     _release(device)
     return out
 
@@ -238,6 +242,10 @@ def main() -> None:
     ap.add_argument("--modes", default="sparse,dense")
     ap.add_argument("--baseline-modes", default="sparse")
     ap.add_argument("--max-slots", type=int, default=256)
+    ap.add_argument("--layouts", default="rows",
+                    help="rows, tiles or both (rows,tiles): each mode's scheduler run with the "
+                         "16-bit linear weights in each layout (`Runtime(tile_linears=True)`; "
+                         "keys scheduler_MODE and scheduler_MODE_tiles)")
     ap.add_argument("--detokenize", action="store_true",
                     help="make each token's text as `polarc run` and the server do (the "
                          "like-for-like baseline for bench_serve)")
@@ -287,17 +295,24 @@ def main() -> None:
                                "workload": {"requests": len(reqs),
                                             "prompt_tokens": sum(len(p) for p, _ in reqs),
                                             "output_tokens": sum(m for _, m in reqs)}}
+    layouts = [layout for layout in args.layouts.split(",") if layout]
+    if not set(layouts) <= {"rows", "tiles"}:
+        sys.exit(f"Error: --layouts must name rows and/or tiles, got {args.layouts!r}")
     for mode in filter(None, args.modes.split(",")):
         dense = mode == "dense"
-        full = run_scheduler(engine, reqs, slots=slots, pages=pages, dense=dense, device=device,
-                             detokenize=args.detokenize)
-        full["prefill_matmul_share"] = 2 * params * full["prefill_tokens_per_s"] / peak
-        full.update(step_floor_ratio(engine, full["mean_live_batch"], full["mean_context"], bw))
-        records[f"scheduler_{mode}"] = full
-        print(mode, json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                                for k, v in full.items()}), flush=True)
-        if args.json is not None:  # what is measured survives a run cut short
-            write_json(args.json, records, force=True)
+        for layout in layouts:
+            full = run_scheduler(engine, reqs, slots=slots, pages=pages, dense=dense,
+                                 device=device, detokenize=args.detokenize,
+                                 tiles=layout == "tiles")
+            full["prefill_matmul_share"] = 2 * params * full["prefill_tokens_per_s"] / peak
+            full.update(step_floor_ratio(engine, full["mean_live_batch"], full["mean_context"],
+                                         bw))
+            key = f"scheduler_{mode}" + ("_tiles" if layout == "tiles" else "")
+            records[key] = full
+            print(key, json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                                   for k, v in full.items()}), flush=True)
+            if args.json is not None:  # what is measured survives a run cut short
+                write_json(args.json, records, force=True)
         if mode in args.baseline_modes.split(",") and args.baseline_requests:
             sub = reqs[:args.baseline_requests]
             sched = run_scheduler(engine, sub, slots=slots, pages=pages, dense=dense,
