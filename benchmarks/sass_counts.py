@@ -99,7 +99,7 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
     """The weight-only FP8 linear at 16-64 bf16 rows, 128-channel tiles; at 64 rows on tiles
     as x's float8 terms (o / down with the step's flags: residual, prefetch), whole tiles with
     4 splits against `launch_plan`'s half tiles with 2; bf16 weights (nothing widened) at 16-64
-    rows; at 128 rows on tiles, the transposed product."""
+    rows; at 128 rows on tiles, the transposed product; 16-bit tiles at prefill's row blocks."""
     from polarc.plugins.fp8_linear import _fp8_linear_kernel as kernel
 
     types = {n: "i32" for n in kernel.arg_names}
@@ -139,6 +139,17 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
                      SWAP_AB=True)
     counts = compile_counts(kernel, types, constants, arch=arch, num_warps=8, num_stages=3)
     rows.append(dict(kernel="fp8_linear", variant="128x128x128 w8 tiles swap_ab", **counts))
+    # 16-bit tiles above decode rows (grouped, one split): `launch_plan`'s transposed plan up
+    # to 256 rows and its prefill plans above, beside the transposed product on 256 rows
+    for block_m, warps, stages, swap in ((128, 8, 3, True), (128, 4, 4, False),
+                                         (256, 8, 3, False), (256, 8, 3, True),
+                                         (256, 8, 4, True)):
+        constants = dict(plain, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1,
+                         TILED=True, W_WIDE=True, SWAP_AB=swap, GROUP_M=8)
+        counts = compile_counts(kernel, dict(types, W="*bf16"), constants, arch=arch,
+                                num_warps=warps, num_stages=stages)
+        rows.append(dict(kernel="fp8_linear", variant=f"{block_m}x128x64 w{warps} s{stages} bf16 "
+                         f"tiles{' swap_ab' if swap else ''}", **counts))
     return rows
 
 
