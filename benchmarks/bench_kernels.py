@@ -608,8 +608,9 @@ def _step_order_chain(x: torch.Tensor, layers: list[dict], head: Any,
 def _plan_override(spec: tuple[int, ...], m: int, n: int, k: int,
                    device: torch.device) -> Any:
     """The planner's plan for an ``[m, k] x [k, n]`` GEMM with `spec`'s fields in place:
-    ``(WARPS, STAGES[, BLOCK_M[, SPLIT[, SWAP[, PAIR[, GROUP]]]]])``, a SPLIT of 0 the
-    planner's (GROUP: row blocks per weight block in launch order, `Fp8LinearPlan.group_m`)."""
+    ``(WARPS, STAGES[, BLOCK_M[, SPLIT[, SWAP[, PAIR[, GROUP[, TMA]]]]]])``, a SPLIT of 0 the
+    planner's (GROUP: row blocks per weight block in launch order, `Fp8LinearPlan.group_m`;
+    TMA 1: tiles read by TMA, `Fp8LinearPlan.tma`)."""
     from polarc.plugins.fp8_linear import plan_fp8_linear
 
     plan = plan_fp8_linear(m, n, k, sms=num_sms(device))
@@ -620,7 +621,8 @@ def _plan_override(spec: tuple[int, ...], m: int, n: int, k: int,
         split_k=more[1] if len(more) > 1 and more[1] else plan.split_k,
         swap_ab=bool(more[2]) if len(more) > 2 else plan.swap_ab,
         x_pair=bool(more[3]) if len(more) > 3 else plan.x_pair,
-        group_m=more[4] if len(more) > 4 else plan.group_m)
+        group_m=more[4] if len(more) > 4 else plan.group_m,
+        tma=bool(more[5]) if len(more) > 5 else plan.tma)
 
 
 def _time_chain(what: str, x0: torch.Tensor, layers: list[dict], head: Any,
@@ -707,7 +709,8 @@ def bf16_linear_chain_cases(*, bw: float, device: torch.device, rows: tuple[int,
     the tiles without and with the L2 prefetch; then once per entry of `plans`,
     ``BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]`` (e.g. ``128x64x4x5``): the kernel
     on the ``[N, K]`` rows with the planner's plans so changed (a SPLIT of 0 the planner's),
-    or, as ``tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]]``, on the tiles with the prefetch; above
+    or, as ``tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xPAIR[xGROUP[xTMA]]]]]]`` (`_plan_override`),
+    on the tiles with the prefetch; above
     `FP8_KERNEL_ROWS` rows (prefill) also ``widen``: each tile widened back to ``[N, K]``
     (`fp8_widen`) for cuBLAS, what the runtime does there with float8 tiles; floor = the bf16
     weight bytes / copy bandwidth. (Rows padded to a stride off a power of two read like the
@@ -999,12 +1002,14 @@ def main() -> None:
     ap.add_argument("--chain-rows", default="32",
                     help="the chain's row counts, comma-separated (default: %(default)s)")
     ap.add_argument("--chain-tiles", default="",
-                    help="also tiles ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xPAIR]]]], "
-                         "comma-separated (e.g. 128x256x4x3, 256x128x8x3x64x0x0x1)")
+                    help="also tiles ROWSxKxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xPAIR[xGROUP"
+                         "[xTMA]]]]]], comma-separated (e.g. 128x256x4x3, "
+                         "256x128x8x3x64x0x0x1, 128x128x4x4x32x0x0x0x1x1)")
     ap.add_argument("--chain-plans", default="",
                     help="the bf16 chain also on [N, K] rows with plans "
-                         "BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]], "
-                         "comma-separated (e.g. 128x64x4x5,128x128x8x3x64)")
+                         "BLOCK_NxBLOCK_KxWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP]]], or on tiles "
+                         "with tWARPSxSTAGES[xBLOCK_M[xSPLIT[xSWAP[xPAIR[xGROUP[xTMA]]]]]], "
+                         "comma-separated (e.g. 128x64x4x5,t8x3x256x0x1x0x8x1)")
     ap.add_argument("--sweep-rows", default=",".join(map(str, SWEEP_ROWS)),
                     help="the sweep's row counts, comma-separated (default: %(default)s)")
     args = ap.parse_args()

@@ -30,7 +30,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-COUNTED = ("HMMA", "HGMMA", "F2FP", "LDS", "LDSM", "STS", "LDGSTS", "PRMT", "BAR", "MUFU")
+COUNTED = ("HMMA", "HGMMA", "F2FP", "LDS", "LDSM", "STS", "LDGSTS", "UTMALDG", "PRMT", "BAR",
+           "MUFU")
 
 
 def compile_counts(fn: Any, types: dict[str, str], constants: dict[str, Any], *, arch: int,
@@ -103,14 +104,15 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
     from polarc.plugins.fp8_linear import _fp8_linear_kernel as kernel
 
     types = {n: "i32" for n in kernel.arg_names}
-    types.update(X="*bf16", X2="*fp8e4nv", XScale="*fp32", W="*fp8e4nv", Scale="*fp32",
+    types.update(X="*bf16", X2="*fp8e4nv", XScale="*fp32", W="*fp8e4nv", WDesc="*fp32",
+                 Scale="*fp32",
                  Bias="*fp32", Y="*bf16",
                  Part="*fp32", Counters="*i32", Next="*u8", SumSq="*fp32", NormW="*bf16",
                  Scaled="*bf16", norm_eps="fp32")
     # every constexpr set (one left out would compile as a run-time argument)
     plain = dict(HAS_BIAS=False, DOT_FP16=True, EVEN_K=True, SWIGLU=False, TILED=False,
                  PREFETCH=False, SWAP_AB=False, RESIDUAL=False, NORM=False, SUMSQ_PAD=1,
-                 X_PAIR=False, TILE_SLICES=1, W_WIDE=False)
+                 X_PAIR=False, TILE_SLICES=1, W_WIDE=False, GROUP_M=1, W_TMA=False)
     rows = []
     for block_m, block_k in ((16, 128), (32, 128), (64, 64)):
         for warps in (4, 8):
@@ -139,17 +141,27 @@ def fp8_linear_counts(arch: int) -> list[dict[str, Any]]:
                      SWAP_AB=True)
     counts = compile_counts(kernel, types, constants, arch=arch, num_warps=8, num_stages=3)
     rows.append(dict(kernel="fp8_linear", variant="128x128x128 w8 tiles swap_ab", **counts))
+    for block_m, stages, tma in ((32, 4, False), (32, 4, True)):  # float8 tiles at decode rows
+        constants = dict(plain, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, SPLIT_K=4,
+                         TILED=True, PREFETCH=True, W_TMA=tma)
+        desc = "tensordesc<fp8e4nv[128, 128]>" if tma else "*fp32"
+        counts = compile_counts(kernel, dict(types, WDesc=desc, Part="*bf16"), constants,
+                                arch=arch, num_warps=4, num_stages=stages)
+        rows.append(dict(kernel="fp8_linear", variant=f"{block_m}x128x128 w4 s{stages} tiles split 4"
+                         f"{' tma' if tma else ''}", **counts))
     # 16-bit tiles above decode rows (grouped, one split): `launch_plan`'s transposed plan up
     # to 256 rows and its prefill plans above, beside the transposed product on 256 rows
-    for block_m, warps, stages, swap in ((128, 8, 3, True), (128, 4, 4, False),
-                                         (256, 8, 3, False), (256, 8, 3, True),
-                                         (256, 8, 4, True)):
+    for block_m, warps, stages, swap, tma in (
+            (128, 8, 3, True, False), (128, 4, 4, False, False), (256, 8, 3, False, False),
+            (256, 8, 3, True, False), (256, 8, 4, True, False), (128, 8, 3, True, True),
+            (256, 8, 3, False, True), (256, 8, 3, True, True)):
         constants = dict(plain, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64, SPLIT_K=1,
-                         TILED=True, W_WIDE=True, SWAP_AB=swap, GROUP_M=8)
-        counts = compile_counts(kernel, dict(types, W="*bf16"), constants, arch=arch,
-                                num_warps=warps, num_stages=stages)
+                         TILED=True, W_WIDE=True, SWAP_AB=swap, GROUP_M=8, W_TMA=tma)
+        desc = "tensordesc<bf16[128, 64]>" if tma else "*fp32"
+        counts = compile_counts(kernel, dict(types, W="*bf16", WDesc=desc), constants,
+                                arch=arch, num_warps=warps, num_stages=stages)
         rows.append(dict(kernel="fp8_linear", variant=f"{block_m}x128x64 w{warps} s{stages} bf16 "
-                         f"tiles{' swap_ab' if swap else ''}", **counts))
+                         f"tiles{' swap_ab' if swap else ''}{' tma' if tma else ''}", **counts))
     return rows
 
 

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ._triton_util import cdiv, check_launchable, has_wgmma, next_pow2, num_sms, prefetch_l2
 from .reference import FP8, fp8_linear_reference
@@ -154,7 +155,7 @@ def _weight_rows(pid_n, N, BLOCK_N: tl.constexpr, SWIGLU: tl.constexpr):
 # per plan instead of three; the row mask is all M feeds.
 @triton.jit(do_not_specialize=["M"])
 def _fp8_linear_kernel(
-    X, X2, XScale, W, Scale, Bias, Y, Part, Counters, Next, SumSq, NormW, Scaled,
+    X, X2, XScale, W, WDesc, Scale, Bias, Y, Part, Counters, Next, SumSq, NormW, Scaled,
     M, N, K, k_per_split, next_segs, next_seg_stride, next_seg_len, sumsq_cols, norm_eps,
     stride_xm, stride_ym, stride_pk, stride_wn,
     HAS_BIAS: tl.constexpr, DOT_FP16: tl.constexpr, EVEN_K: tl.constexpr,
@@ -163,7 +164,7 @@ def _fp8_linear_kernel(
     PREFETCH: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
     RESIDUAL: tl.constexpr = False, NORM: tl.constexpr = False, SUMSQ_PAD: tl.constexpr = 1,
     X_PAIR: tl.constexpr = False, TILE_SLICES: tl.constexpr = 1, W_WIDE: tl.constexpr = False,
-    GROUP_M: tl.constexpr = 1,
+    GROUP_M: tl.constexpr = 1, W_TMA: tl.constexpr = False,
 ):
     """Grid (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K): one output block and one K range
     (``k_per_split`` long, a multiple of BLOCK_K) per program. EVEN_K: K % BLOCK_K == 0, so
@@ -186,7 +187,10 @@ def _fp8_linear_kernel(
     W_WIDE: w holds x's 16-bit dtype, not float8: the dots run in that dtype, nothing widened.
     GROUP_M > 1 (several row blocks): programs in launch order take GROUP_M row blocks of one
     weight block before the next weight block, so a weight block comes from DRAM once per group
-    of row blocks, not once per row block (x's rows stay in L2 meanwhile)."""
+    of row blocks, not once per row block (x's rows stay in L2 meanwhile).
+    W_TMA: the tiles are read through WDesc, a TMA descriptor of W viewed as
+    ``[NT * KT * TN, TK]`` with ``[BLOCK_N, BLOCK_K]`` boxes: a K block is one bulk copy into
+    shared memory, with no per-thread addresses or loads."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -212,6 +216,7 @@ def _fp8_linear_kernel(
         w_ptrs = W + tile.to(tl.int64) * (TILE_SLICES * BLOCK_N * BLOCK_K) \
             + ((pid_n % TILE_SLICES) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * BLOCK_K \
             + offs_k[None, :]
+        w_row = tile * (TILE_SLICES * BLOCK_N) + (pid_n % TILE_SLICES) * BLOCK_N  # (W_TMA)
     else:
         w_ptrs = W + rows[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :]
     scale, bias, sumsq, h, g = _fp8_linear_operands(
@@ -233,7 +238,10 @@ def _fp8_linear_kernel(
         if X_PAIR:
             x_lo = tl.load(x_lo_ptrs, mask=x_mask, other=0.0)
             x_lo_ptrs += BLOCK_K
-        if TILED:  # padded: no mask
+        if W_TMA:
+            w = WDesc.load([w_row, 0])
+            w_row += TILE_SLICES * BLOCK_N
+        elif TILED:  # padded: no mask
             w = tl.load(w_ptrs)
         elif EVEN_K:
             w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
@@ -415,6 +423,7 @@ class Fp8LinearPlan:
     x_pair: bool = False  # x as two float8 terms (`split_rows_fp8`): float8 products, no widening
     narrow_partials: bool = False  # split-K partials stored in x's dtype, not fp32
     group_m: int = 1  # consecutive programs take up to this many row blocks of one weight block
+    tma: bool = False  # tiles read by TMA, one bulk copy a K block (sm_90+; an experiment)
 
 
 _SWAP_ROWS = 64  # above, tiled weights take `launch_plan`'s transposed product ...
@@ -666,6 +675,13 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"fp8_linear: plan.split_k must be an int >= 1, got {split!r}")
     if not isinstance(plan.group_m, int) or plan.group_m < 1:
         raise ValueError(f"fp8_linear: plan.group_m must be an int >= 1, got {plan.group_m!r}")
+    w_desc = scale  # (unused unless plan.tma)
+    if plan.tma:
+        if not tiled or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)
+                         < (9, 0)):
+            raise ValueError("fp8_linear: plan.tma reads tiles (w [NT, KT, TN, TK]) on sm_90+")
+        w_desc = TensorDescriptor.from_tensor(w.view(-1, w.shape[3]),
+                                              [plan.block_n, w.shape[3]])
     if swiglu and plan.block_n % 2:
         raise ValueError(f"fp8_linear: swiglu needs an even plan.block_n, got {plan.block_n}")
     grid = (cdiv(n, plan.block_n), cdiv(m, plan.block_m), split)
@@ -686,7 +702,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     # x as two float8 terms and their row scales, or x itself (the other two unused)
     x_hi, x_lo, x_scale = split_rows_fp8(x) if plan.x_pair else (x, x, scale)
     _fp8_linear_kernel[grid](
-        x_hi, x_lo, x_scale, w, scale, bias if bias is not None else scale, out, part, counters,
+        x_hi, x_lo, x_scale, w, w_desc, scale, bias if bias is not None else scale, out, part, counters,
         prefetch.view(torch.uint8) if seg_len else scale, sumsq,
         norm_weight if residual is not None else scale, scaled,
         m, n, k, k_per_split, segs, seg_stride, seg_len, sumsq.shape[-1],
@@ -698,6 +714,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         TILED=tiled, PREFETCH=seg_len > 0, SWAP_AB=plan.swap_ab, RESIDUAL=residual is not None,
         NORM=norm is not None, SUMSQ_PAD=next_pow2(sumsq.shape[-1]) if norm is not None else 1,
         X_PAIR=plan.x_pair, TILE_SLICES=w.shape[2] // plan.block_n if tiled else 1,
-        W_WIDE=w.dtype != FP8, GROUP_M=plan.group_m,
+        W_WIDE=w.dtype != FP8, GROUP_M=plan.group_m, W_TMA=plan.tma,
         num_warps=plan.num_warps, num_stages=plan.num_stages)
     return out if residual is None else RmsNormParts(scaled, sumsq, eps)

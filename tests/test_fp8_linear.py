@@ -417,6 +417,66 @@ def test_16_bit_tiles_at_prefill_rows_match_the_reference(m):
     assert _rel(got, x.double() @ w.double().T + b.double()) < 2e-3
 
 
+@needs_kernel
+@pytest.mark.parametrize(("tile", "block_n", "split", "swiglu"), [
+    ((32, 32), 32, 1, False), ((32, 32), 16, 3, True), ((16, 32), 16, 2, False)])
+def test_tiles_read_by_tma_give_the_same_products(tile, block_n, split, swiglu):
+    """`Fp8LinearPlan.tma` (a tile's K block as one bulk copy through a TMA descriptor): the
+    same products bit for bit as the tiles read thread by thread, slices of tiles and split-K
+    included; on 16-bit tiles too, with the transposed product on 256-row blocks."""
+    from polarc.format.engine_file import tile_fp8
+
+    x, w, scale, b = _inputs(20, 64, 96, torch.float16, bias=True, seed=split)
+    tiles = tile_fp8(w, tile=tile, swiglu=swiglu)
+    plan = Fp8LinearPlan(block_m=16, block_n=block_n, block_k=32, num_warps=4, num_stages=2,
+                         split_k=split)
+    plain = fp8_linear(x, tiles, scale, b, plan=plan, swiglu=swiglu)
+    tma = fp8_linear(x, tiles, scale, b, plan=dataclasses.replace(plan, tma=True), swiglu=swiglu)
+    assert torch.equal(tma, plain)
+    assert _rel(tma, fp8_linear_reference(x.double(), w, scale, b, swiglu=swiglu)) < 2e-3
+    x16 = torch.randn(300, 96, generator=torch.Generator().manual_seed(2)).to(DEVICE,
+                                                                              torch.float16)
+    wide = tile_fp8(w.to(DEVICE).to(torch.float16), tile=(16, 16))
+    ones = torch.ones(64, device=DEVICE)
+    plan = Fp8LinearPlan(block_m=256, block_n=16, block_k=16, num_warps=8, num_stages=3,
+                         swap_ab=True, group_m=8)
+    assert torch.equal(fp8_linear(x16, wide, ones, plan=dataclasses.replace(plan, tma=True)),
+                       fp8_linear(x16, wide, ones, plan=plan))
+
+
+def test_tma_reads_tiles_only():
+    x, w, scale, _ = _inputs(4, 8, 32, torch.float32)
+    plan = Fp8LinearPlan(block_m=16, block_n=8, block_k=32, num_warps=4, num_stages=2, tma=True)
+    with pytest.raises(ValueError, match="plan.tma reads tiles"):
+        fp8_linear(x, w, scale, plan=plan)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs CUDA sm_90+")
+@pytest.mark.parametrize("m", [32, 300])
+def test_gpu_tiles_read_by_tma_match_the_plain_reads(m):
+    """Llama-3-8B's gate_up at decode and prefill rows: float8 tiles with the planner's plan,
+    16-bit tiles with the transposed product on 256-row blocks; TMA reads give the same
+    products bit for bit."""
+    from polarc.format.engine_file import tile_fp8
+
+    x, w, scale, _ = _inputs(m, 28672, 4096, torch.bfloat16)
+    tiles = tile_fp8(w, swiglu=True)
+    plan = launch_plan(None, tiles, m, 28672, 4096, sms=torch.cuda.get_device_properties(0)
+                       .multi_processor_count)
+    assert torch.equal(fp8_linear(x, tiles, scale, plan=dataclasses.replace(plan, tma=True),
+                                  swiglu=True),
+                       fp8_linear(x, tiles, scale, plan=plan, swiglu=True))
+    wide = tile_fp8(torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16),
+                    tile=(128, 64))
+    ones = torch.ones(14336, device="cuda")
+    plan = Fp8LinearPlan(block_m=256, block_n=128, block_k=64, num_warps=8, num_stages=3,
+                         swap_ab=True, group_m=8)
+    assert torch.equal(fp8_linear(x, wide, ones, plan=dataclasses.replace(plan, tma=True)),
+                       fp8_linear(x, wide, ones, plan=plan))
+
+
 @pytest.mark.parametrize("swiglu", [False, True])
 @pytest.mark.parametrize("n, k, tile", [(48, 300, (128, 128)), (256, 384, (128, 128)),
                                         (128, 192, (32, 64))])
