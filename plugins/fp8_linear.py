@@ -47,8 +47,9 @@ counters once per device, zeroed, and kept zero by the kernel (`_tile_counters`)
 calls on one device must not run concurrently on two streams (they would share counters);
 calls in sequence on one stream, graphs included, are fine.
 
-Prefill (hundreds of rows and up, bound by arithmetic) hands cuBLAS a bf16 weight instead:
-`fp8_widen` makes it from the tiles in one pass.
+Prefill (hundreds of rows and up, bound by arithmetic) on float8 weights hands cuBLAS a bf16
+weight instead: `fp8_widen` makes it from the tiles in one pass. 16-bit tiles have nothing to
+widen and run here at every row count (`launch_plan`'s prefill plans).
 
 The plan depends on shapes only (CUDA-graph safe). fp16 holds every e4m3 value exactly;
 activations must stay within fp16's range (|x| < 65504), true of the normalised inputs and MLP
