@@ -46,6 +46,11 @@ def has_wgmma(device: torch.device) -> bool:
     return device.type == "cuda" and _cuda_properties(device).major == 9
 
 
+def has_tma(device: torch.device) -> bool:
+    """sm_90 and later: tensor-memory-accelerator (TMA) bulk copies into shared memory."""
+    return device.type == "cuda" and _cuda_properties(device).major >= 9
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

@@ -66,7 +66,15 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ._triton_util import cdiv, check_launchable, has_wgmma, next_pow2, num_sms, prefetch_l2
+from ._triton_util import (
+    cdiv,
+    check_launchable,
+    has_tma,
+    has_wgmma,
+    next_pow2,
+    num_sms,
+    prefetch_l2,
+)
 from .reference import FP8, fp8_linear_reference
 from .reference import split_rows_fp8 as split_rows_fp8_reference
 
@@ -678,8 +686,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"fp8_linear: plan.group_m must be an int >= 1, got {plan.group_m!r}")
     w_desc = scale  # (unused unless plan.tma)
     if plan.tma:
-        if not tiled or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)
-                         < (9, 0)):
+        if not tiled or (x.device.type == "cuda" and not has_tma(x.device)):
             raise ValueError("fp8_linear: plan.tma reads tiles (w [NT, KT, TN, TK]) on sm_90+")
         w_desc = TensorDescriptor.from_tensor(w.view(-1, w.shape[3]),
                                               [plan.block_n, w.shape[3]])
